@@ -1,0 +1,345 @@
+"""`QuantSpec` (how to quantize) and `QParams` (the scale and zero point).
+
+The affine scheme maps a real ``x`` to an integer ``x_q`` by::
+
+    x_q = clip(round_half_even(x / S) + Z, qmin, qmax)
+    x   ~ S * (x_q - Z)
+
+The symmetric scheme fixes ``Z = 0`` for signed formats (with the narrow grid,
+so int8 is ``[-127, 127]``) and ``Z = 128`` for uint8 (ONNX Runtime's
+convention). Parameters are per tensor (``axis=None``), per channel along one or
+more axes (``axis=1``, ``axis=-1``, ``axis=(0, 2)``), or per block: ``block_size``
+consecutive elements along ``block_axis`` share one scale (combinable with
+per-channel axes, e.g. GPTQ-style group scales of a ``(K, N)`` kernel are
+``axis=-1, block_axis=0, block_size=128``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from jq import numerics
+
+__all__ = [
+    "QParams",
+    "QuantSpec",
+    "broadcast_qparams",
+    "qparams_from_array",
+    "qparams_from_range",
+    "reduce_range",
+]
+
+Scheme = Literal["symmetric", "affine"]
+
+
+def _as_axes(axis) -> tuple[int, ...] | None:
+    if axis is None:
+        return None
+    if isinstance(axis, (int, np.integer)):
+        return (int(axis),)
+    if isinstance(axis, (tuple, list)) and all(isinstance(a, (int, np.integer)) for a in axis):
+        if len(set(axis)) != len(axis):
+            raise ValueError(f"QuantSpec.axis={tuple(axis)} repeats an axis")
+        return tuple(int(a) for a in axis)
+    raise TypeError(f"QuantSpec.axis must be None, an int or a tuple of ints, got {axis!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one tensor. Frozen and hashable: it fits in a `jq.Rule` and in jit.
+
+    Attributes:
+      format: target format name (``"int8"``, ``"uint8"``, ``"int16"``, ``"int4"``,
+        ``"float8_e4m3fn"`` / ``"e4m3"``, ``"float8_e5m2"`` / ``"e5m2"``,
+        ``"float16"``, ``"bfloat16"``).
+      scheme: ``"symmetric"`` (Z = 0; uint8 uses Z = 128) or ``"affine"``.
+      axis: channel axis or axes that keep their own parameters (negative axes
+        allowed); None means per tensor. For dynamic activation quantization,
+        ``axis=0`` on a ``(tokens, features)`` input is per token / per row.
+      block_size: if set, ``block_size`` consecutive elements along `block_axis`
+        share one scale.
+      block_axis: the axis cut into blocks (required with `block_size`).
+      narrow_range: drop the most negative code (int8 -> [-127, 127]). Defaults to
+        True for the symmetric scheme on signed formats, False otherwise.
+      calibration: an observer (e.g. ``jq.calibration.MinMax()``). For an
+        activation spec, naming one makes quantization *static* (ranges
+        calibrated ahead of time); None makes it *dynamic* (ranges computed at
+        run time).
+    """
+
+    format: str = "int8"
+    scheme: Scheme = "symmetric"
+    axis: int | tuple[int, ...] | None = None
+    block_size: int | None = None
+    block_axis: int | None = None
+    narrow_range: bool | None = None
+    calibration: Any = None
+
+    def __post_init__(self):
+        fmt = numerics.get_format(self.format)
+        object.__setattr__(self, "format", fmt.name)
+        if self.scheme not in ("symmetric", "affine"):
+            raise ValueError(
+                f"QuantSpec.scheme must be 'symmetric' or 'affine', got {self.scheme!r}"
+            )
+        if self.scheme == "affine" and not fmt.is_integer:
+            raise ValueError(
+                f"QuantSpec: the affine scheme needs an integer format, got {fmt.name!r}; "
+                "float formats are symmetric"
+            )
+        object.__setattr__(self, "axis", None if self.axis is None else _as_axes(self.axis))
+        if self.axis is not None and len(self.axis) == 1:
+            object.__setattr__(self, "axis", self.axis)
+        if (self.block_size is None) != (self.block_axis is None):
+            raise ValueError(
+                "QuantSpec: block_size and block_axis go together, got "
+                f"block_size={self.block_size!r}, block_axis={self.block_axis!r}"
+            )
+        if self.block_size is not None:
+            if not isinstance(self.block_size, (int, np.integer)) or self.block_size < 1:
+                raise ValueError(
+                    f"QuantSpec.block_size must be a positive int, got {self.block_size!r}"
+                )
+            if not fmt.scaled:
+                raise ValueError(f"QuantSpec: format {fmt.name!r} is a plain cast and has no blocks")
+        if self.narrow_range is None:
+            object.__setattr__(
+                self, "narrow_range", bool(self.scheme == "symmetric" and fmt.is_integer and fmt.signed)
+            )
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def fmt(self) -> numerics.Format:
+        return numerics.get_format(self.format)
+
+    @property
+    def qmin(self) -> float:
+        fmt = self.fmt
+        return fmt.grid(self.narrow_range)[0] if fmt.is_integer else fmt.qmin
+
+    @property
+    def qmax(self) -> float:
+        fmt = self.fmt
+        return fmt.grid(self.narrow_range)[1] if fmt.is_integer else fmt.qmax
+
+    @property
+    def is_static(self) -> bool:
+        return self.calibration is not None
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.axis is None and self.block_size is None
+
+    def replace(self, **kw) -> "QuantSpec":
+        return dataclasses.replace(self, **kw)
+
+    def channel_axes(self, ndim: int, name: str = "x") -> tuple[int, ...]:
+        """Channel axes made non-negative for a rank-`ndim` tensor; checks the range."""
+        if self.axis is None:
+            return ()
+        out = []
+        for a in self.axis:
+            if not -ndim <= a < ndim:
+                raise ValueError(
+                    f"QuantSpec.axis={a} is out of range for `{name}` of rank {ndim}"
+                )
+            out.append(a % ndim)
+        if len(set(out)) != len(out):
+            raise ValueError(f"QuantSpec.axis={self.axis} names the same axis twice for rank {ndim}")
+        return tuple(out)
+
+    def canonical_block_axis(self, ndim: int, name: str = "x") -> int | None:
+        if self.block_axis is None:
+            return None
+        a = self.block_axis
+        if not -ndim <= a < ndim:
+            raise ValueError(f"QuantSpec.block_axis={a} is out of range for `{name}` of rank {ndim}")
+        a %= ndim
+        if a in self.channel_axes(ndim, name):
+            raise ValueError(f"QuantSpec.block_axis={self.block_axis} is also a channel axis")
+        return a
+
+    def param_shape(self, shape: tuple[int, ...], name: str = "x") -> tuple[int, ...]:
+        """Shape of the scale for a tensor of `shape` (same rank: keepdims form)."""
+        shape = tuple(shape)
+        ndim = len(shape)
+        axes = self.channel_axes(ndim, name)
+        baxis = self.canonical_block_axis(ndim, name)
+        out = [1] * ndim
+        for a in axes:
+            out[a] = shape[a]
+        if baxis is not None:
+            if shape[baxis] % self.block_size:
+                raise ValueError(
+                    f"QuantSpec.block_size={self.block_size} does not divide dimension "
+                    f"{baxis} (size {shape[baxis]}) of `{name}` with shape {shape}"
+                )
+            out[baxis] = shape[baxis] // self.block_size
+        return tuple(out)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QParams:
+    """Scale and zero point; a pytree.
+
+    Attributes:
+      scale: float32 array, positive; scalar (per tensor), the channel shape
+        (as observers return it) or the keepdims shape of the tensor.
+      zero_point: int32 array of the scale's shape, or None (symmetric signed
+        and float formats, where Z = 0).
+    """
+
+    scale: jax.Array
+    zero_point: jax.Array | None = None
+
+    def replace(self, **kw) -> "QParams":
+        return dataclasses.replace(self, **kw)
+
+
+def _is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _check_range(lo, hi):
+    """Raises ValueError on concrete bad ranges; under jit registers checkify checks."""
+    if _is_concrete(lo, hi):
+        lo_np, hi_np = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+        if not (np.all(np.isfinite(lo_np)) and np.all(np.isfinite(hi_np))):
+            raise ValueError(
+                f"qparams_from_range: lo/hi must be finite, got lo={lo_np}, hi={hi_np} "
+                "(NaN or inf in the range; check the calibration data)"
+            )
+        if np.any(lo_np > hi_np):
+            bad = np.argwhere(lo_np > hi_np)[:3].tolist() if lo_np.ndim else []
+            raise ValueError(
+                f"qparams_from_range: lo > hi (lo={lo_np}, hi={hi_np}; first bad index {bad})"
+            )
+    else:
+        checkify.debug_check(
+            jnp.all(jnp.isfinite(lo)) & jnp.all(jnp.isfinite(hi)),
+            "qparams_from_range: lo/hi must be finite (NaN or inf in the range)",
+        )
+        checkify.debug_check(jnp.all(lo <= hi), "qparams_from_range: lo > hi")
+
+
+def qparams_from_range(lo, hi, spec: QuantSpec) -> QParams:
+    """Computes `QParams` covering ``[lo, hi]`` for `spec`.
+
+    The range is first widened to include 0 so that 0.0 is exactly
+    representable (``dequantize(quantize(0)) == 0``).
+
+    * symmetric, signed: ``S = max(|lo|, |hi|) / qmax``, ``Z = 0``
+      (int8: ``amax / 127``, ONNX Runtime's choice).
+    * symmetric, uint8: ``S = 2 * amax / 255``, ``Z = 128``.
+    * affine: ``S = (hi - lo) / (qmax - qmin)``, ``Z = round(qmin - lo / S)``.
+    * fp8: ``S = amax / fmt.max``; fp16 / bf16: ``S = 1`` (plain cast).
+
+    A zero-width range at 0 (all-zero data) gives ``S = 1`` and the usual Z:
+    every value quantizes to Z and dequantizes to exactly 0. Scales are floored
+    at the smallest normal float32 so they are never 0 or subnormal.
+
+    Args:
+      lo, hi: arrays of equal shape (scalar for per tensor, the channel shape or
+        keepdims shape otherwise).
+      spec: the `QuantSpec`.
+
+    Returns:
+      `QParams` with ``scale`` (float32) and ``zero_point`` (int32 or None) of
+      the shape of `lo`.
+
+    Raises:
+      ValueError: lo > hi, or NaN / inf in lo or hi (on concrete inputs; under
+        jit these are `checkify` checks: wrap the caller in
+        ``checkify.checkify(f, errors=checkify.user_checks)`` to see them).
+    """
+    lo = jnp.asarray(lo, jnp.float32)
+    hi = jnp.asarray(hi, jnp.float32)
+    if lo.shape != hi.shape:
+        raise ValueError(f"qparams_from_range: lo has shape {lo.shape} but hi has shape {hi.shape}")
+    _check_range(lo, hi)
+    fmt = spec.fmt
+    lo = jnp.minimum(lo, 0.0)
+    hi = jnp.maximum(hi, 0.0)
+    tiny = jnp.finfo(jnp.float32).tiny
+    if not fmt.scaled:
+        return QParams(jnp.ones_like(lo), None)
+    if not fmt.is_integer:
+        amax = jnp.maximum(-lo, hi)
+        scale = jnp.where(amax > 0, jnp.maximum(amax / fmt.qmax, tiny), 1.0)
+        return QParams(scale, None)
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.scheme == "symmetric":
+        amax = jnp.maximum(-lo, hi)
+        if fmt.signed:
+            scale = amax / qmax
+            zp = None
+        else:  # uint8: centre the grid at 128, as ONNX Runtime does
+            scale = 2.0 * amax / (qmax - qmin)
+            zp = jnp.full(lo.shape, (qmax - qmin + 1) // 2 + qmin, jnp.int32)
+        scale = jnp.where(amax > 0, jnp.maximum(scale, tiny), 1.0)
+        return QParams(scale, zp)
+    width = hi - lo
+    scale = jnp.where(width > 0, jnp.maximum(width / (qmax - qmin), tiny), 1.0)
+    zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax).astype(jnp.int32)
+    return QParams(scale, zp)
+
+
+def reduce_range(x: jax.Array, spec: QuantSpec, name: str = "x") -> tuple[jax.Array, jax.Array]:
+    """Min and max of `x` per the spec's granularity, in keepdims form (float32)."""
+    x = jnp.asarray(x)
+    shape = spec.param_shape(x.shape, name)
+    baxis = spec.canonical_block_axis(x.ndim, name)
+    xf = x.astype(jnp.float32)
+    if baxis is not None:
+        nb = shape[baxis]
+        split = x.shape[:baxis] + (nb, spec.block_size) + x.shape[baxis + 1 :]
+        xf = xf.reshape(split)
+        keep = [a if a < baxis else a + 1 for a in range(x.ndim) if shape[a] != 1 or a == baxis]
+        red = tuple(a for a in range(xf.ndim) if a not in keep)
+        lo = jnp.min(xf, axis=red, keepdims=True).reshape(shape)
+        hi = jnp.max(xf, axis=red, keepdims=True).reshape(shape)
+        return lo, hi
+    keep = spec.channel_axes(x.ndim, name)
+    red = tuple(a for a in range(x.ndim) if a not in keep)
+    return jnp.min(xf, axis=red, keepdims=True), jnp.max(xf, axis=red, keepdims=True)
+
+
+def qparams_from_array(x: jax.Array, spec: QuantSpec, name: str = "x") -> QParams:
+    """Min-max `QParams` for `x` itself (weights, or dynamic activations), keepdims shape."""
+    lo, hi = reduce_range(x, spec, name)
+    return qparams_from_range(lo, hi, spec)
+
+
+def broadcast_qparams(qp: QParams, shape: tuple[int, ...], spec: QuantSpec, name: str = "x") -> QParams:
+    """Reshapes `qp` to the keepdims parameter shape of a tensor of `shape`.
+
+    Accepts a scalar (per tensor), the channel shape as observers return it
+    (the sizes of the channel axes, in axis order, then the number of blocks),
+    or the keepdims shape itself.
+    """
+    target = spec.param_shape(shape, name)
+
+    def fit(p):
+        if p is None:
+            return None
+        p = jnp.asarray(p)
+        if p.shape == target:
+            return p
+        if p.size == 1 and all(t == 1 for t in target):
+            return p.reshape(target)
+        squeezed = tuple(t for t in target if t != 1)
+        if p.shape == squeezed or (p.ndim == len(target) and p.size == int(np.prod(target))):
+            return p.reshape(target)
+        raise ValueError(
+            f"QParams with shape {p.shape} do not fit `{name}` with shape {tuple(shape)} "
+            f"under {spec!r}: expected {target} (or {squeezed})"
+        )
+
+    return QParams(fit(qp.scale), fit(qp.zero_point))
