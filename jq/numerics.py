@@ -183,7 +183,7 @@ class FormatInfo:
             return "exact zero"
         if v > self.max:
             return f"overflows {self.name} (max {self.max:.6g})"
-        if v < self.smallest_subnormal / 2:
+        if v <= self.smallest_subnormal / 2:  # exactly half rounds (to even) to 0
             return (
                 f"underflows to 0 in {self.name} "
                 f"(smallest subnormal {self.smallest_subnormal:.3g})"

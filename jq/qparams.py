@@ -136,7 +136,7 @@ class QuantSpec:
     def per_tensor(self) -> bool:
         return self.axis is None and self.block_size is None
 
-    def replace(self, **kw) -> "QuantSpec":
+    def replace(self, **kw) -> QuantSpec:
         return dataclasses.replace(self, **kw)
 
     def channel_axes(self, ndim: int, name: str = "x") -> tuple[int, ...]:
@@ -199,7 +199,7 @@ class QParams:
     scale: jax.Array
     zero_point: jax.Array | None = None
 
-    def replace(self, **kw) -> "QParams":
+    def replace(self, **kw) -> QParams:
         return dataclasses.replace(self, **kw)
 
 
@@ -281,12 +281,15 @@ def qparams_from_range(lo, hi, spec: QuantSpec) -> QParams:
             scale = amax / qmax
             zp = None
         else:  # uint8: centre the grid at 128, as ONNX Runtime does
-            scale = 2.0 * amax / (qmax - qmin)
+            scale = amax / ((qmax - qmin) / 2.0)  # = 2 * amax / 255, without overflowing
             zp = jnp.full(lo.shape, (qmax - qmin + 1) // 2 + qmin, jnp.int32)
         scale = jnp.where(amax > 0, jnp.maximum(scale, tiny), 1.0)
         return QParams(scale, zp)
     width = hi - lo
-    scale = jnp.where(width > 0, jnp.maximum(width / (qmax - qmin), tiny), 1.0)
+    levels = qmax - qmin
+    # hi / n - lo / n when hi - lo overflows float32 (ranges near +-3.4e38)
+    step = jnp.where(jnp.isfinite(width), width / levels, hi / levels - lo / levels)
+    scale = jnp.where(width > 0, jnp.maximum(step, tiny), 1.0)
     zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax).astype(jnp.int32)
     return QParams(scale, zp)
 
@@ -301,7 +304,10 @@ def reduce_range(x: jax.Array, spec: QuantSpec, name: str = "x") -> tuple[jax.Ar
         nb = shape[baxis]
         split = x.shape[:baxis] + (nb, spec.block_size) + x.shape[baxis + 1 :]
         xf = xf.reshape(split)
-        keep = [a if a < baxis else a + 1 for a in range(x.ndim) if shape[a] != 1 or a == baxis]
+        # axis a of x is axis a (a <= baxis) or a + 1 (a > baxis) of the split array;
+        # keep the channel axes and the block-index axis, reduce the rest (incl. baxis + 1)
+        keep = {a if a <= baxis else a + 1 for a in spec.channel_axes(x.ndim, name)}
+        keep.add(baxis)
         red = tuple(a for a in range(xf.ndim) if a not in keep)
         lo = jnp.min(xf, axis=red, keepdims=True).reshape(shape)
         hi = jnp.max(xf, axis=red, keepdims=True).reshape(shape)
@@ -320,11 +326,18 @@ def qparams_from_array(x: jax.Array, spec: QuantSpec, name: str = "x") -> QParam
 def broadcast_qparams(qp: QParams, shape: tuple[int, ...], spec: QuantSpec, name: str = "x") -> QParams:
     """Reshapes `qp` to the keepdims parameter shape of a tensor of `shape`.
 
-    Accepts a scalar (per tensor), the channel shape as observers return it
-    (the sizes of the channel axes, in axis order, then the number of blocks),
-    or the keepdims shape itself.
+    Accepts a scalar (per tensor), the keepdims shape itself, or any shape
+    that differs from it only by size-1 axes, such as the channel shape an
+    observer returns: the non-1 sizes of the keepdims shape in axis order (for
+    ``axis=-1, block_axis=0`` on a ``(K, N)`` kernel that is
+    ``(K // block_size, N)``). A shape with the right size but another order of
+    axes is rejected rather than silently reshaped.
+
+    Raises:
+      ValueError: `qp` does not fit.
     """
     target = spec.param_shape(shape, name)
+    squeezed = tuple(t for t in target if t != 1)
 
     def fit(p):
         if p is None:
@@ -332,10 +345,8 @@ def broadcast_qparams(qp: QParams, shape: tuple[int, ...], spec: QuantSpec, name
         p = jnp.asarray(p)
         if p.shape == target:
             return p
-        if p.size == 1 and all(t == 1 for t in target):
-            return p.reshape(target)
-        squeezed = tuple(t for t in target if t != 1)
-        if p.shape == squeezed or (p.ndim == len(target) and p.size == int(np.prod(target))):
+        # dropping or adding size-1 axes keeps the element order, so reshape is safe
+        if tuple(d for d in p.shape if d != 1) == squeezed:
             return p.reshape(target)
         raise ValueError(
             f"QParams with shape {p.shape} do not fit `{name}` with shape {tuple(shape)} "

@@ -151,7 +151,10 @@ class QArray:
         """The logical values (int4 unpacked to int8), shape `shape`."""
         if self.pack_axis is None:
             return self.value
-        return unpack_int4(self.value, self.shape[self.pack_axis], self.pack_axis)
+        # count the packed axis from the end, so that leading axes added by vmap or
+        # removed by scan (which leave the static `shape` as it was) do not shift it
+        axis = self.pack_axis - len(self.shape) if self.pack_axis >= 0 else self.pack_axis
+        return unpack_int4(self.value, self.shape[axis], axis)
 
     def dequantize(self, dtype=None) -> jax.Array:
         return dequantize(self, dtype)
@@ -171,8 +174,10 @@ def _check_float(x, fn):
 
 
 def _expand_blocks(p: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Repeats block parameters so they broadcast against `shape`."""
-    for a, (ps, xs) in enumerate(zip(p.shape, shape)):
+    """Repeats block parameters so they broadcast against `shape` (axes aligned at the end)."""
+    off = len(shape) - p.ndim
+    for a in range(max(0, -off), p.ndim):
+        ps, xs = p.shape[a], shape[a + off]
         if ps not in (1, xs):
             p = jnp.repeat(p, xs // ps, axis=a)
     return p
@@ -235,9 +240,10 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize: expected a QArray, got {type(q).__name__}")
     v = q.int_value().astype(jnp.float32)
+    # v.shape rather than q.shape: equal, except for leading axes added by vmap
     if q.zero_point is not None:
-        v = v - _expand_blocks(q.zero_point, q.shape).astype(jnp.float32)
-    out = v * _expand_blocks(q.scale, q.shape)
+        v = v - _expand_blocks(q.zero_point, v.shape).astype(jnp.float32)
+    out = v * _expand_blocks(q.scale, v.shape)
     return out.astype(dtype or q.scale.dtype)
 
 
@@ -358,5 +364,10 @@ def lsq_fake_quant(x: jax.Array, qp: QParams, spec: QuantSpec, grad_scale: float
     else:
         zp = _round_ste(_expand_blocks(_grad_scale(qp.zero_point.astype(jnp.float32), g), x.shape))
     v = _round_ste(x.astype(jnp.float32) / scale + zp)
-    y = (jnp.clip(v, spec.qmin, spec.qmax) - zp) * scale
+    # an explicit mask, not jnp.clip: clip's gradient is 1/2 where v == qmin or qmax
+    # exactly, which every value rounding to the grid's ends would hit
+    vr = jax.lax.stop_gradient(v)
+    inside = (vr >= spec.qmin) & (vr <= spec.qmax)
+    v = jnp.where(inside, v, jnp.clip(vr, spec.qmin, spec.qmax))
+    y = (v - zp) * scale
     return y.astype(x.dtype)
