@@ -175,15 +175,26 @@ class FormatInfo:
     def check(self, value: float) -> str:
         """Says how `value` fares when stored in this format (unscaled).
 
+        For float formats the answer is that of an actual round-to-nearest-even
+        cast of the float32 value (what ``x.astype(fmt)`` does in JAX), so values
+        just below the smallest normal that round up to it count as normal, and
+        values just above `max` that round down to it do not overflow.
+
         Returns one of: ``'normal in <fmt>'``, ``'subnormal in <fmt> (... precision lost)'``,
         ``'underflows to 0 in <fmt> ...'``, ``'overflows <fmt> (max ...)'``, ``'exact zero'``.
         """
         v = abs(float(value))
         if v == 0.0:
             return "exact zero"
+        fmt = get_format(self.name)
+        if not fmt.is_integer:
+            with np.errstate(over="ignore", invalid="ignore"):
+                stored = abs(float(np.asarray(v, np.float32).astype(fmt.dtype)))
+            # e4m3fn has no inf: an overflowing cast gives NaN
+            v = self.max * 2 if not np.isfinite(stored) else stored
         if v > self.max:
             return f"overflows {self.name} (max {self.max:.6g})"
-        if v <= self.smallest_subnormal / 2:  # exactly half rounds (to even) to 0
+        if v == 0.0 or v <= self.smallest_subnormal / 2:  # exactly half rounds (to even) to 0
             return (
                 f"underflows to 0 in {self.name} "
                 f"(smallest subnormal {self.smallest_subnormal:.3g})"
@@ -197,8 +208,7 @@ class FormatInfo:
 
     def representable(self, value: float) -> bool:
         """True when `value` is stored as a normal (full-precision) number or zero."""
-        v = abs(float(value))
-        return v == 0.0 or (self.smallest_normal <= v <= self.max)
+        return self.check(value) in ("exact zero", f"normal in {self.name}")
 
 
 def format_info(name: str | Format) -> FormatInfo:
