@@ -1,0 +1,879 @@
+"""Quantized `dot_general`, `einsum` and `conv_general_dilated`.
+
+The ops take float arrays or `QArray`s and keep `jax.lax`'s signatures and
+output layouts (batch dims, then lhs free dims, then rhs free dims).
+
+Integer path. With ``x = S_l * (q_l - Z_l)`` and ``w = S_r * (q_r - Z_r)``::
+
+    sum_k x[m, k] w[k, n] = S_l S_r * ( sum_k q_l q_r              (one int32 dot)
+                                       - Z_r * sum_k q_l            (lhs row sums)
+                                       - Z_l * sum_k q_r            (weight column sums)
+                                       + K * Z_l * Z_r )
+
+The scales must lie on non-contracting axes (they are folded on the output);
+scales per block along the contracting axis split the contraction into blocks
+(one int32 partial dot per block, rescaled and summed in float32).
+
+Modes, chosen by the operands:
+
+* two integer QArrays: the integer path above;
+* a float lhs with ``lhs_spec`` and ``lhs_qparams``: static activation
+  quantization, then the integer path;
+* a float lhs with ``lhs_spec`` and no ``lhs_qparams``: dynamic quantization
+  (min-max per tensor, or per row / token when ``lhs_spec.axis`` names free lhs
+  axes);
+* a float rhs with ``rhs_spec``: the rhs is quantized from its own min-max;
+* a float lhs and an integer QArray rhs without ``lhs_spec``: weight-only
+  (int8, uint8 or packed int4 weights, float activations);
+* fp16 / bf16 / fp8 QArrays: a dot in that format with float32 accumulation.
+
+Accumulation is overflow-safe: the bound ``max|a| * max|b| * K`` is checked for
+the operand types actually lowered (uint8 x int8 on CPU: ``255 * 128 * K``, so
+K <= 65,793), and a longer contraction is split into chunks whose int32 partial
+dots are summed in float32. int16 operands are split into two bytes
+(``a = 256 * a_hi + a_lo``), each an 8-bit dot, combined in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import string
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jq import numerics
+from jq.qparams import QParams, QuantSpec, broadcast_qparams, qparams_from_array
+from jq.quantize import QArray, dequantize, fake_quant, quantize
+
+__all__ = [
+    "conv_general_dilated",
+    "dot_general",
+    "einsum",
+    "max_safe_contraction",
+]
+
+_INT32_MAX = 2**31 - 1
+
+# The largest |value| an operand of each lowered dtype can hold.
+_DTYPE_ABSMAX = {
+    np.dtype(np.int8): 128,
+    np.dtype(np.uint8): 255,
+    np.dtype(np.int16): 32768,
+    np.dtype(np.uint16): 65535,
+    np.dtype(np.int32): 2**31,
+}
+
+
+def max_safe_contraction(lhs_dtype, rhs_dtype) -> int:
+    """Largest K for which an int32 accumulation of ``sum_k a_k b_k`` cannot overflow.
+
+    ``K_max = floor((2**31 - 1) / (max|a| * max|b|))`` over the full range of
+    each dtype: uint8 x int8 gives 65,793, int8 x int8 131,071, int16 x int8 511.
+
+    Args:
+      lhs_dtype, rhs_dtype: integer dtypes of the operands as lowered.
+
+    Returns:
+      The bound (at least 0).
+    """
+    a = _DTYPE_ABSMAX[np.dtype(lhs_dtype)]
+    b = _DTYPE_ABSMAX[np.dtype(rhs_dtype)]
+    return _INT32_MAX // (a * b)
+
+
+# On CPU a signed int8 dot is lowered as uint8 x int8 (the VNNI form), so the
+# bound for two int8 operands is the uint8 x int8 one.
+_K_MAX_8BIT = max_safe_contraction(np.uint8, np.int8)
+
+
+# ---------------------------------------------------------------------------------------
+# dimension numbers
+# ---------------------------------------------------------------------------------------
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
+
+
+def _canonical_dn(dn, lhs_shape, rhs_shape) -> tuple:
+    """Validates `dimension_numbers`; returns them as tuples of non-negative ints."""
+    try:
+        (lc, rc), (lb, rb) = dn
+        lc, rc, lb, rb = (tuple(int(a) for a in x) for x in (lc, rc, lb, rb))
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            "dimension_numbers must be ((lhs_contracting, rhs_contracting), "
+            f"(lhs_batch, rhs_batch)), got {dn!r}"
+        ) from e
+    ln, rn = len(lhs_shape), len(rhs_shape)
+
+    def norm(axes, n, what):
+        out = []
+        for a in axes:
+            if not -n <= a < n:
+                raise ValueError(f"dimension_numbers: {what} axis {a} is out of range for rank {n}")
+            out.append(a % n)
+        return tuple(out)
+
+    lc, lb = norm(lc, ln, "lhs contracting"), norm(lb, ln, "lhs batch")
+    rc, rb = norm(rc, rn, "rhs contracting"), norm(rb, rn, "rhs batch")
+    if len(lc) != len(rc):
+        raise ValueError(
+            f"dimension_numbers: {len(lc)} lhs contracting axes but {len(rc)} rhs contracting axes"
+        )
+    if len(lb) != len(rb):
+        raise ValueError(f"dimension_numbers: {len(lb)} lhs batch axes but {len(rb)} rhs batch axes")
+    if len(set(lc + lb)) != len(lc + lb) or len(set(rc + rb)) != len(rc + rb):
+        raise ValueError(f"dimension_numbers {dn!r} repeat an axis")
+    for a, b in zip(lc, rc, strict=True):
+        if lhs_shape[a] != rhs_shape[b]:
+            raise ValueError(
+                f"contracting dimensions do not match: lhs axis {a} has size {lhs_shape[a]} but "
+                f"rhs axis {b} has size {rhs_shape[b]} (lhs shape {tuple(lhs_shape)}, "
+                f"rhs shape {tuple(rhs_shape)})"
+            )
+    for a, b in zip(lb, rb, strict=True):
+        if lhs_shape[a] != rhs_shape[b]:
+            raise ValueError(
+                f"batch dimensions do not match: lhs axis {a} has size {lhs_shape[a]} but "
+                f"rhs axis {b} has size {rhs_shape[b]} (lhs shape {tuple(lhs_shape)}, "
+                f"rhs shape {tuple(rhs_shape)})"
+            )
+    return (lc, rc), (lb, rb)
+
+
+def _free(n, contract, batch):
+    return tuple(a for a in range(n) if a not in contract and a not in batch)
+
+
+def _to_out(p, side: str, dn, lshape, rshape) -> jax.Array:
+    """Maps a keepdims parameter of one operand onto the output layout of the dot.
+
+    `p` has size 1 on every contracting axis. The result broadcasts against the
+    output ``(batch..., lhs free..., rhs free...)``.
+    """
+    (lc, rc), (lb, rb) = dn
+    lfree, rfree = _free(len(lshape), lc, lb), _free(len(rshape), rc, rb)
+    if side == "lhs":
+        batch, free, contract = lb, lfree, lc
+        shape = [p.shape[a] for a in lb + lfree] + [1] * len(rfree)
+    else:
+        batch, free, contract = rb, rfree, rc
+        shape = [p.shape[a] for a in rb] + [1] * len(lfree) + [p.shape[a] for a in rfree]
+    p = jnp.transpose(p, batch + free + contract)
+    return p.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------
+# operand analysis
+# ---------------------------------------------------------------------------------------
+def _param_layout(q: QArray, name: str) -> tuple[tuple[int, ...], int | None, int | None]:
+    """(channel axes, block axis, block size) of a QArray's scale (and zero point)."""
+    channel, block_axis, block_size = [], None, None
+    params = [q.scale] + ([q.zero_point] if q.zero_point is not None else [])
+    for p in params:
+        if p.ndim != q.ndim:
+            raise ValueError(
+                f"`{name}`: QArray scale/zero point of shape {tuple(p.shape)} must have the rank "
+                f"of the array {q.shape} (keepdims form)"
+            )
+    for a in range(q.ndim):
+        sizes = {p.shape[a] for p in params} - {1}
+        if not sizes:
+            continue
+        if len(sizes) > 1:
+            raise ValueError(f"`{name}`: scale and zero point disagree on axis {a}")
+        s = sizes.pop()
+        if s == q.shape[a]:
+            channel.append(a)
+        elif q.shape[a] % s == 0:
+            if block_axis is not None:
+                raise ValueError(f"`{name}`: QArray has blocks on two axes ({block_axis} and {a})")
+            block_axis, block_size = a, q.shape[a] // s
+        else:
+            raise ValueError(
+                f"`{name}`: scale size {s} on axis {a} neither matches nor divides the size "
+                f"{q.shape[a]} of that axis"
+            )
+    return tuple(channel), block_axis, block_size
+
+
+def _check_scales(q: QArray, contract: tuple[int, ...], name: str):
+    channel, baxis, bsize = _param_layout(q, name)
+    for a in channel:
+        if a in contract and q.shape[a] > 1:
+            raise ValueError(
+                f"`{name}`: a per-channel scale lies on axis {a}, which is a contracting axis of "
+                "this dot; per-channel scales must be on non-contracting axes (use per-block "
+                "scales, block_axis/block_size, to vary the scale along the contraction)"
+            )
+    return baxis, bsize
+
+
+def _keepdims(p, ndim):
+    if p is None:
+        return None
+    p = jnp.asarray(p)
+    if p.ndim != ndim:
+        p = p.reshape((1,) * ndim) if p.size == 1 else p
+    return p
+
+
+def _as_qarray_params(q: QArray) -> QArray:
+    """QArray with scale / zero point in keepdims form (scalar parameters reshaped)."""
+    scale = _keepdims(q.scale, q.ndim)
+    zp = _keepdims(q.zero_point, q.ndim)
+    if scale is q.scale and zp is q.zero_point:
+        return q
+    return QArray(q.value, scale, zp, q.format, q.shape, q.pack_axis)
+
+
+def _quantize_lhs(lhs, spec: QuantSpec | None, qp: QParams | None, contract, name="lhs"):
+    if spec is None:
+        if qp is not None:
+            raise ValueError("lhs_qparams was given without lhs_spec; pass the QuantSpec too")
+        return lhs
+    if isinstance(lhs, QArray):
+        raise ValueError(
+            "lhs is already a QArray; lhs_spec / lhs_qparams apply only to a float lhs"
+        )
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"lhs_spec must be a jq.QuantSpec, got {type(spec).__name__}")
+    lhs = jnp.asarray(lhs)
+    for a in spec.channel_axes(lhs.ndim, name):
+        if a in contract and lhs.shape[a] > 1:
+            raise ValueError(
+                f"lhs_spec.axis puts a per-channel scale on lhs axis {a}, a contracting axis of "
+                "this op; per-row / per-token activation scales must name non-contracting axes"
+            )
+    if qp is None:
+        qp = qparams_from_array(jax.lax.stop_gradient(lhs), spec, name)
+    else:
+        qp = broadcast_qparams(qp, lhs.shape, spec, name)
+    return _as_qarray_params(quantize(lhs, qp, spec))
+
+
+def _quantize_rhs(rhs, spec: QuantSpec | None, name="rhs"):
+    if spec is None:
+        return rhs
+    if isinstance(rhs, QArray):
+        raise ValueError("rhs is already a QArray; rhs_spec applies only to a float rhs")
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"rhs_spec must be a jq.QuantSpec, got {type(spec).__name__}")
+    rhs = jnp.asarray(rhs)
+    qp = qparams_from_array(jax.lax.stop_gradient(rhs), spec, name)
+    return _as_qarray_params(quantize(rhs, qp, spec))
+
+
+def _out_dtype(preferred_element_type):
+    if preferred_element_type is not None and jnp.issubdtype(
+        jnp.dtype(preferred_element_type), jnp.floating
+    ):
+        return jnp.dtype(preferred_element_type)
+    return jnp.dtype(jnp.float32)
+
+
+def _check_operand(x, name):
+    if isinstance(x, QArray):
+        return _as_qarray_params(x)
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` must be a float array or a jq.QArray, got an array of dtype {x.dtype}"
+        )
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# integer kernels
+# ---------------------------------------------------------------------------------------
+def _to_signed8(v: jax.Array, zp):
+    """uint8 values -> int8 values shifted by -128 (zero point shifted the same way)."""
+    s = jax.lax.bitcast_convert_type(v ^ jnp.uint8(0x80), jnp.int8)
+    z = jnp.full((), -128, jnp.int32) if zp is None else zp.astype(jnp.int32) - 128
+    return s, z
+
+
+def _raw_s8_dot(a: jax.Array, b: jax.Array, dn) -> jax.Array:
+    """``sum_k a b`` for int8 operands, exact in int32 (K within the 8-bit bound)."""
+    return jax.lax.dot_general(a, b, dn, preferred_element_type=jnp.int32)
+
+
+def _chunked(a, b, dn, k_max: int, kernel) -> jax.Array:
+    """``sum_k a b`` with the contraction split into chunks of at most `k_max`.
+
+    Each chunk is one exact int32 dot; the chunks are summed in float32. Returns
+    int32 when no split is needed, float32 otherwise.
+    """
+    (lc, rc), (lb, rb) = dn
+    k = int(np.prod([a.shape[i] for i in lc])) if lc else 1
+    if k <= k_max:
+        return kernel(a, b, dn)
+    # merge the contracting axes into one trailing axis, zero-pad to whole chunks
+    lfree, rfree = _free(a.ndim, lc, lb), _free(b.ndim, rc, rb)
+    a2 = jnp.transpose(a, lb + lfree + lc)
+    b2 = jnp.transpose(b, rb + rfree + rc)
+    a2 = a2.reshape(a2.shape[: len(lb) + len(lfree)] + (k,))
+    b2 = b2.reshape(b2.shape[: len(rb) + len(rfree)] + (k,))
+    n_chunks = -(-k // k_max)
+    kc = -(-k // n_chunks)  # balanced chunks
+    pad = n_chunks * kc - k
+    if pad:
+        a2 = jnp.pad(a2, [(0, 0)] * (a2.ndim - 1) + [(0, pad)])
+        b2 = jnp.pad(b2, [(0, 0)] * (b2.ndim - 1) + [(0, pad)])
+    a2 = a2.reshape(a2.shape[:-1] + (n_chunks, kc))
+    b2 = b2.reshape(b2.shape[:-1] + (n_chunks, kc))
+    nb, nlf, nrf = len(lb), len(lfree), len(rfree)
+    # chunk axis is a batch axis (first in the output); batch axes keep their order
+    dn2 = (
+        ((a2.ndim - 1,), (b2.ndim - 1,)),
+        ((nb + nlf,) + tuple(range(nb)), (nb + nrf,) + tuple(range(nb))),
+    )
+    part = kernel(a2, b2, dn2)
+    return jnp.sum(part.astype(jnp.float32), axis=0)
+
+
+def _int_raw_dot(vl, vr, dn) -> jax.Array:
+    """Exact ``sum_k vl vr`` (int32, or float32 when split) for int8 / int16 operands."""
+    if vl.dtype == jnp.int16:
+        hi, lo = _split_int16(vl)
+        # lo is in [0, 255]: shift it to int8 and add back 128 * sum_k vr
+        lo8 = jax.lax.bitcast_convert_type(lo ^ jnp.uint8(0x80), jnp.int8)
+        d_hi = _int_raw_dot(hi, vr, dn).astype(jnp.float32)
+        d_lo = _int_raw_dot(lo8, vr, dn).astype(jnp.float32)
+        rsum = _to_out(_sum_k(vr, dn[0][1]), "rhs", dn, vl.shape, vr.shape)
+        return 256.0 * d_hi + d_lo + 128.0 * rsum
+    if vr.dtype == jnp.int16:
+        (lc, rc), (lb, rb) = dn
+        swapped = _int_raw_dot(vr, vl, ((rc, lc), (rb, lb)))
+        nb = len(lb)
+        nl = vl.ndim - len(lc) - nb
+        nr = vr.ndim - len(rc) - nb
+        perm = tuple(range(nb)) + tuple(range(nb + nr, nb + nr + nl)) + tuple(range(nb, nb + nr))
+        return jnp.transpose(swapped, perm)
+    return _chunked(vl, vr, dn, _K_MAX_8BIT, _raw_s8_dot)
+
+
+def _split_int16(v):
+    """int16 ``v = 256 * hi + lo`` with hi int8 in [-128, 127] and lo uint8 in [0, 255]."""
+    hi = (v >> 8).astype(jnp.int8)
+    lo = (v & 0xFF).astype(jnp.uint8)
+    return hi, lo
+
+
+def _sum_k(v, axes) -> jax.Array:
+    """Sum over the contracting axes, keepdims; int32 when exact, else float32."""
+    k = int(np.prod([v.shape[a] for a in axes])) if axes else 1
+    bound = _DTYPE_ABSMAX[np.dtype(v.dtype)] * k
+    dt = jnp.int32 if bound <= _INT32_MAX else jnp.float32
+    return jnp.sum(v.astype(dt), axis=tuple(axes), keepdims=True)
+
+
+def _int_values(q: QArray):
+    """Integer values ready for the dot: int8 / int16 (uint8 shifted to int8)."""
+    v = q.int_value()
+    zp = q.zero_point
+    if v.dtype == jnp.uint8:
+        v, zp = _to_signed8(v, zp)
+    elif v.dtype not in (jnp.int8, jnp.int16):
+        raise ValueError(f"no integer dot for QArray format {q.format!r} (values {v.dtype})")
+    if zp is not None:
+        zp = zp.astype(jnp.int32)
+    return v, zp
+
+
+def _int_core(vl, zl, vr, zr, dn) -> jax.Array:
+    """``sum_k (vl - zl)(vr - zr)`` in the output layout, float32."""
+    (lc, rc), _ = dn
+    raw = _int_raw_dot(vl, vr, dn)
+    if zl is None and zr is None:
+        return raw.astype(jnp.float32)
+    acc = raw.astype(jnp.float32)
+    k = int(np.prod([vl.shape[a] for a in lc])) if lc else 1
+    if zr is not None:
+        acc = acc - _to_out(zr, "rhs", dn, vl.shape, vr.shape).astype(jnp.float32) * _to_out(
+            _sum_k(vl, lc), "lhs", dn, vl.shape, vr.shape
+        ).astype(jnp.float32)
+    if zl is not None:
+        zlo = _to_out(zl, "lhs", dn, vl.shape, vr.shape).astype(jnp.float32)
+        acc = acc - zlo * _to_out(_sum_k(vr, rc), "rhs", dn, vl.shape, vr.shape).astype(jnp.float32)
+        if zr is not None:
+            acc = acc + float(k) * zlo * _to_out(zr, "rhs", dn, vl.shape, vr.shape).astype(
+                jnp.float32
+            )
+    return acc
+
+
+def _split_blocks(x, p_list, axis, bsize):
+    """Reshapes axis `axis` of `x` into (n_blocks, bsize), params into (n_blocks, 1)."""
+    nb = x.shape[axis] // bsize
+    xs = x.reshape(x.shape[:axis] + (nb, bsize) + x.shape[axis + 1 :])
+    ps = []
+    for p in p_list:
+        if p is None:
+            ps.append(None)
+            continue
+        ps.append(p.reshape(p.shape[:axis] + (p.shape[axis], 1) + p.shape[axis + 1 :]))
+    return xs, ps
+
+
+def _block_dn(dn, l_axis, r_axis):
+    """Dimension numbers after splitting lhs axis `l_axis` / rhs `r_axis` into (nb, g).
+
+    The block index becomes the first batch axis; the in-block axis is contracted.
+    """
+    (lc, rc), (lb, rb) = dn
+
+    def shift(axes, cut):
+        return tuple(a + 1 if a > cut else a for a in axes)
+
+    lc2 = tuple(l_axis + 1 if a == l_axis else a for a in shift(lc, l_axis))
+    rc2 = tuple(r_axis + 1 if a == r_axis else a for a in shift(rc, r_axis))
+    lb2 = (l_axis,) + shift(lb, l_axis)
+    rb2 = (r_axis,) + shift(rb, r_axis)
+    return (lc2, rc2), (lb2, rb2)
+
+
+def _int_dot(ql: QArray, qr: QArray, dn, out_dtype) -> jax.Array:
+    (lc, rc), _ = dn
+    lbax, lbs = _check_scales(ql, lc, "lhs")
+    rbax, rbs = _check_scales(qr, rc, "rhs")
+    vl, zl = _int_values(ql)
+    vr, zr = _int_values(qr)
+    sl, sr = ql.scale.astype(jnp.float32), qr.scale.astype(jnp.float32)
+    l_blk = lbax is not None and lbax in lc
+    r_blk = rbax is not None and rbax in rc
+    if l_blk or r_blk:
+        # pair the blocked contracting axes; both sides must cut the same axis alike
+        if l_blk and r_blk:
+            if lc.index(lbax) != rc.index(rbax) or lbs != rbs:
+                raise ValueError(
+                    f"lhs blocks (axis {lbax}, size {lbs}) and rhs blocks (axis {rbax}, size "
+                    f"{rbs}) do not line up along the contraction"
+                )
+            la, ra, bs = lbax, rbax, lbs
+        elif l_blk:
+            la, ra, bs = lbax, rc[lc.index(lbax)], lbs
+        else:
+            la, ra, bs = lc[rc.index(rbax)], rbax, rbs
+        vl, (sl, zl) = _split_blocks(vl, [sl, zl], la, bs)
+        vr, (sr, zr) = _split_blocks(vr, [sr, zr], ra, bs)
+        dn = _block_dn(dn, la, ra)
+        acc = _int_core(vl, zl, vr, zr, dn)
+        acc = acc * _to_out(sl, "lhs", dn, vl.shape, vr.shape)
+        acc = acc * _to_out(sr, "rhs", dn, vl.shape, vr.shape)
+        return jnp.sum(acc, axis=0).astype(out_dtype)
+    acc = _int_core(vl, zl, vr, zr, dn)
+    scale = _to_out(sl, "lhs", dn, vl.shape, vr.shape) * _to_out(sr, "rhs", dn, vl.shape, vr.shape)
+    return (acc * scale).astype(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# float formats, weight-only
+# ---------------------------------------------------------------------------------------
+def _float_fmt_dot(ql: QArray, qr: QArray, dn, precision, out_dtype) -> jax.Array:
+    (lc, rc), _ = dn
+    lbax, _ = _check_scales(ql, lc, "lhs")
+    rbax, _ = _check_scales(qr, rc, "rhs")
+    if (lbax is not None and lbax in lc) or (rbax is not None and rbax in rc):
+        lhs, rhs = dequantize(ql, jnp.float32), dequantize(qr, jnp.float32)
+        return jax.lax.dot_general(lhs, rhs, dn, precision, jnp.float32).astype(out_dtype)
+    acc = jax.lax.dot_general(ql.value, qr.value, dn, precision, preferred_element_type=jnp.float32)
+    scale = _to_out(ql.scale, "lhs", dn, ql.shape, qr.shape) * _to_out(
+        qr.scale, "rhs", dn, ql.shape, qr.shape
+    )
+    return (acc * scale.astype(jnp.float32)).astype(out_dtype)
+
+
+def _weight_only(x: jax.Array, q: QArray, dn, precision, out_dtype, q_is_rhs: bool):
+    """Float operand times a QArray: ``x . (q - Z)`` then the scale folded on the output."""
+    (lc, rc), _ = dn
+    name = "rhs" if q_is_rhs else "lhs"
+    bax, _ = _check_scales(q, rc if q_is_rhs else lc, name)
+    cdt = x.dtype
+    blocked = bax is not None and bax in (rc if q_is_rhs else lc)
+    if blocked:
+        w = dequantize(q, jnp.float32).astype(cdt)
+        scale = None
+    else:
+        v = q.int_value() if q.fmt.is_integer else q.value
+        if q.zero_point is not None:
+            # |q - Z| <= 255 for 8-bit formats: exact in bfloat16 and float16
+            v = v.astype(jnp.int32) - q.zero_point.astype(jnp.int32)
+        w = v.astype(cdt)
+        scale = q.scale.astype(jnp.float32)
+    lhs, rhs = (x, w) if q_is_rhs else (w, x)
+    acc = jax.lax.dot_general(lhs, rhs, dn, precision, preferred_element_type=jnp.float32)
+    if scale is not None:
+        acc = acc * _to_out(scale, name, dn, lhs.shape, rhs.shape)
+    return acc.astype(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# public ops
+# ---------------------------------------------------------------------------------------
+def dot_general(
+    lhs,
+    rhs,
+    dimension_numbers: DimensionNumbers,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    lhs_spec: QuantSpec | None = None,
+    lhs_qparams: QParams | None = None,
+    rhs_spec: QuantSpec | None = None,
+) -> jax.Array:
+    """Quantized `jax.lax.dot_general`: same signature, same output layout.
+
+    Two integer QArrays give one integer dot ``q_l . q_r`` with int32
+    accumulation, then ``S_l * S_r`` folded on the output and the zero-point
+    terms (see the module docstring). A float operand with a spec is quantized
+    first: the lhs statically (``lhs_qparams`` given) or dynamically (min-max at
+    run time, per tensor or per row when ``lhs_spec.axis`` names free lhs
+    axes), the rhs from its own min-max. A float lhs with an integer QArray rhs
+    (and no ``lhs_spec``) is weight-only. fp16 / bf16 / fp8 QArrays are dotted in
+    their format with float32 accumulation.
+
+    Args:
+      lhs, rhs: float arrays or `QArray`s.
+      dimension_numbers: ``((lhs_contracting, rhs_contracting), (lhs_batch,
+        rhs_batch))`` as in `jax.lax.dot_general`.
+      precision: passed to float dots.
+      preferred_element_type: result dtype when floating; otherwise the result
+        is float32 (integer accumulation is always int32). Two plain float
+        operands with no specs give exactly `jax.lax.dot_general`.
+      lhs_spec: quantize a float lhs with this spec.
+      lhs_qparams: static parameters for the lhs (needs ``lhs_spec``).
+      rhs_spec: quantize a float rhs (a weight) with this spec.
+
+    Returns:
+      Batch dims, then lhs free dims, then rhs free dims.
+
+    Raises:
+      ValueError: contracting / batch sizes differ, a per-channel scale lies on
+        a contracting axis, blocks do not line up, or the formats cannot be
+        combined (an integer with a float format).
+      TypeError: an operand is neither a float array nor a QArray.
+    """
+    lhs = _check_operand(lhs, "lhs")
+    rhs = _check_operand(rhs, "rhs")
+    dn = _canonical_dn(dimension_numbers, lhs.shape, rhs.shape)
+    (lc, rc), _ = dn
+    lhs = _quantize_lhs(lhs, lhs_spec, lhs_qparams, lc)
+    rhs = _quantize_rhs(rhs, rhs_spec)
+    lq, rq = isinstance(lhs, QArray), isinstance(rhs, QArray)
+    if not lq and not rq:
+        return jax.lax.dot_general(lhs, rhs, dn, precision, preferred_element_type)
+    out_dtype = _out_dtype(preferred_element_type)
+    if lq and rq:
+        li, ri = lhs.fmt.is_integer, rhs.fmt.is_integer
+        if li and ri:
+            return _int_dot(lhs, rhs, dn, out_dtype)
+        if not li and not ri:
+            return _float_fmt_dot(lhs, rhs, dn, precision, out_dtype)
+        raise ValueError(
+            f"cannot combine an lhs in format {lhs.format!r} with an rhs in format "
+            f"{rhs.format!r}: both must be integer formats or both float formats"
+        )
+    if rq:
+        return _weight_only(lhs, rhs, dn, precision, out_dtype, q_is_rhs=True)
+    return _weight_only(rhs, lhs, dn, precision, out_dtype, q_is_rhs=False)
+
+
+# ---------------------------------------------------------------------------------------
+# einsum
+# ---------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
+def _parse_einsum(subscripts: str, lndim: int, rndim: int):
+    """Parses a two-operand einsum into (dimension_numbers, output permutation)."""
+    s = subscripts.replace(" ", "")
+    if "->" in s:
+        ins, out = s.split("->")
+        explicit = True
+    else:
+        ins, out, explicit = s, None, False
+    parts = ins.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"einsum: expected two operands in {subscripts!r}, got {len(parts)}")
+    letters = [c for c in string.ascii_letters if c not in s]
+    n_ells = []
+    for p, nd in zip(parts, (lndim, rndim), strict=True):
+        n_ells.append(nd - (len(p) - 3) if "..." in p else 0)
+        if n_ells[-1] < 0:
+            raise ValueError(f"einsum: {p!r} has more axes than the operand's rank {nd}")
+    ell = "".join(letters[: max(n_ells)])  # ellipsis axes align on the right
+    terms = []
+    for p, nd, n_ell in zip(parts, (lndim, rndim), n_ells, strict=True):
+        if "..." in p:
+            p = p.replace("...", ell[len(ell) - n_ell :])
+        if len(p) != nd:
+            raise ValueError(f"einsum: subscripts {p!r} do not match an operand of rank {nd}")
+        if len(set(p)) != len(p):
+            raise ValueError(f"einsum: repeated index in {p!r} (traces are not supported)")
+        terms.append(p)
+    lt, rt = terms
+    if explicit:
+        out = out.replace("...", ell)
+    else:
+        counts = {c: (lt + rt).count(c) for c in set(lt + rt)}
+        out = ell + "".join(sorted(c for c, n in counts.items() if n == 1 and c not in ell))
+    for c in out:
+        if c not in lt and c not in rt:
+            raise ValueError(f"einsum: output index {c!r} appears in no operand of {subscripts!r}")
+    for c in lt + rt:
+        if c not in out and not (c in lt and c in rt):
+            raise ValueError(
+                f"einsum: index {c!r} in {subscripts!r} is summed over in one operand only; "
+                "reduce that operand first"
+            )
+    batch = [c for c in lt if c in rt and c in out]
+    contract = [c for c in lt if c in rt and c not in out]
+    dn = (
+        (tuple(lt.index(c) for c in contract), tuple(rt.index(c) for c in contract)),
+        (tuple(lt.index(c) for c in batch), tuple(rt.index(c) for c in batch)),
+    )
+    got = batch + [c for c in lt if c not in rt] + [c for c in rt if c not in lt]
+    perm = tuple(got.index(c) for c in out)
+    return dn, perm
+
+
+def einsum(
+    subscripts: str,
+    lhs,
+    rhs,
+    *,
+    preferred_element_type=None,
+    lhs_spec: QuantSpec | None = None,
+    lhs_qparams: QParams | None = None,
+    rhs_spec: QuantSpec | None = None,
+) -> jax.Array:
+    """Quantized two-operand einsum, lowered to `dot_general` (see there for modes).
+
+    Indices in both operands and in the output are batch axes (scales on them
+    are allowed, e.g. per-head scales in attention); indices in both operands
+    but not in the output are contracted; the others are free.
+
+    Args:
+      subscripts: e.g. ``"bqhd,bkhd->bhqk"``; ``...`` is supported.
+      lhs, rhs: float arrays or `QArray`s.
+      preferred_element_type, lhs_spec, lhs_qparams, rhs_spec: as in `dot_general`.
+
+    Returns:
+      The result in the order the subscripts give.
+
+    Raises:
+      ValueError: malformed subscripts, an index summed in one operand only, or
+        any error of `dot_general`.
+    """
+    if not isinstance(subscripts, str):
+        raise TypeError(f"einsum: subscripts must be a string, got {type(subscripts).__name__}")
+    lnd = lhs.ndim if isinstance(lhs, QArray) else jnp.ndim(lhs)
+    rnd = rhs.ndim if isinstance(rhs, QArray) else jnp.ndim(rhs)
+    dn, perm = _parse_einsum(subscripts, lnd, rnd)
+    out = dot_general(
+        lhs,
+        rhs,
+        dn,
+        preferred_element_type=preferred_element_type,
+        lhs_spec=lhs_spec,
+        lhs_qparams=lhs_qparams,
+        rhs_spec=rhs_spec,
+    )
+    if perm != tuple(range(len(perm))):
+        out = jnp.transpose(out, perm)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# convolution
+# ---------------------------------------------------------------------------------------
+def _conv_dn(lhs_ndim, dimension_numbers):
+    return jax.lax.conv_dimension_numbers(
+        (1,) * lhs_ndim, (1,) * lhs_ndim, dimension_numbers
+    )
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    lhs_spec: QuantSpec | None = None,
+    lhs_qparams: QParams | None = None,
+    rhs_spec: QuantSpec | None = None,
+) -> jax.Array:
+    """Quantized `jax.lax.conv_general_dilated`: same signature and layout.
+
+    Integer path: ``conv(q_l, q_r)`` with int32 accumulation, then the scales
+    folded on the output. The lhs scale may vary only along the batch axis
+    (per tensor or per example); the rhs scale only along the output-feature
+    axis. Zero points::
+
+        sum_win (q_l - Z_l)(q_r - Z_r) = conv(q_l, q_r) - Z_r conv(q_l, 1)
+                                         - Z_l conv(valid, q_r) + Z_l Z_r conv(valid, 1)
+
+    where `valid` is 1 on the real input and 0 on padding / dilation holes (so
+    padding stands for a real 0, as in the float conv). The extra convs have a
+    single input or output channel.
+
+    Args:
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+        dimension_numbers, feature_group_count, batch_group_count, precision:
+        as in `jax.lax.conv_general_dilated`.
+      preferred_element_type: result dtype when floating; else float32.
+      lhs_spec, lhs_qparams, rhs_spec: as in `dot_general`.
+
+    Returns:
+      The convolution in the layout `dimension_numbers` gives.
+
+    Raises:
+      ValueError: a scale on a contracted axis (input features, spatial axes),
+        mismatched formats, or `batch_group_count > 1` with quantized operands.
+    """
+    lhs = _check_operand(lhs, "lhs")
+    rhs = _check_operand(rhs, "rhs")
+    cdn = _conv_dn(len(lhs.shape), dimension_numbers)
+    lhs_contract = tuple(cdn.lhs_spec[1:])  # feature + spatial axes
+    rhs_contract = (cdn.rhs_spec[1],) + tuple(cdn.rhs_spec[2:])
+    lhs = _quantize_lhs(lhs, lhs_spec, lhs_qparams, lhs_contract)
+    rhs = _quantize_rhs(rhs, rhs_spec)
+    kw = dict(
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=cdn,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+    )
+    lq, rq = isinstance(lhs, QArray), isinstance(rhs, QArray)
+    if not lq and not rq:
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, precision=precision, preferred_element_type=preferred_element_type, **kw
+        )
+    out_dtype = _out_dtype(preferred_element_type)
+    if batch_group_count != 1:
+        raise ValueError("conv_general_dilated: batch_group_count > 1 is not supported with QArrays")
+    out_spec = cdn.out_spec
+
+    def check(q, allowed, name):
+        channel, baxis, _ = _param_layout(q, name)
+        for a in channel + ((baxis,) if baxis is not None else ()):
+            if a != allowed and q.shape[a] > 1:
+                raise ValueError(
+                    f"conv_general_dilated: `{name}` has a per-channel or per-block scale on axis "
+                    f"{a}, which is contracted (or not supported) by the convolution; only axis "
+                    f"{allowed} may carry a scale"
+                )
+
+    def fold(p, axis, target):
+        nd = len(out_spec)
+        shape = [1] * nd
+        shape[target] = p.shape[axis]
+        return jnp.reshape(jnp.moveaxis(p, axis, 0).reshape(p.shape[axis], -1)[:, 0], shape)
+
+    if lq and rq:
+        li, ri = lhs.fmt.is_integer, rhs.fmt.is_integer
+        if li != ri:
+            raise ValueError(
+                f"cannot combine an lhs in format {lhs.format!r} with an rhs in format "
+                f"{rhs.format!r}: both must be integer formats or both float formats"
+            )
+        check(lhs, cdn.lhs_spec[0], "lhs")
+        check(rhs, cdn.rhs_spec[0], "rhs")
+        scale = fold(lhs.scale.astype(jnp.float32), cdn.lhs_spec[0], out_spec[0]) * fold(
+            rhs.scale.astype(jnp.float32), cdn.rhs_spec[0], out_spec[1]
+        )
+        if not li:
+            acc = jax.lax.conv_general_dilated(
+                lhs.value, rhs.value, precision=precision, preferred_element_type=jnp.float32, **kw
+            )
+            return (acc * scale).astype(out_dtype)
+        vl, zl = _int_values(lhs)
+        vr, zr = _int_values(rhs)
+        if vl.dtype != jnp.int8 or vr.dtype != jnp.int8:
+            raise ValueError(
+                "conv_general_dilated: the integer conv supports 8-bit operands (int8, uint8, "
+                f"int4); got {lhs.format!r} x {rhs.format!r}"
+            )
+        k = int(np.prod([vr.shape[a] for a in rhs_contract]))
+        if k > _K_MAX_8BIT:
+            raise ValueError(
+                f"conv_general_dilated: a window of {k} elements could overflow int32 "
+                f"(limit {_K_MAX_8BIT} for 8-bit operands)"
+            )
+        acc = jax.lax.conv_general_dilated(vl, vr, preferred_element_type=jnp.int32, **kw)
+        acc = acc.astype(jnp.float32)
+        acc = acc + _conv_zero_point_terms(vl, zl, vr, zr, cdn, kw, feature_group_count, fold)
+        return (acc * scale).astype(out_dtype)
+    # weight-only (or activation-only): dequantize the QArray in the float operand's dtype
+    if rq:
+        check(rhs, cdn.rhs_spec[0], "rhs")
+        w = dequantize(rhs, jnp.float32).astype(lhs.dtype)
+        x = lhs
+    else:
+        check(lhs, cdn.lhs_spec[0], "lhs")
+        x = dequantize(lhs, jnp.float32).astype(rhs.dtype)
+        w = rhs
+    acc = jax.lax.conv_general_dilated(
+        x, w, precision=precision, preferred_element_type=jnp.float32, **kw
+    )
+    return acc.astype(out_dtype)
+
+
+def _conv_zero_point_terms(vl, zl, vr, zr, cdn, kw, groups, fold):
+    """The zero-point correction of an integer conv (float32, broadcast to the output)."""
+    out = 0.0
+    if zl is None and zr is None:
+        return out
+    lf, rf_in, rf_out = cdn.lhs_spec[1], cdn.rhs_spec[1], cdn.rhs_spec[0]
+    if zr is not None:
+        # Z_r[o] * sum over the window of q_l: conv of the per-group channel sum with ones
+        xs = jnp.sum(
+            vl.astype(jnp.int32).reshape(_group_shape(vl.shape, lf, groups)), axis=lf + 1
+        )  # channel axis -> groups
+        ones_shape = list(vr.shape)
+        ones_shape[rf_in] = 1
+        ones_shape[rf_out] = groups
+        ones = jnp.ones(ones_shape, jnp.int32)
+        s = jax.lax.conv_general_dilated(
+            xs, ones, preferred_element_type=jnp.int32, **{**kw, "feature_group_count": groups}
+        ).astype(jnp.float32)  # one output channel per group
+        o = vr.shape[rf_out]
+        s = jnp.repeat(s, o // groups, axis=cdn.out_spec[1])
+        out = out - fold(zr.astype(jnp.float32), rf_out, cdn.out_spec[1]) * s
+    if zl is not None:
+        # Z_l * sum over the valid window of (q_r - Z_r): conv of the validity mask
+        mask_shape = [1] * vl.ndim
+        for a in cdn.lhs_spec[2:]:
+            mask_shape[a] = vl.shape[a]
+        mask_shape[lf] = groups
+        mask = jnp.ones(mask_shape, jnp.float32)
+        w = vr.astype(jnp.float32)
+        if zr is not None:
+            w = w - zr.astype(jnp.float32)
+        wsum = jnp.sum(w, axis=rf_in, keepdims=True)
+        s = jax.lax.conv_general_dilated(
+            mask, wsum, preferred_element_type=jnp.float32, **{**kw, "feature_group_count": groups}
+        )
+        out = out - fold(zl.astype(jnp.float32), cdn.lhs_spec[0], cdn.out_spec[0]) * s
+    return out
+
+
+def _group_shape(shape, axis, groups):
+    shape = list(shape)
+    c = shape[axis]
+    return tuple(shape[:axis] + [groups, c // groups] + shape[axis + 1 :])
+
+
+# keep linters quiet about helpers used by later sections
+_ = (math, fake_quant, numerics)
