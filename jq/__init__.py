@@ -1,11 +1,29 @@
 """jq: functional quantization for JAX / XLA.
 
-Pure quantize / dequantize / fake-quant functions, streaming calibration
-observers, integer dot_general / einsum / conv, and Flax integration.
+Pure quantize / dequantize / fake-quant functions (`jq.quantize`), streaming
+calibration observers (`jq.calibration`), integer dot_general / einsum / conv
+(`jq.ops`), and the Flax workflow (`jq.Rule`, `jq.calibrate`, `jq.convert`,
+`jq.apply`, `jq.qat`) for unmodified linen and nnx models.
+
+Importing jq does not import Flax; the Flax functions import it when called.
 """
 
-from jq import numerics
+from jq import calibration, numerics, ops
+from jq.flax import (
+    QAT,
+    CalibrationStats,
+    QuantizedVariables,
+    Rule,
+    apply,
+    calibrate,
+    convert,
+    format_table,
+    qat,
+    report,
+    sites,
+)
 from jq.numerics import format_info, get_format
+from jq.ops import conv_general_dilated, dot_general, einsum
 from jq.qparams import QParams, QuantSpec, qparams_from_array, qparams_from_range
 from jq.quantize import (
     QArray,
@@ -20,18 +38,34 @@ from jq.quantize import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "QAT",
+    "CalibrationStats",
     "QArray",
     "QParams",
     "QuantSpec",
+    "QuantizedVariables",
+    "Rule",
+    "apply",
+    "calibrate",
+    "calibration",
+    "conv_general_dilated",
+    "convert",
     "dequantize",
+    "dot_general",
+    "einsum",
     "fake_quant",
     "format_info",
+    "format_table",
     "get_format",
     "lsq_fake_quant",
     "numerics",
+    "ops",
     "pack_int4",
+    "qat",
     "qparams_from_array",
     "qparams_from_range",
     "quantize",
+    "report",
+    "sites",
     "unpack_int4",
 ]

@@ -1,0 +1,1042 @@
+"""The six practical steps as functions: sites, calibrate, convert, apply, qat, report.
+
+All of them take an unmodified Flax model (linen with its variables, or nnx with
+``variables=None``), trace it, and evaluate the traced computation with jq's ops
+at the sites the rules select. See `jq.flax._graph` for the mechanism.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jq import ops
+from jq.flax._graph import (
+    Interpreter,
+    bind_eqn,
+    ModelAdapter,
+    Site,
+    SiteFinder,
+    leaf_aval,
+    materialize,
+    sqnr_db,
+    trace,
+)
+from jq.flax.rules import Rule, check_rules, match_rule
+from jq.qparams import QParams, QuantSpec, qparams_from_range, reduce_range
+from jq.quantize import QArray, dequantize, fake_quant, lsq_fake_quant, quantize
+
+__all__ = [
+    "CalibrationStats",
+    "QAT",
+    "QuantizedVariables",
+    "SitePlan",
+    "apply",
+    "calibrate",
+    "convert",
+    "qat",
+    "report",
+    "sites",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# site selection
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Choice:
+    site: Site
+    rule_index: int
+    rule: Rule
+
+    @property
+    def mode(self) -> str:
+        if self.site.kind == "embed":
+            return "weight_only"
+        return self.rule.mode
+
+
+def _choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> dict[str, _Choice]:
+    chosen: dict[str, _Choice] = {}
+    used = set()
+    for s in finder.sites:
+        i = match_rule(rules, s.module_path, s.kind)
+        if i is None:
+            continue
+        r = rules[i]
+        if s.kind == "act_dot" and r.activation is None:
+            continue
+        if s.kind != "act_dot" and r.weight is None:
+            continue
+        chosen[s.name] = _Choice(s, i, r)
+        used.add(i)
+    if warn:
+        for i, r in enumerate(rules):
+            if i not in used:
+                warnings.warn(
+                    f"jq: rules[{i}] (path_regex={r.path_regex!r}, ops={r.ops}) matches no site of the model",
+                    stacklevel=3,
+                )
+    return chosen
+
+
+def _weight_spec(choice: _Choice, leaf_ndim: int) -> QuantSpec:
+    """The rule's weight spec in the stored parameter's layout (stacked axes added)."""
+    spec = choice.rule.weight
+    s = choice.site
+    if s.kind == "embed" and spec.axis is not None:
+        spec = spec.replace(axis=(0,))  # one scale per table row: gathers keep their scale
+    depth = len(s.stack)
+    if depth == 0:
+        return spec
+    base = leaf_ndim - depth
+
+    def shift(a):
+        if not -base <= a < base:
+            raise ValueError(
+                f"jq: weight spec axis {a} does not fit the per-layer shape of site {s.name!r} (rank {base})"
+            )
+        return a % base + depth
+
+    axes = tuple(range(depth)) + tuple(shift(a) for a in (spec.axis or ()))
+    kw = {"axis": axes}
+    if spec.block_axis is not None:
+        kw["block_axis"] = shift(spec.block_axis)
+    return spec.replace(**kw)
+
+
+def _check_weight_fit(choice: _Choice, spec: QuantSpec, shape):
+    try:
+        spec.param_shape(tuple(shape), choice.site.name)
+    except ValueError as e:
+        raise ValueError(f"jq: rules[{choice.rule_index}] does not fit site {choice.site.name!r}: {e}") from e
+
+
+def _act_fit(choice: _Choice, operand: int):
+    spec = choice.rule.activation
+    aval = choice.site.in_avals[operand]
+    try:
+        spec.param_shape(tuple(aval.shape), f"{choice.site.name} activation")
+    except ValueError as e:
+        raise ValueError(f"jq: rules[{choice.rule_index}] does not fit site {choice.site.name!r}: {e}") from e
+    return spec
+
+
+def _stack_tree(tree, lengths: tuple[int, ...]):
+    return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, lengths + jnp.shape(a)), tree)
+
+
+def _scan_lengths(site: Site, finder: SiteFinder) -> tuple[int, ...]:
+    return tuple(finder.scan_length[s] for s in site.scans)
+
+
+# ---------------------------------------------------------------------------------------
+# sites(): which sites matched which rule
+# ---------------------------------------------------------------------------------------
+def sites(model, variables, rules: Sequence[Rule], *args, method=None, **kwargs) -> list[dict]:
+    """Lists every quantizable site of the model and the rule that selects it.
+
+    Args:
+      model: a linen Module (with `variables`) or an nnx Module (``variables=None``).
+      variables: linen variables, or None for nnx.
+      rules: the `jq.Rule` list.
+      *args, **kwargs: an example input (shapes matter, values do not).
+
+    Returns:
+      One dict per site: ``site``, ``kind``, ``module``, ``rule`` (index or None),
+      ``mode`` (``static`` / ``dynamic`` / ``weight_only`` / ``float``), ``weight``
+      (parameter shape) and ``inputs`` (operand shapes). Prints nothing; use
+      `format_table` to show it.
+    """
+    rules = check_rules(rules)
+    adapter = ModelAdapter(model, variables, method)
+    t = trace(adapter, adapter.values, args, kwargs)
+    chosen = _choose(t.finder, rules)
+    rows = []
+    for s in t.finder.sites:
+        c = chosen.get(s.name)
+        rows.append(
+            {
+                "site": s.name,
+                "kind": s.kind,
+                "module": s.module_path,
+                "rule": None if c is None else c.rule_index,
+                "mode": "float" if c is None else c.mode,
+                "weight": None if s.leaf is None else s.leaf.shape,
+                "inputs": tuple(tuple(a.shape) for a in s.in_avals[:2]),
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
+    """Formats a list of dicts as a fixed-width text table."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# calibrate()
+# ---------------------------------------------------------------------------------------
+def _split_batch(batch):
+    if isinstance(batch, tuple):
+        return batch
+    return (batch,)
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+        if isinstance(x, (jax.Array, np.ndarray)) else x,
+        tree,
+    )
+
+
+class CalibrationStats:
+    """Activation statistics gathered by `calibrate`: one observer state per static site.
+
+    Attributes:
+      states: dict from site key to observer state (a pytree).
+      observers: dict from site key to the observer that produced it.
+      num_batches: number of batches seen.
+      example: the traced input signature (shapes), reused by `convert`.
+    """
+
+    def __init__(self, states, observers, num_batches, example, site_names):
+        self.states = states
+        self.observers = observers
+        self.num_batches = num_batches
+        self.example = example
+        self.site_names = site_names
+
+    def ranges(self) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """``{site key: (lo, hi)}``; raises if a site saw non-finite values or no data."""
+        return {k: self.observers[k].range(st) for k, st in self.states.items()}
+
+    def __repr__(self):
+        return f"CalibrationStats({len(self.states)} sites, {self.num_batches} batches)"
+
+
+def calibrate(
+    model,
+    variables,
+    batches: Iterable,
+    rules: Sequence[Rule],
+    *,
+    method=None,
+    kwargs: dict | None = None,
+    progress: bool = True,
+) -> CalibrationStats:
+    """Runs the float model over `batches` and observes activations at static sites.
+
+    The model code is untouched: jq traces it, and every site whose rule has a
+    static activation spec (one with ``calibration=observer``) feeds its
+    activation operand to ``observer.update`` inside one jitted step per batch.
+
+    Args:
+      model, variables: a linen Module and its variables, or an nnx Module and None.
+      batches: an iterable of inputs; each item is one positional argument, or a
+        tuple of positional arguments.
+      rules: the `jq.Rule` list.
+      method: the model method to run (default ``__call__``).
+      kwargs: keyword arguments passed on every call (e.g. ``{"train": False}``).
+      progress: show a tqdm progress bar.
+
+    Returns:
+      `CalibrationStats` for `convert`.
+
+    Raises:
+      ValueError: `batches` is empty.
+    """
+    rules = check_rules(rules)
+    kwargs = dict(kwargs or {})
+    adapter = ModelAdapter(model, variables, method)
+    it = iter(batches)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError("jq.calibrate: `batches` is empty; calibration needs at least one batch") from None
+    args = _split_batch(first)
+    t = trace(adapter, adapter.values, args, kwargs)
+    chosen = _choose(t.finder, rules)
+    observers, states = {}, {}
+    for name, c in chosen.items():
+        if c.mode != "static":
+            continue
+        spec = c.rule.activation
+        for op in c.site.act_operands:
+            _act_fit(c, op)
+            aval = c.site.in_avals[op]
+            obs = spec.calibration
+            st = obs.init(jnp.zeros(aval.shape, aval.dtype))
+            key = c.site.act_key(op)
+            observers[key] = obs
+            states[key] = _stack_tree(st, _scan_lengths(c.site, t.finder))
+    selected = {n for n, c in chosen.items() if c.mode == "static"}
+
+    def handler(site, eqn, invals, sts):
+        for op in site.act_operands:
+            key = site.act_key(op)
+            if key in sts:
+                sts[key] = observers[key].update(sts[key], invals[op])
+        return _bind(eqn, invals)
+
+    @jax.jit
+    def step(leaves, sts, dyn):
+        tt = trace(adapter, [_sds(x) for x in leaves], _with_dyn(args_struct, dyn), kwargs)
+        sts = dict(sts)
+        Interpreter(tt.finder, selected, handler).run(tt.jaxpr, tt.consts, list(leaves) + list(dyn), sts)
+        return sts
+
+    args_struct = args
+    n = 0
+    bar = tqdm(desc="calibrate", unit="batch", disable=not progress)
+    batch = first
+    while True:
+        a = _split_batch(batch)
+        args_struct = a
+        dyn = [x for x in jax.tree_util.tree_leaves(a) if _is_arr(x)]
+        states = step(adapter.values, states, dyn)
+        n += 1
+        bar.update(1)
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+    bar.close()
+    return CalibrationStats(states, observers, n, (_abstract(args), kwargs), tuple(chosen))
+
+
+def _is_arr(x):
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+def _sds(x):
+    return jax.ShapeDtypeStruct(jnp.shape(x), x.dtype)
+
+
+def _with_dyn(struct, dyn):
+    """Puts the array leaves `dyn` (tracers) back into the argument structure (as avals)."""
+    leaves, tree = jax.tree_util.tree_flatten(struct)
+    it = iter(dyn)
+    out = [_sds(next(it)) if _is_arr(x) or isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves]
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+def _bind(eqn, invals):
+    return bind_eqn(eqn, invals)
+
+
+# ---------------------------------------------------------------------------------------
+# QuantizedVariables
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SitePlan:
+    """Static description of one quantized site (kept inside `QuantizedVariables`)."""
+
+    name: str
+    kind: str
+    leaf: str | None  # parameter path
+    mode: str  # static | dynamic | weight_only
+    activation: QuantSpec | None  # calibration stripped
+    rule_index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    model_kind: str
+    signature: tuple  # ((path, shape), ...) of the float model's variables
+    sites: tuple[SitePlan, ...]
+    float_leaves: tuple  # ((path, shape, dtype name), ...) of the quantized parameters
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["variables", "activations"], meta_fields=["plan"]
+)
+@dataclasses.dataclass(frozen=True)
+class QuantizedVariables:
+    """A converted model's variables: a pytree, safe to pass through jit and to checkpoint.
+
+    Attributes:
+      variables: ``{path: leaf}`` for every variable of the model, with each
+        quantized parameter replaced by a `QArray` (int8 values, or int4 packed
+        two per byte, plus scales). No float copy of a quantized weight remains.
+      activations: ``{site key: QParams}`` for static activation quantization.
+      plan: static site table (modes, activation specs) and the float model's
+        signature, used by `apply` to run and to check that the variables belong
+        to the model.
+    """
+
+    variables: dict
+    activations: dict
+    plan: _Plan
+
+    def nbytes(self) -> dict:
+        """``{"float": bytes of the float32 originals of the quantized parameters,
+        "quantized": bytes of their QArrays (values + scales + zero points),
+        "total_before", "total_after", "ratio"}``."""
+        fl = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in self.plan.float_leaves)
+        q = sum(v.nbytes for v in self.variables.values() if isinstance(v, QArray))
+        other = sum(int(np.size(v)) * np.dtype(v.dtype).itemsize for v in self.variables.values()
+                    if not isinstance(v, QArray) and hasattr(v, "dtype") and not jax.dtypes.issubdtype(
+                        v.dtype, jax.dtypes.prng_key))
+        acts = sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.activations))
+        return {
+            "float": fl,
+            "quantized": q,
+            "ratio": q / fl if fl else 1.0,
+            "total_before": fl + other,
+            "total_after": q + other + acts,
+        }
+
+    def summary(self) -> str:
+        b = self.nbytes()
+        modes = {}
+        for s in self.plan.sites:
+            modes[s.mode] = modes.get(s.mode, 0) + 1
+        ms = ", ".join(f"{v} {k}" for k, v in sorted(modes.items()))
+        return (
+            f"{len(self.plan.sites)} quantized sites ({ms}); quantized weights "
+            f"{b['float']:,} -> {b['quantized']:,} bytes ({b['ratio']:.3f}x); "
+            f"model {b['total_before']:,} -> {b['total_after']:,} bytes"
+        )
+
+
+def _is_qat_vars(v) -> bool:
+    return isinstance(v, dict) and set(v) == {"params", "quant", "state"} and "ranges" in v["state"]
+
+
+# ---------------------------------------------------------------------------------------
+# convert()
+# ---------------------------------------------------------------------------------------
+def convert(
+    model,
+    variables,
+    rules: Sequence[Rule],
+    stats: CalibrationStats | None = None,
+    *,
+    args: tuple | None = None,
+    kwargs: dict | None = None,
+    method=None,
+    verbose: bool = False,
+) -> QuantizedVariables:
+    """Turns float (or QAT) variables into quantized variables.
+
+    Every parameter that feeds a selected site is quantized once, here, with its
+    rule's weight spec (int8; int4 packed two per byte) and replaced by a
+    `QArray`; static activation sites get `QParams` from the calibrated ranges
+    (or from the ranges / learned scales of QAT variables).
+
+    Args:
+      model: a linen Module, or an nnx Module (the module is never mutated).
+      variables: linen variables; None for nnx; or the variables returned by
+        `QAT.init` / trained with `QAT.apply` (then the QAT ranges and learned
+        scales are used and `stats` is not needed).
+      rules: the `jq.Rule` list.
+      stats: `CalibrationStats` from `calibrate`; required when a rule is static.
+      args, kwargs: an example input, needed when `stats` is None (jq traces the
+        model to find its sites).
+      method: the model method (default ``__call__``).
+      verbose: print the size report.
+
+    Returns:
+      `QuantizedVariables`; ``qvars.nbytes()`` gives the sizes before and after.
+
+    Raises:
+      ValueError: a static site has no statistics; a rule's spec does not fit
+        its layer; no example input to trace.
+    """
+    rules = check_rules(rules)
+    qat_state = None
+    if _is_qat_vars(variables):
+        qat_state = variables
+        variables = _qat_model_variables(model, variables)
+        if args is None:
+            args, kwargs = variables_example(qat_state)
+    adapter = ModelAdapter(model, variables, method)
+    if args is None:
+        if stats is None:
+            raise ValueError(
+                "jq.convert: pass `stats` from jq.calibrate, or an example input with args=(x,) "
+                "so that jq can trace the model and find its sites"
+            )
+        args, kw0 = stats.example
+        kwargs = {**kw0, **(kwargs or {})}
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    kwargs = dict(kwargs or {})
+    t = trace(adapter, adapter.values, args, kwargs)
+    chosen = _choose(t.finder, rules)
+
+    # weights: one QArray per parameter leaf
+    leaf_specs: dict[int, tuple[QuantSpec, _Choice]] = {}
+    for c in chosen.values():
+        s = c.site
+        if s.leaf is None:
+            continue
+        spec = _weight_spec(c, len(s.leaf.shape))
+        _check_weight_fit(c, spec, s.leaf.shape)
+        prev = leaf_specs.get(s.leaf.index)
+        if prev is not None and prev[0] != spec:
+            raise ValueError(
+                f"jq: parameter {s.leaf.path!r} feeds sites {prev[1].site.name!r} and {s.name!r} "
+                f"with different weight specs ({prev[0]} vs {spec})"
+            )
+        leaf_specs[s.leaf.index] = (spec, c)
+    new_vars = {}
+    float_leaves = []
+    for li, value in zip(adapter.leaves, adapter.values):
+        if li.index in leaf_specs:
+            spec, c = leaf_specs[li.index]
+            qp = None
+            if qat_state is not None and c.site.name in qat_state["quant"].get("weights", {}):
+                w = qat_state["quant"]["weights"][c.site.name]
+                qp = QParams(w["scale"], None if w.get("zero_point") is None else
+                             jnp.round(w["zero_point"]).astype(jnp.int32))
+            new_vars[li.path] = quantize(jnp.asarray(value), qp, spec)
+            float_leaves.append((li.path, li.shape, np.dtype(li.dtype).name))
+        else:
+            new_vars[li.path] = value
+
+    # activations
+    acts, plans = {}, []
+    ranges = None
+    for name, c in chosen.items():
+        s = c.site
+        act = None if c.rule.activation is None else c.rule.activation.replace(calibration=None)
+        if c.mode == "static":
+            for op in s.act_operands:
+                spec = _act_fit(c, op)
+                key = s.act_key(op)
+                if qat_state is not None:
+                    qp = _qat_act_qparams(qat_state, key, spec)
+                else:
+                    if stats is None or key not in stats.states:
+                        raise ValueError(
+                            f"jq.convert: site {key!r} has a static activation spec (rules[{c.rule_index}] "
+                            "names a calibration observer) but no statistics; run jq.calibrate with these "
+                            "rules and pass stats=, or drop `calibration` for dynamic quantization"
+                        )
+                    if ranges is None:
+                        ranges = {}
+                    lo, hi = stats.observers[key].range(stats.states[key])
+                    qp = qparams_from_range(lo, hi, spec)
+                acts[key] = qp
+        elif c.mode == "dynamic":
+            for op in s.act_operands:
+                _act_fit(c, op)
+        plans.append(SitePlan(name, s.kind, None if s.leaf is None else s.leaf.path, c.mode,
+                              act if c.mode != "weight_only" else None, c.rule_index))
+    plan = _Plan(adapter.kind, adapter.signature(), tuple(plans), tuple(float_leaves))
+    qvars = QuantizedVariables(new_vars, acts, plan)
+    # a dry run surfaces every spec that does not fit its op (e.g. a scale on a contracting axis)
+    jax.eval_shape(lambda qv, a: apply(model, qv, *a, method=method, **kwargs), qvars, args)
+    if verbose:
+        print(qvars.summary())
+    return qvars
+
+
+# ---------------------------------------------------------------------------------------
+# apply()
+# ---------------------------------------------------------------------------------------
+def _adapter_for(model, qvars: QuantizedVariables, method):
+    if qvars.plan.model_kind == "linen":
+        nested: dict = {}
+        for path, v in qvars.variables.items():
+            node = nested
+            keys = path.split("/")
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = jax.ShapeDtypeStruct(v.shape, jnp.float32) if isinstance(v, QArray) else v
+        try:
+            adapter = ModelAdapter(model, nested, method)
+        except ValueError:
+            raise
+    else:
+        if qvars.plan.model_kind == "linen":
+            raise ValueError("jq.apply: variables were converted from a linen model")
+        adapter = ModelAdapter(model, None, method)
+    return adapter
+
+
+def _check_signature(adapter: ModelAdapter, qvars: QuantizedVariables):
+    want = dict(qvars.plan.signature)
+    if adapter.kind != qvars.plan.model_kind:
+        raise ValueError(
+            f"jq.apply: the quantized variables come from a {qvars.plan.model_kind} model, "
+            f"but `model` is {adapter.kind}"
+        )
+    got = {li.path: li.shape for li in adapter.leaves}
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    if missing or extra:
+        raise ValueError(
+            "jq.apply: the quantized variables belong to another model: "
+            f"variables not in the model {missing[:5]}, model variables not in them {extra[:5]}"
+        )
+    for path, shape in want.items():
+        if tuple(got[path]) != tuple(shape):
+            raise ValueError(
+                f"jq.apply: the quantized variables belong to another model: {path!r} has shape "
+                f"{tuple(shape)} in them but {tuple(got[path])} in the model"
+            )
+
+
+def _quant_operand(x, spec: QuantSpec, qp: QParams | None):
+    return quantize(x, qp, spec)
+
+
+def _run_dot_like(site: Site, eqn, invals, w_operand: int | None, act_specs, act_qps, mode):
+    """One quantized site: weight (QArray) and activation(s) through jq.ops."""
+    out_aval = eqn.outvars[0].aval
+    p = eqn.params
+    pet = p.get("preferred_element_type") or out_aval.dtype
+    if not jnp.issubdtype(pet, jnp.floating):
+        pet = out_aval.dtype
+    vals = list(invals[:2])
+    if mode != "weight_only":
+        for op in site.act_operands:
+            vals[op] = _quant_operand(vals[op], act_specs[op], act_qps.get(op))
+    if site.kind in ("dot", "act_dot"):
+        out = ops.dot_general(vals[0], vals[1], p["dimension_numbers"], precision=p.get("precision"),
+                              preferred_element_type=pet)
+    elif site.kind == "conv":
+        out = ops.conv_general_dilated(
+            vals[0], vals[1], p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
+            p["dimension_numbers"], p["feature_group_count"], p["batch_group_count"],
+            precision=p.get("precision"), preferred_element_type=pet,
+        )
+    else:
+        raise AssertionError(site.kind)
+    return [out.astype(out_aval.dtype)]
+
+
+def _run_embed(eqn, invals):
+    table, idx = invals[0], invals[1]
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    if (
+        isinstance(table, QArray)
+        and table.ndim == 2
+        and tuple(dn.collapsed_slice_dims) == (0,)
+        and tuple(dn.start_index_map) == (0,)
+        and tuple(p["slice_sizes"]) == (1, table.shape[1])
+    ):
+        # gather int rows and their scales, dequantize only the gathered rows
+        g = functools.partial(jax.lax.gather, dimension_numbers=dn, indices_are_sorted=p["indices_are_sorted"],
+                              unique_indices=p["unique_indices"], mode=p["mode"])
+        rows = g(table.int_value(), idx, slice_sizes=(1, table.shape[1]), fill_value=0)
+        scale = jnp.broadcast_to(table.scale, (table.shape[0], 1))
+        srows = g(scale, idx, slice_sizes=(1, 1), fill_value=0)
+        out = rows.astype(jnp.float32)
+        if table.zero_point is not None:
+            zp = jnp.broadcast_to(table.zero_point, (table.shape[0], 1)).astype(jnp.float32)
+            out = out - g(zp, idx, slice_sizes=(1, 1), fill_value=0)
+        return [(out * srows).astype(eqn.outvars[0].aval.dtype)]
+    return _bind(eqn, invals)
+
+
+def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None = None, method=None, **kwargs):
+    """Runs the model with quantized variables: integer dots / convs at every quantized site.
+
+    Inputs and keyword arguments (masks, ``train=``, ...) are forwarded to the
+    model; ``method=`` selects another method (e.g. ``Embed.attend`` as a tied
+    output head, or a method name for nnx). Wrap it in `jax.jit` for speed.
+
+    Args:
+      model: the model the variables were converted from (linen or nnx; never mutated).
+      qvars: `QuantizedVariables` from `convert`.
+      *args, **kwargs: the model's inputs.
+      rules: optional; checked against the specs carried by `qvars`.
+      method: the model method.
+
+    Raises:
+      ValueError: `qvars` belongs to another model, or `rules` disagrees with it.
+    """
+    if not isinstance(qvars, QuantizedVariables):
+        raise TypeError(f"jq.apply: expected QuantizedVariables from jq.convert, got {type(qvars).__name__}")
+    adapter = _adapter_for(model, qvars, method)
+    _check_signature(adapter, qvars)
+    if rules is not None:
+        _check_rules_consistent(check_rules(rules), qvars)
+    leaves = [qvars.variables[li.path] for li in adapter.leaves]
+    avals = [leaf_aval(li, v) for li, v in zip(adapter.leaves, leaves)]
+    t = trace(adapter, avals, args, kwargs)
+    plan = {s.name: s for s in qvars.plan.sites}
+    selected = set()
+    for s in t.finder.sites:
+        if s.name in plan or (s.leaf is not None and isinstance(leaves[s.leaf.index], QArray)):
+            selected.add(s.name)
+
+    def handler(site, eqn, invals, sts):
+        sp = plan.get(site.name)
+        if site.kind == "embed":
+            return _run_embed(eqn, invals)
+        if sp is None or sp.mode == "weight_only":
+            if site.kind == "act_dot":
+                return _bind(eqn, invals)
+            return _run_dot_like(site, eqn, invals, site.operand, {}, {}, "weight_only")
+        specs = {op: sp.activation for op in site.act_operands}
+        qps = {op: sts[site.act_key(op)] for op in site.act_operands} if sp.mode == "static" else {}
+        return _run_dot_like(site, eqn, invals, site.operand, specs, qps, sp.mode)
+
+    states = {}
+    for s in t.finder.sites:
+        for op in s.act_operands:
+            k = s.act_key(op)
+            if k in qvars.activations:
+                states[k] = qvars.activations[k]
+    outs = Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, leaves + t.dyn_args, states)
+    return jax.tree_util.tree_unflatten(t.out_tree, outs)
+
+
+def _check_rules_consistent(rules, qvars):
+    for sp in qvars.plan.sites:
+        r = rules[sp.rule_index] if sp.rule_index < len(rules) else None
+        act = None if r is None or r.activation is None else r.activation.replace(calibration=None)
+        if r is None or (sp.mode != "weight_only" and act != sp.activation):
+            raise ValueError(
+                f"jq.apply: `rules` disagree with the quantized variables at site {sp.name!r} "
+                f"(converted with rules[{sp.rule_index}], activation {sp.activation})"
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# QAT
+# ---------------------------------------------------------------------------------------
+def _qat_model_variables(model, qat_vars):
+    import flax.linen as nn
+
+    if isinstance(model, nn.Module):
+        return {"params": qat_vars["params"], **qat_vars["state"]["variables"]}
+    return None
+
+
+def variables_example(qat_vars):
+    ex = qat_vars["state"].get("example")
+    if ex is None:
+        raise ValueError("jq.convert: QAT variables carry no example input; pass args=(x,)")
+    args, kwargs = ex
+    return tuple(jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d)) for s, d in args), dict(kwargs)
+
+
+def _qat_act_qparams(qat_vars, key, spec):
+    if key in qat_vars["quant"].get("activations", {}):
+        a = qat_vars["quant"]["activations"][key]
+        zp = a.get("zero_point")
+        return QParams(a["scale"], None if zp is None else jnp.round(zp).astype(jnp.int32))
+    r = qat_vars["state"]["ranges"].get(key)
+    if r is None:
+        raise ValueError(f"jq.convert: QAT variables have no range for static site {key!r}")
+    return qparams_from_range(r["lo"], r["hi"], spec)
+
+
+class QAT:
+    """Quantization-aware training of an unmodified model.
+
+    ``qat = jq.qat(model, rules)``; ``qv = qat.init(variables, x)`` returns a
+    dict with three entries:
+
+    * ``"params"``: the model's float parameters (linen: ``variables["params"]``;
+      nnx: ``{path: array}`` of its `nnx.Param` leaves), trained as usual;
+    * ``"quant"``: learned quantization parameters (LSQ scales / zero points of
+      activations, and of weights when ``weights="lsq"``), trainable; keep them
+      out of weight decay with an optax mask;
+    * ``"state"``: everything not trained by gradients: tracked activation
+      ranges (moving average of min / max), other variable collections, and the
+      example input signature that `convert` re-traces with.
+
+    ``qat.apply(qv, x)`` runs the fake-quantized forward pass (straight-through
+    gradients); ``qat.apply(qv, x, update_stats=True)`` also returns the new
+    ``"state"`` with the moving-average ranges updated (PyTorch's
+    FakeQuantize order: update the range, then quantize with it).
+    ``jq.convert(model, qv, rules)`` gives inference variables whose
+    `jq.apply` output matches this forward pass.
+
+    Args:
+      model: linen or nnx Module.
+      rules: the `jq.Rule` list. Static activation specs track or learn their
+        range; dynamic ones use each batch's own range; weight-only rules
+        fake-quantize weights only.
+      activations: ``"ema"`` (moving-average min-max, constant
+        `averaging_constant`) or ``"lsq"`` (learned scale and zero point).
+      weights: ``"minmax"`` (each step's own per-channel min-max) or ``"lsq"``.
+      averaging_constant: EMA constant c in ``m <- m + c * (batch - m)``.
+    """
+
+    def __init__(self, model, rules, *, activations: str = "ema", weights: str = "minmax",
+                 averaging_constant: float = 0.01, method=None):
+        if activations not in ("ema", "lsq"):
+            raise ValueError(f"jq.qat: activations must be 'ema' or 'lsq', got {activations!r}")
+        if weights not in ("minmax", "lsq"):
+            raise ValueError(f"jq.qat: weights must be 'minmax' or 'lsq', got {weights!r}")
+        if not 0.0 < averaging_constant <= 1.0:
+            raise ValueError(f"jq.qat: averaging_constant must lie in (0, 1], got {averaging_constant}")
+        self.model = model
+        self.rules = check_rules(rules)
+        self.activations = activations
+        self.weights = weights
+        self.c = float(averaging_constant)
+        self.method = method
+
+    # -- variables <-> adapter ------------------------------------------------------------
+    def _adapter(self, params, state):
+        import flax.linen as nn
+
+        if isinstance(self.model, nn.Module):
+            return ModelAdapter(self.model, {"params": params, **state["variables"]}, self.method)
+        return ModelAdapter(self.model, None, self.method)
+
+    def _leaves(self, adapter, params, state):
+        if adapter.kind == "linen":
+            return list(adapter.values)
+        out = []
+        for li, v in zip(adapter.leaves, adapter.values):
+            if li.path in params:
+                out.append(params[li.path])
+            elif li.path in state["variables"]:
+                out.append(state["variables"][li.path])
+            else:
+                out.append(v)
+        return out
+
+    def init(self, variables, *args, stats: CalibrationStats | None = None, **kwargs) -> dict:
+        """QAT variables from trained float variables (nnx: None) and an example input.
+
+        Activation ranges start from `stats` when given, otherwise from the
+        example batch's min-max; LSQ scales start from those ranges.
+        """
+        import flax.linen as nn
+
+        if isinstance(self.model, nn.Module):
+            if variables is None:
+                raise ValueError("jq.qat.init: a linen model needs its trained variables")
+            from flax.core import unfreeze
+
+            variables = unfreeze(variables)
+            params = variables["params"]
+            rest = {k: v for k, v in variables.items() if k != "params"}
+        else:
+            if variables is not None:
+                raise ValueError("jq.qat.init: an nnx model carries its state; pass variables=None")
+            adapter = ModelAdapter(self.model, None, self.method)
+            params = {li.path: v for li, v in zip(adapter.leaves, adapter.values) if li.is_param}
+            rest = {li.path: v for li, v in zip(adapter.leaves, adapter.values) if not li.is_param}
+        example = (
+            tuple((tuple(np.shape(a)), jnp.result_type(a).name) for a in args),
+            tuple(sorted(kwargs.items())),
+        )
+        state = {"variables": rest, "ranges": {}, "example": example}
+        adapter = self._adapter(params, state)
+        t = trace(adapter, self._leaves(adapter, params, state), args, kwargs)
+        chosen = _choose(t.finder, self.rules)
+        ranges, quant = {}, {"activations": {}, "weights": {}}
+        key_choice = {}
+        for name, c in chosen.items():
+            if c.mode != "static":
+                continue
+            spec = c.rule.activation
+            for op in c.site.act_operands:
+                _act_fit(c, op)
+                key = c.site.act_key(op)
+                key_choice[key] = c
+                lengths = _scan_lengths(c.site, t.finder)
+                if stats is not None and key in stats.states:
+                    lo, hi = stats.observers[key].range(stats.states[key])
+                    cnt = jnp.ones((), jnp.int32)
+                else:
+                    shape = spec.param_shape(tuple(c.site.in_avals[op].shape))
+                    lo = jnp.zeros(shape, jnp.float32)
+                    hi = jnp.zeros(shape, jnp.float32)
+                    cnt = jnp.zeros((), jnp.int32)
+                ranges[key] = _stack_tree({"lo": jnp.asarray(lo, jnp.float32), "hi": jnp.asarray(hi, jnp.float32),
+                                           "count": cnt}, lengths)
+        state["ranges"] = ranges
+        qv = {"params": params, "quant": quant, "state": state}
+        if any(int(np.min(r["count"])) == 0 for r in ranges.values()):
+            _, new_state = self.apply(qv, *args, update_stats=True, **kwargs)
+            qv["state"] = new_state
+        if self.activations == "lsq":
+            for key, r in qv["state"]["ranges"].items():
+                qp = qparams_from_range(r["lo"], r["hi"], key_choice[key].rule.activation)
+                quant["activations"][key] = {
+                    "scale": qp.scale,
+                    "zero_point": None if qp.zero_point is None else qp.zero_point.astype(jnp.float32),
+                }
+        if self.weights == "lsq":
+            for name, c in chosen.items():
+                s = c.site
+                if s.leaf is None or s.kind == "embed":
+                    continue
+                spec = _weight_spec(c, len(s.leaf.shape))
+                w = self._leaves(adapter, params, state)[s.leaf.index]
+                qp = _minmax_qp(w, spec)
+                quant["weights"][name] = {
+                    "scale": qp.scale,
+                    "zero_point": None if qp.zero_point is None else qp.zero_point.astype(jnp.float32),
+                }
+        return qv
+
+    def apply(self, qat_vars: dict, *args, update_stats: bool = False, **kwargs):
+        """Fake-quantized forward pass. Returns the output, or ``(output, new_state)``."""
+        params, quant, state = qat_vars["params"], qat_vars["quant"], qat_vars["state"]
+        adapter = self._adapter(params, state)
+        leaves = self._leaves(adapter, params, state)
+        t = trace(adapter, leaves, args, kwargs)
+        chosen = _choose(t.finder, self.rules, warn=False)
+        # weights: fake-quantized once per step at the parameter, in its stored layout
+        done = set()
+        for name, c in chosen.items():
+            s = c.site
+            if s.leaf is None or s.leaf.index in done:
+                continue
+            done.add(s.leaf.index)
+            spec = _weight_spec(c, len(s.leaf.shape))
+            w = leaves[s.leaf.index]
+            if self.weights == "lsq" and name in quant.get("weights", {}):
+                lq = quant["weights"][name]
+                leaves[s.leaf.index] = lsq_fake_quant(w, QParams(lq["scale"], lq["zero_point"]), spec)
+            else:
+                leaves[s.leaf.index] = fake_quant(w, None, spec)
+        c_ema = self.c
+        lsq = self.activations == "lsq"
+
+        def handler(site, eqn, invals, sts):
+            ch = chosen[site.name]
+            vals = list(invals)
+            if ch.mode != "weight_only":
+                spec = ch.rule.activation
+                for op in site.act_operands:
+                    key = site.act_key(op)
+                    x = vals[op]
+                    if ch.mode == "dynamic":
+                        vals[op] = fake_quant(x, None, spec)
+                    elif lsq and key in quant.get("activations", {}):
+                        a = sts["quant:" + key]
+                        vals[op] = lsq_fake_quant(x, QParams(a["scale"], a["zero_point"]), spec)
+                    else:
+                        r = sts[key]
+                        if update_stats:
+                            lo, hi = reduce_range(jax.lax.stop_gradient(x), spec)
+                            lo, hi = lo.reshape(r["lo"].shape), hi.reshape(r["hi"].shape)
+                            first = r["count"] == 0
+                            nlo = jnp.where(first, lo, r["lo"] + c_ema * (lo - r["lo"]))
+                            nhi = jnp.where(first, hi, r["hi"] + c_ema * (hi - r["hi"]))
+                            r = {"lo": nlo, "hi": nhi, "count": r["count"] + 1}
+                            sts[key] = r
+                        qp = qparams_from_range(r["lo"], r["hi"], spec)
+                        vals[op] = fake_quant(x, qp, spec)
+            return _bind(eqn, vals)
+
+        sts = dict(state["ranges"])
+        for k, a in quant.get("activations", {}).items():
+            sts["quant:" + k] = a
+        selected = {n for n, c in chosen.items() if c.site.kind != "embed"}
+        outs = Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, leaves + t.dyn_args, sts)
+        out = jax.tree_util.tree_unflatten(t.out_tree, outs)
+        if not update_stats:
+            return out
+        new_state = dict(state)
+        new_state["ranges"] = {k: sts[k] for k in state["ranges"]}
+        return out, new_state
+
+
+def _minmax_qp(w, spec):
+    from jq.qparams import qparams_from_array
+
+    return qparams_from_array(w, spec)
+
+
+def qat(model, rules: Sequence[Rule], **kw) -> QAT:
+    """A `QAT` wrapper of `model` (see `QAT`)."""
+    return QAT(model, rules, **kw)
+
+
+# ---------------------------------------------------------------------------------------
+# report()
+# ---------------------------------------------------------------------------------------
+def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kwargs) -> list[dict]:
+    """Per-site quality: weight and activation SQNR (dB) and clipping fraction on one batch.
+
+    Runs the float model on `args` and, at every quantized site, compares the
+    weight with its dequantized `QArray` and the activation with its
+    quantize-dequantize round trip under the site's parameters.
+
+    Returns:
+      One dict per site: ``site``, ``kind``, ``mode``, ``weight_sqnr_db``,
+      ``act_sqnr_db``, ``act_clip_frac`` (fraction of activation values outside
+      the representable range; 0 for dynamic sites).
+    """
+    adapter = ModelAdapter(model, variables, method)
+    t = trace(adapter, adapter.values, args, kwargs)
+    plan = {s.name: s for s in qvars.plan.sites}
+    selected = {s.name for s in t.finder.sites if s.name in plan}
+    metrics: dict = {}
+
+    def handler(site, eqn, invals, sts):
+        sp = plan[site.name]
+        if sp.mode != "weight_only":
+            for op in site.act_operands:
+                x = invals[op].astype(jnp.float32)
+                key = site.act_key(op)
+                qp = qvars.activations.get(key) if sp.mode == "static" else None
+                q = quantize(x, qp, sp.activation)
+                xh = dequantize(q)
+                if qp is not None:
+                    from jq.qparams import broadcast_qparams
+
+                    b = broadcast_qparams(qp, x.shape, sp.activation)
+                    zp = 0.0 if b.zero_point is None else b.zero_point.astype(jnp.float32)
+                    v = jnp.round(x / b.scale) + zp
+                    clip = jnp.mean(((v < sp.activation.qmin) | (v > sp.activation.qmax)).astype(jnp.float32))
+                else:
+                    clip = jnp.zeros((), jnp.float32)
+                sts[key] = {"sqnr": sqnr_db(x, xh), "clip": clip}
+        return _bind(eqn, invals)
+
+    for s in t.finder.sites:
+        sp = plan.get(s.name)
+        if sp is None or sp.mode == "weight_only":
+            continue
+        for op in s.act_operands:
+            metrics[s.act_key(op)] = _stack_tree(
+                {"sqnr": jnp.zeros((), jnp.float32), "clip": jnp.zeros((), jnp.float32)},
+                _scan_lengths(s, t.finder))
+    Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, list(adapter.values) + t.dyn_args, metrics)
+    rows = []
+    by_path = {li.path: v for li, v in zip(adapter.leaves, adapter.values)}
+    for sp in qvars.plan.sites:
+        wq = qvars.variables.get(sp.leaf) if sp.leaf else None
+        wsq = None
+        if isinstance(wq, QArray):
+            wsq = float(sqnr_db(jnp.asarray(by_path[sp.leaf]), dequantize(wq)))
+        keys = [k for k in metrics if k == sp.name or k.startswith(sp.name + ":")]
+        asq = [float(jnp.mean(metrics[k]["sqnr"])) for k in keys]
+        acl = [float(jnp.mean(metrics[k]["clip"])) for k in keys]
+        rows.append({
+            "site": sp.name, "kind": sp.kind, "mode": sp.mode,
+            "weight_sqnr_db": wsq,
+            "act_sqnr_db": min(asq) if asq else None,
+            "act_clip_frac": max(acl) if acl else None,
+        })
+    return rows
