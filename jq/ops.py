@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq import numerics
+from jq import _mixed_dot, numerics
 from jq.qparams import QParams, QuantSpec, broadcast_qparams, qparams_from_array
 from jq.quantize import QArray, dequantize, fake_quant, quantize
 
@@ -291,117 +291,170 @@ def _check_operand(x, name):
 def _to_signed8(v: jax.Array, zp):
     """uint8 values -> int8 values shifted by -128 (zero point shifted the same way)."""
     s = jax.lax.bitcast_convert_type(v ^ jnp.uint8(0x80), jnp.int8)
-    z = jnp.full((), -128, jnp.int32) if zp is None else zp.astype(jnp.int32) - 128
+    z = jnp.full((1,) * v.ndim, -128, jnp.int32) if zp is None else zp.astype(jnp.int32) - 128
     return s, z
 
 
-def _raw_s8_dot(a: jax.Array, b: jax.Array, dn) -> jax.Array:
-    """``sum_k a b`` for int8 operands, exact in int32 (K within the 8-bit bound)."""
-    return jax.lax.dot_general(a, b, dn, preferred_element_type=jnp.int32)
+def _k_of(shape, axes) -> int:
+    return int(np.prod([shape[a] for a in axes])) if axes else 1
 
 
-def _chunked(a, b, dn, k_max: int, kernel) -> jax.Array:
-    """``sum_k a b`` with the contraction split into chunks of at most `k_max`.
+def _sums_to_out(s, dn, lndim):
+    """(rhs batch..., rhs free...) sums -> broadcastable against the dot's output."""
+    (lc, _), (lb, _) = dn
+    nb, nlf = len(lb), lndim - len(lc) - len(lb)
+    return s.reshape(s.shape[:nb] + (1,) * nlf + s.shape[nb:])
 
-    Each chunk is one exact int32 dot; the chunks are summed in float32. Returns
-    int32 when no split is needed, float32 otherwise.
+
+def _dot8_chunked(a, b, dn, want_sums: bool):
+    """``sum_k a b`` for an int8/uint8 `a` and an int8 `b`, never overflowing int32.
+
+    Up to ``K = 65,793`` (the uint8 x int8 bound; int8 lhs operands are lowered
+    as uint8 on CPU) this is one exact int32 dot. Longer contractions are split
+    into balanced chunks, one exact int32 dot each, summed in float32.
+
+    Returns:
+      ``(dot, sums)``: dot int32 (one chunk) or float32 (split); sums is
+      ``sum_k b`` as int32 in the output layout, or None.
     """
     (lc, rc), (lb, rb) = dn
-    k = int(np.prod([a.shape[i] for i in lc])) if lc else 1
-    if k <= k_max:
-        return kernel(a, b, dn)
+    k = _k_of(a.shape, lc)
+    if k <= _K_MAX_8BIT:
+        if want_sums:
+            out, s = _mixed_dot.int8_dot_general(a, b, dn, rhs_sums=True)
+            return out, _sums_to_out(s, dn, a.ndim)
+        return _mixed_dot.int8_dot_general(a, b, dn), None
     # merge the contracting axes into one trailing axis, zero-pad to whole chunks
     lfree, rfree = _free(a.ndim, lc, lb), _free(b.ndim, rc, rb)
     a2 = jnp.transpose(a, lb + lfree + lc)
     b2 = jnp.transpose(b, rb + rfree + rc)
     a2 = a2.reshape(a2.shape[: len(lb) + len(lfree)] + (k,))
     b2 = b2.reshape(b2.shape[: len(rb) + len(rfree)] + (k,))
-    n_chunks = -(-k // k_max)
-    kc = -(-k // n_chunks)  # balanced chunks
+    n_chunks = -(-k // _K_MAX_8BIT)
+    kc = -(-k // n_chunks)
     pad = n_chunks * kc - k
-    if pad:
+    if pad:  # zeros add nothing to the products or to the sums
         a2 = jnp.pad(a2, [(0, 0)] * (a2.ndim - 1) + [(0, pad)])
         b2 = jnp.pad(b2, [(0, 0)] * (b2.ndim - 1) + [(0, pad)])
     a2 = a2.reshape(a2.shape[:-1] + (n_chunks, kc))
     b2 = b2.reshape(b2.shape[:-1] + (n_chunks, kc))
     nb, nlf, nrf = len(lb), len(lfree), len(rfree)
-    # chunk axis is a batch axis (first in the output); batch axes keep their order
+    # the chunk axis is a batch axis, first in the output
     dn2 = (
         ((a2.ndim - 1,), (b2.ndim - 1,)),
         ((nb + nlf,) + tuple(range(nb)), (nb + nrf,) + tuple(range(nb))),
     )
-    part = kernel(a2, b2, dn2)
-    return jnp.sum(part.astype(jnp.float32), axis=0)
+    part = _mixed_dot.int8_dot_general(a2, b2, dn2)
+    out = jnp.sum(part.astype(jnp.float32), axis=0)
+    sums = None
+    if want_sums:  # |sum_k b| <= 128 K: int32 is exact for K < 2**24
+        sums = _sums_to_out(_rhs_sums(b, dn), dn, a.ndim)
+    return out, sums
 
 
-def _int_raw_dot(vl, vr, dn) -> jax.Array:
-    """Exact ``sum_k vl vr`` (int32, or float32 when split) for int8 / int16 operands."""
-    if vl.dtype == jnp.int16:
-        hi, lo = _split_int16(vl)
-        # lo is in [0, 255]: shift it to int8 and add back 128 * sum_k vr
-        lo8 = jax.lax.bitcast_convert_type(lo ^ jnp.uint8(0x80), jnp.int8)
-        d_hi = _int_raw_dot(hi, vr, dn).astype(jnp.float32)
-        d_lo = _int_raw_dot(lo8, vr, dn).astype(jnp.float32)
-        rsum = _to_out(_sum_k(vr, dn[0][1]), "rhs", dn, vl.shape, vr.shape)
-        return 256.0 * d_hi + d_lo + 128.0 * rsum
-    if vr.dtype == jnp.int16:
-        (lc, rc), (lb, rb) = dn
-        swapped = _int_raw_dot(vr, vl, ((rc, lc), (rb, lb)))
-        nb = len(lb)
-        nl = vl.ndim - len(lc) - nb
-        nr = vr.ndim - len(rc) - nb
-        perm = tuple(range(nb)) + tuple(range(nb + nr, nb + nr + nl)) + tuple(range(nb, nb + nr))
-        return jnp.transpose(swapped, perm)
-    return _chunked(vl, vr, dn, _K_MAX_8BIT, _raw_s8_dot)
+def _rhs_sums(b, dn):
+    (_, rc), (_, rb) = dn
+    s = jnp.sum(b.astype(jnp.int32), axis=tuple(rc))
+    kept = [i for i in range(b.ndim) if i not in rc]
+    order = [kept.index(i) for i in rb] + [kept.index(i) for i in kept if i not in rb]
+    return jnp.transpose(s, order)
+
+
+def _lhs_sums(a, dn, rndim):
+    """``sum_k a`` in the output layout (batch..., lhs free..., 1 for rhs free)."""
+    (lc, rc), (lb, rb) = dn
+    k = _k_of(a.shape, lc)
+    dt = jnp.int32 if _DTYPE_ABSMAX[np.dtype(a.dtype)] * k <= _INT32_MAX else jnp.float32
+    s = jnp.sum(a.astype(dt), axis=tuple(lc), keepdims=True)
+    nrf = rndim - len(rc) - len(rb)
+    lfree = _free(a.ndim, lc, lb)
+    s = jnp.transpose(s, lb + lfree + lc)
+    return s.reshape(s.shape[: len(lb) + len(lfree)] + (1,) * nrf)
 
 
 def _split_int16(v):
-    """int16 ``v = 256 * hi + lo`` with hi int8 in [-128, 127] and lo uint8 in [0, 255]."""
+    """int16 ``v = 256 * hi + lo``: hi int8 in [-128, 127], lo uint8 in [0, 255]."""
     hi = (v >> 8).astype(jnp.int8)
     lo = (v & 0xFF).astype(jnp.uint8)
     return hi, lo
 
 
-def _sum_k(v, axes) -> jax.Array:
-    """Sum over the contracting axes, keepdims; int32 when exact, else float32."""
-    k = int(np.prod([v.shape[a] for a in axes])) if axes else 1
-    bound = _DTYPE_ABSMAX[np.dtype(v.dtype)] * k
-    dt = jnp.int32 if bound <= _INT32_MAX else jnp.float32
-    return jnp.sum(v.astype(dt), axis=tuple(axes), keepdims=True)
+def _int_raw_dot(vl, vr, dn, want_sums: bool):
+    """Exact ``sum_k vl vr`` (int32, or float32 once split) and optionally ``sum_k vr``.
+
+    Operands are int8, uint8 or int16. Every product is formed by 8-bit dots:
+
+    * a uint8 rhs is shifted to int8: ``vr = s + 128``, adding ``128 sum_k vl``;
+    * an int16 lhs is split into bytes, ``vl = 256 hi + lo`` (two 8-bit dots,
+      combined in float32), so int16 x int8 never overflows int32 whatever K;
+    * an int16 rhs: the operands are swapped.
+    """
+    (lc, rc), (lb, rb) = dn
+    if vl.dtype == jnp.int16:
+        hi, lo = _split_int16(vl)
+        d_hi, sums = _int_raw_dot(hi, vr, dn, want_sums)
+        d_lo, _ = _int_raw_dot(lo, vr, dn, False)
+        return 256.0 * d_hi.astype(jnp.float32) + d_lo.astype(jnp.float32), sums
+    if vr.dtype == jnp.int16:
+        nb = len(lb)
+        nl, nr = vl.ndim - len(lc) - nb, vr.ndim - len(rc) - nb
+        swapped, _ = _int_raw_dot(vr, vl, ((rc, lc), (rb, lb)), False)
+        perm = tuple(range(nb)) + tuple(range(nb + nr, nb + nr + nl)) + tuple(range(nb, nb + nr))
+        out = jnp.transpose(swapped, perm)
+        sums = _sums_to_out(_rhs_sums(vr.astype(jnp.float32), dn), dn, vl.ndim) if want_sums else None
+        return out, sums
+    if vr.dtype == jnp.uint8:
+        s, _ = _to_signed8(vr, None)
+        out, sums = _int_raw_dot(vl, s, dn, want_sums)
+        k = _k_of(vl.shape, lc)
+        out = out.astype(jnp.float32) + 128.0 * _lhs_sums(vl, dn, vr.ndim).astype(jnp.float32)
+        if sums is not None:
+            sums = sums + 128 * k
+        return out, sums
+    return _dot8_chunked(vl, vr, dn, want_sums)
 
 
 def _int_values(q: QArray):
-    """Integer values ready for the dot: int8 / int16 (uint8 shifted to int8)."""
+    """Logical integer values (int4 unpacked) and the int32 zero point (or None)."""
     v = q.int_value()
-    zp = q.zero_point
-    if v.dtype == jnp.uint8:
-        v, zp = _to_signed8(v, zp)
-    elif v.dtype not in (jnp.int8, jnp.int16):
+    if v.dtype not in (jnp.int8, jnp.uint8, jnp.int16):
         raise ValueError(f"no integer dot for QArray format {q.format!r} (values {v.dtype})")
-    if zp is not None:
-        zp = zp.astype(jnp.int32)
+    zp = None if q.zero_point is None else q.zero_point.astype(jnp.int32)
     return v, zp
 
 
 def _int_core(vl, zl, vr, zr, dn) -> jax.Array:
-    """``sum_k (vl - zl)(vr - zr)`` in the output layout, float32."""
+    """``sum_k (vl - zl)(vr - zr)`` in the output layout (int32 or float32).
+
+    ``= sum_k vl vr - Z_r sum_k vl - Z_l sum_k (vr - Z_r)``. The weight sums come
+    out of the same dot (`jq._mixed_dot`); with no split and a result bounded
+    by ``max|vl - zl| max|vr - zr| K < 2**31`` the whole sum stays int32 (exact:
+    two's complement intermediates wrap back), otherwise it is float32.
+    """
     (lc, rc), _ = dn
-    raw = _int_raw_dot(vl, vr, dn)
+    raw, rsum = _int_raw_dot(vl, vr, dn, zl is not None)
     if zl is None and zr is None:
-        return raw.astype(jnp.float32)
-    acc = raw.astype(jnp.float32)
-    k = int(np.prod([vl.shape[a] for a in lc])) if lc else 1
+        return raw
+    k = _k_of(vl.shape, lc)
+
+    def span(v, z):
+        lo, hi = (0, 255) if v.dtype == jnp.uint8 else (-128, 127)
+        if v.dtype == jnp.int16:
+            lo, hi = -32768, 32767
+        return hi - lo if z is not None else max(-lo, hi)
+
+    exact = raw.dtype == jnp.int32 and span(vl, zl) * span(vr, zr) * k <= _INT32_MAX
+    dt = jnp.int32 if exact else jnp.float32
+    acc = raw.astype(dt)
     if zr is not None:
-        acc = acc - _to_out(zr, "rhs", dn, vl.shape, vr.shape).astype(jnp.float32) * _to_out(
-            _sum_k(vl, lc), "lhs", dn, vl.shape, vr.shape
-        ).astype(jnp.float32)
+        zro = _to_out(zr, "rhs", dn, vl.shape, vr.shape).astype(dt)
+        acc = acc - zro * _lhs_sums(vl, dn, vr.ndim).astype(dt)
     if zl is not None:
-        zlo = _to_out(zl, "lhs", dn, vl.shape, vr.shape).astype(jnp.float32)
-        acc = acc - zlo * _to_out(_sum_k(vr, rc), "rhs", dn, vl.shape, vr.shape).astype(jnp.float32)
+        zlo = _to_out(zl, "lhs", dn, vl.shape, vr.shape).astype(dt)
+        w = rsum.astype(dt)
         if zr is not None:
-            acc = acc + float(k) * zlo * _to_out(zr, "rhs", dn, vl.shape, vr.shape).astype(
-                jnp.float32
-            )
+            w = w - k * zro
+        acc = acc - zlo * w
     return acc
 
 
@@ -460,11 +513,11 @@ def _int_dot(ql: QArray, qr: QArray, dn, out_dtype) -> jax.Array:
         vl, (sl, zl) = _split_blocks(vl, [sl, zl], la, bs)
         vr, (sr, zr) = _split_blocks(vr, [sr, zr], ra, bs)
         dn = _block_dn(dn, la, ra)
-        acc = _int_core(vl, zl, vr, zr, dn)
+        acc = _int_core(vl, zl, vr, zr, dn).astype(jnp.float32)
         acc = acc * _to_out(sl, "lhs", dn, vl.shape, vr.shape)
         acc = acc * _to_out(sr, "rhs", dn, vl.shape, vr.shape)
         return jnp.sum(acc, axis=0).astype(out_dtype)
-    acc = _int_core(vl, zl, vr, zr, dn)
+    acc = _int_core(vl, zl, vr, zr, dn).astype(jnp.float32)
     scale = _to_out(sl, "lhs", dn, vl.shape, vr.shape) * _to_out(sr, "rhs", dn, vl.shape, vr.shape)
     return (acc * scale).astype(out_dtype)
 
@@ -800,6 +853,11 @@ def conv_general_dilated(
             return (acc * scale).astype(out_dtype)
         vl, zl = _int_values(lhs)
         vr, zr = _int_values(rhs)
+        # lax keeps only s8 x s8 convolutions integer; shift uint8 operands to int8
+        if vl.dtype == jnp.uint8:
+            vl, zl = _to_signed8(vl, zl)
+        if vr.dtype == jnp.uint8:
+            vr, zr = _to_signed8(vr, zr)
         if vl.dtype != jnp.int8 or vr.dtype != jnp.int8:
             raise ValueError(
                 "conv_general_dilated: the integer conv supports 8-bit operands (int8, uint8, "
