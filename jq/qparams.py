@@ -2,8 +2,12 @@
 
 The affine scheme maps a real ``x`` to an integer ``x_q`` by::
 
-    x_q = clip(round_half_even(x / S) + Z, qmin, qmax)
+    x_q = clip(round_half_even(x * (1 / S)) + Z, qmin, qmax)
     x   ~ S * (x_q - Z)
+
+(``x * (1 / S)`` rather than ``x / S``, as PyTorch computes it: XLA turns a
+division by a broadcast scale into that product anyway, so writing it keeps
+every path bit-identical.)
 
 The symmetric scheme fixes ``Z = 0`` for signed formats (with the narrow grid,
 so int8 is ``[-127, 127]``) and ``Z = 128`` for uint8 (ONNX Runtime's
@@ -229,6 +233,14 @@ def _check_range(lo, hi):
         checkify.debug_check(jnp.all(lo <= hi), "qparams_from_range: lo > hi")
 
 
+def _recip(n: float) -> np.float32:
+    # Divisions by a constant are multiplications by its float32 reciprocal: XLA
+    # rewrites `a / c` into `a * (1 / c)` for constant or broadcast divisors but
+    # not otherwise, so writing the product keeps eager, jit, per-tensor and
+    # per-channel results bit-identical.
+    return np.float32(1.0 / n)
+
+
 def qparams_from_range(lo, hi, spec: QuantSpec) -> QParams:
     """Computes `QParams` covering ``[lo, hi]`` for `spec`.
 
@@ -243,7 +255,9 @@ def qparams_from_range(lo, hi, spec: QuantSpec) -> QParams:
 
     A zero-width range at 0 (all-zero data) gives ``S = 1`` and the usual Z:
     every value quantizes to Z and dequantizes to exactly 0. Scales are floored
-    at the smallest normal float32 so they are never 0 or subnormal.
+    at the smallest normal float32 so they are never 0 or subnormal. Divisions
+    by the grid size are multiplications by its float32 reciprocal (the same
+    bits eager and under jit, for every granularity).
 
     Args:
       lo, hi: arrays of equal shape (scalar for per tensor, the channel shape or
@@ -272,23 +286,24 @@ def qparams_from_range(lo, hi, spec: QuantSpec) -> QParams:
         return QParams(jnp.ones_like(lo), None)
     if not fmt.is_integer:
         amax = jnp.maximum(-lo, hi)
-        scale = jnp.where(amax > 0, jnp.maximum(amax / fmt.qmax, tiny), 1.0)
+        scale = jnp.where(amax > 0, jnp.maximum(amax * _recip(fmt.qmax), tiny), 1.0)
         return QParams(scale, None)
     qmin, qmax = spec.qmin, spec.qmax
     if spec.scheme == "symmetric":
         amax = jnp.maximum(-lo, hi)
         if fmt.signed:
-            scale = amax / qmax
+            scale = amax * _recip(qmax)
             zp = None
         else:  # uint8: centre the grid at 128, as ONNX Runtime does
-            scale = amax / ((qmax - qmin) / 2.0)  # = 2 * amax / 255, without overflowing
+            scale = amax * _recip((qmax - qmin) / 2.0)  # = 2 * amax / 255, without overflow
             zp = jnp.full(lo.shape, (qmax - qmin + 1) // 2 + qmin, jnp.int32)
         scale = jnp.where(amax > 0, jnp.maximum(scale, tiny), 1.0)
         return QParams(scale, zp)
     width = hi - lo
     levels = qmax - qmin
     # hi / n - lo / n when hi - lo overflows float32 (ranges near +-3.4e38)
-    step = jnp.where(jnp.isfinite(width), width / levels, hi / levels - lo / levels)
+    inv = _recip(levels)
+    step = jnp.where(jnp.isfinite(width), width * inv, hi * inv - lo * inv)
     scale = jnp.where(width > 0, jnp.maximum(step, tiny), 1.0)
     zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax).astype(jnp.int32)
     return QParams(scale, zp)
@@ -318,7 +333,14 @@ def reduce_range(x: jax.Array, spec: QuantSpec, name: str = "x") -> tuple[jax.Ar
 
 
 def qparams_from_array(x: jax.Array, spec: QuantSpec, name: str = "x") -> QParams:
-    """Min-max `QParams` for `x` itself (weights, or dynamic activations), keepdims shape."""
+    """Min-max `QParams` for `x` itself (weights, or dynamic activations), keepdims shape.
+
+    For the plain-cast formats (float16, bfloat16) the scale is 1 whatever `x`
+    holds, so `x` may contain inf or NaN (the cast saturates or keeps NaN).
+    """
+    if not spec.fmt.scaled:
+        x = jnp.asarray(x)
+        return QParams(jnp.ones(spec.param_shape(x.shape, name), jnp.float32), None)
     lo, hi = reduce_range(x, spec, name)
     return qparams_from_range(lo, hi, spec)
 

@@ -186,9 +186,13 @@ def _expand_blocks(p: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 def quantize(x: jax.Array, qp: QParams | None, spec: QuantSpec) -> QArray:
     """Quantizes `x` with parameters `qp` under `spec`.
 
-    ``x_q = clip(round_half_even(x / S) + Z, qmin, qmax)`` for integer formats;
-    ``x_q = cast(clip(x / S, -max, max))`` for fp8 (round to nearest even);
-    a saturating cast for fp16 / bf16.
+    ``x_q = clip(round_half_even(x * (1 / S)) + Z, qmin, qmax)`` for integer
+    formats; ``x_q = cast(clip(x * (1 / S), -max, max))`` for fp8 (round to
+    nearest even); a saturating cast for fp16 / bf16. The reciprocal ``1 / S``
+    is computed once per scale: XLA rewrites ``x / S`` into that product for a
+    broadcast or constant `S` and not otherwise, so writing it out keeps eager,
+    jit, per-tensor and per-channel results bit-identical (PyTorch computes it
+    the same way).
 
     Args:
       x: floating-point array.
@@ -208,15 +212,15 @@ def quantize(x: jax.Array, qp: QParams | None, spec: QuantSpec) -> QArray:
         qp = qparams_from_array(x, spec)
     qp = broadcast_qparams(qp, x.shape, spec)
     fmt = spec.fmt
-    scale = _expand_blocks(qp.scale.astype(jnp.float32), x.shape)
+    inv = _expand_blocks(1.0 / qp.scale.astype(jnp.float32), x.shape)
     xf = x.astype(jnp.float32)
     if fmt.is_integer:
-        v = jnp.round(xf / scale)
+        v = jnp.round(xf * inv)
         if qp.zero_point is not None:
             v = v + _expand_blocks(qp.zero_point, x.shape).astype(jnp.float32)
         v = jnp.clip(v, spec.qmin, spec.qmax).astype(fmt.dtype)
     else:
-        v = jnp.clip(xf / scale, fmt.qmin, fmt.qmax).astype(fmt.dtype)
+        v = jnp.clip(xf * inv, fmt.qmin, fmt.qmax).astype(fmt.dtype)
     pack_axis = None
     if fmt.name == "int4" and x.ndim:
         pack_axis = x.ndim - 1
@@ -254,12 +258,13 @@ def _fq_forward(x, scale, zp, spec):
     """Quantize-dequantize in float; returns (y, inside_mask)."""
     fmt = spec.fmt
     xf = x.astype(jnp.float32)
+    inv = 1.0 / scale  # as in `quantize`
     if fmt.is_integer:
-        v = jnp.round(xf / scale) + zp
+        v = jnp.round(xf * inv) + zp
         inside = (v >= spec.qmin) & (v <= spec.qmax)
         y = (jnp.clip(v, spec.qmin, spec.qmax) - zp) * scale
     else:
-        v = xf / scale
+        v = xf * inv
         inside = (v >= fmt.qmin) & (v <= fmt.qmax)
         y = jnp.clip(v, fmt.qmin, fmt.qmax).astype(fmt.dtype).astype(jnp.float32) * scale
     return y.astype(x.dtype), inside
@@ -363,7 +368,7 @@ def lsq_fake_quant(x: jax.Array, qp: QParams, spec: QuantSpec, grad_scale: float
         zp = jnp.zeros((), jnp.float32)
     else:
         zp = _round_ste(_expand_blocks(_grad_scale(qp.zero_point.astype(jnp.float32), g), x.shape))
-    v = _round_ste(x.astype(jnp.float32) / scale + zp)
+    v = _round_ste(x.astype(jnp.float32) * (1.0 / scale) + zp)
     # an explicit mask, not jnp.clip: clip's gradient is 1/2 where v == qmin or qmax
     # exactly, which every value rounding to the grid's ends would hit
     vr = jax.lax.stop_gradient(v)
