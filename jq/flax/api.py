@@ -88,12 +88,17 @@ def _choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> d
     return chosen
 
 
-def _weight_spec(choice: _Choice, leaf_ndim: int) -> QuantSpec:
-    """The rule's weight spec in the stored parameter's layout (stacked axes added)."""
+def _weight_spec(choice: _Choice, leaf_ndim: int, row_wise: bool = False) -> QuantSpec:
+    """The rule's weight spec in the stored parameter's layout (stacked axes added).
+
+    A table that is also gathered from (an Embed, possibly tied as the output
+    head through ``attend``) keeps one scale per row, so that each gathered row
+    carries its own scale and the tied dot keeps its scale on a free axis.
+    """
     spec = choice.rule.weight
     s = choice.site
-    if s.kind == "embed" and spec.axis is not None:
-        spec = spec.replace(axis=(0,))  # one scale per table row: gathers keep their scale
+    if row_wise and spec.axis is not None:
+        spec = spec.replace(axis=(0,))
     depth = len(s.stack)
     if depth == 0:
         return spec
@@ -136,6 +141,43 @@ def _stack_tree(tree, lengths: tuple[int, ...]):
 
 def _scan_lengths(site: Site, finder: SiteFinder) -> tuple[int, ...]:
     return tuple(finder.scan_length[s] for s in site.scans)
+
+
+def _row_wise_leaves(chosen) -> set[int]:
+    return {c.site.leaf.index for c in chosen.values() if c.site.kind == "embed"}
+
+
+def _leaf_specs(chosen) -> dict[int, tuple[QuantSpec, _Choice]]:
+    """One weight spec per quantized parameter leaf; all its sites must agree."""
+    rows = _row_wise_leaves(chosen)
+    out: dict[int, tuple[QuantSpec, _Choice]] = {}
+    for c in chosen.values():
+        s = c.site
+        if s.leaf is None:
+            continue
+        spec = _weight_spec(c, len(s.leaf.shape), s.leaf.index in rows)
+        _check_weight_fit(c, spec, s.leaf.shape)
+        prev = out.get(s.leaf.index)
+        if prev is not None and prev[0] != spec:
+            raise ValueError(
+                f"jq: parameter {s.leaf.path!r} feeds sites {prev[1].site.name!r} and {s.name!r} "
+                f"with different weight specs ({prev[0]} vs {spec})"
+            )
+        out.setdefault(s.leaf.index, (spec, c))
+    return out
+
+
+def _observed_range(obs, state, lengths: tuple[int, ...]):
+    """`obs.range` for a state stacked over scan iterations: one call per layer, on the host."""
+    if not lengths:
+        return obs.range(state)
+    los, his = [], []
+    for idx in np.ndindex(*lengths):
+        lo, hi = obs.range(jax.tree_util.tree_map(lambda a, idx=idx: a[idx], state))
+        los.append(jnp.asarray(lo))
+        his.append(jnp.asarray(hi))
+    shape = lengths + los[0].shape
+    return jnp.stack(los).reshape(shape), jnp.stack(his).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------
@@ -304,19 +346,18 @@ def calibrate(
 
     @jax.jit
     def step(leaves, sts, dyn):
-        tt = trace(adapter, [_sds(x) for x in leaves], _with_dyn(args_struct, dyn), kwargs)
+        a, kw = _with_dyn(struct, dyn)
+        tt = trace(adapter, [_sds(x) for x in leaves], a, kw)
         sts = dict(sts)
         Interpreter(tt.finder, selected, handler).run(tt.jaxpr, tt.consts, list(leaves) + list(dyn), sts)
         return sts
 
-    args_struct = args
     n = 0
     bar = tqdm(desc="calibrate", unit="batch", disable=not progress)
     batch = first
     while True:
-        a = _split_batch(batch)
-        args_struct = a
-        dyn = [x for x in jax.tree_util.tree_leaves(a) if _is_arr(x)]
+        struct = (_split_batch(batch), kwargs)
+        dyn = [x for x in jax.tree_util.tree_leaves(struct) if _is_arr(x)]
         states = step(adapter.values, states, dyn)
         n += 1
         bar.update(1)
@@ -489,20 +530,7 @@ def convert(
     chosen = _choose(t.finder, rules)
 
     # weights: one QArray per parameter leaf
-    leaf_specs: dict[int, tuple[QuantSpec, _Choice]] = {}
-    for c in chosen.values():
-        s = c.site
-        if s.leaf is None:
-            continue
-        spec = _weight_spec(c, len(s.leaf.shape))
-        _check_weight_fit(c, spec, s.leaf.shape)
-        prev = leaf_specs.get(s.leaf.index)
-        if prev is not None and prev[0] != spec:
-            raise ValueError(
-                f"jq: parameter {s.leaf.path!r} feeds sites {prev[1].site.name!r} and {s.name!r} "
-                f"with different weight specs ({prev[0]} vs {spec})"
-            )
-        leaf_specs[s.leaf.index] = (spec, c)
+    leaf_specs = _leaf_specs(chosen)
     new_vars = {}
     float_leaves = []
     for li, value in zip(adapter.leaves, adapter.values):
@@ -539,7 +567,8 @@ def convert(
                         )
                     if ranges is None:
                         ranges = {}
-                    lo, hi = stats.observers[key].range(stats.states[key])
+                    lo, hi = _observed_range(stats.observers[key], stats.states[key],
+                                             _scan_lengths(s, t.finder))
                     qp = qparams_from_range(lo, hi, spec)
                 acts[key] = qp
         elif c.mode == "dynamic":
@@ -736,8 +765,7 @@ def variables_example(qat_vars):
     ex = qat_vars["state"].get("example")
     if ex is None:
         raise ValueError("jq.convert: QAT variables carry no example input; pass args=(x,)")
-    args, kwargs = ex
-    return tuple(jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d)) for s, d in args), dict(kwargs)
+    return tuple(ex), {}
 
 
 def _qat_act_qparams(qat_vars, key, spec):
@@ -842,9 +870,9 @@ class QAT:
             adapter = ModelAdapter(self.model, None, self.method)
             params = {li.path: v for li, v in zip(adapter.leaves, adapter.values) if li.is_param}
             rest = {li.path: v for li, v in zip(adapter.leaves, adapter.values) if not li.is_param}
-        example = (
-            tuple((tuple(np.shape(a)), jnp.result_type(a).name) for a in args),
-            tuple(sorted(kwargs.items())),
+        # a one-row example input, kept so that `convert` can re-trace the model
+        example = tuple(
+            jnp.zeros((1,) + tuple(np.shape(a))[1:] if np.ndim(a) else (), jnp.result_type(a)) for a in args
         )
         state = {"variables": rest, "ranges": {}, "example": example}
         adapter = self._adapter(params, state)
@@ -862,15 +890,18 @@ class QAT:
                 key_choice[key] = c
                 lengths = _scan_lengths(c.site, t.finder)
                 if stats is not None and key in stats.states:
-                    lo, hi = stats.observers[key].range(stats.states[key])
-                    cnt = jnp.ones((), jnp.int32)
+                    lo, hi = _observed_range(stats.observers[key], stats.states[key], lengths)
+                    lo, hi = lo.reshape(lengths + spec.param_shape(tuple(c.site.in_avals[op].shape))), \
+                        hi.reshape(lengths + spec.param_shape(tuple(c.site.in_avals[op].shape)))
+                    cnt = jnp.ones(lengths, jnp.int32)
                 else:
                     shape = spec.param_shape(tuple(c.site.in_avals[op].shape))
                     lo = jnp.zeros(shape, jnp.float32)
                     hi = jnp.zeros(shape, jnp.float32)
                     cnt = jnp.zeros((), jnp.int32)
-                ranges[key] = _stack_tree({"lo": jnp.asarray(lo, jnp.float32), "hi": jnp.asarray(hi, jnp.float32),
-                                           "count": cnt}, lengths)
+                    lo, hi, cnt = (_stack_tree(a, lengths) for a in (lo, hi, cnt))
+                ranges[key] = {"lo": jnp.asarray(lo, jnp.float32), "hi": jnp.asarray(hi, jnp.float32),
+                               "count": cnt}
         state["ranges"] = ranges
         qv = {"params": params, "quant": quant, "state": state}
         if any(int(np.min(r["count"])) == 0 for r in ranges.values()):
@@ -884,14 +915,12 @@ class QAT:
                     "zero_point": None if qp.zero_point is None else qp.zero_point.astype(jnp.float32),
                 }
         if self.weights == "lsq":
-            for name, c in chosen.items():
-                s = c.site
-                if s.leaf is None or s.kind == "embed":
+            all_leaves = self._leaves(adapter, params, state)
+            for idx, (spec, c) in _leaf_specs(chosen).items():
+                if not jnp.issubdtype(spec.fmt.dtype, jnp.integer):
                     continue
-                spec = _weight_spec(c, len(s.leaf.shape))
-                w = self._leaves(adapter, params, state)[s.leaf.index]
-                qp = _minmax_qp(w, spec)
-                quant["weights"][name] = {
+                qp = _minmax_qp(all_leaves[idx], spec)
+                quant["weights"][c.site.name] = {
                     "scale": qp.scale,
                     "zero_point": None if qp.zero_point is None else qp.zero_point.astype(jnp.float32),
                 }
@@ -905,19 +934,14 @@ class QAT:
         t = trace(adapter, leaves, args, kwargs)
         chosen = _choose(t.finder, self.rules, warn=False)
         # weights: fake-quantized once per step at the parameter, in its stored layout
-        done = set()
-        for name, c in chosen.items():
-            s = c.site
-            if s.leaf is None or s.leaf.index in done:
-                continue
-            done.add(s.leaf.index)
-            spec = _weight_spec(c, len(s.leaf.shape))
-            w = leaves[s.leaf.index]
+        for idx, (spec, c) in _leaf_specs(chosen).items():
+            name = c.site.name
+            w = leaves[idx]
             if self.weights == "lsq" and name in quant.get("weights", {}):
                 lq = quant["weights"][name]
-                leaves[s.leaf.index] = lsq_fake_quant(w, QParams(lq["scale"], lq["zero_point"]), spec)
+                leaves[idx] = lsq_fake_quant(w, QParams(lq["scale"], lq["zero_point"]), spec)
             else:
-                leaves[s.leaf.index] = fake_quant(w, None, spec)
+                leaves[idx] = fake_quant(w, None, spec)
         c_ema = self.c
         lsq = self.activations == "lsq"
 
