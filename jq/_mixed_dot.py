@@ -180,7 +180,9 @@ if AVAILABLE:
     @functools.cache
     def _jitted(dimension_numbers, rhs_sums):
         return jax.jit(
-            lambda a, b: int8_dot_p.bind(a, b, dimension_numbers=dimension_numbers, rhs_sums=rhs_sums)
+            lambda a, b: int8_dot_p.bind(
+                a, b, dimension_numbers=dimension_numbers, rhs_sums=rhs_sums
+            )
         )
 
     def _impl(a, b, *, dimension_numbers, rhs_sums):
