@@ -1,0 +1,675 @@
+"""Tests for `jq.ops`: integer dot_general / einsum / conv, all modes, overflow, errors, QAT."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jq
+from jq import ops
+
+DENSE = (((1,), (0,)), ((), ()))
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def _deq(q):
+    """Dequantized values in float64 (independent of jq.dequantize)."""
+    v = np.asarray(q.int_value(), np.float64)
+    z = 0.0 if q.zero_point is None else _expand(np.asarray(q.zero_point, np.float64), q.shape)
+    return (v - z) * _expand(np.asarray(q.scale, np.float64), q.shape)
+
+
+def _expand(p, shape):
+    p = p.reshape(p.shape if p.ndim == len(shape) else (1,) * (len(shape) - p.ndim) + p.shape)
+    for a, (ps, xs) in enumerate(zip(p.shape, shape, strict=True)):
+        if ps not in (1, xs):
+            p = np.repeat(p, xs // ps, axis=a)
+    return p
+
+
+def _np_dot_general(a, b, dn):
+    """Reference dot_general in float64 via numpy einsum."""
+    (lc, rc), (lb, rb) = dn
+    letters = iter("abcdefghijklmnopqrstuvw")
+    la = [None] * a.ndim
+    ra = [None] * b.ndim
+    for i, j in zip(lb, rb, strict=True):
+        la[i] = ra[j] = next(letters)
+    for i, j in zip(lc, rc, strict=True):
+        la[i] = ra[j] = next(letters)
+    for i in range(a.ndim):
+        la[i] = la[i] or next(letters)
+    for j in range(b.ndim):
+        ra[j] = ra[j] or next(letters)
+    out = [la[i] for i in lb]
+    out += [la[i] for i in range(a.ndim) if i not in lb and i not in lc]
+    out += [ra[j] for j in range(b.ndim) if j not in rb and j not in rc]
+    spec = f"{''.join(la)},{''.join(ra)}->{''.join(out)}"
+    return np.einsum(spec, np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+
+def _rounding_tol(a, b, dn):
+    """float32 rounding bound of a dot of float64 operands: ~ K eps sum|a||b|."""
+    (lc, _), _ = dn
+    k = int(np.prod([a.shape[i] for i in lc]))
+    return 4 * (k + 8) * F32_EPS * _np_dot_general(np.abs(a), np.abs(b), dn) + 1e-30
+
+
+def _normal(seed, shape, scale=1.0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# the integer path against the dequantized reference
+# ---------------------------------------------------------------------------------------
+SPECS = {
+    "i8": jq.QuantSpec("int8"),
+    "i8_aff": jq.QuantSpec("int8", scheme="affine"),
+    "u8_aff": jq.QuantSpec("uint8", scheme="affine"),
+    "u8_sym": jq.QuantSpec("uint8"),
+    "i16": jq.QuantSpec("int16"),
+    "i16_aff": jq.QuantSpec("int16", scheme="affine"),
+    "i4": jq.QuantSpec("int4"),
+    "i8_row": jq.QuantSpec("int8", axis=0),
+    "u8_row": jq.QuantSpec("uint8", scheme="affine", axis=0),
+    "i8_col": jq.QuantSpec("int8", axis=-1),
+    "i8_aff_col": jq.QuantSpec("int8", scheme="affine", axis=-1),
+    "u8_col": jq.QuantSpec("uint8", scheme="affine", axis=-1),
+    "i4_col": jq.QuantSpec("int4", axis=-1),
+    "i16_col": jq.QuantSpec("int16", axis=-1),
+    "i8_blk": jq.QuantSpec("int8", axis=-1, block_axis=0, block_size=8),
+    "i4_blk": jq.QuantSpec("int4", axis=-1, block_axis=0, block_size=8),
+    "u8_blk": jq.QuantSpec("uint8", scheme="affine", axis=-1, block_axis=0, block_size=8),
+    "i8_lblk": jq.QuantSpec("int8", block_axis=1, block_size=8),
+}
+
+
+class IntegerPathTest(chex.TestCase):
+    @parameterized.named_parameters(
+        ("i8_i8col", "i8", "i8_col"),
+        ("u8aff_i8col", "u8_aff", "i8_col"),
+        ("i8aff_i8affcol", "i8_aff", "i8_aff_col"),
+        ("u8sym_u8col", "u8_sym", "u8_col"),
+        ("i8row_i4col", "i8_row", "i4_col"),
+        ("u8row_i8affcol", "u8_row", "i8_aff_col"),
+        ("i16_i8col", "i16", "i8_col"),
+        ("i16aff_i16col", "i16_aff", "i16_col"),
+        ("i8_i8blk", "i8", "i8_blk"),
+        ("u8aff_i4blk", "u8_aff", "i4_blk"),
+        ("i8aff_u8blk", "i8_aff", "u8_blk"),
+        ("i8lblk_i8col", "i8_lblk", "i8_col"),
+        ("i8lblk_i8blk", "i8_lblk", "i8_blk"),
+    )
+    def test_matches_dequantized_reference(self, lname, rname):
+        x = _normal(0, (6, 32)) + 0.3
+        w = _normal(1, (32, 5))
+        ql = jq.quantize(x, None, SPECS[lname])
+        qr = jq.quantize(w, None, SPECS[rname])
+        ref = _np_dot_general(_deq(ql), _deq(qr), DENSE)
+        tol = _rounding_tol(_deq(ql), _deq(qr), DENSE)
+        for f in (ops.dot_general, jax.jit(ops.dot_general, static_argnums=2)):
+            y = f(ql, qr, DENSE)
+            self.assertEqual(y.dtype, jnp.float32)
+            self.assertEqual(y.shape, (6, 5))
+            np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), tol)
+
+    @settings(max_examples=6, deadline=None)
+    @given(
+        b=st.integers(1, 2),
+        m=st.integers(1, 5),
+        k=st.integers(1, 40),
+        n=st.integers(1, 4),
+        lfmt=st.sampled_from(["i8", "u8_aff", "i8_aff", "i16"]),
+        rfmt=st.sampled_from(["i8", "i8_aff", "u8_aff", "i4"]),
+        transpose_rhs=st.booleans(),
+        seed=st.integers(0, 2**16),
+    )
+    def test_batched_dims_property(self, b, m, k, n, lfmt, rfmt, transpose_rhs, seed):
+        """lhs (b, m, k) x rhs (b, k, n) or (b, n, k): any batch/contracting placement."""
+        x = _normal(seed, (b, m, k))
+        w = _normal(seed + 1, (b, n, k) if transpose_rhs else (b, k, n))
+        dn = (((2,), (2 if transpose_rhs else 1,)), ((0,), (0,)))
+        ql = jq.quantize(x, None, SPECS[lfmt])
+        qr = jq.quantize(w, None, SPECS[rfmt])
+        y = np.asarray(ops.dot_general(ql, qr, dn), np.float64)
+        ref = _np_dot_general(_deq(ql), _deq(qr), dn)
+        np.testing.assert_array_less(np.abs(y - ref), _rounding_tol(_deq(ql), _deq(qr), dn))
+
+    def test_integer_values_are_exact(self):
+        """Scale 1, zero points: the result is the exact integer sum (hand-checkable)."""
+        v = np.array([[1, 2, 3], [250, 0, 7]], np.uint8)
+        w = np.array([[1, -1], [2, 5], [-128, 3]], np.int8)
+        ql = jq.QArray(
+            jnp.asarray(v), jnp.ones((1, 1)), jnp.full((1, 1), 3, jnp.int32), "uint8", (2, 3)
+        )
+        qr = jq.QArray(
+            jnp.asarray(w), jnp.ones((1, 2)), jnp.asarray([[2, -1]], jnp.int32), "int8", (3, 2)
+        )
+        # sum_k (v - 3)(w - z): row 0: (-2)(-1)+(-1)(0)+(0)(-130) = 2 ; (-2)(0)+(-1)(6)+0 = -6
+        # row 1: 247*(-1) + (-3)*0 + 4*(-130) = -767 ; 247*0 + (-3)*6 + 4*4 = -2
+        np.testing.assert_array_equal(ops.dot_general(ql, qr, DENSE), [[2.0, -6.0], [-767.0, -2.0]])
+
+    def test_vmap_over_quantized_dot(self):
+        x = _normal(2, (3, 4, 16))
+        qr = jq.quantize(_normal(3, (16, 6)), None, SPECS["i8_col"])
+        f = jax.vmap(lambda a: ops.dot_general(a, qr, DENSE, lhs_spec=SPECS["i8"]))
+        y = f(x)
+        for i in range(3):
+            np.testing.assert_allclose(
+                y[i], ops.dot_general(x[i], qr, DENSE, lhs_spec=SPECS["i8"]), rtol=1e-6, atol=1e-6
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# modes against the float dot, within the quantization bound
+# ---------------------------------------------------------------------------------------
+def _quant_bound(x, w, sx, sw):
+    """|x.w - x^.w^| <= sum_k (S_x/2 |w| + |x^| S_w/2), elementwise, plus rounding."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    sx, sw = np.broadcast_to(sx, x.shape), np.broadcast_to(sw, w.shape)
+    return 0.5 * (sx @ np.abs(w) + (np.abs(x) + sx) @ sw) + 1e-4
+
+
+class ModesTest(chex.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.x = _normal(10, (4, 48))
+        self.w = _normal(11, (48, 8), 0.2)
+        self.ref = np.asarray(self.x, np.float64) @ np.asarray(self.w, np.float64)
+
+    def _check(self, y, sx, sw):
+        self.assertEqual(y.shape, (4, 8))
+        np.testing.assert_array_less(
+            np.abs(np.asarray(y, np.float64) - self.ref), _quant_bound(self.x, self.w, sx, sw)
+        )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_static(self):
+        spec = jq.QuantSpec("int8")
+        qp = jq.qparams_from_range(-4.0, 4.0, spec)
+        y = self.variant(
+            lambda x, w: ops.dot_general(
+                x, w, DENSE, lhs_spec=spec, lhs_qparams=qp, rhs_spec=SPECS["i8_col"]
+            )
+        )(self.x, self.w)
+        sw = np.abs(np.asarray(self.w)).max(0, keepdims=True) / 127
+        self._check(y, 4.0 / 127, sw)
+        # equals the integer dot of the explicitly quantized operands
+        ql = jq.quantize(self.x, qp, spec)
+        qr = jq.quantize(self.w, None, SPECS["i8_col"])
+        np.testing.assert_allclose(y, ops.dot_general(ql, qr, DENSE), rtol=1e-6, atol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_dynamic_per_tensor(self):
+        y = self.variant(
+            lambda x, w: ops.dot_general(
+                x, w, DENSE, lhs_spec=SPECS["u8_aff"], rhs_spec=SPECS["i8_col"]
+            )
+        )(self.x, self.w)
+        x = np.asarray(self.x)
+        sx = (x.max() - x.min()) / 255
+        sw = np.abs(np.asarray(self.w)).max(0, keepdims=True) / 127
+        self._check(y, sx, sw)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_dynamic_per_row(self):
+        x = self.x * jnp.asarray([[0.01], [1.0], [10.0], [100.0]])
+        self.ref = np.asarray(x, np.float64) @ np.asarray(self.w, np.float64)
+        y = self.variant(
+            lambda x, w: ops.dot_general(
+                x, w, DENSE, lhs_spec=SPECS["i8_row"], rhs_spec=SPECS["i8_col"]
+            )
+        )(x, self.w)
+        sx = np.abs(np.asarray(x)).max(1, keepdims=True) / 127
+        sw = np.abs(np.asarray(self.w)).max(0, keepdims=True) / 127
+        self.x, xs = x, self.x
+        self._check(y, sx, sw)
+        self.x = xs
+        # the small row keeps its own (tiny) scale: far better than per tensor
+        y_tensor = ops.dot_general(x, self.w, DENSE, lhs_spec=SPECS["i8"], rhs_spec=SPECS["i8_col"])
+        err_row = np.abs(np.asarray(y) - self.ref)[0].max()
+        err_tensor = np.abs(np.asarray(y_tensor) - self.ref)[0].max()
+        self.assertLess(err_row * 100, err_tensor)
+
+    @parameterized.named_parameters(("int8", "i8_col"), ("int4", "i4_col"), ("uint8", "u8_col"))
+    def test_weight_only(self, rname):
+        qr = jq.quantize(self.w, None, SPECS[rname])
+        y = ops.dot_general(self.x, qr, DENSE)
+        ref = np.asarray(self.x, np.float64) @ _deq(qr)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+        # no integer quantization of the activation: the error is the weight's alone
+        sw = np.asarray(qr.scale, np.float64)
+        np.testing.assert_array_less(
+            np.abs(np.asarray(y) - self.ref),
+            0.5 * np.abs(np.asarray(self.x)) @ np.broadcast_to(sw, self.w.shape) + 1e-4,
+        )
+
+    def test_weight_only_bf16_activations(self):
+        qr = jq.quantize(self.w, None, SPECS["i8_col"])
+        xb = self.x.astype(jnp.bfloat16)
+        y = ops.dot_general(xb, qr, DENSE, preferred_element_type=jnp.bfloat16)
+        self.assertEqual(y.dtype, jnp.bfloat16)
+        ref = np.asarray(xb.astype(jnp.float32), np.float64) @ _deq(qr)
+        np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2e-2, atol=2e-2)
+
+    @parameterized.named_parameters(("int4", "i4_blk"), ("int8", "i8_blk"))
+    def test_block_scaled_weight_only_and_integer(self, rname):
+        qr = jq.quantize(self.w, None, SPECS[rname])
+        self.assertEqual(qr.scale.shape, (6, 8))
+        ref = np.asarray(self.x, np.float64) @ _deq(qr)
+        np.testing.assert_allclose(ops.dot_general(self.x, qr, DENSE), ref, rtol=1e-5, atol=1e-5)
+        ql = jq.quantize(self.x, None, SPECS["u8_aff"])
+        y = ops.dot_general(ql, qr, DENSE)
+        ref = _deq(ql) @ _deq(qr)
+        np.testing.assert_array_less(
+            np.abs(np.asarray(y) - ref), _rounding_tol(_deq(ql), _deq(qr), DENSE)
+        )
+
+    @parameterized.named_parameters(
+        ("bf16", "bfloat16", ml_dtypes.bfloat16), ("fp16", "float16", np.float16)
+    )
+    def test_half_formats_accumulate_in_float32(self, fmt, dt):
+        spec = jq.QuantSpec(fmt)
+        y = ops.dot_general(self.x, self.w, DENSE, lhs_spec=spec, rhs_spec=spec)
+        xc = np.asarray(self.x).astype(dt).astype(np.float64)
+        wc = np.asarray(self.w).astype(dt).astype(np.float64)
+        np.testing.assert_allclose(y, xc @ wc, rtol=1e-5, atol=1e-5)
+        self.assertEqual(y.dtype, jnp.float32)
+
+    def test_fp8_e4m3(self):
+        spec = jq.QuantSpec("e4m3")
+        ql = jq.quantize(self.x, None, spec)
+        qr = jq.quantize(self.w, None, jq.QuantSpec("e4m3", axis=-1))
+        self.assertEqual(ql.value.dtype, jnp.float8_e4m3fn)
+        y = ops.dot_general(ql, qr, DENSE)
+        ref = _deq_float(ql) @ _deq_float(qr)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+        # 3 mantissa bits: relative error per element <= 2^-4, so bounded by sum|x||w| / 8
+        bound = np.abs(np.asarray(self.x)) @ np.abs(np.asarray(self.w)) / 8 + 1e-3
+        np.testing.assert_array_less(np.abs(np.asarray(y) - self.ref), bound)
+
+    def test_output_dtype(self):
+        qr = jq.quantize(self.w, None, SPECS["i8_col"])
+        y = ops.dot_general(
+            self.x, qr, DENSE, preferred_element_type=jnp.bfloat16, lhs_spec=SPECS["i8"]
+        )
+        self.assertEqual(y.dtype, jnp.bfloat16)
+        y = ops.dot_general(
+            self.x, qr, DENSE, preferred_element_type=jnp.int32, lhs_spec=SPECS["i8"]
+        )
+        self.assertEqual(y.dtype, jnp.float32)
+        # plain float operands: exactly jax.lax.dot_general
+        np.testing.assert_array_equal(
+            ops.dot_general(self.x, self.w, DENSE), jax.lax.dot_general(self.x, self.w, DENSE)
+        )
+
+
+def _deq_float(q):
+    return np.asarray(q.value.astype(jnp.float32), np.float64) * np.asarray(q.scale, np.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# accumulator overflow
+# ---------------------------------------------------------------------------------------
+class OverflowTest(chex.TestCase):
+    def test_bounds_are_hand_computed(self):
+        # floor((2^31 - 1) / (255 * 128)) = 65793; / (128 * 128) = 131071; / (32768 * 128) = 511
+        self.assertEqual(ops.max_safe_contraction(np.uint8, np.int8), 65793)
+        self.assertEqual(ops.max_safe_contraction(np.int8, np.int8), 131071)
+        self.assertEqual(ops.max_safe_contraction(np.int16, np.int8), 511)
+
+    def _extreme(self, k):
+        ql = jq.QArray(jnp.full((2, k), 255, jnp.uint8), jnp.ones((1, 1)), None, "uint8", (2, k))
+        qr = jq.QArray(jnp.full((k, 3), -128, jnp.int8), jnp.ones((1, 1)), None, "int8", (k, 3))
+        return ql, qr
+
+    @parameterized.named_parameters(("at_bound", 65793), ("past_bound", 70000))
+    def test_uint8_int8_never_wraps(self, k):
+        ql, qr = self._extreme(k)
+        y = jax.jit(ops.dot_general, static_argnums=2)(ql, qr, DENSE)
+        exact = 255 * -128 * k  # -2,147,483,520 and -2,284,800,000: both exact in float32
+        np.testing.assert_array_equal(y, np.full((2, 3), exact, np.float32))
+        if k > 65793:  # a single int32 accumulation would have wrapped around
+            naive = jax.lax.dot_general(ql.value, qr.value, DENSE, preferred_element_type=jnp.int32)
+            self.assertNotEqual(int(naive[0, 0]), exact)
+
+    def test_int16_int8_long_contraction_is_exact(self):
+        k = 600  # > 511: int16 x int8 in one int32 accumulator could overflow
+        rng = np.random.default_rng(0)
+        v = rng.choice([-32768, 32767, -32767, 30000], size=(3, k)).astype(np.int16)
+        w = rng.choice([-128, 127], size=(k, 2)).astype(np.int8)
+        ql = jq.QArray(jnp.asarray(v), jnp.ones((1, 1)), None, "int16", (3, k))
+        qr = jq.QArray(jnp.asarray(w), jnp.ones((1, 1)), None, "int8", (k, 2))
+        exact = v.astype(np.int64) @ w.astype(np.int64)
+        y = np.asarray(ops.dot_general(ql, qr, DENSE), np.float64)
+        # float32 result: within a few float32 ulps of the exact int64 sum
+        np.testing.assert_allclose(y, exact, rtol=0, atol=4 * F32_EPS * np.abs(exact).max())
+        v = np.full((1, k), -32768, np.int16)
+        w = np.full((k, 1), -128, np.int8)
+        ql = jq.QArray(jnp.asarray(v), jnp.ones((1, 1)), None, "int16", (1, k))
+        qr = jq.QArray(jnp.asarray(w), jnp.ones((1, 1)), None, "int8", (k, 1))
+        # 32768 * 128 * 600 = 2,516,582,400 > 2^31 - 1
+        np.testing.assert_array_equal(ops.dot_general(ql, qr, DENSE), [[2516582400.0]])
+
+    def test_int16_int16(self):
+        v = np.full((1, 5), -32768, np.int16)
+        ql = jq.QArray(jnp.asarray(v), jnp.ones((1, 1)), None, "int16", (1, 5))
+        qr = jq.QArray(jnp.asarray(v.T.copy()), jnp.ones((1, 1)), None, "int16", (5, 1))
+        np.testing.assert_array_equal(ops.dot_general(ql, qr, DENSE), [[5.0 * 2**30]])
+
+
+# ---------------------------------------------------------------------------------------
+# einsum
+# ---------------------------------------------------------------------------------------
+class EinsumTest(chex.TestCase):
+    @parameterized.named_parameters(
+        ("matmul", "ij,jk->ik", (3, 8), (8, 4)),
+        ("implicit", "ij,kj", (3, 8), (5, 8)),
+        ("batched", "bij,bjk->bik", (2, 3, 8), (2, 8, 4)),
+        ("ellipsis", "...d,df->...f", (2, 3, 8), (8, 4)),
+        ("attention_qk", "bqhd,bkhd->bhqk", (2, 3, 2, 8), (2, 5, 2, 8)),
+        ("outer_order", "ik,jk->ji", (3, 8), (4, 8)),
+    )
+    def test_matches_float_einsum_on_dequantized(self, subscripts, lshape, rshape):
+        ql = jq.quantize(_normal(20, lshape), None, jq.QuantSpec("int8"))
+        qr = jq.quantize(_normal(21, rshape), None, jq.QuantSpec("uint8", scheme="affine"))
+        y = ops.einsum(subscripts, ql, qr)
+        ref = np.einsum(subscripts, _deq(ql), _deq(qr))
+        self.assertEqual(y.shape, ref.shape)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+
+    def test_attention_scales_on_batch_axes(self):
+        """Per-head scales (on batch axes) and per-query rows: both allowed."""
+        q = _normal(22, (2, 2, 3, 8)) * jnp.asarray([1.0, 50.0])[None, :, None, None]
+        k = _normal(23, (2, 2, 5, 8)) * jnp.asarray([3.0, 0.1])[None, :, None, None]
+        y = ops.einsum(
+            "bhqd,bhkd->bhqk",
+            q,
+            k,
+            lhs_spec=jq.QuantSpec("int8", axis=(0, 1, 2)),
+            rhs_spec=jq.QuantSpec("int8", axis=(0, 1)),
+        )
+        ql = jq.quantize(q, None, jq.QuantSpec("int8", axis=(0, 1, 2)))
+        qk = jq.quantize(k, None, jq.QuantSpec("int8", axis=(0, 1)))
+        ref = np.einsum("bhqd,bhkd->bhqk", _deq(ql), _deq(qk))
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+        fref = np.einsum("bhqd,bhkd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64))
+        rel = np.abs(np.asarray(y) - fref).max(axis=(0, 2, 3)) / np.abs(fref).max(axis=(0, 2, 3))
+        self.assertLess(rel.max(), 0.05)
+
+    @parameterized.named_parameters(
+        ("one_operand", "ij->ji"),
+        ("summed_in_one", "ij,jk->k"),
+        ("trace", "ii,ij->j"),
+        ("unknown_out", "ij,jk->iz"),
+    )
+    def test_bad_subscripts(self, subscripts):
+        with self.assertRaises(ValueError):
+            ops.einsum(subscripts, jnp.ones((3, 3)), jnp.ones((3, 3)), rhs_spec=SPECS["i8"])
+
+
+# ---------------------------------------------------------------------------------------
+# convolution
+# ---------------------------------------------------------------------------------------
+class ConvTest(chex.TestCase):
+    @parameterized.named_parameters(
+        ("nhwc_same", ("NHWC", "HWIO", "NHWC"), "SAME", (1, 1), None, None, 1),
+        ("nchw_pad_stride", ("NCHW", "OIHW", "NCHW"), ((2, 1), (0, 2)), (2, 1), None, None, 1),
+        ("lhs_dilation", ("NHWC", "HWIO", "NHWC"), ((1, 1), (1, 1)), (1, 1), (2, 2), None, 1),
+        ("rhs_dilation_groups", ("NHWC", "HWIO", "NHWC"), "SAME", (1, 1), None, (2, 1), 2),
+    )
+    def test_matches_float_conv_on_dequantized(self, cdn, padding, strides, ld, rd, groups):
+        x = _normal(30, (2, 7, 7, 4))
+        w = _normal(31, (3, 3, 4 // groups, 6))
+        if cdn[0] == "NCHW":
+            x, w = jnp.transpose(x, (0, 3, 1, 2)), jnp.transpose(w, (3, 2, 0, 1))
+        o_axis = cdn[1].index("O")
+        for lspec, rspec in [
+            (SPECS["i8"], jq.QuantSpec("int8", axis=o_axis)),
+            (SPECS["u8_aff"], jq.QuantSpec("int8", scheme="affine", axis=o_axis)),
+        ]:
+            ql, qr = jq.quantize(x, None, lspec), jq.quantize(w, None, rspec)
+            kw = dict(
+                lhs_dilation=ld, rhs_dilation=rd, dimension_numbers=cdn, feature_group_count=groups
+            )
+            y = ops.conv_general_dilated(ql, qr, strides, padding, **kw)
+            ref = jax.lax.conv_general_dilated(
+                jnp.asarray(_deq(ql), jnp.float32),
+                jnp.asarray(_deq(qr), jnp.float32),
+                strides,
+                padding,
+                precision="highest",
+                **kw,
+            )
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+
+    def test_float_operands_with_specs_and_weight_only(self):
+        x, w = _normal(32, (1, 6, 6, 3)), _normal(33, (3, 3, 3, 5))
+        cdn = ("NHWC", "HWIO", "NHWC")
+        ref = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=cdn)
+        qp = jq.qparams_from_range(-4.0, 4.0, SPECS["i8"])
+        y = jax.jit(
+            lambda x, w: ops.conv_general_dilated(
+                x,
+                w,
+                (1, 1),
+                "SAME",
+                dimension_numbers=cdn,
+                lhs_spec=SPECS["i8"],
+                lhs_qparams=qp,
+                rhs_spec=SPECS["i8_col"],
+            )
+        )(x, w)
+        self.assertLess(float(jnp.abs(y - ref).max()), 0.05 * float(jnp.abs(ref).max()))
+        qr = jq.quantize(w, None, SPECS["i8_col"])
+        y = ops.conv_general_dilated(x, qr, (1, 1), "SAME", dimension_numbers=cdn)
+        ref = jax.lax.conv_general_dilated(
+            x,
+            jnp.asarray(_deq(qr), jnp.float32),
+            (1, 1),
+            "SAME",
+            dimension_numbers=cdn,
+            precision="highest",
+        )
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+
+    def test_scale_on_input_features_is_rejected(self):
+        qr = jq.quantize(_normal(34, (3, 3, 4, 5)), None, jq.QuantSpec("int8", axis=2))
+        with self.assertRaisesRegex(ValueError, "axis 2"):
+            ops.conv_general_dilated(
+                _normal(35, (1, 5, 5, 4)),
+                qr,
+                (1, 1),
+                "SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                lhs_spec=SPECS["i8"],
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------
+class ErrorsTest(chex.TestCase):
+    def test_mismatched_contracting_dims(self):
+        with self.assertRaisesRegex(ValueError, "contracting dimensions do not match"):
+            ops.dot_general(jnp.ones((2, 3)), jnp.ones((4, 5)), DENSE, rhs_spec=SPECS["i8"])
+
+    def test_per_channel_scale_on_contracting_axis(self):
+        qr = jq.quantize(_normal(40, (8, 4)), None, jq.QuantSpec("int8", axis=0))
+        with self.assertRaisesRegex(ValueError, "axis 0, which is a contracting axis"):
+            ops.dot_general(_normal(41, (2, 8)), qr, DENSE, lhs_spec=SPECS["i8"])
+        with self.assertRaisesRegex(ValueError, "axis 0, which is a contracting axis"):
+            ops.dot_general(_normal(41, (2, 8)), qr, DENSE)  # weight-only too
+        with self.assertRaisesRegex(ValueError, "lhs axis 1, a contracting axis"):
+            ops.dot_general(
+                _normal(41, (2, 8)),
+                _normal(40, (8, 4)),
+                DENSE,
+                lhs_spec=jq.QuantSpec("int8", axis=1),
+                rhs_spec=SPECS["i8_col"],
+            )
+
+    def test_scale_axis_must_match_dimension_numbers(self):
+        # quantized per output channel for (K, N), but used as an (N, K) weight
+        qr = jq.quantize(_normal(42, (8, 8)), None, jq.QuantSpec("int8", axis=1))
+        dn_nk = (((1,), (1,)), ((), ()))
+        with self.assertRaisesRegex(ValueError, "rhs.*axis 1"):
+            ops.dot_general(_normal(43, (2, 8)), qr, dn_nk, lhs_spec=SPECS["i8"])
+
+    def test_formats_that_cannot_combine(self):
+        ql = jq.quantize(_normal(44, (2, 8)), None, jq.QuantSpec("e4m3"))
+        qr = jq.quantize(_normal(45, (8, 3)), None, SPECS["i8_col"])
+        with self.assertRaisesRegex(ValueError, "cannot combine"):
+            ops.dot_general(ql, qr, DENSE)
+
+    def test_misaligned_blocks(self):
+        ql = jq.quantize(
+            _normal(46, (2, 32)), None, jq.QuantSpec("int8", block_axis=1, block_size=16)
+        )
+        qr = jq.quantize(_normal(47, (32, 3)), None, SPECS["i8_blk"])
+        with self.assertRaisesRegex(ValueError, "do not line up"):
+            ops.dot_general(ql, qr, DENSE)
+
+    def test_bad_operands_and_arguments(self):
+        with self.assertRaisesRegex(TypeError, "`lhs` must be a float array"):
+            ops.dot_general(jnp.ones((2, 3), jnp.int32), jnp.ones((3, 2)), DENSE)
+        with self.assertRaisesRegex(ValueError, "lhs_qparams was given without lhs_spec"):
+            ops.dot_general(
+                jnp.ones((2, 3)),
+                jnp.ones((3, 2)),
+                DENSE,
+                lhs_qparams=jq.qparams_from_range(-1.0, 1.0, SPECS["i8"]),
+            )
+        with self.assertRaisesRegex(ValueError, "dimension_numbers"):
+            ops.dot_general(jnp.ones((2, 3)), jnp.ones((3, 2)), (((1,), (0, 1)), ((), ())))
+        with self.assertRaisesRegex(ValueError, "out of range"):
+            ops.dot_general(jnp.ones((2, 3)), jnp.ones((3, 2)), (((2,), (0,)), ((), ())))
+        with self.assertRaisesRegex(TypeError, "rhs_spec must be a jq.QuantSpec"):
+            ops.dot_general(jnp.ones((2, 3)), jnp.ones((3, 2)), DENSE, rhs_spec="int8")
+
+
+# ---------------------------------------------------------------------------------------
+# QAT
+# ---------------------------------------------------------------------------------------
+class QatTest(chex.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.x = _normal(50, (6, 16)) * 1.5
+        self.w = _normal(51, (16, 3))
+        self.aspec = jq.QuantSpec("int8")
+        self.qp = jq.qparams_from_range(-2.0, 2.0, self.aspec)  # clips some of x
+
+    def _f(self, int_forward):
+        return lambda x, w: ops.qat_dot_general(
+            x,
+            w,
+            DENSE,
+            lhs_spec=self.aspec,
+            lhs_qparams=self.qp,
+            rhs_spec=SPECS["i8_col"],
+            int_forward=int_forward,
+        )
+
+    def test_forward_is_fake_quant_and_int_forward_agrees(self):
+        xq = jq.dequantize(jq.quantize(self.x, self.qp, self.aspec))
+        wq = jq.dequantize(jq.quantize(self.w, None, SPECS["i8_col"]))
+        ref = np.asarray(xq, np.float64) @ np.asarray(wq, np.float64)
+        np.testing.assert_allclose(self._f(False)(self.x, self.w), ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(self._f(True)(self.x, self.w), ref, rtol=1e-5, atol=1e-5)
+
+    @parameterized.named_parameters(("fake", False), ("int_forward", True))
+    def test_gradients_match_ste_formula(self, int_forward):
+        g = _normal(52, (6, 3))
+        loss = lambda x, w: jnp.sum(self._f(int_forward)(x, w) * g)  # noqa: E731
+        gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(self.x, self.w)
+        x, w = np.asarray(self.x, np.float64), np.asarray(self.w, np.float64)
+        s = float(self.qp.scale)
+        mask_x = np.abs(np.round(x / s)) <= 127
+        self.assertTrue(0 < mask_x.mean() < 1)  # the clip is exercised
+        xq = np.clip(np.round(x / s), -127, 127) * s
+        sw = np.abs(w).max(0, keepdims=True) / 127
+        wq = np.round(w / sw) * sw
+        np.testing.assert_allclose(gx, mask_x * (np.asarray(g) @ wq.T), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(gw, xq.T @ np.asarray(g), rtol=1e-4, atol=1e-5)
+
+    def test_half_format_gradient_is_identity_inside_range(self):
+        """A plain cast (float16) has the identity STE gradient: d/dx sum(x.w) = w^T."""
+        spec = jq.QuantSpec("float16")
+        x = jnp.asarray([[0.3, -1.2, 2.0]], jnp.float32)
+        w = jnp.asarray([[1.0], [0.5], [-0.25]], jnp.float32)
+        f = lambda x: jnp.sum(ops.qat_dot_general(x, w, DENSE, lhs_spec=spec))  # noqa: E731
+        g = jax.grad(f)(x)
+        np.testing.assert_allclose(g, w.T, rtol=1e-6)
+
+    @parameterized.named_parameters(("fake", False), ("int_forward", True))
+    def test_trains_with_optax_under_jit(self, int_forward):
+        x = _normal(53, (128, 16))
+        w_true = _normal(54, (16, 3))
+        y = x @ w_true
+        opt = optax.adam(3e-2)
+        w = jnp.full((16, 3), 0.01)
+        state = opt.init(w)
+
+        @jax.jit
+        def step(w, state):
+            def loss(w):
+                pred = ops.qat_dot_general(
+                    x,
+                    w,
+                    DENSE,
+                    lhs_spec=self.aspec,
+                    rhs_spec=SPECS["i8_col"],
+                    int_forward=int_forward,
+                )
+                return jnp.mean((pred - y) ** 2)
+
+            val, grad = jax.value_and_grad(loss)(w)
+            upd, state = opt.update(grad, state, w)
+            return optax.apply_updates(w, upd), state, val
+
+        first = None
+        for _ in range(150):
+            w, state, val = step(w, state)
+            first = float(val) if first is None else first
+        self.assertLess(float(val), 0.02 * first)
+
+    def test_qat_einsum_and_conv(self):
+        q, k = _normal(55, (2, 3, 8)), _normal(56, (2, 4, 8))
+        y = ops.qat_einsum("bqd,bkd->bqk", q, k, lhs_spec=self.aspec, rhs_spec=SPECS["i8"])
+        ref = np.einsum(
+            "bqd,bkd->bqk",
+            np.asarray(jq.fake_quant(q, None, self.aspec)),
+            np.asarray(jq.fake_quant(k, None, SPECS["i8"])),
+        )
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+        yi = ops.qat_einsum(
+            "bqd,bkd->bqk", q, k, lhs_spec=self.aspec, rhs_spec=SPECS["i8"], int_forward=True
+        )
+        np.testing.assert_allclose(yi, ref, rtol=1e-5, atol=1e-5)
+        x, w = _normal(57, (1, 5, 5, 3)), _normal(58, (3, 3, 3, 4))
+        kw = dict(
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            lhs_spec=self.aspec,
+            rhs_spec=SPECS["i8_col"],
+        )
+        a = ops.qat_conv_general_dilated(x, w, (1, 1), "SAME", **kw)
+        b = ops.qat_conv_general_dilated(x, w, (1, 1), "SAME", int_forward=True, **kw)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        gx = jax.grad(
+            lambda x: jnp.sum(
+                ops.qat_conv_general_dilated(x, w, (1, 1), "SAME", int_forward=True, **kw)
+            )
+        )(x)
+        gx_ref = jax.grad(
+            lambda x: jnp.sum(ops.qat_conv_general_dilated(x, w, (1, 1), "SAME", **kw))
+        )(x)
+        np.testing.assert_allclose(gx, gx_ref, rtol=1e-6)
+
+
+if __name__ == "__main__":
+    absltest.main()
