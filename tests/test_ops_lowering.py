@@ -1,0 +1,368 @@
+"""Lowering tests: integer dots in StableHLO for cpu / cuda / tpu, and the mixed-dot primitive."""
+
+import re
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+import jq
+from jq import _mixed_dot, ops
+
+DENSE = (((1,), (0,)), ((), ()))
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+# ---------------------------------------------------------------------------------------
+# a small StableHLO text parser: functions, platform cases and their branches
+# ---------------------------------------------------------------------------------------
+_FUNC = re.compile(r"func\.func (?:public |private )?@([\w.$-]+)\((.*?)\)\s*->", re.S)
+
+
+def _block_end(text, i):
+    """Index just past the `{...}` block that opens at text[i] == '{'."""
+    depth = 0
+    for j in range(i, len(text)):
+        c = text[j]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    raise ValueError("unbalanced braces")
+
+
+def _functions(module: str) -> dict[str, tuple[str, str]]:
+    """name -> (signature, body) for every func.func in the module."""
+    out = {}
+    for m in _FUNC.finditer(module):
+        i = module.index("{", m.end())
+        # skip attribute dicts of the result types: the body starts at a line end
+        while module[i + 1] != "\n":
+            i = module.index("{", _block_end(module, i))
+        out[m.group(1)] = (m.group(2), module[i : _block_end(module, i)])
+    return out
+
+
+def _cases(body: str):
+    """Top-level `stablehlo.case` ops: (result name, selector, [branch texts], span)."""
+    out = []
+    for m in re.finditer(r'(%[\w#]+) = "stablehlo\.case"\((%[\w#]+)\) \(', body):
+        i, branches = m.end(), []
+        while body[i] == "{":
+            end = _block_end(body, i)
+            branches.append(body[i:end])
+            i = end
+            if body.startswith(", ", i):
+                i += 2
+        out.append((m.group(1), m.group(2), branches, (m.start(), i)))
+    return out
+
+
+def platform_views(module: str, platforms) -> dict[str, str]:
+    """For each platform, the code it runs: every platform case replaced by its branch.
+
+    A multi-platform export takes the platform index as an argument marked
+    ``jax.global_constant = "_platform_index"``. A case on it returns, per
+    platform, a constant that selects the branch of the case on the real
+    computation (platforms that share a lowering share a branch). Called
+    private functions are inlined into the view (as text) so nothing hides there.
+    """
+    funcs = _functions(module)
+    consts = dict(
+        re.findall(r"(%[\w#]+) = stablehlo\.constant dense<(-?\d+)> : tensor<i32>", module)
+    )
+    views = {}
+    for p_index, platform in enumerate(platforms):
+
+        def view(name, seen, p_index=p_index):
+            sig, body = funcs[name]
+            pidx = re.findall(
+                r'(%arg\d+): tensor<i32> \{jax\.global_constant = "_platform_index"\}', sig
+            )
+            selected = {}  # case result name -> branch index for this platform
+            pieces, last = [], 0
+            for res, sel, branches, (a, b) in _cases(body):
+                if pidx and sel == pidx[0]:
+                    k = p_index
+                elif sel in selected:
+                    k = selected[sel]
+                else:
+                    continue
+                branch = branches[min(k, len(branches) - 1)] if len(branches) > 1 else branches[0]
+                ret = re.search(r"stablehlo\.return (%[\w#]+)", branch)
+                if ret and ret.group(1) in consts and "dot_general" not in branch:
+                    selected[res] = int(consts[ret.group(1)])
+                pieces.append(body[last:a] + branch)
+                last = b
+            text = "".join(pieces) + body[last:]
+            for callee in set(re.findall(r"call @([\w.$-]+)", text)) - seen:
+                text += view(callee, seen | {callee}, p_index)
+            return text
+
+        views[platform] = view("main", {"main"})
+    return views
+
+
+INT_DOT = re.compile(
+    r"stablehlo\.dot_general[^\n]*:\s*\(tensor<[^>]*x(ui8|i8)>, tensor<[^>]*xi8>\)\s*->\s*tensor<[^>]*xi32>"
+)
+INT_CONV = re.compile(
+    r"stablehlo\.convolution[^\n]*:\s*\(tensor<[^>]*x(ui8|i8)>, tensor<[^>]*xi8>\)\s*->\s*tensor<[^>]*xi32>"
+)
+FLOAT_DOT = re.compile(r"stablehlo\.(dot_general|convolution)[^\n]*:\s*\(tensor<[^>]*xf(16|32|64)>")
+
+
+def _export(f, *args):
+    exp = jax.export.export(jax.jit(f), platforms=PLATFORMS)(*args)
+    return exp.mlir_module(), exp.platforms
+
+
+def _static_dense():
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(64, 16)), jnp.float32)
+    qw = jq.quantize(w, None, jq.QuantSpec("int8", axis=-1))
+    spec = jq.QuantSpec("int8")
+    qp = jq.qparams_from_range(-3.0, 3.0, spec)
+
+    def dense(x, qw):
+        return ops.dot_general(x, qw, DENSE, lhs_spec=spec, lhs_qparams=qp)
+
+    return dense, (jax.ShapeDtypeStruct((4, 64), jnp.float32), qw)
+
+
+def _static_conv():
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 8)), jnp.float32)
+    qw = jq.quantize(w, None, jq.QuantSpec("int8", axis=-1))
+    spec = jq.QuantSpec("int8")
+    qp = jq.qparams_from_range(-3.0, 3.0, spec)
+
+    def conv(x, qw):
+        return ops.conv_general_dilated(
+            x,
+            qw,
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            lhs_spec=spec,
+            lhs_qparams=qp,
+        )
+
+    return conv, (jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32), qw)
+
+
+class ExportTest(chex.TestCase):
+    @parameterized.named_parameters(
+        ("dense", _static_dense, INT_DOT), ("conv", _static_conv, INT_CONV)
+    )
+    def test_each_platform_branch_has_an_integer_op(self, make, pattern):
+        f, args = make()
+        module, platforms = _export(f, *args)
+        self.assertEqual(tuple(platforms), PLATFORMS)
+        self.assertIn('"stablehlo.case"', module)  # one module, a case over platforms
+        views = platform_views(module, platforms)
+        for platform in PLATFORMS:
+            with self.subTest(platform=platform):
+                self.assertRegex(views[platform], pattern)
+                self.assertIsNone(FLOAT_DOT.search(views[platform]))
+        # and nowhere in the module a float dot (no dequantize-then-float-dot)
+        self.assertIsNone(FLOAT_DOT.search(module))
+
+    def test_cpu_branch_is_mixed_and_others_signed(self):
+        f, args = _static_dense()
+        views = platform_views(*_export(f, *args))
+        self.assertEqual(INT_DOT.search(views["cpu"]).group(1), "ui8")
+        for platform in ("cuda", "tpu"):
+            self.assertEqual(INT_DOT.search(views[platform]).group(1), "i8")
+            self.assertNotIn("xui8>, tensor", views[platform])
+
+    def test_parser_sees_branches_separately(self):
+        """The view of one platform must not contain another platform's branch."""
+        f, args = _static_dense()
+        module, platforms = _export(f, *args)
+        views = platform_views(module, platforms)
+        self.assertGreater(
+            module.count("stablehlo.dot_general"), views["cpu"].count("stablehlo.dot_general")
+        )
+        self.assertEqual(views["cpu"].count("stablehlo.dot_general"), 1)
+        self.assertEqual(views["cuda"].count("stablehlo.dot_general"), 1)
+
+    def test_float_reference_is_detected(self):
+        """The checker flags a dequantize-then-float dot (so a pass is meaningful)."""
+        qw = jq.quantize(jnp.ones((64, 16)), None, jq.QuantSpec("int8", axis=-1))
+        module, platforms = _export(
+            lambda x, qw: x @ jq.dequantize(qw), jax.ShapeDtypeStruct((4, 64), jnp.float32), qw
+        )
+        self.assertIsNotNone(FLOAT_DOT.search(module))
+        self.assertIsNone(INT_DOT.search(platform_views(module, platforms)["cpu"]))
+
+
+# ---------------------------------------------------------------------------------------
+# compiled CPU HLO
+# ---------------------------------------------------------------------------------------
+def _hlo_dots(hlo: str):
+    """(lhs type, rhs type, result type) of every dot in an optimized HLO module."""
+    out = []
+    for comp in re.split(r"\n\n", hlo):
+        types = dict(re.findall(r"(%[\w.\-]+) = (\w+)\[", comp))
+        for m in re.finditer(r"= (\w+)\[[^\]]*\]\S* dot\((%[\w.\-]+), (%[\w.\-]+)\)", comp):
+            out.append((types.get(m.group(2)), types.get(m.group(3)), m.group(1)))
+    return out
+
+
+class CompiledCpuTest(chex.TestCase):
+    @parameterized.named_parameters(("batch", 32), ("matrix_vector", 1))
+    def test_cpu_keeps_the_mixed_dot(self, m):
+        f, _ = _static_dense()
+        w = jq.quantize(jnp.ones((64, 16)), None, jq.QuantSpec("int8", axis=-1))
+        hlo = jax.jit(f).lower(jnp.ones((m, 64)), w).compile().as_text()
+        dots = _hlo_dots(hlo)
+        self.assertEqual(dots, [("u8", "s8", "s32")])
+        # the int8 weight is never widened to s32 before the dot
+        self.assertNotRegex(hlo, r"s32\[64,16\]")
+        # M = 1 is padded to 2 rows (the extra row of ones gives the weight sums)
+        self.assertRegex(hlo, rf"u8\[{max(m + 1, 2)},64\]")
+
+    def test_plain_lax_mixed_dot_is_widened(self):
+        """The trap the primitive avoids: lax converts u8 x s8 to s32 x s32."""
+        f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, DENSE, preferred_element_type=jnp.int32))
+        hlo = (
+            f.lower(jnp.ones((4, 64), jnp.uint8), jnp.ones((64, 16), jnp.int8)).compile().as_text()
+        )
+        self.assertNotIn(("u8", "s8", "s32"), _hlo_dots(hlo))
+
+
+# ---------------------------------------------------------------------------------------
+# the primitive
+# ---------------------------------------------------------------------------------------
+def _ints(seed, shape, dtype):
+    info = np.iinfo(dtype)
+    return np.random.default_rng(seed).integers(info.min, info.max + 1, shape).astype(dtype)
+
+
+def _np_dot(a, b, dn):
+    (lc, rc), (lb, rb) = dn
+    return np.asarray(
+        jax.lax.dot_general(
+            jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), dn, precision="highest"
+        ),
+        np.int64,
+    )
+
+
+class PrimitiveTest(chex.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.assertTrue(_mixed_dot.AVAILABLE, "the lowering API should import on the tested JAX")
+
+    @parameterized.named_parameters(("u8", np.uint8), ("s8", np.int8))
+    def test_abstract_eval(self, dt):
+        a = jax.ShapeDtypeStruct((2, 5, 7), dt)
+        b = jax.ShapeDtypeStruct((2, 3, 7), jnp.int8)
+        dn = (((2,), (2,)), ((0,), (0,)))
+        out = jax.eval_shape(
+            lambda a, b: _mixed_dot.int8_dot_general(a, b, dn, rhs_sums=True), a, b
+        )
+        self.assertEqual((out[0].shape, out[0].dtype), ((2, 5, 3), jnp.int32))
+        self.assertEqual((out[1].shape, out[1].dtype), ((2, 3), jnp.int32))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("u8_dense", np.uint8, (3, 9), (9, 4), DENSE),
+        ("s8_dense", np.int8, (3, 9), (9, 4), DENSE),
+        ("s8_vector", np.int8, (9,), (9, 4), (((0,), (0,)), ((), ()))),
+        ("u8_nk", np.uint8, (1, 9), (4, 9), (((1,), (1,)), ((), ()))),
+        ("s8_batch_multi", np.int8, (2, 3, 4, 5), (5, 2, 4, 6), (((2, 3), (2, 0)), ((0,), (1,)))),
+    )
+    def test_impl_is_exact(self, dt, ashape, bshape, dn):
+        # extreme values included: -128 * -128 and 255 * -128 products
+        a, b = _ints(0, ashape, dt), _ints(1, bshape, np.int8)
+        out, sums = self.variant(lambda a, b: _mixed_dot.int8_dot_general(a, b, dn, rhs_sums=True))(
+            a, b
+        )
+        np.testing.assert_array_equal(out, _np_dot(a, b, dn))
+        (_, rc), (_, rb) = dn
+        ref_sums = _np_dot(
+            np.ones([bshape[i] for i in rb] + [bshape[i] for i in rc], np.int8),
+            b,
+            ((tuple(range(len(rb), len(rb) + len(rc))), rc), (tuple(range(len(rb))), rb)),
+        )
+        np.testing.assert_array_equal(sums, ref_sums)
+        self.assertEqual(out.dtype, jnp.int32)
+
+    @parameterized.named_parameters(
+        ("lhs", (0, None)), ("rhs", (None, 0)), ("both", (0, 0)), ("inner_axes", (1, 2))
+    )
+    def test_batching_rule(self, in_axes):
+        dn = (((1,), (0,)), ((), ()))
+        a = _ints(2, (3, 4, 6), np.int8)  # 3 along in_axes[0], or the first slice if unmapped
+        b = _ints(3, (6, 5), np.int8)
+        if in_axes[0] is None:
+            a = a[0]
+        elif in_axes[0] == 1:
+            a = np.moveaxis(a, 0, 1)
+        if in_axes[1] is not None:
+            b = np.stack([b, -b, b // 2], axis=in_axes[1])  # 3 along in_axes[1]
+        a_sl = lambda i: np.take(a, i, axis=in_axes[0]) if in_axes[0] is not None else a  # noqa: E731
+        b_sl = lambda i: np.take(b, i, axis=in_axes[1]) if in_axes[1] is not None else b  # noqa: E731
+        f = jax.vmap(lambda a, b: _mixed_dot.int8_dot_general(a, b, dn, rhs_sums=True), in_axes)
+        out, sums = f(a, b)
+        for i in range(3):
+            np.testing.assert_array_equal(out[i], _np_dot(a_sl(i), b_sl(i), dn))
+            np.testing.assert_array_equal(sums[i], b_sl(i).astype(np.int64).sum(0))
+
+    def test_lowering_per_platform(self):
+        dn = DENSE
+        f = lambda a, b: _mixed_dot.int8_dot_general(a, b, dn)  # noqa: E731
+        for dt, cpu_t in ((np.int8, "ui8"), (np.uint8, "ui8")):
+            args = (jax.ShapeDtypeStruct((4, 8), dt), jax.ShapeDtypeStruct((8, 3), jnp.int8))
+            views = platform_views(*_export(f, *args))
+            self.assertEqual(INT_DOT.search(views["cpu"]).group(1), cpu_t)
+            self.assertEqual(INT_DOT.search(views["cuda"]).group(1), "i8")
+            self.assertEqual(INT_DOT.search(views["tpu"]).group(1), "i8")
+
+    def test_bad_dtypes(self):
+        with self.assertRaisesRegex(TypeError, "int8/uint8 lhs and an int8 rhs"):
+            _mixed_dot.int8_dot_general(
+                jnp.ones((2, 3), jnp.int16), jnp.ones((3, 2), jnp.int8), DENSE
+            )
+        with self.assertRaisesRegex(TypeError, "int8/uint8 lhs and an int8 rhs"):
+            _mixed_dot.int8_dot_general(
+                jnp.ones((2, 3), jnp.int8), jnp.ones((3, 2), jnp.uint8), DENSE
+            )
+
+    def test_fallback_warns_and_stays_exact(self):
+        a, b = _ints(4, (3, 7), np.uint8), _ints(5, (7, 2), np.int8)
+        saved = (_mixed_dot.AVAILABLE, _mixed_dot._warned)
+        _mixed_dot.AVAILABLE, _mixed_dot._warned = False, False
+        _mixed_dot._IMPORT_ERROR = "simulated"
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out, sums = _mixed_dot.int8_dot_general(a, b, DENSE, rhs_sums=True)
+                ops_out = ops.dot_general(
+                    jq.QArray(jnp.asarray(a), jnp.ones((1, 1)), None, "uint8", (3, 7)),
+                    jq.QArray(jnp.asarray(b), jnp.ones((1, 1)), None, "int8", (7, 2)),
+                    DENSE,
+                )
+        finally:
+            _mixed_dot.AVAILABLE, _mixed_dot._warned = saved
+        self.assertTrue(
+            any(
+                issubclass(w.category, RuntimeWarning) and "0.10.2" in str(w.message)
+                for w in caught
+            )
+        )
+        ref = a.astype(np.int64) @ b.astype(np.int64)
+        np.testing.assert_array_equal(out, ref)
+        np.testing.assert_array_equal(sums, b.astype(np.int64).sum(0))
+        np.testing.assert_array_equal(ops_out, ref.astype(np.float32))
+
+    def test_tested_versions_are_documented(self):
+        self.assertIn(jax.__version__, _mixed_dot.TESTED_JAX_VERSIONS)
+
+
+if __name__ == "__main__":
+    absltest.main()
