@@ -9,8 +9,9 @@ integer ``offset``. The first batch sets ``width ~ (max - min) / (num_bins - 2)`
 (at least ``2**-20 * max|x|``, so ``|offset| <= 2**20`` stays exact in float32).
 
 When a later batch falls outside the covered interval, the width is
-multiplied by the smallest power of two ``2**k`` that covers the union and the
-new offset is a multiple of the new width. Every new bin is then the union of
+multiplied by the smallest power of two ``2**k`` that covers the union, and the
+union is centred in the new window (so the next widening on either side
+finds headroom) with the new offset a multiple of the new width. Every new bin is then the union of
 exactly ``2**k`` old lattice bins, so the old counts are re-binned by an
 integer index map (``new = floor((offset + j) / 2**k) - new_offset``) with no
 interpolation: the total count is conserved exactly and no count moves out of
@@ -91,7 +92,6 @@ from jq.calibration import _common
 __all__ = ["Histogram", "HistogramState"]
 
 _METHODS = ("entropy", "mse", "percentile")
-_MIN_REL_WIDTH = 2.0**-20  # bin width floor relative to max|x|: keeps offsets < 2**21
 _MIN_WIDTH = 1e-30  # bin width of an all-zero channel
 _MAX_SHIFT = 120  # growth exponent cap (2**-120 is still a normal float32)
 
@@ -298,7 +298,8 @@ class Histogram:
         if self.method == "percentile":
             return _percentile(h, offset, w, lo, hi, self.percentile, self.symmetric)
         if self.method == "entropy":
-            return _entropy(h, offset, w, lo, hi, self.levels, self.symmetric)
+            one_sided = lo >= 0 and not numerics.get_format(self.dtype).signed
+            return _entropy(h, offset, w, lo, hi, self.levels, self.symmetric, one_sided)
         return _mse(h, offset, w, lo, hi, self.levels, self.symmetric)
 
 
@@ -306,12 +307,10 @@ class Histogram:
 
 
 def _initial_lattice(lo, hi, nb):
-    """Bin width and offset of a fresh histogram covering ``[lo, hi]``."""
+    """ONNX Runtime's first histogram: ``[-amax, amax]`` in `nb` bins (the lattice holds 0)."""
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    w = jnp.maximum((hi - lo) / (nb - 2), amax * _MIN_REL_WIDTH)
-    w = jnp.maximum(w, _MIN_WIDTH).astype(jnp.float32)
-    off = jnp.floor(lo / w).astype(jnp.int32)
-    return w, off
+    w = jnp.maximum(2.0 * amax / nb, _MIN_WIDTH).astype(jnp.float32)
+    return w, jnp.full(lo.shape, -(nb // 2), jnp.int32)
 
 
 def _grow(counts, offset, width, need_lo, need_hi, nb):
@@ -333,11 +332,14 @@ def _grow(counts, offset, width, need_lo, need_hi, nb):
     def lattice(k):
         w2 = safe_w * jnp.exp2(k)
         inv = jnp.exp2(-k)
+        # centre the covered interval, so later widenings on either side find headroom
+        off2 = jnp.floor(0.5 * (lo_n + hi_n) / w2) - nb // 2
+        off2 = jnp.where(off2 * w2 > lo_n, jnp.floor(lo_n / w2), off2)
         # the old first / last lattice bins must land inside the new window
         first_old = jnp.floor(offset.astype(f32) * inv)
         last_old = jnp.floor((offset + nb - 1).astype(f32) * inv)
-        off2 = jnp.minimum(jnp.floor(lo_n / w2), first_old)
-        ok = ((off2 + nb) * w2 >= hi_n) & (last_old - off2 <= nb - 1)
+        off2 = jnp.clip(off2, last_old - (nb - 1), first_old)
+        ok = ((off2 + nb) * w2 >= hi_n) & (off2 * w2 <= lo_n)
         return w2, off2, ok
 
     _, _, ok = lattice(k)
@@ -414,81 +416,96 @@ def _percentile(h, offset, w, lo, hi, p, symmetric):
     return float(np.clip(r_lo, lo, hi)), float(np.clip(r_hi, lo, hi))
 
 
-def _smooth(p, valid, eps=1e-4):
-    """MXNet / ORT smoothing of each row: zeros get `eps`, taken evenly from the non-zeros."""
-    zero = (p == 0) & valid
-    nonzero = (p != 0) & valid
-    n_zero = zero.sum(axis=1, keepdims=True)
-    n_nonzero = nonzero.sum(axis=1, keepdims=True)
-    eps1 = eps * n_zero / np.maximum(n_nonzero, 1)
-    return np.where(zero, eps, np.where(nonzero, p - eps1, 0.0)), n_nonzero[:, 0] > 0
+def _kl_rows(p, q, valid, eps=1e-4):
+    """``KL(P || Q)`` of each row after ORT's smoothing, in float32 like ORT.
+
+    Smoothing (MXNet / ORT): zeros become `eps`, taken evenly from the non-zeros.
+    Rows are evaluated one at a time on their valid prefix, so the float32 sums
+    round exactly as ONNX Runtime's do (its KL curve has near-ties that the
+    rounding decides).
+    """
+    f32 = np.float32
+    out = np.full(p.shape[0], np.inf)
+    lengths = valid.sum(axis=1)
+    for r in range(p.shape[0]):
+        n = lengths[r]
+        kl = []
+        for d in (p[r, :n], q[r, :n]):
+            is_zero = (d == 0).astype(f32)
+            is_nonzero = (d != 0).astype(f32)
+            n_zero = is_zero.sum()
+            n_nonzero = d.size - n_zero
+            if not n_nonzero:
+                break
+            eps1 = eps * float(n_zero) / float(n_nonzero)
+            sm = d.astype(f32) + (eps * is_zero + (-eps1) * is_nonzero)
+            kl.append(sm / np.sum(sm, keepdims=True))
+        if len(kl) < 2:
+            continue
+        ps, qs = kl
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = ps * np.log(ps / qs)
+        terms[(ps == 0) & (qs >= 0)] = 0
+        terms[~((ps > 0) & (qs > 0))] = np.inf
+        out[r] = float(np.sum(terms))
+    return out
 
 
-def _entropy(h, offset, w, lo, hi, levels, symmetric):
-    one_sided = lo >= 0 and not symmetric
+def _entropy(h, offset, w, lo, hi, levels, symmetric, one_sided):
     lat = offset + np.arange(len(h))
-    if one_sided:
+    nq = levels
+    if one_sided:  # affine grid on non-negative data: windows [0, i) with all levels
         m = int(lat[-1]) + 1
         z = np.zeros(m)
-        z[lat[lat >= 0]] = h[lat >= 0]
-        nz = np.nonzero(z)[0]
-        i_max = int(nz[-1]) + 1
-        starts_of = lambda i: np.zeros_like(i)  # noqa: E731
-        sizes = np.arange(levels, i_max + 1)
-        n = sizes
-    else:
+        keep = lat >= 0
+        z[lat[keep]] = h[keep]
+        sizes = np.arange(nq, m + 1)
+        start = np.zeros_like(sizes)
+        end = sizes
+        edge_lo, edge_hi = np.zeros(sizes.shape), sizes * w
+    else:  # ORT: windows of lattice bins [-i, i] around the zero bin, i = nq // 2 ... M
         m = int(max(-lat[0], lat[-1] + 1))
         z = np.zeros(2 * m)
         z[lat + m] = h
-        nz = np.nonzero(z)[0]
-        i_max = int(max(m - nz[0], nz[-1] + 1 - m))
-        sizes = np.arange((levels + 1) // 2, i_max + 1)
-        starts_of = lambda i: m - i  # noqa: E731
-        n = 2 * sizes
-    if sizes.size == 0:  # as many levels as occupied bins: clipping cannot help
-        return (-max(-lo, hi), max(-lo, hi)) if symmetric else (lo, hi)
-    start = starts_of(sizes)
+        sizes = np.arange(nq // 2, m + 1)
+        start = m - sizes
+        end = np.minimum(m + sizes + 1, 2 * m)
+        edge_lo, edge_hi = -sizes * w, (end - m) * w
+    if sizes.size == 0:  # as many levels as bins: clipping cannot help
+        amax = max(-lo, hi)
+        return (-amax, amax) if symmetric else (lo, hi)
+    n = end - start
     cz = np.concatenate([[0.0], np.cumsum(z)])
     total = cz[-1]
-    nmax = int(n.max())
-    cols = np.arange(nmax)
+    cols = np.arange(int(n.max()))
+    rows = np.arange(len(n))
     valid = cols[None, :] < n[:, None]
     win = np.where(valid, z[np.minimum(start[:, None] + cols, len(z) - 1)], 0.0)
-    left = cz[start]
-    right = total - cz[start + n]
     p = win.copy()
-    rows = np.arange(len(n))
-    p[:, 0] += left
-    p[rows, n - 1] += right
-    merged = n // levels
-    group = np.minimum(cols[None, :] // merged[:, None], levels - 1)
-    # group sums / non-zero counts through row-wise cumulative sums at the group edges
-    g_edges = np.minimum(np.arange(levels + 1)[None, :] * merged[:, None], n[:, None])
-    g_edges[:, -1] = n
+    p[:, 0] += cz[start]
+    p[rows, n - 1] += total - cz[end]
+    # ORT merges n // nq bins per level (the last level also takes the remainder) and
+    # spreads each level's count, truncated to an integer, over its non-zero bins of p;
+    # the remainder bins get q = 0.
+    merged = n // nq
+    g_edges = np.arange(nq + 1)[None, :] * merged[:, None]
     cw = np.concatenate([np.zeros((len(n), 1)), np.cumsum(win, axis=1)], axis=1)
-    nzp = (p > 0) & valid
+    nzp = (p != 0) & valid
     cnz = np.concatenate([np.zeros((len(n), 1)), np.cumsum(nzp, axis=1)], axis=1)
     gsum = np.take_along_axis(cw, g_edges[:, 1:], 1) - np.take_along_axis(cw, g_edges[:, :-1], 1)
+    gsum[:, -1] += cw[rows, n] - cw[rows, nq * merged]
     gnz = np.take_along_axis(cnz, g_edges[:, 1:], 1) - np.take_along_axis(cnz, g_edges[:, :-1], 1)
-    spread = gsum / np.maximum(gnz, 1)
-    q = np.where(nzp, np.take_along_axis(spread, group, 1), 0.0)
-    ps, ok_p = _smooth(p, valid)
-    qs, ok_q = _smooth(q, valid)
-    ps = ps / ps.sum(axis=1, keepdims=True)
-    qs = qs / np.maximum(qs.sum(axis=1, keepdims=True), 1e-300)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(valid & (ps > 0), ps * np.log(ps / qs), 0.0)
-    kl = terms.sum(axis=1)
-    kl = np.where(ok_p & ok_q & np.isfinite(kl), kl, np.inf)
+    spread = np.where(gnz > 0, np.trunc(gsum / np.maximum(gnz, 1)), 0.0)
+    group = cols[None, :] // np.maximum(merged[:, None], 1)
+    in_group = valid & (group < nq)
+    q = np.where(in_group, np.take_along_axis(spread, np.minimum(group, nq - 1), 1), 0.0)
+    kl = _kl_rows(p, q, valid)
     best = int(np.argmin(kl))
-    t = float(sizes[best] * w)
-    amax = max(-lo, hi)
+    r_lo, r_hi = float(edge_lo[best]), float(edge_hi[best])
     if symmetric:
-        t = min(t, amax)
+        t = min(max(-r_lo, r_hi), max(-lo, hi))
         return -t, t
-    if one_sided:
-        return lo, min(t, hi)
-    return max(-t, lo), min(t, hi)
+    return max(r_lo, lo), min(r_hi, hi)
 
 
 def _sawtooth_integral(y):
