@@ -441,6 +441,11 @@ class ModelAdapter:
         self.leaves = infos
         self.by_path = {li.path: li for li in infos}
 
+    def override(self, values: dict) -> ModelAdapter:
+        """Replaces leaf values by path (nnx: trained parameters kept outside the module)."""
+        self.values = [values.get(li.path, v) for li, v in zip(self.leaves, self.values)]
+        return self
+
     def signature(self) -> tuple:
         return tuple((li.path, li.shape) for li in self.leaves)
 

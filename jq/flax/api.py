@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +20,11 @@ from tqdm.auto import tqdm
 from jq import ops
 from jq.flax._graph import (
     Interpreter,
-    bind_eqn,
     ModelAdapter,
     Site,
     SiteFinder,
+    bind_eqn,
     leaf_aval,
-    materialize,
     sqnr_db,
     trace,
 )
@@ -323,7 +321,7 @@ def calibrate(
     t = trace(adapter, adapter.values, args, kwargs)
     chosen = _choose(t.finder, rules)
     observers, states = {}, {}
-    for name, c in chosen.items():
+    for c in chosen.values():
         if c.mode != "static":
             continue
         spec = c.rule.activation
@@ -516,6 +514,8 @@ def convert(
         if args is None:
             args, kwargs = variables_example(qat_state)
     adapter = ModelAdapter(model, variables, method)
+    if qat_state is not None and adapter.kind == "nnx":
+        adapter.override({**qat_state["state"]["variables"], **qat_state["params"]})
     if args is None:
         if stats is None:
             raise ValueError(
@@ -589,33 +589,48 @@ def convert(
 # apply()
 # ---------------------------------------------------------------------------------------
 def _adapter_for(model, qvars: QuantizedVariables, method):
-    if qvars.plan.model_kind == "linen":
-        nested: dict = {}
-        for path, v in qvars.variables.items():
-            node = nested
-            keys = path.split("/")
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = jax.ShapeDtypeStruct(v.shape, jnp.float32) if isinstance(v, QArray) else v
-        try:
-            adapter = ModelAdapter(model, nested, method)
-        except ValueError:
-            raise
-    else:
-        if qvars.plan.model_kind == "linen":
-            raise ValueError("jq.apply: variables were converted from a linen model")
-        adapter = ModelAdapter(model, None, method)
-    return adapter
+    import flax.linen as nn
+
+    kind = "linen" if isinstance(model, nn.Module) else "nnx"
+    if kind != qvars.plan.model_kind:
+        raise ValueError(
+            f"jq.apply: the quantized variables belong to another model: they come from a "
+            f"{qvars.plan.model_kind} model, but `model` is {type(model).__name__}"
+        )
+    if kind == "nnx":
+        return ModelAdapter(model, None, method)
+    nested: dict = {}
+    for path, v in qvars.variables.items():
+        node = nested
+        keys = path.split("/")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = jax.ShapeDtypeStruct(v.shape, jnp.float32) if isinstance(v, QArray) else v
+    return ModelAdapter(model, nested, method)
 
 
-def _check_signature(adapter: ModelAdapter, qvars: QuantizedVariables):
+def _linen_signature(model, args, kwargs, method):
+    """The variable paths and shapes `model.init` would create, traced abstractly (None if it can't)."""
+    try:
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, method=method, **kwargs))
+    except Exception:  # e.g. the model needs rngs or inputs that init cannot get here
+        return None
+    flat, _ = jax.tree_util.tree_flatten_with_path(shapes)
+    return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(x.shape) for p, x in flat}
+
+
+def _check_signature(adapter: ModelAdapter, qvars: QuantizedVariables, model_sig: dict | None = None):
     want = dict(qvars.plan.signature)
     if adapter.kind != qvars.plan.model_kind:
         raise ValueError(
             f"jq.apply: the quantized variables come from a {qvars.plan.model_kind} model, "
             f"but `model` is {adapter.kind}"
         )
-    got = {li.path: li.shape for li in adapter.leaves}
+    got = model_sig if model_sig is not None else {li.path: li.shape for li in adapter.leaves}
+    if adapter.kind == "linen" and model_sig is not None:
+        # init creates only some collections (e.g. not "intermediates"); compare the ones it makes
+        cols = {p.split("/")[0] for p in got}
+        want = {p: s for p, s in want.items() if p.split("/")[0] in cols}
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
     if missing or extra:
@@ -705,7 +720,14 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
     if not isinstance(qvars, QuantizedVariables):
         raise TypeError(f"jq.apply: expected QuantizedVariables from jq.convert, got {type(qvars).__name__}")
     adapter = _adapter_for(model, qvars, method)
-    _check_signature(adapter, qvars)
+    model_sig = None
+    if adapter.kind == "linen":
+        import flax.linen as nn
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"jq.apply: model must be a Flax Module, got {type(model).__name__}")
+        model_sig = _linen_signature(model, args, kwargs, method)
+    _check_signature(adapter, qvars, model_sig)
     if rules is not None:
         _check_rules_consistent(check_rules(rules), qvars)
     leaves = [qvars.variables[li.path] for li in adapter.leaves]
@@ -838,15 +860,7 @@ class QAT:
     def _leaves(self, adapter, params, state):
         if adapter.kind == "linen":
             return list(adapter.values)
-        out = []
-        for li, v in zip(adapter.leaves, adapter.values):
-            if li.path in params:
-                out.append(params[li.path])
-            elif li.path in state["variables"]:
-                out.append(state["variables"][li.path])
-            else:
-                out.append(v)
-        return out
+        return list(adapter.override({**state["variables"], **params}).values)
 
     def init(self, variables, *args, stats: CalibrationStats | None = None, **kwargs) -> dict:
         """QAT variables from trained float variables (nnx: None) and an example input.
@@ -880,7 +894,7 @@ class QAT:
         chosen = _choose(t.finder, self.rules)
         ranges, quant = {}, {"activations": {}, "weights": {}}
         key_choice = {}
-        for name, c in chosen.items():
+        for c in chosen.values():
             if c.mode != "static":
                 continue
             spec = c.rule.activation
