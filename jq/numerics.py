@@ -196,8 +196,7 @@ class FormatInfo:
             return f"overflows {self.name} (max {self.max:.6g})"
         if v == 0.0 or v <= self.smallest_subnormal / 2:  # exactly half rounds (to even) to 0
             return (
-                f"underflows to 0 in {self.name} "
-                f"(smallest subnormal {self.smallest_subnormal:.3g})"
+                f"underflows to 0 in {self.name} (smallest subnormal {self.smallest_subnormal:.3g})"
             )
         if v < self.smallest_normal:
             return (

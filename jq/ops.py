@@ -45,7 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq import _mixed_dot
-from jq.qparams import QParams, QuantSpec, broadcast_qparams, qparams_from_array
+from jq.qparams import (
+    QParams,
+    QuantSpec,
+    broadcast_qparams,
+    qparams_from_array,
+    qparams_from_range,
+)
 from jq.quantize import QArray, dequantize, fake_quant, quantize
 
 __all__ = [
@@ -252,10 +258,38 @@ def _quantize_lhs(lhs, spec: QuantSpec | None, qp: QParams | None, contract, nam
                 "this op; per-row / per-token activation scales must name non-contracting axes"
             )
     if qp is None:
-        qp = qparams_from_array(jax.lax.stop_gradient(lhs), spec, name)
+        qp = _dynamic_qparams(jax.lax.stop_gradient(lhs), spec, name)
     else:
         qp = broadcast_qparams(qp, lhs.shape, spec, name)
     return _as_qarray_params(quantize(lhs, qp, spec))
+
+
+def _dynamic_qparams(x, spec: QuantSpec, name: str) -> QParams:
+    """Min-max parameters of `x` at run time; equal to `qparams_from_array`.
+
+    Symmetric signed specs need only ``max|x|`` (one reduction instead of a min
+    and a max, which matters at batch 1 where each kernel launch counts);
+    affine specs get min and max from one variadic reduction.
+    """
+    fmt = spec.fmt
+    if spec.block_size is not None or not fmt.is_integer:
+        return qparams_from_array(x, spec, name)
+    keep = spec.channel_axes(x.ndim, name)
+    red = tuple(a for a in range(x.ndim) if a not in keep)
+    xf = x.astype(jnp.float32)
+    if spec.scheme == "symmetric" and fmt.signed:
+        amax = jnp.max(jnp.abs(xf), axis=red, keepdims=True)
+        tiny = jnp.finfo(jnp.float32).tiny
+        scale = jnp.where(amax > 0, jnp.maximum(amax / spec.qmax, tiny), 1.0)
+        return QParams(scale, None)
+    lo, hi = jax.lax.reduce(
+        (xf, xf),
+        (np.float32(np.inf), np.float32(-np.inf)),
+        lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])),
+        red,
+    )
+    shape = tuple(1 if a in red else d for a, d in enumerate(x.shape))
+    return qparams_from_range(lo.reshape(shape), hi.reshape(shape), spec)
 
 
 def _quantize_rhs(rhs, spec: QuantSpec | None, name="rhs"):

@@ -105,16 +105,28 @@ class QuantSpec:
                 "QuantSpec: block_size and block_axis go together, got "
                 f"block_size={self.block_size!r}, block_axis={self.block_axis!r}"
             )
+        if self.block_axis is not None and (
+            isinstance(self.block_axis, bool) or not isinstance(self.block_axis, (int, np.integer))
+        ):
+            raise TypeError(f"QuantSpec.block_axis must be an int, got {self.block_axis!r}")
         if self.block_size is not None:
-            if not isinstance(self.block_size, (int, np.integer)) or self.block_size < 1:
+            if (
+                isinstance(self.block_size, bool)
+                or not isinstance(self.block_size, (int, np.integer))
+                or self.block_size < 1
+            ):
                 raise ValueError(
                     f"QuantSpec.block_size must be a positive int, got {self.block_size!r}"
                 )
             if not fmt.scaled:
-                raise ValueError(f"QuantSpec: format {fmt.name!r} is a plain cast and has no blocks")
+                raise ValueError(
+                    f"QuantSpec: format {fmt.name!r} is a plain cast and has no blocks"
+                )
         if self.narrow_range is None:
             object.__setattr__(
-                self, "narrow_range", bool(self.scheme == "symmetric" and fmt.is_integer and fmt.signed)
+                self,
+                "narrow_range",
+                bool(self.scheme == "symmetric" and fmt.is_integer and fmt.signed),
             )
 
     # -- derived ---------------------------------------------------------------------------
@@ -150,12 +162,12 @@ class QuantSpec:
         out = []
         for a in self.axis:
             if not -ndim <= a < ndim:
-                raise ValueError(
-                    f"QuantSpec.axis={a} is out of range for `{name}` of rank {ndim}"
-                )
+                raise ValueError(f"QuantSpec.axis={a} is out of range for `{name}` of rank {ndim}")
             out.append(a % ndim)
         if len(set(out)) != len(out):
-            raise ValueError(f"QuantSpec.axis={self.axis} names the same axis twice for rank {ndim}")
+            raise ValueError(
+                f"QuantSpec.axis={self.axis} names the same axis twice for rank {ndim}"
+            )
         return tuple(out)
 
     def canonical_block_axis(self, ndim: int, name: str = "x") -> int | None:
@@ -163,7 +175,9 @@ class QuantSpec:
             return None
         a = self.block_axis
         if not -ndim <= a < ndim:
-            raise ValueError(f"QuantSpec.block_axis={a} is out of range for `{name}` of rank {ndim}")
+            raise ValueError(
+                f"QuantSpec.block_axis={a} is out of range for `{name}` of rank {ndim}"
+            )
         a %= ndim
         if a in self.channel_axes(ndim, name):
             raise ValueError(f"QuantSpec.block_axis={self.block_axis} is also a channel axis")
@@ -345,7 +359,9 @@ def qparams_from_array(x: jax.Array, spec: QuantSpec, name: str = "x") -> QParam
     return qparams_from_range(lo, hi, spec)
 
 
-def broadcast_qparams(qp: QParams, shape: tuple[int, ...], spec: QuantSpec, name: str = "x") -> QParams:
+def broadcast_qparams(
+    qp: QParams, shape: tuple[int, ...], spec: QuantSpec, name: str = "x"
+) -> QParams:
     """Reshapes `qp` to the keepdims parameter shape of a tensor of `shape`.
 
     Accepts a scalar (per tensor), the keepdims shape itself, or any shape

@@ -50,7 +50,8 @@ def pack_int4(values: jax.Array, axis: int = -1) -> jax.Array:
     axis = _canonical(axis, values.ndim, "pack_int4", "values")
     if isinstance(values, jax.core.Tracer):
         checkify.debug_check(
-            jnp.all((values >= -8) & (values <= 7)), "pack_int4: values outside the int4 range [-8, 7]"
+            jnp.all((values >= -8) & (values <= 7)),
+            "pack_int4: values outside the int4 range [-8, 7]",
         )
     else:
         v = np.asarray(values)
@@ -142,7 +143,10 @@ class QArray:
     @property
     def nbytes(self) -> int:
         """Bytes held: values plus scales plus zero points."""
-        n = self.value.size * self.value.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize
+        n = (
+            self.value.size * self.value.dtype.itemsize
+            + self.scale.size * self.scale.dtype.itemsize
+        )
         if self.zero_point is not None:
             n += self.zero_point.size * self.zero_point.dtype.itemsize
         return int(n)
@@ -205,7 +209,10 @@ def quantize(x: jax.Array, qp: QParams | None, spec: QuantSpec) -> QArray:
 
     Raises:
       TypeError: `x` is not floating point.
-      ValueError: the spec's axes do not fit `x`, or `qp` has the wrong shape.
+      ValueError: the spec's axes do not fit `x`, or `qp` has the wrong shape;
+        with ``qp=None``, NaN or inf in `x` (scaled formats). Under jit the
+        latter is a `checkify` check: run
+        ``checkify.checkify(jax.jit(f), errors=checkify.user_checks)`` to see it.
     """
     x = _check_float(x, "quantize")
     if qp is None:
@@ -224,8 +231,14 @@ def quantize(x: jax.Array, qp: QParams | None, spec: QuantSpec) -> QArray:
     pack_axis = None
     if fmt.name == "int4" and x.ndim:
         pack_axis = x.ndim - 1
-        v = pack_int4(v, pack_axis) if not isinstance(v, jax.core.Tracer) else _pack_traced(v, pack_axis)
-    return QArray(v, qp.scale.astype(jnp.float32), qp.zero_point, fmt.name, tuple(x.shape), pack_axis)
+        v = (
+            pack_int4(v, pack_axis)
+            if not isinstance(v, jax.core.Tracer)
+            else _pack_traced(v, pack_axis)
+        )
+    return QArray(
+        v, qp.scale.astype(jnp.float32), qp.zero_point, fmt.name, tuple(x.shape), pack_axis
+    )
 
 
 def _pack_traced(v, axis):
@@ -333,7 +346,9 @@ def _grad_scale(v, g):
     return jax.lax.stop_gradient(v - v * g) + v * g
 
 
-def lsq_fake_quant(x: jax.Array, qp: QParams, spec: QuantSpec, grad_scale: float | None = None) -> jax.Array:
+def lsq_fake_quant(
+    x: jax.Array, qp: QParams, spec: QuantSpec, grad_scale: float | None = None
+) -> jax.Array:
     """Fake quantization with a learned scale and zero point (LSQ / LSQ+).
 
     Forward: ``y = (clip(round(x / S + Z), qmin, qmax) - Z) * S`` with Z rounded

@@ -62,6 +62,10 @@ class QuantSpecTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "block_size must be a positive int"):
             jq.QuantSpec("int8", block_size=0, block_axis=0)
 
+    def test_block_axis_type(self):
+        with self.assertRaisesRegex(TypeError, "QuantSpec.block_axis must be an int"):
+            jq.QuantSpec("int8", block_axis="0", block_size=2)
+
     def test_axis_type(self):
         with self.assertRaisesRegex(TypeError, "QuantSpec.axis"):
             jq.QuantSpec("int8", axis=1.0)

@@ -619,7 +619,8 @@ def _linen_signature(model, args, kwargs, method):
     return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(x.shape) for p, x in flat}
 
 
-def _check_signature(adapter: ModelAdapter, qvars: QuantizedVariables, model_sig: dict | None = None):
+def _check_signature(adapter: ModelAdapter, qvars: QuantizedVariables, model_sig: dict | None = None,
+                     partial: bool = False):
     want = dict(qvars.plan.signature)
     if adapter.kind != qvars.plan.model_kind:
         raise ValueError(
@@ -631,7 +632,7 @@ def _check_signature(adapter: ModelAdapter, qvars: QuantizedVariables, model_sig
         # init creates only some collections (e.g. not "intermediates"); compare the ones it makes
         cols = {p.split("/")[0] for p in got}
         want = {p: s for p, s in want.items() if p.split("/")[0] in cols}
-    missing = sorted(set(want) - set(got))
+    missing = [] if partial else sorted(set(want) - set(got))  # another method may use a subset
     extra = sorted(set(got) - set(want))
     if missing or extra:
         raise ValueError(
@@ -639,7 +640,7 @@ def _check_signature(adapter: ModelAdapter, qvars: QuantizedVariables, model_sig
             f"variables not in the model {missing[:5]}, model variables not in them {extra[:5]}"
         )
     for path, shape in want.items():
-        if tuple(got[path]) != tuple(shape):
+        if path in got and tuple(got[path]) != tuple(shape):
             raise ValueError(
                 f"jq.apply: the quantized variables belong to another model: {path!r} has shape "
                 f"{tuple(shape)} in them but {tuple(got[path])} in the model"
@@ -727,7 +728,7 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
         if not isinstance(model, nn.Module):
             raise TypeError(f"jq.apply: model must be a Flax Module, got {type(model).__name__}")
         model_sig = _linen_signature(model, args, kwargs, method)
-    _check_signature(adapter, qvars, model_sig)
+    _check_signature(adapter, qvars, model_sig, partial=method is not None)
     if rules is not None:
         _check_rules_consistent(check_rules(rules), qvars)
     leaves = [qvars.variables[li.path] for li in adapter.leaves]
