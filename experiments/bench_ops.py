@@ -1,0 +1,241 @@
+"""CPU speed of jq's integer ops, as ratios to float32 jit measured side by side.
+
+Each group of cases (one float32 baseline plus the int8 variants of the same
+shape) is timed *interleaved*: every repeat times each case once, in turn, as
+the mean of `--calls` back-to-back calls of the jitted function. The table
+gives the median over `--repeats` repeats (at least 5), the range (min - max)
+and the ratio ``median(float32) / median(case)`` from the same run.
+
+Run:  python experiments/bench_ops.py [--repeats 7] [--calls 20]
+Writes experiments/results/ops.md and prints the same markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jq
+from jq import _mixed_dot, ops
+
+DENSE = (((1,), (0,)), ((), ()))
+NK = (((1,), (1,)), ((), ()))  # weight stored (N, K)
+MLP_SIZES = (784, 1024, 1024, 1024, 10)
+
+
+def _time_group(cases: dict, repeats: int, calls: int) -> dict[str, list[float]]:
+    """Interleaved timing: seconds per call, one sample per repeat per case."""
+    for f, args in cases.values():  # compile and warm up
+        jax.block_until_ready(f(*args))
+        jax.block_until_ready(f(*args))
+    samples = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, (f, args) in cases.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                out = f(*args)
+            jax.block_until_ready(out)
+            samples[name].append((time.perf_counter() - t0) / calls)
+    return samples
+
+
+def _rows(group: str, samples: dict, baseline: str) -> list[tuple]:
+    base = float(np.median(samples[baseline]))
+    rows = []
+    for name, s in samples.items():
+        med = float(np.median(s))
+        rows.append((group, name, med, min(s), max(s), base / med))
+    return rows
+
+
+def _ints(rng, shape, dtype):
+    info = np.iinfo(dtype)
+    lo = max(info.min, -127)
+    return jnp.asarray(rng.integers(lo, info.max + 1, shape), dtype)
+
+
+def dot_cases(rng, m, k, n):
+    a8, u8 = _ints(rng, (m, k), np.int8), _ints(rng, (m, k), np.uint8)
+    b8 = _ints(rng, (k, n), np.int8)
+    af, bf = a8.astype(jnp.float32), b8.astype(jnp.float32)
+    lax_int = jax.jit(
+        lambda a, b: jax.lax.dot_general(a, b, DENSE, preferred_element_type=jnp.int32)
+    )
+    prim = jax.jit(lambda a, b: _mixed_dot.int8_dot_general(a, b, DENSE))
+    return {
+        "float32 jit": (jax.jit(lambda a, b: a @ b), (af, bf)),
+        "int8 x int8 -> int32, lax.dot_general": (lax_int, (a8, b8)),
+        "uint8 x int8 -> int32, lax.dot_general (widened to s32)": (lax_int, (u8, b8)),
+        "uint8 x int8 -> int32, jq mixed-dot primitive": (prim, (u8, b8)),
+        "int8 x int8 -> int32, jq primitive (u8 shift + weight sums)": (prim, (a8, b8)),
+    }
+
+
+def matvec_cases(rng, k, n):
+    a8 = _ints(rng, (1, k), np.int8)
+    b8 = _ints(rng, (k, n), np.int8)
+    bt = jnp.asarray(np.asarray(b8).T.copy())
+    af, bf = a8.astype(jnp.float32), b8.astype(jnp.float32)
+    lax_int = jax.jit(
+        lambda a, b: jax.lax.dot_general(a, b, DENSE, preferred_element_type=jnp.int32)
+    )
+    return {
+        "float32 jit": (jax.jit(lambda a, b: a @ b), (af, bf)),
+        "int8 M=1, lax.dot_general (XLA loop)": (lax_int, (a8, b8)),
+        "int8 M=1, jq: M padded to 2, weight (N, K), u8 x s8": (
+            jax.jit(lambda a, b: _mixed_dot.int8_dot_general(a, b, NK)),
+            (a8, bt),
+        ),
+        "int8 M=1, jq: M padded to 2, weight (K, N), u8 x s8": (
+            jax.jit(lambda a, b: _mixed_dot.int8_dot_general(a, b, DENSE)),
+            (a8, b8),
+        ),
+    }
+
+
+def mlp_cases(rng, batch):
+    ws = [
+        jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32)
+        for a, b in zip(MLP_SIZES[:-1], MLP_SIZES[1:], strict=True)
+    ]
+    bs = [jnp.asarray(rng.normal(size=(b,)) * 0.1, jnp.float32) for b in MLP_SIZES[1:]]
+    x = jnp.asarray(rng.normal(size=(batch, MLP_SIZES[0])), jnp.float32)
+    calib = jnp.asarray(rng.normal(size=(256, MLP_SIZES[0])), jnp.float32)
+
+    def f32(params, x):
+        for i, (w, b) in enumerate(params):
+            x = x @ w + b
+            if i < len(params) - 1:
+                x = jax.nn.relu(x)
+        return x
+
+    wspec = jq.QuantSpec("int8", axis=-1)  # per output channel
+    aspec = jq.QuantSpec("int8")  # per tensor
+    uspec = jq.QuantSpec("uint8", scheme="affine")
+    qparams = [(jq.quantize(w, None, wspec), b) for w, b in zip(ws, bs, strict=True)]
+    # static activation ranges from a calibration batch (min-max per layer input)
+    act_qp, h = [], calib
+    for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
+        act_qp.append(jq.qparams_from_range(h.min(), h.max(), aspec))
+        h = h @ w + b
+        if i < len(ws) - 1:
+            h = jax.nn.relu(h)
+
+    def quantized(params, x, spec, static):
+        for i, (w, b) in enumerate(params):
+            qp = act_qp[i] if static else None
+            x = ops.dot_general(x, w, DENSE, lhs_spec=spec, lhs_qparams=qp) + b
+            if i < len(params) - 1:
+                x = jax.nn.relu(x)
+        return x
+
+    def weight_only(params, x):
+        for i, (w, b) in enumerate(params):
+            x = ops.dot_general(x, w, DENSE) + b
+            if i < len(params) - 1:
+                x = jax.nn.relu(x)
+        return x
+
+    fp = list(zip(ws, bs, strict=True))
+    cases = {
+        "float32 jit": (jax.jit(f32), (fp, x)),
+        "jq static int8 (act per tensor, weight per channel)": (
+            jax.jit(lambda p, x: quantized(p, x, aspec, True)),
+            (qparams, x),
+        ),
+        "jq dynamic int8 (symmetric, per tensor)": (
+            jax.jit(lambda p, x: quantized(p, x, aspec, False)),
+            (qparams, x),
+        ),
+        "jq dynamic uint8 (affine, per tensor)": (
+            jax.jit(lambda p, x: quantized(p, x, uspec, False)),
+            (qparams, x),
+        ),
+        "jq weight-only int8 (float32 activations)": (jax.jit(weight_only), (qparams, x)),
+    }
+    # accuracy of each quantized variant against float32 on the same input
+    ref = np.asarray(cases["float32 jit"][0](fp, x))
+    errs = {}
+    for name, (f, args) in cases.items():
+        y = np.asarray(f(*args))
+        errs[name] = float(np.abs(y - ref).max() / np.abs(ref).max())
+    return cases, errs
+
+
+def _cpu_line() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?"
+    )
+    flags = next((ln for ln in out.splitlines() if ln.startswith("Flags")), "")
+    isa = [
+        f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags
+    ]
+    return f"{model}, {os.cpu_count()} cores, {' '.join(isa)}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "ops.md")
+    )
+    args = parser.parse_args()
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5")
+    rng = np.random.default_rng(0)
+    rows, notes = [], []
+
+    s = _time_group(dot_cases(rng, 256, 1024, 1024), args.repeats, args.calls)
+    rows += _rows("dot 256x1024x1024", s, "float32 jit")
+    s = _time_group(matvec_cases(rng, 4096, 4096), args.repeats, max(3, args.calls // 4))
+    rows += _rows("matrix-vector 1x4096x4096", s, "float32 jit")
+    for batch in (1, 32, 256):
+        cases, errs = mlp_cases(rng, batch)
+        s = _time_group(cases, args.repeats, args.calls)
+        rows += _rows(f"MLP 784-1024-1024-1024-10, batch {batch}", s, "float32 jit")
+        notes.append(
+            f"batch {batch}: max |y - y_f32| / max |y_f32|: "
+            + ", ".join(
+                f"{k.split(' (')[0]} {v:.4f}" for k, v in errs.items() if "float32" not in k
+            )
+        )
+
+    head = (
+        f"jax {jax.__version__}, {_cpu_line()}; median of {args.repeats} interleaved repeats "
+        f"(each the mean of {args.calls} calls; matrix-vector: {max(3, args.calls // 4)}), "
+        "range = min-max over repeats; ratio = median float32 / median case, same run."
+    )
+    lines = [
+        "| case | shape | time (ms), median [range] | vs float32 |",
+        "|---|---|---|---|",
+    ]
+    for group, name, med, lo, hi, ratio in rows:
+        lines.append(
+            f"| {name} | {group} | {med * 1e3:.3f} [{lo * 1e3:.3f}-{hi * 1e3:.3f}] | {ratio:.2f}x |"
+        )
+    table = "\n".join(lines)
+    text = "\n".join(
+        ["# jq.ops CPU benchmark", "", head, "", table, "", "Accuracy (same inputs):", ""]
+        + [f"- {n}" for n in notes]
+        + [""]
+    )
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
