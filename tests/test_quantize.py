@@ -504,6 +504,37 @@ class TransformTest(chex.TestCase):
         chex.assert_trees_all_equal(out, q)
         np.testing.assert_array_equal(jax.jit(jq.dequantize)(q), jq.dequantize(q))
 
+    def test_bit_identical_eager_jit_constant_and_argument(self):
+        # x / S is computed as x * (1 / S), so a scale that is a jit constant, a jit
+        # argument or an eager array gives the same codes, even next to ties
+        s = 0.1
+        k = jnp.arange(-60, 60, dtype=jnp.float32)
+        x = jnp.concatenate([(k + 0.5) * s, jnp.nextafter((k + 0.5) * s, 0.0)])
+        qp = jq.QParams(jnp.float32(s))
+        for spec in (jq.QuantSpec("int8"), jq.QuantSpec("int8", axis=0)):
+            qpc = jq.QParams(jnp.full((x.shape[0],), s)) if spec.axis else qp
+            eager = jq.quantize(x, qpc, spec).value
+            const = jax.jit(lambda x, qpc=qpc, spec=spec: jq.quantize(x, qpc, spec).value)(x)
+            arg = jax.jit(lambda x, q, spec=spec: jq.quantize(x, q, spec).value)(x, qpc)
+            np.testing.assert_array_equal(eager, const)
+            np.testing.assert_array_equal(eager, arg)
+            # and the reference: round_half_even(x * float32(1 / S))
+            ref = np.round(np.asarray(x) * (np.float32(1) / np.float32(s)))
+            np.testing.assert_array_equal(eager, ref)
+
+    def test_qparams_bit_identical_eager_and_jit(self):
+        lo = jnp.array([-0.3, -1.7, 0.0, -5e-3])
+        hi = jnp.array([0.9, 0.2, 3.3, 7e-3])
+        for fmt, scheme in (("int8", "symmetric"), ("uint8", "symmetric"), ("uint8", "affine")):
+            spec = jq.QuantSpec(fmt, scheme=scheme)
+            eager = jq.qparams_from_range(lo, hi, spec)
+            jitted = jax.jit(lambda lo, hi, spec=spec: jq.qparams_from_range(lo, hi, spec))(lo, hi)
+            chex.assert_trees_all_equal(eager, jitted)
+            # per channel == per tensor, bit for bit
+            for i in range(4):
+                one = jq.qparams_from_range(lo[i], hi[i], spec)
+                self.assertEqual(float(one.scale), float(eager.scale[i]))
+
     def test_no_retrace_for_new_values(self):
         spec = jq.QuantSpec("int8", axis=-1)
 
