@@ -187,7 +187,14 @@ class FormatInfo:
         if v == 0.0:
             return "exact zero"
         fmt = get_format(self.name)
-        if not fmt.is_integer:
+        if fmt.is_integer:
+            # an unscaled integer grid: round half to even, nothing is subnormal
+            if not self.min <= np.round(float(value)) <= self.max:
+                return f"overflows {self.name} (range [{self.min:.6g}, {self.max:.6g}])"
+            if np.round(v) == 0.0:
+                return f"underflows to 0 in {self.name} (integer step 1; quantize with a scale)"
+            return f"normal in {self.name}"
+        else:
             with np.errstate(over="ignore", invalid="ignore"):
                 stored = abs(float(np.asarray(v, np.float32).astype(fmt.dtype)))
             # e4m3fn has no inf: an overflowing cast gives NaN

@@ -108,6 +108,19 @@ class FormatInfoTest(parameterized.TestCase):
         info = jq.format_info(name)
         self.assertEqual((info.max, info.min, info.eps), (qmax, qmin, 1.0))
 
+    def test_check_integer_formats(self):
+        info = jq.format_info("int8")
+        self.assertIn("underflows to 0 in int8", info.check(0.3))
+        self.assertIn("underflows to 0 in int8", info.check(0.5))  # half to even
+        self.assertEqual(info.check(0.7), "normal in int8")  # rounds to 1, not "subnormal"
+        self.assertEqual(info.check(127.0), "normal in int8")
+        self.assertIn("overflows int8", info.check(127.6))
+        self.assertIn("overflows int8", info.check(-200.0))
+        self.assertEqual(info.check(-128.0), "normal in int8")
+        self.assertIn("overflows uint8", jq.format_info("uint8").check(-1.0))
+        self.assertTrue(jq.format_info("uint8").representable(255))
+        self.assertFalse(jq.format_info("int4").representable(8))
+
     def test_layernorm_epsilon_in_float16(self):
         # the example: does a LayerNorm epsilon of 1e-12 survive float16? No.
         msg = jq.format_info("float16").check(1e-12)
