@@ -30,6 +30,7 @@ preferred_element_type=int32)`` (correct but slower on CPU).
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import jax
@@ -148,8 +149,9 @@ if AVAILABLE:
         # lhs as (batch..., M, contracting...)
         u = jnp.transpose(u, lb + lfree + lc)
         free_shape = tuple(a.shape[i] for i in lfree)
-        m = int(np.prod(free_shape)) if free_shape else 1
-        need_sums = rhs_sums or a.dtype == jnp.int8 or m == 1
+        m = math.prod(free_shape)  # a symbolic dimension under jax.export shape polymorphism
+        # a symbolic M may be 1 at run time: keep the extra row then too
+        need_sums = rhs_sums or a.dtype == jnp.int8 or not isinstance(m, int) or m == 1
         u = u.reshape(u.shape[:nb] + (m,) + u.shape[nb + len(lfree) :])
         dn = ((tuple(range(nb + 1, nb + 1 + nc)), rc), (tuple(range(nb)), rb))
         if need_sums:
