@@ -402,7 +402,7 @@ class ModelAdapter:
             self.kind = "linen"
             if variables is None:
                 raise ValueError("jq: a linen model needs its `variables` (the dict from model.init)")
-            variables = _unfreeze(variables)
+            variables = nn.meta.unbox(_unfreeze(variables))  # drop nn.Partitioned boxes
             flat, self.treedef = jax.tree_util.tree_flatten_with_path(variables)
             infos = []
             for i, (path, leaf) in enumerate(flat):

@@ -613,6 +613,9 @@ def _linen_signature(model, args, kwargs, method):
     """The variable paths and shapes `model.init` would create, traced abstractly (None if it can't)."""
     try:
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, method=method, **kwargs))
+        import flax.linen as nn
+
+        shapes = nn.meta.unbox(shapes)  # logical-partitioning boxes (nn.with_logical_partitioning)
     except Exception:  # e.g. the model needs rngs or inputs that init cannot get here
         return None
     flat, _ = jax.tree_util.tree_flatten_with_path(shapes)
