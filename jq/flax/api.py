@@ -469,6 +469,18 @@ def _is_qat_vars(v) -> bool:
 # ---------------------------------------------------------------------------------------
 # convert()
 # ---------------------------------------------------------------------------------------
+def _keep_sharding(q: QArray, value):
+    """`q` laid out like its float weight when that one lives on a mesh (see `jq.sharding`)."""
+    from jax.sharding import NamedSharding
+
+    s = getattr(value, "sharding", None)
+    if not isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer) or not isinstance(s, NamedSharding):
+        return q
+    from jq.sharding import qarray_shardings
+
+    return jax.device_put(q, qarray_shardings(q, s))
+
+
 def convert(
     model,
     variables,
@@ -541,7 +553,7 @@ def convert(
                 w = qat_state["quant"]["weights"][c.site.name]
                 qp = QParams(w["scale"], None if w.get("zero_point") is None else
                              jnp.round(w["zero_point"]).astype(jnp.int32))
-            new_vars[li.path] = quantize(jnp.asarray(value), qp, spec)
+            new_vars[li.path] = _keep_sharding(quantize(jnp.asarray(value), qp, spec), value)
             float_leaves.append((li.path, li.shape, np.dtype(li.dtype).name))
         else:
             new_vars[li.path] = value
@@ -1049,7 +1061,7 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
 
                     b = broadcast_qparams(qp, x.shape, sp.activation)
                     zp = 0.0 if b.zero_point is None else b.zero_point.astype(jnp.float32)
-                    v = jnp.round(x / b.scale) + zp
+                    v = jnp.round(x * (1.0 / b.scale)) + zp  # as jq.quantize rounds
                     clip = jnp.mean(((v < sp.activation.qmin) | (v > sp.activation.qmax)).astype(jnp.float32))
                 else:
                     clip = jnp.zeros((), jnp.float32)
