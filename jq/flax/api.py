@@ -478,7 +478,11 @@ def _keep_sharding(q: QArray, value):
         return q
     from jq.sharding import qarray_shardings
 
-    return jax.device_put(q, qarray_shardings(q, s))
+    try:
+        return jax.device_put(q, qarray_shardings(q, s))
+    except ValueError as e:  # e.g. int4 bytes would straddle two devices: leave XLA's layout
+        warnings.warn(f"jq.convert: the quantized weight cannot follow its float sharding: {e}", stacklevel=3)
+        return q
 
 
 def convert(
