@@ -463,3 +463,37 @@ def test_apply_rules_consistency(mlp):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jq.apply(m, qv, x, rules=[jq.Rule(".*", activation=jq.QuantSpec("int8"))])
+
+
+def test_nnx_scan_stacked_layers():
+    class Layer(nnx.Module):
+        def __init__(self, rngs):
+            self.l = nnx.Linear(16, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return x + nnx.relu(self.l(x))
+
+    class Stack(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=3)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return Layer(rngs)
+
+            self.layers = make(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def body(layer, x):
+                return layer(x)
+
+            return body(self.layers, x)
+
+    m = Stack(nnx.Rngs(0))
+    x = jax.random.normal(KEY, (4, 16))
+    rules = static_rules()
+    qv = jq.convert(m, None, rules, jq.calibrate(m, None, [x], rules, progress=False))
+    k = qv.variables["layers/l/kernel"]
+    w = np.asarray(m.layers.l.kernel[...])
+    np.testing.assert_allclose(np.asarray(k.scale)[:, 0, :], np.abs(w).max(axis=1) / 127, rtol=1e-6)
+    assert rel_err(jq.apply(m, qv, x), m(x)) < 0.02
