@@ -1,5 +1,7 @@
 """Tests for `jq.ops`: integer dot_general / einsum / conv, all modes, overflow, errors, QAT."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,12 @@ from jq import ops
 
 DENSE = (((1,), (0,)), ((), ()))
 F32_EPS = float(np.finfo(np.float32).eps)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _quantize(x, qp, spec):
+    """jq.quantize, compiled once per shape (eager dispatch of many small ops is slow)."""
+    return jq.quantize(x, qp, spec)
 
 
 def _deq(q):
@@ -108,17 +116,16 @@ class IntegerPathTest(chex.TestCase):
     def test_matches_dequantized_reference(self, lname, rname):
         x = _normal(0, (6, 32)) + 0.3
         w = _normal(1, (32, 5))
-        ql = jq.quantize(x, None, SPECS[lname])
-        qr = jq.quantize(w, None, SPECS[rname])
+        ql = _quantize(x, None, SPECS[lname])
+        qr = _quantize(w, None, SPECS[rname])
         ref = _np_dot_general(_deq(ql), _deq(qr), DENSE)
         tol = _rounding_tol(_deq(ql), _deq(qr), DENSE)
-        for f in (ops.dot_general, jax.jit(ops.dot_general, static_argnums=2)):
-            y = f(ql, qr, DENSE)
-            self.assertEqual(y.dtype, jnp.float32)
-            self.assertEqual(y.shape, (6, 5))
-            np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), tol)
+        y = jax.jit(ops.dot_general, static_argnums=2)(ql, qr, DENSE)
+        self.assertEqual(y.dtype, jnp.float32)
+        self.assertEqual(y.shape, (6, 5))
+        np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), tol)
 
-    @settings(max_examples=6, deadline=None)
+    @settings(max_examples=5, deadline=None)
     @given(
         b=st.integers(1, 2),
         m=st.integers(1, 5),
@@ -134,9 +141,9 @@ class IntegerPathTest(chex.TestCase):
         x = _normal(seed, (b, m, k))
         w = _normal(seed + 1, (b, n, k) if transpose_rhs else (b, k, n))
         dn = (((2,), (2 if transpose_rhs else 1,)), ((0,), (0,)))
-        ql = jq.quantize(x, None, SPECS[lfmt])
-        qr = jq.quantize(w, None, SPECS[rfmt])
-        y = np.asarray(ops.dot_general(ql, qr, dn), np.float64)
+        ql = _quantize(x, None, SPECS[lfmt])
+        qr = _quantize(w, None, SPECS[rfmt])
+        y = np.asarray(jax.jit(ops.dot_general, static_argnums=2)(ql, qr, dn), np.float64)
         ref = _np_dot_general(_deq(ql), _deq(qr), dn)
         np.testing.assert_array_less(np.abs(y - ref), _rounding_tol(_deq(ql), _deq(qr), dn))
 
@@ -156,13 +163,11 @@ class IntegerPathTest(chex.TestCase):
 
     def test_vmap_over_quantized_dot(self):
         x = _normal(2, (3, 4, 16))
-        qr = jq.quantize(_normal(3, (16, 6)), None, SPECS["i8_col"])
-        f = jax.vmap(lambda a: ops.dot_general(a, qr, DENSE, lhs_spec=SPECS["i8"]))
-        y = f(x)
+        qr = _quantize(_normal(3, (16, 6)), None, SPECS["i8_col"])
+        one = jax.jit(lambda a: ops.dot_general(a, qr, DENSE, lhs_spec=SPECS["i8"]))
+        y = jax.jit(jax.vmap(one))(x)
         for i in range(3):
-            np.testing.assert_allclose(
-                y[i], ops.dot_general(x[i], qr, DENSE, lhs_spec=SPECS["i8"]), rtol=1e-6, atol=1e-6
-            )
+            np.testing.assert_allclose(y[i], one(x[i]), rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,8 +205,8 @@ class ModesTest(chex.TestCase):
         sw = np.abs(np.asarray(self.w)).max(0, keepdims=True) / 127
         self._check(y, 4.0 / 127, sw)
         # equals the integer dot of the explicitly quantized operands
-        ql = jq.quantize(self.x, qp, spec)
-        qr = jq.quantize(self.w, None, SPECS["i8_col"])
+        ql = _quantize(self.x, qp, spec)
+        qr = _quantize(self.w, None, SPECS["i8_col"])
         np.testing.assert_allclose(y, ops.dot_general(ql, qr, DENSE), rtol=1e-6, atol=1e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -238,7 +243,7 @@ class ModesTest(chex.TestCase):
 
     @parameterized.named_parameters(("int8", "i8_col"), ("int4", "i4_col"), ("uint8", "u8_col"))
     def test_weight_only(self, rname):
-        qr = jq.quantize(self.w, None, SPECS[rname])
+        qr = _quantize(self.w, None, SPECS[rname])
         y = ops.dot_general(self.x, qr, DENSE)
         ref = np.asarray(self.x, np.float64) @ _deq(qr)
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
@@ -250,7 +255,7 @@ class ModesTest(chex.TestCase):
         )
 
     def test_weight_only_bf16_activations(self):
-        qr = jq.quantize(self.w, None, SPECS["i8_col"])
+        qr = _quantize(self.w, None, SPECS["i8_col"])
         xb = self.x.astype(jnp.bfloat16)
         y = ops.dot_general(xb, qr, DENSE, preferred_element_type=jnp.bfloat16)
         self.assertEqual(y.dtype, jnp.bfloat16)
@@ -259,11 +264,11 @@ class ModesTest(chex.TestCase):
 
     @parameterized.named_parameters(("int4", "i4_blk"), ("int8", "i8_blk"))
     def test_block_scaled_weight_only_and_integer(self, rname):
-        qr = jq.quantize(self.w, None, SPECS[rname])
+        qr = _quantize(self.w, None, SPECS[rname])
         self.assertEqual(qr.scale.shape, (6, 8))
         ref = np.asarray(self.x, np.float64) @ _deq(qr)
         np.testing.assert_allclose(ops.dot_general(self.x, qr, DENSE), ref, rtol=1e-5, atol=1e-5)
-        ql = jq.quantize(self.x, None, SPECS["u8_aff"])
+        ql = _quantize(self.x, None, SPECS["u8_aff"])
         y = ops.dot_general(ql, qr, DENSE)
         ref = _deq(ql) @ _deq(qr)
         np.testing.assert_array_less(
@@ -283,8 +288,8 @@ class ModesTest(chex.TestCase):
 
     def test_fp8_e4m3(self):
         spec = jq.QuantSpec("e4m3")
-        ql = jq.quantize(self.x, None, spec)
-        qr = jq.quantize(self.w, None, jq.QuantSpec("e4m3", axis=-1))
+        ql = _quantize(self.x, None, spec)
+        qr = _quantize(self.w, None, jq.QuantSpec("e4m3", axis=-1))
         self.assertEqual(ql.value.dtype, jnp.float8_e4m3fn)
         y = ops.dot_general(ql, qr, DENSE)
         ref = _deq_float(ql) @ _deq_float(qr)
@@ -294,7 +299,7 @@ class ModesTest(chex.TestCase):
         np.testing.assert_array_less(np.abs(np.asarray(y) - self.ref), bound)
 
     def test_output_dtype(self):
-        qr = jq.quantize(self.w, None, SPECS["i8_col"])
+        qr = _quantize(self.w, None, SPECS["i8_col"])
         y = ops.dot_general(
             self.x, qr, DENSE, preferred_element_type=jnp.bfloat16, lhs_spec=SPECS["i8"]
         )
@@ -376,9 +381,9 @@ class EinsumTest(chex.TestCase):
         ("outer_order", "ik,jk->ji", (3, 8), (4, 8)),
     )
     def test_matches_float_einsum_on_dequantized(self, subscripts, lshape, rshape):
-        ql = jq.quantize(_normal(20, lshape), None, jq.QuantSpec("int8"))
-        qr = jq.quantize(_normal(21, rshape), None, jq.QuantSpec("uint8", scheme="affine"))
-        y = ops.einsum(subscripts, ql, qr)
+        ql = _quantize(_normal(20, lshape), None, jq.QuantSpec("int8"))
+        qr = _quantize(_normal(21, rshape), None, jq.QuantSpec("uint8", scheme="affine"))
+        y = jax.jit(ops.einsum, static_argnums=0)(subscripts, ql, qr)
         ref = np.einsum(subscripts, _deq(ql), _deq(qr))
         self.assertEqual(y.shape, ref.shape)
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
@@ -394,8 +399,8 @@ class EinsumTest(chex.TestCase):
             lhs_spec=jq.QuantSpec("int8", axis=(0, 1, 2)),
             rhs_spec=jq.QuantSpec("int8", axis=(0, 1)),
         )
-        ql = jq.quantize(q, None, jq.QuantSpec("int8", axis=(0, 1, 2)))
-        qk = jq.quantize(k, None, jq.QuantSpec("int8", axis=(0, 1)))
+        ql = _quantize(q, None, jq.QuantSpec("int8", axis=(0, 1, 2)))
+        qk = _quantize(k, None, jq.QuantSpec("int8", axis=(0, 1)))
         ref = np.einsum("bhqd,bhkd->bhqk", _deq(ql), _deq(qk))
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
         fref = np.einsum("bhqd,bhkd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64))
@@ -433,11 +438,12 @@ class ConvTest(chex.TestCase):
             (SPECS["i8"], jq.QuantSpec("int8", axis=o_axis)),
             (SPECS["u8_aff"], jq.QuantSpec("int8", scheme="affine", axis=o_axis)),
         ]:
-            ql, qr = jq.quantize(x, None, lspec), jq.quantize(w, None, rspec)
+            ql, qr = _quantize(x, None, lspec), _quantize(w, None, rspec)
             kw = dict(
                 lhs_dilation=ld, rhs_dilation=rd, dimension_numbers=cdn, feature_group_count=groups
             )
-            y = ops.conv_general_dilated(ql, qr, strides, padding, **kw)
+            conv = functools.partial(ops.conv_general_dilated, **kw)
+            y = jax.jit(conv, static_argnums=(2, 3))(ql, qr, strides, padding)
             ref = jax.lax.conv_general_dilated(
                 jnp.asarray(_deq(ql), jnp.float32),
                 jnp.asarray(_deq(qr), jnp.float32),
@@ -466,7 +472,7 @@ class ConvTest(chex.TestCase):
             )
         )(x, w)
         self.assertLess(float(jnp.abs(y - ref).max()), 0.05 * float(jnp.abs(ref).max()))
-        qr = jq.quantize(w, None, SPECS["i8_col"])
+        qr = _quantize(w, None, SPECS["i8_col"])
         y = ops.conv_general_dilated(x, qr, (1, 1), "SAME", dimension_numbers=cdn)
         ref = jax.lax.conv_general_dilated(
             x,
@@ -479,7 +485,7 @@ class ConvTest(chex.TestCase):
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
 
     def test_scale_on_input_features_is_rejected(self):
-        qr = jq.quantize(_normal(34, (3, 3, 4, 5)), None, jq.QuantSpec("int8", axis=2))
+        qr = _quantize(_normal(34, (3, 3, 4, 5)), None, jq.QuantSpec("int8", axis=2))
         with self.assertRaisesRegex(ValueError, "axis 2"):
             ops.conv_general_dilated(
                 _normal(35, (1, 5, 5, 4)),
@@ -500,7 +506,7 @@ class ErrorsTest(chex.TestCase):
             ops.dot_general(jnp.ones((2, 3)), jnp.ones((4, 5)), DENSE, rhs_spec=SPECS["i8"])
 
     def test_per_channel_scale_on_contracting_axis(self):
-        qr = jq.quantize(_normal(40, (8, 4)), None, jq.QuantSpec("int8", axis=0))
+        qr = _quantize(_normal(40, (8, 4)), None, jq.QuantSpec("int8", axis=0))
         with self.assertRaisesRegex(ValueError, "axis 0, which is a contracting axis"):
             ops.dot_general(_normal(41, (2, 8)), qr, DENSE, lhs_spec=SPECS["i8"])
         with self.assertRaisesRegex(ValueError, "axis 0, which is a contracting axis"):
@@ -516,22 +522,22 @@ class ErrorsTest(chex.TestCase):
 
     def test_scale_axis_must_match_dimension_numbers(self):
         # quantized per output channel for (K, N), but used as an (N, K) weight
-        qr = jq.quantize(_normal(42, (8, 8)), None, jq.QuantSpec("int8", axis=1))
+        qr = _quantize(_normal(42, (8, 8)), None, jq.QuantSpec("int8", axis=1))
         dn_nk = (((1,), (1,)), ((), ()))
         with self.assertRaisesRegex(ValueError, "rhs.*axis 1"):
             ops.dot_general(_normal(43, (2, 8)), qr, dn_nk, lhs_spec=SPECS["i8"])
 
     def test_formats_that_cannot_combine(self):
-        ql = jq.quantize(_normal(44, (2, 8)), None, jq.QuantSpec("e4m3"))
-        qr = jq.quantize(_normal(45, (8, 3)), None, SPECS["i8_col"])
+        ql = _quantize(_normal(44, (2, 8)), None, jq.QuantSpec("e4m3"))
+        qr = _quantize(_normal(45, (8, 3)), None, SPECS["i8_col"])
         with self.assertRaisesRegex(ValueError, "cannot combine"):
             ops.dot_general(ql, qr, DENSE)
 
     def test_misaligned_blocks(self):
-        ql = jq.quantize(
+        ql = _quantize(
             _normal(46, (2, 32)), None, jq.QuantSpec("int8", block_axis=1, block_size=16)
         )
-        qr = jq.quantize(_normal(47, (32, 3)), None, SPECS["i8_blk"])
+        qr = _quantize(_normal(47, (32, 3)), None, SPECS["i8_blk"])
         with self.assertRaisesRegex(ValueError, "do not line up"):
             ops.dot_general(ql, qr, DENSE)
 
@@ -576,8 +582,8 @@ class QatTest(chex.TestCase):
         )
 
     def test_forward_is_fake_quant_and_int_forward_agrees(self):
-        xq = jq.dequantize(jq.quantize(self.x, self.qp, self.aspec))
-        wq = jq.dequantize(jq.quantize(self.w, None, SPECS["i8_col"]))
+        xq = jq.dequantize(_quantize(self.x, self.qp, self.aspec))
+        wq = jq.dequantize(_quantize(self.w, None, SPECS["i8_col"]))
         ref = np.asarray(xq, np.float64) @ np.asarray(wq, np.float64)
         np.testing.assert_allclose(self._f(False)(self.x, self.w), ref, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(self._f(True)(self.x, self.w), ref, rtol=1e-5, atol=1e-5)
@@ -640,35 +646,46 @@ class QatTest(chex.TestCase):
 
     def test_qat_einsum_and_conv(self):
         q, k = _normal(55, (2, 3, 8)), _normal(56, (2, 4, 8))
-        y = ops.qat_einsum("bqd,bkd->bqk", q, k, lhs_spec=self.aspec, rhs_spec=SPECS["i8"])
         ref = np.einsum(
             "bqd,bkd->bqk",
             np.asarray(jq.fake_quant(q, None, self.aspec)),
             np.asarray(jq.fake_quant(k, None, SPECS["i8"])),
         )
-        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
-        yi = ops.qat_einsum(
-            "bqd,bkd->bqk", q, k, lhs_spec=self.aspec, rhs_spec=SPECS["i8"], int_forward=True
-        )
-        np.testing.assert_allclose(yi, ref, rtol=1e-5, atol=1e-5)
+
+        @jax.jit
+        def einsums(q, k):
+            kw = dict(lhs_spec=self.aspec, rhs_spec=SPECS["i8"])
+            return (
+                ops.qat_einsum("bqd,bkd->bqk", q, k, **kw),
+                ops.qat_einsum("bqd,bkd->bqk", q, k, int_forward=True, **kw),
+            )
+
+        for y in einsums(q, k):
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
         x, w = _normal(57, (1, 5, 5, 3)), _normal(58, (3, 3, 3, 4))
         kw = dict(
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             lhs_spec=self.aspec,
             rhs_spec=SPECS["i8_col"],
         )
-        a = ops.qat_conv_general_dilated(x, w, (1, 1), "SAME", **kw)
-        b = ops.qat_conv_general_dilated(x, w, (1, 1), "SAME", int_forward=True, **kw)
+
+        @jax.jit
+        def convs(x):
+            def loss(x, int_forward):
+                y = ops.qat_conv_general_dilated(
+                    x, w, (1, 1), "SAME", int_forward=int_forward, **kw
+                )
+                return jnp.sum(y * jnp.cos(y)), y
+
+            (_, a), ga = jax.value_and_grad(loss, has_aux=True)(x, False)
+            (_, b), gb = jax.value_and_grad(loss, has_aux=True)(x, True)
+            return a, b, ga, gb
+
+        a, b, ga, gb = convs(x)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-        gx = jax.grad(
-            lambda x: jnp.sum(
-                ops.qat_conv_general_dilated(x, w, (1, 1), "SAME", int_forward=True, **kw)
-            )
-        )(x)
-        gx_ref = jax.grad(
-            lambda x: jnp.sum(ops.qat_conv_general_dilated(x, w, (1, 1), "SAME", **kw))
-        )(x)
-        np.testing.assert_allclose(gx, gx_ref, rtol=1e-6)
+        # same VJP from the float residuals; the cotangent cos(y) - y sin(y) differs
+        # only through the forward values, which agree to float32 rounding
+        np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
 
 
 if __name__ == "__main__":
