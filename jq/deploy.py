@@ -51,6 +51,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import checkify
 
 __all__ = [
     "FORMAT_VERSION",
@@ -263,6 +264,22 @@ def _aval_json(a) -> dict:
     return {"shape": _shape_json(a.shape), "dtype": np.dtype(a.dtype).name}
 
 
+def _without_checks(fn: Callable) -> Callable:
+    """`fn` with its `checkify` debug checks discharged and dropped.
+
+    jq's value checks under jit (``checkify.debug_check``: NaN ranges, lo > hi)
+    are no-ops in a plain `jax.jit`, but their effect would stop `jax.export`
+    from serializing the module. Discharging them gives the same computation as
+    ``jax.jit(fn)``; XLA removes the unused predicates.
+    """
+
+    def run(*args):
+        _, out = checkify.checkify(fn, errors=checkify.user_checks)(*args)
+        return out
+
+    return run
+
+
 def export_function(
     fn: Callable,
     example_inputs: Sequence[Any],
@@ -311,7 +328,7 @@ def export_function(
     if len(names) != len(ws):
         raise ValueError(f"jq.export: {len(names)} `weight_names` for {len(ws)} weights")
     w_avals = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in ws]
-    exp = jax.export.export(jax.jit(fn), platforms=platforms)(*w_avals, *inputs)
+    exp = jax.export.export(jax.jit(_without_checks(fn)), platforms=platforms)(*w_avals, *inputs)
     module = exp.serialize()
     manifest = {
         "format": "jq-export",
