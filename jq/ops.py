@@ -27,11 +27,27 @@ Modes, chosen by the operands:
   (int8, uint8 or packed int4 weights, float activations);
 * fp16 / bf16 / fp8 QArrays: a dot in that format with float32 accumulation.
 
+Lowering. Every integer product is an 8-bit dot emitted by the primitive in
+`jq._mixed_dot`: on CPU a mixed ``u8 x s8 -> s32`` `stablehlo.dot_general`
+(the form XLA:CPU hands to its VNNI / YNNPACK kernels; an int8 activation is
+shifted to uint8 by flipping its top bit), on GPU / TPU ``s8 x s8 -> s32``.
+On CPU the weight sums ``sum_k q_r`` come from one extra lhs row of ones in the
+same dot (XLA:CPU's column reduction of an int8 matrix is slow), which also
+pads a matrix-vector product (M = 1, XLA's slow loop) to M = 2. The weight may
+be stored (K, N) or (N, K): pass the matching dimension numbers.
+
 Accumulation is overflow-safe: the bound ``max|a| * max|b| * K`` is checked for
 the operand types actually lowered (uint8 x int8 on CPU: ``255 * 128 * K``, so
 K <= 65,793), and a longer contraction is split into chunks whose int32 partial
 dots are summed in float32. int16 operands are split into two bytes
-(``a = 256 * a_hi + a_lo``), each an 8-bit dot, combined in float32.
+(``a = 256 * a_hi + a_lo`` with ``a_hi`` int8 and ``a_lo`` uint8), each an
+8-bit dot within the same bound, combined in float32: int16 x int8 never
+overflows, whatever K (one int32 accumulator would be safe only for K <= 511).
+int64 accumulation is never used: with x64 off it silently becomes int32.
+
+Integer convolutions use ``lax.conv_general_dilated(s8, s8,
+preferred_element_type=int32)`` on every platform (uint8 operands shifted to
+int8); windows longer than the 8-bit bound are rejected.
 """
 
 from __future__ import annotations
@@ -736,6 +752,7 @@ def einsum(
     lhs,
     rhs,
     *,
+    precision=None,
     preferred_element_type=None,
     lhs_spec: QuantSpec | None = None,
     lhs_qparams: QParams | None = None,
@@ -750,7 +767,8 @@ def einsum(
     Args:
       subscripts: e.g. ``"bqhd,bkhd->bhqk"``; ``...`` is supported.
       lhs, rhs: float arrays or `QArray`s.
-      preferred_element_type, lhs_spec, lhs_qparams, rhs_spec: as in `dot_general`.
+      precision, preferred_element_type, lhs_spec, lhs_qparams, rhs_spec: as in
+        `dot_general` (the signature matches what ``flax.nnx.Einsum`` passes).
 
     Returns:
       The result in the order the subscripts give.
@@ -768,7 +786,8 @@ def einsum(
         lhs,
         rhs,
         dn,
-        preferred_element_type=preferred_element_type,
+        precision,
+        preferred_element_type,
         lhs_spec=lhs_spec,
         lhs_qparams=lhs_qparams,
         rhs_spec=rhs_spec,
@@ -1089,6 +1108,7 @@ def qat_einsum(
     lhs,
     rhs,
     *,
+    precision=None,
     preferred_element_type=None,
     lhs_spec: QuantSpec | None = None,
     lhs_qparams: QParams | None = None,
@@ -1104,17 +1124,12 @@ def qat_einsum(
         return jnp.transpose(y, perm) if perm != tuple(range(len(perm))) else y
 
     def float_op(a, b):
-        return post(jax.lax.dot_general(a, b, dn, preferred_element_type=preferred_element_type))
+        return post(jax.lax.dot_general(a, b, dn, precision, preferred_element_type))
 
     def int_op(a, rq, lqp):
         return post(
             dot_general(
-                a,
-                rq,
-                dn,
-                preferred_element_type=preferred_element_type,
-                lhs_spec=lhs_spec,
-                lhs_qparams=lqp,
+                a, rq, dn, precision, preferred_element_type, lhs_spec=lhs_spec, lhs_qparams=lqp
             )
         )
 
