@@ -237,6 +237,22 @@ def _check_scales(q: QArray, contract: tuple[int, ...], name: str):
     return baxis, bsize
 
 
+def _expand_free_blocks(q: QArray, contract: tuple[int, ...], name: str) -> QArray:
+    """Repeats per-block parameters that lie on a non-contracting axis to full size.
+
+    Only blocks along the contraction need the block-split dot; elsewhere a
+    block scale is just a coarser per-channel scale.
+    """
+    _, baxis, bsize = _param_layout(q, name)
+    if baxis is None or baxis in contract:
+        return q
+
+    def rep(p):
+        return None if p is None or p.shape[baxis] == 1 else jnp.repeat(p, bsize, axis=baxis)
+
+    return QArray(q.value, rep(q.scale), rep(q.zero_point), q.format, q.shape, q.pack_axis)
+
+
 def _keepdims(p, ndim):
     if p is None:
         return None
@@ -674,6 +690,10 @@ def dot_general(
     lq, rq = isinstance(lhs, QArray), isinstance(rhs, QArray)
     if not lq and not rq:
         return jax.lax.dot_general(lhs, rhs, dn, precision, preferred_element_type)
+    if lq:
+        lhs = _expand_free_blocks(lhs, lc, "lhs")
+    if rq:
+        rhs = _expand_free_blocks(rhs, rc, "rhs")
     out_dtype = _out_dtype(preferred_element_type)
     if lq and rq:
         li, ri = lhs.fmt.is_integer, rhs.fmt.is_integer

@@ -275,6 +275,21 @@ class ModesTest(chex.TestCase):
             np.abs(np.asarray(y) - ref), _rounding_tol(_deq(ql), _deq(qr), DENSE)
         )
 
+    def test_blocks_on_a_free_axis(self):
+        """Blocks along the output axis are a coarse per-channel scale: no split needed."""
+        spec = jq.QuantSpec("int8", scheme="affine", block_axis=1, block_size=4)
+        qr = _quantize(self.w, None, spec)
+        self.assertEqual(qr.scale.shape, (1, 2))
+        ql = _quantize(self.x, None, SPECS["u8_aff"])
+        ref = _deq(ql) @ _deq(qr)
+        y = jax.jit(ops.dot_general, static_argnums=2)(ql, qr, DENSE)
+        np.testing.assert_array_less(
+            np.abs(np.asarray(y) - ref), _rounding_tol(_deq(ql), _deq(qr), DENSE)
+        )
+        y = jax.jit(ops.dot_general, static_argnums=2)(self.x, qr, DENSE)
+        ref = np.asarray(self.x, np.float64) @ _deq(qr)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
     @parameterized.named_parameters(
         ("bf16", "bfloat16", ml_dtypes.bfloat16), ("fp16", "float16", np.float16)
     )
