@@ -9,7 +9,7 @@ Example::
     blob = jq.export(model, qvars, x[:1], platforms=("cpu", "cuda", "tpu"), path="model.jqx")
     # elsewhere: only jax and jq
     f = jq.load_exported("model.jqx")
-    y = f(x)  # bit-identical to jax.jit(lambda x: jq.apply(model, qvars, x))(x)
+    y = f(x)  # bit-identical to jax.jit(lambda x: jq.apply(model, qvars, x))(x), any batch size
 """
 
 from __future__ import annotations
@@ -94,8 +94,15 @@ def export(
 
     Returns:
       The artifact bytes; `jq.load_exported` turns them (or the file) into a
-      callable whose outputs are bit-identical to ``jax.jit(lambda x:
-      jq.apply(model, qvars, x))`` on the same backend.
+      callable whose outputs are bit-identical, on the same backend and jax
+      version, to ``jax.jit(lambda x: jq.apply(model, qvars, x))`` for embedded
+      weights (constants in both), and to ``jax.jit(lambda q, x:
+      jq.apply(model, q, x))(qvars, x)`` for separate weights (arguments in
+      both). The two jitted forms themselves may differ in the last bit: XLA
+      folds and reassociates constant scales.
+
+    Checks: jq's value checks under jit (`checkify` debug checks) are dropped
+    from the artifact, as they are no-ops under a plain `jax.jit`.
 
     Raises:
       TypeError: `qvars` is not `QuantizedVariables`.
