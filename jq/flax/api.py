@@ -411,7 +411,7 @@ class _Plan:
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["variables", "activations"], meta_fields=["plan"]
+    jax.tree_util.register_dataclass, data_fields=["variables", "activations", "smooth"], meta_fields=["plan"]
 )
 @dataclasses.dataclass(frozen=True)
 class QuantizedVariables:
@@ -425,11 +425,17 @@ class QuantizedVariables:
       plan: static site table (modes, activation specs) and the float model's
         signature, used by `apply` to run and to check that the variables belong
         to the model.
+      smooth: ``{site name: s}``, SmoothQuant factors (`jq.smoothquant`): `apply`
+        multiplies the site's activation operand by ``1 / s`` before quantizing
+        it (the weight already holds ``diag(s) W``). `s` has the activation's
+        rank, size 1 on every axis but the contracting ones (plus leading
+        scan-stacking axes). Empty unless made by ``jq.smoothquant``.
     """
 
     variables: dict
     activations: dict
     plan: _Plan
+    smooth: dict = dataclasses.field(default_factory=dict)
 
     def nbytes(self) -> dict:
         """``{"float": bytes of the float32 originals of the quantized parameters,
@@ -440,7 +446,8 @@ class QuantizedVariables:
         other = sum(int(np.size(v)) * np.dtype(v.dtype).itemsize for v in self.variables.values()
                     if not isinstance(v, QArray) and hasattr(v, "dtype") and not jax.dtypes.issubdtype(
                         v.dtype, jax.dtypes.prng_key))
-        acts = sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.activations))
+        acts = sum(int(x.size) * x.dtype.itemsize
+                   for x in jax.tree_util.tree_leaves((self.activations, self.smooth)))
         return {
             "float": fl,
             "quantized": q,
@@ -667,17 +674,27 @@ def _check_signature(adapter: ModelAdapter, qvars: QuantizedVariables, model_sig
 
 
 def _quant_operand(x, spec: QuantSpec, qp: QParams | None):
+    if qp is None:
+        # dynamic: the run-time range from ops' single-reduction path (a separate min and max
+        # made batch-1 dynamic models ~10x slower on CPU than static ones)
+        qp = ops._dynamic_qparams(jax.lax.stop_gradient(x), spec, "activation")
     return quantize(x, qp, spec)
 
 
-def _run_dot_like(site: Site, eqn, invals, w_operand: int | None, act_specs, act_qps, mode):
-    """One quantized site: weight (QArray) and activation(s) through jq.ops."""
+def _run_dot_like(site: Site, eqn, invals, w_operand: int | None, act_specs, act_qps, mode, smooth=None):
+    """One quantized site: weight (QArray) and activation(s) through jq.ops.
+
+    `smooth`: SmoothQuant factors; the activation operand becomes ``x * (1 / s)``.
+    """
     out_aval = eqn.outvars[0].aval
     p = eqn.params
     pet = p.get("preferred_element_type") or out_aval.dtype
     if not jnp.issubdtype(pet, jnp.floating):
         pet = out_aval.dtype
     vals = list(invals[:2])
+    if smooth is not None:
+        op = site.act_operands[0]
+        vals[op] = vals[op] * (1.0 / smooth).astype(vals[op].dtype)
     if mode != "weight_only":
         for op in site.act_operands:
             vals[op] = _quant_operand(vals[op], act_specs[op], act_qps.get(op))
@@ -766,10 +783,11 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
         if sp is None or sp.mode == "weight_only":
             if site.kind == "act_dot":
                 return _bind(eqn, invals)
-            return _run_dot_like(site, eqn, invals, site.operand, {}, {}, "weight_only")
+            return _run_dot_like(site, eqn, invals, site.operand, {}, {}, "weight_only",
+                                 sts.get(site.name + ":smooth"))
         specs = {op: sp.activation for op in site.act_operands}
         qps = {op: sts[site.act_key(op)] for op in site.act_operands} if sp.mode == "static" else {}
-        return _run_dot_like(site, eqn, invals, site.operand, specs, qps, sp.mode)
+        return _run_dot_like(site, eqn, invals, site.operand, specs, qps, sp.mode, sts.get(site.name + ":smooth"))
 
     states = {}
     for s in t.finder.sites:
@@ -777,6 +795,8 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
             k = s.act_key(op)
             if k in qvars.activations:
                 states[k] = qvars.activations[k]
+        if s.name in qvars.smooth:
+            states[s.name + ":smooth"] = qvars.smooth[s.name]
     outs = Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, leaves + t.dyn_args, states)
     return jax.tree_util.tree_unflatten(t.out_tree, outs)
 
