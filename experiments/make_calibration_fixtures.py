@@ -184,12 +184,17 @@ def torch_histogram(xs):
 
 
 def histogram_refs(xs):
-    flat_range = float(max(np.abs(np.concatenate([x.ravel() for x in xs])).max(), 0.0))
+    first_amax = float(np.abs(xs[0]).max())
     refs = {
-        # ORT's signed histogram spans [-amax, amax] (it grows by whole bins when a batch widens it)
-        "ort_bin_width": 2.0 * flat_range / NUM_BINS,
-        "ort_entropy_int8": ort_range(
+        # ORT's signed histogram spans [-amax, amax] of the first batch; later batches add
+        # bins of the same width
+        "ort_bin_width": 2.0 * first_amax / NUM_BINS,
+        # 255 levels: symmetric int8; 256: affine int8 / uint8
+        "ort_entropy_255": ort_range(
             xs, "Entropy", num_bins=NUM_BINS, num_quantized_bins=255, symmetric=False
+        ),
+        "ort_entropy_256": ort_range(
+            xs, "Entropy", num_bins=NUM_BINS, num_quantized_bins=256, symmetric=False
         ),
         "ort_percentile": ort_range(
             xs, "Percentile", num_bins=NUM_BINS, percentile=PERCENTILE, symmetric=False

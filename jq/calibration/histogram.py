@@ -99,7 +99,7 @@ _MAX_SHIFT = 120  # growth exponent cap (2**-120 is still a normal float32)
 class HistogramState(NamedTuple):
     """Per-channel histograms on a zero-anchored lattice (keepdims form)."""
 
-    counts: jax.Array  # shape=stat_shape + (num_bins,), dtype=int32
+    counts: jax.Array  # shape=stat_shape + (2 * num_bins,), dtype=int32
     offset: jax.Array  # shape=stat_shape, dtype=int32: lattice index of bin 0
     width: jax.Array  # shape=stat_shape, dtype=float32: bin width, 0 before any finite value
     lo: jax.Array  # shape=stat_shape, dtype=float32: smallest finite value seen (+inf before)
@@ -188,7 +188,7 @@ class Histogram:
         inf = jnp.full(shape, jnp.inf, jnp.float32)
         zero = jnp.zeros((), jnp.int32)
         return HistogramState(
-            counts=jnp.zeros(shape + (self.num_bins,), jnp.int32),
+            counts=jnp.zeros(shape + (2 * self.num_bins,), jnp.int32),
             offset=jnp.zeros(shape, jnp.int32),
             width=jnp.zeros(shape, jnp.float32),
             lo=inf,
@@ -207,7 +207,7 @@ class Histogram:
           ValueError: rank or channel count differ from the state; NaN / inf in a
             concrete `x` with ``nonfinite="raise"``.
         """
-        nb = self.num_bins
+        nb = 2 * self.num_bins
         x = _common.check_float_input(x, "Histogram", "update")
         _common.check_update_shape(x, state.lo.shape, self.axis, "Histogram")
         finite, n_bad = _common.count_nonfinite(x, self.nonfinite, "Histogram")
@@ -238,7 +238,7 @@ class Histogram:
         moves by at most half a bin of the merged histogram. Two histograms on
         nested lattices (e.g. shards of one stream) merge exactly.
         """
-        nb = self.num_bins
+        nb = 2 * self.num_bins
         use_a = a.width >= b.width
         base_counts = jnp.where(use_a[..., None], a.counts, b.counts)
         base_off = jnp.where(use_a, a.offset, b.offset)
@@ -270,7 +270,7 @@ class Histogram:
             a channel never saw a finite value.
         """
         _common.host_checks("Histogram", state.count, state.nonfinite, self.nonfinite)
-        counts = np.asarray(state.counts).reshape(-1, self.num_bins)
+        counts = np.asarray(state.counts).reshape(-1, 2 * self.num_bins)
         offset = np.asarray(state.offset).reshape(-1)
         width = np.asarray(state.width, np.float64).reshape(-1)
         lo = np.asarray(state.lo, np.float64).reshape(-1)
@@ -307,9 +307,9 @@ class Histogram:
 
 
 def _initial_lattice(lo, hi, nb):
-    """ONNX Runtime's first histogram: ``[-amax, amax]`` in `nb` bins (the lattice holds 0)."""
+    """ORT's first histogram, ``[-amax, amax]`` in ``nb / 2`` bins, centred in `nb` bins."""
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    w = jnp.maximum(2.0 * amax / nb, _MIN_WIDTH).astype(jnp.float32)
+    w = jnp.maximum(4.0 * amax / nb, _MIN_WIDTH).astype(jnp.float32)
     return w, jnp.full(lo.shape, -(nb // 2), jnp.int32)
 
 
@@ -416,38 +416,46 @@ def _percentile(h, offset, w, lo, hi, p, symmetric):
     return float(np.clip(r_lo, lo, hi)), float(np.clip(r_hi, lo, hi))
 
 
-def _kl_rows(p, q, valid, eps=1e-4):
-    """``KL(P || Q)`` of each row after ORT's smoothing, in float32 like ORT.
+def _smooth(d, valid, eps, dtype):
+    """MXNet / ORT smoothing of each row: zeros become `eps`, taken evenly from the non-zeros."""
+    is_zero = ((d == 0) & valid).astype(dtype)
+    is_nonzero = ((d != 0) & valid).astype(dtype)
+    n_zero = is_zero.sum(axis=-1, keepdims=True, dtype=np.float64)
+    n_nonzero = is_nonzero.sum(axis=-1, keepdims=True, dtype=np.float64)
+    eps1 = (eps * n_zero / np.maximum(n_nonzero, 1)).astype(dtype)
+    sm = d.astype(dtype) + (dtype(eps) * is_zero - eps1 * is_nonzero)
+    return sm / np.sum(sm, axis=-1, keepdims=True), n_nonzero[..., 0] > 0
 
-    Smoothing (MXNet / ORT): zeros become `eps`, taken evenly from the non-zeros.
-    Rows are evaluated one at a time on their valid prefix, so the float32 sums
-    round exactly as ONNX Runtime's do (its KL curve has near-ties that the
-    rounding decides).
+
+def _kl(p, q, valid, dtype):
+    ps, ok_p = _smooth(p, valid, 1e-4, dtype)
+    qs, ok_q = _smooth(q, valid, 1e-4, dtype)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        terms = ps * np.log(ps / qs)
+    terms = np.where(valid & (ps > 0), terms, dtype(0))
+    terms = np.where(valid & ~((ps > 0) & (qs > 0)), dtype(np.inf), terms)
+    kl = np.sum(terms, axis=-1).astype(np.float64)
+    return np.where(ok_p & ok_q, kl, np.inf)
+
+
+def _kl_rows(p, q, valid):
+    """``KL(P || Q)`` of each row (its valid prefix) after ORT's smoothing.
+
+    All rows are scored at once in float64; the rows within 0.1% of the best are
+    then re-scored one by one in float32 on their exact length, as ONNX Runtime
+    computes them, because its KL curve has near-ties that float32 rounding
+    decides. The returned scores order the candidates as ORT's do.
     """
-    f32 = np.float32
-    out = np.full(p.shape[0], np.inf)
-    lengths = valid.sum(axis=1)
-    for r in range(p.shape[0]):
-        n = lengths[r]
-        kl = []
-        for d in (p[r, :n], q[r, :n]):
-            is_zero = (d == 0).astype(f32)
-            is_nonzero = (d != 0).astype(f32)
-            n_zero = is_zero.sum()
-            n_nonzero = d.size - n_zero
-            if not n_nonzero:
-                break
-            eps1 = eps * float(n_zero) / float(n_nonzero)
-            sm = d.astype(f32) + (eps * is_zero + (-eps1) * is_nonzero)
-            kl.append(sm / np.sum(sm, keepdims=True))
-        if len(kl) < 2:
-            continue
-        ps, qs = kl
-        with np.errstate(divide="ignore", invalid="ignore"):
-            terms = ps * np.log(ps / qs)
-        terms[(ps == 0) & (qs >= 0)] = 0
-        terms[~((ps > 0) & (qs > 0))] = np.inf
-        out[r] = float(np.sum(terms))
+    kl = _kl(p, q, valid, np.float64)
+    best = np.min(kl)
+    if not np.isfinite(best):
+        return kl
+    close = np.nonzero(kl <= best + 1e-3 * abs(best) + 1e-12)[0]
+    out = np.full(kl.shape, np.inf)
+    for r in close:
+        n = int(valid[r].sum())
+        ones = np.ones(n, bool)
+        out[r] = _kl(p[r, :n], q[r, :n], ones, np.float32)
     return out
 
 
@@ -459,7 +467,7 @@ def _entropy(h, offset, w, lo, hi, levels, symmetric, one_sided):
         z = np.zeros(m)
         keep = lat >= 0
         z[lat[keep]] = h[keep]
-        sizes = np.arange(nq, m + 1)
+        sizes = np.arange(nq, min(m, int(np.ceil(hi / w - 1e-6))) + 1)
         start = np.zeros_like(sizes)
         end = sizes
         edge_lo, edge_hi = np.zeros(sizes.shape), sizes * w
@@ -467,7 +475,9 @@ def _entropy(h, offset, w, lo, hi, levels, symmetric, one_sided):
         m = int(max(-lat[0], lat[-1] + 1))
         z = np.zeros(2 * m)
         z[lat + m] = h
-        sizes = np.arange(nq // 2, m + 1)
+        # like ORT, candidates stop at the window that just holds the data
+        i_max = min(m, int(np.ceil(max(-lo, hi) / w - 1e-6)))
+        sizes = np.arange(nq // 2, i_max + 1)
         start = m - sizes
         end = np.minimum(m + sizes + 1, 2 * m)
         edge_lo, edge_hi = -sizes * w, (end - m) * w
