@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 
 import jax
@@ -42,10 +41,9 @@ def _is_plain(leaf) -> bool:
 
 def _write(path, data: bytes) -> None:
     path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".jqx-")
+    tmp = f"{path}.{os.getpid()}.tmp"  # plain open(): the file gets the umask's permissions
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
