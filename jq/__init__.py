@@ -8,7 +8,8 @@ calibration observers (`jq.calibration`), integer dot_general / einsum / conv
 Importing jq does not import Flax; the Flax functions import it when called.
 """
 
-from jq import calibration, numerics, ops
+from jq import calibration, deploy, hlo, numerics, ops
+from jq.deploy import load_exported
 from jq.flax import (
     QAT,
     CalibrationStats,
@@ -22,6 +23,7 @@ from jq.flax import (
     report,
     sites,
 )
+from jq.flax.export import export
 from jq.numerics import format_info, get_format
 from jq.ops import conv_general_dilated, dot_general, einsum
 from jq.qparams import QParams, QuantSpec, qparams_from_array, qparams_from_range
@@ -50,13 +52,17 @@ __all__ = [
     "calibration",
     "conv_general_dilated",
     "convert",
+    "deploy",
     "dequantize",
     "dot_general",
     "einsum",
+    "export",
     "fake_quant",
     "format_info",
     "format_table",
     "get_format",
+    "hlo",
+    "load_exported",
     "lsq_fake_quant",
     "numerics",
     "ops",
