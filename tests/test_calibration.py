@@ -113,15 +113,16 @@ class HistogramStreamingTest(chex.TestCase):
         xs = [(mu + s * rng.standard_normal((n, 2))).astype(np.float32) for mu, s, n in batches]
         state = _feed(obs, xs)
         counts = np.asarray(state.counts)
-        per_channel = counts.reshape(-1, 32).sum(axis=1)
+        nb = counts.shape[-1]
+        per_channel = counts.reshape(-1, nb).sum(axis=1)
         want = sum(x.shape[0] for x in xs) * (1 if axis is not None else 2)
         np.testing.assert_array_equal(per_channel, want)
         # every count sits in a bin that overlaps the data range it came from
-        edges_lo = (np.asarray(state.offset).reshape(-1, 1) + np.arange(32)) * np.asarray(
+        edges_lo = (np.asarray(state.offset).reshape(-1, 1) + np.arange(nb)) * np.asarray(
             state.width
         ).reshape(-1, 1)
         w = np.asarray(state.width).reshape(-1, 1)
-        occupied = counts.reshape(-1, 32) > 0
+        occupied = counts.reshape(-1, nb) > 0
         lo = np.asarray(state.lo).reshape(-1, 1)
         hi = np.asarray(state.hi).reshape(-1, 1)
         assert np.all(
@@ -130,19 +131,23 @@ class HistogramStreamingTest(chex.TestCase):
         )
 
     def test_rebinning_merges_bins_exactly(self):
-        # 16 bins over [-8, 8]: width 1; a batch at 20 forces a power-of-two wider width
+        # ORT's first layout: 16 bins over [-8, 8], width 1, centred in 32 stored bins
+        # (2x headroom); a batch at 20 forces a power-of-two wider width
         obs = cal.Histogram(num_bins=16, method="percentile")
         x1 = np.append(np.arange(-8.0, 8.0) + 0.5, -8.0).astype(np.float32)
         state = obs.update(obs.init(x1), x1)
         assert float(state.width.reshape(())) == 1.0
-        np.testing.assert_array_equal(state.counts.reshape(-1), [2] + [1] * 15)
+        assert int(state.offset.reshape(())) == -16
+        np.testing.assert_array_equal(state.counts.reshape(-1), [0] * 8 + [2] + [1] * 15 + [0] * 8)
+        state = obs.update(state, jnp.array([12.0]))  # inside the headroom: no re-binning
+        assert float(state.width.reshape(())) == 1.0
         state = obs.update(state, jnp.array([20.0]))
         w = float(state.width.reshape(()))
-        assert w == 2.0 ** round(np.log2(w)) and w >= 28 / 15
+        assert w == 2.0
         counts = np.asarray(state.counts).reshape(-1)
-        edges = (int(state.offset.reshape(())) + np.arange(17)) * w
+        edges = (int(state.offset.reshape(())) + np.arange(33)) * w
         assert edges[0] <= -8.0 and edges[-1] > 20.0
-        hist_np, _ = np.histogram(np.append(x1, 20.0), bins=edges)
+        hist_np, _ = np.histogram(np.append(x1, [12.0, 20.0]), bins=edges)
         np.testing.assert_array_equal(counts, hist_np)
 
     def test_jit_does_not_retrace_or_sync(self):
@@ -176,7 +181,7 @@ class HistogramStreamingTest(chex.TestCase):
         obs = cal.Histogram(num_bins=100)
         state = jax.jit(obs.update)(obs.init(x), x)
         w = float(state.width.reshape(()))
-        edges = (int(state.offset.reshape(())) + np.arange(101)) * w
+        edges = (int(state.offset.reshape(())) + np.arange(201)) * w
         np.testing.assert_array_equal(np.asarray(state.counts).ravel(), np.histogram(x, edges)[0])
 
 
