@@ -58,7 +58,7 @@ import numpy as np
 from jq.qparams import QParams, QuantSpec, qparams_from_range
 from jq.quantize import QArray, quantize
 
-__all__ = ["GPTQResult", "gptq_quantize", "hessian_update", "rtn_quantize"]
+__all__ = ["GPTQResult", "gptq_quantize", "gptq_with_params", "hessian_update", "rtn_quantize"]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -263,26 +263,135 @@ def _gptq_pass(w, u, row_scale, row_zp, cfg: _Config, per_column: bool):
     return codes, gscale, gzp
 
 
-@jax.jit
-def _prepare(h, percdamp):
-    h = h.astype(jnp.float32)
-    d = jnp.diagonal(h)
-    dead = d == 0
-    h = h + jnp.diag(dead.astype(jnp.float32))
-    damp = percdamp * jnp.mean(jnp.diagonal(h))
-    h = h + damp * jnp.eye(h.shape[0], dtype=jnp.float32)
-    lower = jnp.linalg.cholesky(h)
-    eye = jnp.eye(h.shape[0], dtype=jnp.float32)
-    hinv = jax.scipy.linalg.cho_solve((lower, True), eye)
-    hinv = 0.5 * (hinv + hinv.T)
-    u = jnp.linalg.cholesky(hinv).T
-    ok = jnp.all(jnp.isfinite(lower)) & jnp.all(jnp.isfinite(u))
-    return u, dead, ok
+def _factor(h, percdamp: float, act_order: bool):
+    """U = chol(H^-1)^T (upper) in the quantization order, the dead inputs and that order.
+
+    Computed on the host in float64 with LAPACK (numpy): exact enough to tell a
+    singular H from a merely ill-conditioned one, and nothing to compile.
+    """
+    hf = np.asarray(h, np.float64)
+    k = hf.shape[0]
+    dead = np.diagonal(hf) == 0
+    hf = hf + np.diag(dead.astype(np.float64))
+    perm = None
+    if act_order:
+        perm = np.argsort(-np.diagonal(np.asarray(h, np.float64)), kind="stable")
+        hf = hf[perm][:, perm]
+    hf = hf + percdamp * np.mean(np.diagonal(hf)) * np.eye(k)
+    bad = ValueError(
+        f"gptq: the Hessian `h` is not positive definite after dampening with percdamp={percdamp} "
+        "(singular: too few or linearly dependent calibration inputs); raise percdamp "
+        "(0.01 is the paper's default) or add calibration data"
+    )
+    try:
+        lower = np.linalg.cholesky(hf)
+    except np.linalg.LinAlgError:
+        raise bad from None
+    # pivots at rounding level mean a numerically singular H (cond > ~1e12)
+    if np.min(np.diagonal(lower) ** 2 / np.diagonal(hf)) < 1e-12:
+        raise bad
+    linv = np.linalg.inv(lower)  # H^-1 = L^-T L^-1
+    hinv = linv.T @ linv
+    u = np.linalg.cholesky(0.5 * (hinv + hinv.T)).T
+    if not np.all(np.isfinite(u)):
+        raise bad
+    return u.astype(np.float32), dead, perm
 
 
-# ---------------------------------------------------------------------------------------
-# public entry points
-# ---------------------------------------------------------------------------------------
+def _check_common(w, h, percdamp, block_size):
+    if isinstance(w, jax.core.Tracer) or isinstance(h, jax.core.Tracer):
+        raise TypeError("gptq: `w` and `h` must be concrete arrays (call it outside jit; the pass inside is jitted)")
+    w = np.asarray(w)
+    h = np.asarray(h)
+    if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"gptq: `w` must be a 2-D float (K, N) weight, got shape {w.shape}, dtype {w.dtype}")
+    k = w.shape[0]
+    if h.shape != (k, k):
+        raise ValueError(f"gptq: `h` must have shape (K, K) = {(k, k)} for `w` of shape {w.shape}, got {h.shape}")
+    if not isinstance(percdamp, (int, float, np.floating)) or isinstance(percdamp, bool) or not percdamp >= 0:
+        raise ValueError(f"gptq: `percdamp` must be a float >= 0, got {percdamp!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise ValueError(f"gptq: `block_size` must be a positive int, got {block_size!r}")
+    if not (np.all(np.isfinite(w)) and np.all(np.isfinite(h))):
+        raise ValueError("gptq: `w` and `h` must be finite (NaN or inf found)")
+    return w.astype(np.float32), h
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "per_column"))
+def _run_given(w, u, perm, inv, row_scale, row_zp, cfg: _Config, per_column: bool):
+    codes, _, _ = _gptq_pass(w[perm], u, row_scale[perm], row_zp[perm], cfg, per_column)
+    return codes[inv]
+
+
+def gptq_with_params(
+    w: jax.Array,
+    h: jax.Array,
+    row_scale: jax.Array,
+    row_zero_point: jax.Array,
+    spec: QuantSpec,
+    *,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    bits: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """GPTQ with fixed quantization parameters given per element (any scale layout).
+
+    Used for weights whose scales are tied in ways a ``(K, N)`` matrix view
+    cannot express as groups or columns (e.g. a ``(D, H, Dh)`` DenseGeneral
+    kernel with one scale per ``Dh``): the caller expands its `QParams` to
+    ``(K, N)`` (or ``(K, 1)``) and gets the GPTQ codes back.
+
+    Args:
+      w, h: as in `gptq_quantize`.
+      row_scale, row_zero_point: float32 ``(K, N)`` or ``(K, 1)`` arrays, the
+        scale and zero point (0 when absent) of each element.
+      spec: the integer `QuantSpec` (format and grid); its axes are not used.
+      percdamp, act_order, block_size, bits: as in `gptq_quantize`.
+
+    Returns:
+      ``(weight, codes)``: the dequantized float32 weight and the float codes,
+      both ``(K, N)`` in the original row order.
+    """
+    w, h = _check_common(w, h, percdamp, block_size)
+    k, n = w.shape
+    qmin, qmax = _grid(spec, bits)
+    row_scale = jnp.asarray(row_scale, jnp.float32)
+    row_scale = jnp.broadcast_to(row_scale, (k, row_scale.shape[-1]))
+    row_zp = jnp.broadcast_to(jnp.asarray(row_zero_point, jnp.float32), row_scale.shape)
+    u, dead, perm = _factor(h, float(percdamp), act_order)
+    w = np.where(dead[:, None], np.float32(0), w)
+    perm = np.arange(k) if perm is None else perm
+    cfg = _Config(spec, qmin, qmax, _lazy_block(k, block_size, None), None, False)
+    per_column = row_scale.shape[-1] == n and n != 1
+    codes = _run_given(w, u, perm, np.argsort(perm), row_scale, row_zp, cfg, per_column)
+    return (codes - row_zp) * row_scale, codes
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "per_column"))
+def _run(w, u, perm, inv, cfg: _Config, per_column: bool):
+    k, n = w.shape
+    g = cfg.group or k
+    # static parameters (per tensor, per column, or groups of the original weights)
+    wg = w.reshape(k // g, g, n)
+    if per_column:
+        lo, hi = jnp.min(wg, axis=1), jnp.max(wg, axis=1)
+    else:
+        lo, hi = jnp.min(wg, axis=(1, 2))[:, None], jnp.max(wg, axis=(1, 2))[:, None]
+    gscale, gzp = _params(lo, hi, cfg)  # (G, N or 1)
+    rows = perm // g
+    codes, dscale, dzp = _gptq_pass(w[perm], u, gscale[rows], gzp[rows], cfg, per_column)
+    if cfg.dynamic:
+        gscale, gzp = dscale, dzp
+    codes = codes[inv]
+    grow = jnp.arange(k) // g
+    weight = (codes - gzp[grow]) * gscale[grow]
+    return codes, gscale, gzp, weight
+
+
+_quantize = jax.jit(quantize, static_argnums=(2,))
+
+
 def gptq_quantize(
     w: jax.Array,
     h: jax.Array,
@@ -295,6 +404,10 @@ def gptq_quantize(
     bits: int | None = None,
 ) -> GPTQResult:
     """Quantizes a ``(K, N)`` weight with GPTQ, given the input Hessian ``H = 2 X X^T / n``.
+
+    The Cholesky factorisation runs on the host in float64 (numpy); the
+    row-by-row pass is one jitted function (compiled once per shape and
+    configuration). Call it outside `jax.jit`.
 
     Args:
       w: float weight, shape ``(K, N)`` (a Dense kernel: input rows, output columns).
@@ -321,21 +434,12 @@ def gptq_quantize(
         non-integer format, NaN / inf in `w` or `h`, or an `h` that is not
         positive definite after dampening (singular, e.g. ``percdamp=0`` with
         fewer calibration rows than K).
-      TypeError: `spec` is not a QuantSpec.
+      TypeError: `spec` is not a QuantSpec; `w` or `h` is a tracer.
     """
-    w = jnp.asarray(w)
-    h = jnp.asarray(h)
-    if w.ndim != 2 or not jnp.issubdtype(w.dtype, jnp.floating):
-        raise ValueError(f"gptq: `w` must be a 2-D float (K, N) weight, got shape {w.shape}, dtype {w.dtype}")
+    w, h = _check_common(w, h, percdamp, block_size)
     k, n = w.shape
-    if h.shape != (k, k):
-        raise ValueError(f"gptq: `h` must have shape (K, K) = {(k, k)} for `w` of shape {w.shape}, got {h.shape}")
     group, per_column = _check_spec(spec, k)
     qmin, qmax = _grid(spec, bits)
-    if not isinstance(percdamp, (int, float, np.floating)) or isinstance(percdamp, bool) or not percdamp >= 0:
-        raise ValueError(f"gptq: `percdamp` must be a float >= 0, got {percdamp!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        raise ValueError(f"gptq: `block_size` must be a positive int, got {block_size!r}")
     if static_groups is None:
         static_groups = bool(act_order)
     if act_order and group is not None and not static_groups:
@@ -343,50 +447,15 @@ def gptq_quantize(
             "gptq: act_order with group scales needs static_groups=True (jq stores groups in the "
             "original row order; their parameters must be fixed before the permuted pass)"
         )
-    if _is_concrete(w) and _is_concrete(h):
-        if not (bool(jnp.all(jnp.isfinite(w))) and bool(jnp.all(jnp.isfinite(h)))):
-            raise ValueError("gptq: `w` and `h` must be finite (NaN or inf found)")
-    w = w.astype(jnp.float32)
-    hf = h.astype(jnp.float32)
-    perm = None
-    if act_order:
-        perm = jnp.argsort(-jnp.diagonal(hf), stable=True)
-        hf = hf[perm][:, perm]
-    u, dead, ok = _prepare(hf, jnp.float32(percdamp))
-    if _is_concrete(ok) and not bool(ok):
-        raise ValueError(
-            f"gptq: the Hessian `h` is not positive definite after dampening with percdamp={percdamp} "
-            "(singular: too few or linearly dependent calibration inputs); raise percdamp "
-            "(0.01 is the paper's default) or add calibration data"
-        )
-    if perm is not None:
-        dead = dead[jnp.argsort(perm)]
-    w = jnp.where(dead[:, None], 0.0, w)
+    u, dead, perm = _factor(h, float(percdamp), act_order)
+    w = np.where(dead[:, None], np.float32(0), w)
     cfg = _Config(spec, qmin, qmax, _lazy_block(k, block_size, group), group, not static_groups and group is not None)
-
-    # static parameters (per tensor, per column, or groups from the original weights)
-    g = group or k
-    wg = w.reshape(k // g, g, n)
-    if per_column:
-        lo, hi = jnp.min(wg, axis=1), jnp.max(wg, axis=1)
-    else:
-        lo, hi = jnp.min(wg, axis=(1, 2))[:, None], jnp.max(wg, axis=(1, 2))[:, None]
-    gscale, gzp = _params(lo, hi, cfg)  # (G, N or 1)
-    if perm is not None:
-        w_p, rows = w[perm], perm // g
-    else:
-        w_p, rows = w, jnp.arange(k) // g
-    codes, dscale, dzp = _gptq_pass(w_p, u, gscale[rows], gzp[rows], cfg, per_column)
-    if cfg.dynamic:
-        gscale, gzp = dscale, dzp
-    if perm is not None:
-        codes = codes[jnp.argsort(perm)]
-    grow = jnp.arange(k) // g
-    weight = (codes - gzp[grow]) * gscale[grow]
+    p = np.arange(k) if perm is None else perm
+    codes, gscale, gzp, weight = _run(w, u, p, np.argsort(p), cfg, per_column)
     has_zp = spec.scheme == "affine" or not spec.fmt.signed
     qp = QParams(gscale, gzp.astype(jnp.int32) if has_zp else None)
-    q = quantize(weight, qp, spec)
-    return GPTQResult(q, weight, qp, codes.astype(jnp.int32), perm)
+    q = _quantize(weight, qp, spec)
+    return GPTQResult(q, weight, qp, codes.astype(jnp.int32), None if perm is None else jnp.asarray(perm))
 
 
 def rtn_quantize(w: jax.Array, spec: QuantSpec, *, bits: int | None = None) -> GPTQResult:
@@ -394,10 +463,10 @@ def rtn_quantize(w: jax.Array, spec: QuantSpec, *, bits: int | None = None) -> G
 
     Equals ``jq.quantize(w, None, spec)`` when `bits` is None.
     """
-    w = jnp.asarray(w)
+    w = np.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"rtn: `w` must be a 2-D (K, N) weight, got shape {w.shape}")
-    return gptq_quantize(w, jnp.eye(w.shape[0], dtype=jnp.float32), spec, percdamp=0.0, bits=bits,
+    return gptq_quantize(w, np.eye(w.shape[0], dtype=np.float32), spec, percdamp=0.0, bits=bits,
                          static_groups=True)
 
 

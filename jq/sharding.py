@@ -304,7 +304,8 @@ def qvars_shardings(qvars, shardings=None, *, mesh: Mesh | None = None):
         else:
             out_vars[path] = s
     acts = jax.tree_util.tree_map(lambda _: repl, qvars.activations)
-    return type(qvars)(out_vars, acts, qvars.plan)
+    smooth = jax.tree_util.tree_map(lambda _: repl, qvars.smooth)
+    return type(qvars)(out_vars, acts, qvars.plan, smooth)
 
 
 def shard_qvars(qvars, shardings=None, *, mesh: Mesh | None = None):
@@ -449,6 +450,13 @@ def sharded_update(observer, state, x: jax.Array, mesh: Mesh, axis_name: str | t
             f"sharded_update: `x` axis {batch_axis} (size {x.shape[batch_axis]}) does not split "
             f"into {k} shards over {axis_name!r}"
         )
+    return _sharded_step(observer, mesh, axis_name, batch_axis, nd)(state, x)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_step(observer, mesh, axis_name, batch_axis, nd):
+    """One jitted shard_map step per (observer, mesh, axes, rank): no retracing per batch."""
+    ch = getattr(observer, "axis", None)
     xspec = [None] * nd
     xspec[batch_axis] = axis_name
     hist = _is_histogram(observer)
@@ -460,6 +468,9 @@ def sharded_update(observer, state, x: jax.Array, mesh: Mesh, axis_name: str | t
             lo, hi = _local_extrema(xs, ch, nd)
             st0 = with_common_range(observer, st, jax.lax.pmin(lo, axis_name),
                                     jax.lax.pmax(hi, axis_name))
+            # the earlier counts are re-binned identically everywhere: keep them on one shard
+            first = jax.lax.axis_index(axis_name) == 0
+            st0 = st0._replace(counts=jnp.where(first, st0.counts, 0))
             new = observer.update(st0, xs)
             return new._replace(counts=jax.lax.psum(new.counts, axis_name),
                                 nonfinite=st.nonfinite + jax.lax.psum(new.nonfinite - st.nonfinite,
@@ -474,4 +485,4 @@ def sharded_update(observer, state, x: jax.Array, mesh: Mesh, axis_name: str | t
             merged = merged._replace(count=st.count + 1)
         return merged
 
-    return step(state, x)
+    return jax.jit(step)

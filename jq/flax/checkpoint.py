@@ -84,6 +84,10 @@ def save(path: str | os.PathLike, qvars: QuantizedVariables) -> None:
         if qp.zero_point is not None:
             arrays[k + ".zero_point"] = qp.zero_point
         acts[name] = {"key": k, "zero_point": qp.zero_point is not None}
+    smooth = {}
+    for i, (name, sv) in enumerate(qvars.smooth.items()):
+        arrays[f"s{i}"] = sv
+        smooth[name] = f"s{i}"
     p = qvars.plan
     meta = {
         "jq_checkpoint_version": _FORMAT_VERSION,
@@ -97,6 +101,7 @@ def save(path: str | os.PathLike, qvars: QuantizedVariables) -> None:
         ],
         "variables": leaves,
         "activations": acts,
+        "smooth": smooth,
     }
     os.makedirs(path, exist_ok=False)
     ocp = _ocp()
@@ -145,4 +150,5 @@ def restore(path: str | os.PathLike) -> QuantizedVariables:
                        s["rule_index"]) for s in meta["sites"]),
         tuple((a, tuple(b), c) for a, b, c in meta["float_leaves"]),
     )
-    return QuantizedVariables(variables, acts, plan)
+    smooth = {name: arrays[k] for name, k in meta.get("smooth", {}).items()}
+    return QuantizedVariables(variables, acts, plan, smooth)

@@ -1,0 +1,568 @@
+"""Calibration-based weight post-processing for Flax models: GPTQ and SmoothQuant.
+
+`gptq` collects the layer-input Hessian ``H = 2 X X^T / n`` of every matched
+Dense / DenseGeneral / Einsum weight with the same traced-model interpreter
+that `jq.calibrate` uses, runs `jq.gptq.gptq_quantize` on it, and returns
+ordinary `QuantizedVariables` that `jq.apply` runs unchanged.
+
+`smoothquant` moves per-channel activation outliers into the weights
+(Xiao et al., 2022) and returns `QuantizedVariables` that carry the per-site
+smoothing vectors.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+
+import jax
+import jax.extend.core as jcore
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jq.flax._graph import (
+    _CALL_PARAM,
+    Interpreter,
+    ModelAdapter,
+    Site,
+    _inner_jaxpr,
+    bind_eqn,
+    trace,
+)
+from jq.flax.api import (
+    CalibrationStats,
+    QuantizedVariables,
+    _abstract,
+    _act_fit,
+    _choose,
+    _is_arr,
+    _leaf_specs,
+    _scan_lengths,
+    _sds,
+    _split_batch,
+    _stack_tree,
+    _with_dyn,
+    calibrate,
+    convert,
+)
+from jq.flax.rules import Rule, check_rules
+from jq.gptq import gptq_quantize, gptq_with_params
+from jq.qparams import QParams, QuantSpec, qparams_from_array
+from jq.quantize import _expand_blocks, quantize
+from jq.smoothquant import smoothing_factors
+
+__all__ = ["gptq", "smoothquant"]
+
+_PASSTHROUGH = {"convert_element_type", "copy", "copy_p"}
+assert "jit" in _CALL_PARAM  # the dependency walk follows the same call primitives as the finder
+
+
+# ---------------------------------------------------------------------------------------
+# site geometry
+# ---------------------------------------------------------------------------------------
+def _dot_geometry(site: Site):
+    """``(weight contracting dims, activation contracting dims)`` of a parameter dot, or a reason."""
+    if site.kind != "dot":
+        return f"{site.kind} site"
+    if any(op not in _PASSTHROUGH for op in site.chain):
+        return f"weight reaches the dot through {site.chain}"
+    (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
+    if lb or rb:
+        return "dot with batch dimensions on the weight"
+    wc, ac = (tuple(rc), tuple(lc)) if site.operand == 1 else (tuple(lc), tuple(rc))
+    if wc != tuple(range(len(wc))):
+        return f"weight contracting dims {wc} are not its leading axes"
+    return wc, ac
+
+
+def _x_matrix(x, ac, k):
+    """The activation as ``(rows, K)``, K flattened in the order of the weight's leading axes."""
+    nd = x.ndim
+    x = jnp.moveaxis(x, ac, tuple(range(nd - len(ac), nd)))
+    return x.reshape(-1, k).astype(jnp.float32)
+
+
+def _site_deps(jaxpr, finder) -> dict[str, frozenset]:
+    """For each site, the sites whose outputs reach its activation operand(s) (over-approximated)."""
+    deps: dict[str, frozenset] = {}
+    empty = frozenset()
+
+    def walk(j, env):
+        for eqn in j.eqns:
+            ins = [env.get(v, empty) if isinstance(v, jcore.Var) else empty for v in eqn.invars]
+            union = empty.union(*ins)
+            site = finder.by_eqn.get(id(eqn))
+            if site is not None:
+                up = empty.union(*(ins[i] for i in site.act_operands)) if site.act_operands else empty
+                deps[site.name] = deps.get(site.name, empty) | up
+                outs = [union | {site.name}] * len(eqn.outvars)
+            elif _inner_jaxpr(eqn) is not None:
+                inner, _ = _inner_jaxpr(eqn)
+                sub = {iv: d for iv, d in zip(inner.invars, ins)}
+                walk(inner, sub)
+                outs = [sub.get(v, empty) if isinstance(v, jcore.Var) else empty for v in inner.outvars]
+            elif eqn.primitive.name == "scan":
+                body = eqn.params["jaxpr"].jaxpr
+                nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+                carry = list(ins[nc : nc + nk])
+                for _ in range(4):  # the carry's dependencies grow to a fixpoint
+                    sub = {iv: d for iv, d in zip(body.invars, ins[:nc] + carry + ins[nc + nk :])}
+                    walk(body, sub)
+                    res = [sub.get(v, empty) if isinstance(v, jcore.Var) else empty for v in body.outvars]
+                    new = [c | r for c, r in zip(carry, res[:nk])]
+                    if new == carry:
+                        break
+                    carry = new
+                outs = carry + res[nk:]
+            else:
+                outs = [union] * len(eqn.outvars)
+            for v, o in zip(eqn.outvars, outs):
+                env[v] = o
+
+    walk(jaxpr, {})
+    return deps
+
+
+def _new_variables(adapter: ModelAdapter, leaves: list):
+    """The model's variables (linen) or a new module (nnx) with `leaves`."""
+    tree = jax.tree_util.tree_unflatten(adapter.treedef, leaves)
+    if adapter.kind == "linen":
+        return adapter.model, tree
+    from flax import nnx
+
+    return nnx.merge(adapter.graphdef, tree), None
+
+
+# ---------------------------------------------------------------------------------------
+# streaming per-site statistics over the batches (one jitted step per batch)
+# ---------------------------------------------------------------------------------------
+class _Stream:
+    """Runs the model over calibration batches, one jitted step per batch, calling
+    ``site_fn(site, eqn, invals, states, enabled)`` at the `selected` sites (it may
+    return replacement operands for the site's float evaluation).
+
+    The step is compiled once (per batch shape): the leaves (float weights, some
+    of them already replaced) and a per-site ``enabled`` flag are arguments, so
+    every stage of the sequential GPTQ reuses it.
+    """
+
+    def __init__(self, adapter, kwargs, selected, site_fn):
+        self.adapter = adapter
+        self.kwargs = kwargs
+        self._struct = None
+        stream = self
+
+        def step(leaves, sts, dyn, enabled):
+            a, kw = _with_dyn(stream._struct, dyn)
+            tt = trace(adapter, [_sds(x) for x in leaves], a, kw)
+            sts = dict(sts)
+
+            def handler(site, eqn, invals, states):
+                new = site_fn(site, eqn, invals, states, enabled)
+                return bind_eqn(eqn, invals if new is None else new)
+
+            Interpreter(tt.finder, set(selected), handler).run(tt.jaxpr, tt.consts, list(leaves) + list(dyn), sts)
+            return sts
+
+        self._step = jax.jit(step)
+
+    def run(self, batches, leaves, states, enabled=None, desc="calibrate", progress=False):
+        enabled = {k: jnp.asarray(True) for k in states} if enabled is None else enabled
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+            struct = (_split_batch(batch), self.kwargs)
+            self._struct = struct
+            dyn = [x for x in jax.tree_util.tree_leaves(struct) if _is_arr(x)]
+            states = self._step(list(leaves), states, dyn, enabled)
+        return states
+
+
+def _prepare(model, variables, batches, rules, method, kwargs, name):
+    rules = check_rules(rules)
+    kwargs = dict(kwargs or {})
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"jq.{name}: `batches` is empty; {name} needs at least one calibration batch")
+    adapter = ModelAdapter(model, variables, method)
+    args = _split_batch(batches[0])
+    t = trace(adapter, adapter.values, args, kwargs)
+    chosen = _choose(t.finder, rules)
+    return rules, kwargs, batches, adapter, args, t, chosen
+
+
+# ---------------------------------------------------------------------------------------
+# GPTQ
+# ---------------------------------------------------------------------------------------
+def _matrix_spec(spec: QuantSpec, shape: tuple[int, ...], c: int) -> QuantSpec | None:
+    """The spec of the ``(K, N)`` view of a per-layer weight, or None if its scales are tied otherwise."""
+    r = len(shape)
+    axes = spec.channel_axes(r)
+    ba = spec.canonical_block_axis(r)
+    if ba is not None and (c != 1 or ba != 0):
+        return None
+    if axes == tuple(range(c, r)):
+        col = (1,)
+    elif axes == ():
+        col = None
+    else:
+        return None
+    return spec.replace(axis=col, block_axis=0 if ba is not None else None)
+
+
+def _gptq_layer(w, h, spec, c, opts):
+    """GPTQ of one per-layer weight `w` (leaf layout). Returns (dequantized weight, QParams in leaf layout)."""
+    shape = tuple(w.shape)
+    k = int(np.prod(shape[:c]))
+    wm = jnp.asarray(w, jnp.float32).reshape(k, -1)
+    mspec = _matrix_spec(spec, shape, c)
+    pshape = spec.param_shape(shape)
+    if mspec is not None:
+        res = gptq_quantize(wm, h, mspec, **opts)
+        zp = None if res.qparams.zero_point is None else res.qparams.zero_point.reshape(pshape)
+        return res.weight.reshape(shape), QParams(res.qparams.scale.reshape(pshape), zp)
+    # scales tied across axes the (K, N) view cannot express: fixed min-max parameters
+    qp = qparams_from_array(jnp.asarray(w, jnp.float32), spec)
+    scale = jnp.broadcast_to(_expand_blocks(qp.scale, shape), shape).reshape(k, -1)
+    zp = jnp.zeros_like(scale) if qp.zero_point is None else jnp.broadcast_to(
+        _expand_blocks(qp.zero_point, shape), shape).reshape(k, -1).astype(jnp.float32)
+    opts = {key: v for key, v in opts.items() if key != "static_groups"}
+    weight, _ = gptq_with_params(wm, h, scale, zp, spec, **opts)
+    return weight.reshape(shape), qp
+
+
+def gptq(
+    model,
+    variables,
+    batches: Iterable,
+    rules: Sequence[Rule],
+    *,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    static_groups: bool | None = None,
+    bits: int | None = None,
+    sequential: bool = True,
+    stats: CalibrationStats | None = None,
+    method=None,
+    kwargs: dict | None = None,
+    progress: bool = True,
+    return_info: bool = False,
+):
+    """Quantizes the weights of an unmodified Flax model with GPTQ.
+
+    Every parameter whose site a rule selects (a ``"dot"`` site: Dense,
+    DenseGeneral, Einsum, ``x @ w``) is quantized with its rule's weight spec
+    by `jq.gptq.gptq_quantize`, from the Hessian ``H = 2 X X^T / n`` of the
+    site's inputs over all `batches`, accumulated in float32 inside one jitted
+    step per batch. Group scales are the spec's blocks along the input rows:
+    ``jq.QuantSpec("int4", axis=-1, block_axis=0, block_size=128)`` on a
+    ``(K, N)`` kernel.
+
+    Sequential processing (the paper's setting): sites are processed in stages
+    of the model's dataflow. A site's Hessian is collected with every GPTQ'd
+    site upstream of it already replaced by its quantized weight, so it sees
+    the inputs the quantized model will give it. Sites that do not depend on
+    each other (e.g. query, key and value projections) share a stage. Weights
+    stacked by ``nn.scan`` are one site: each layer gets its own Hessian and
+    GPTQ, but the layers of one scan see each other's float weights. Other
+    quantized sites (RTN fallbacks, activation quantization) stay float while
+    Hessians are collected.
+
+    Sites GPTQ cannot handle fall back to `jq.convert`'s round-to-nearest, with
+    a warning: embeddings and convolutions, weights shared by several sites,
+    weights reaching the dot through a reshape or transpose, dots with batch
+    dimensions on the weight, or contracting axes that are not the weight's
+    leading axes (e.g. a tied ``Embed.attend`` head). Scales tied in ways the
+    ``(K, N)`` view cannot express (a DenseGeneral kernel with scales on one of
+    its output axes only) keep min-max parameters from the float weights;
+    GPTQ still compensates the rounding error.
+
+    Args:
+      model, variables: a linen Module and its variables, or an nnx Module and None.
+      batches: calibration inputs (each one positional argument or a tuple of
+        them); they are run once per stage, so a list is kept.
+      rules: the `jq.Rule` list (weight specs must be integer formats).
+      percdamp, act_order, block_size, static_groups, bits: GPTQ options (see
+        `jq.gptq.gptq_quantize`); ``bits=3`` with ``"int4"`` gives 3-bit codes
+        stored as int4.
+      sequential: False collects every Hessian from the float model in one stage.
+      stats: `CalibrationStats` for static activation rules; if None and a rule
+        is static, `jq.calibrate` runs on the GPTQ'd model with `batches`.
+      method, kwargs: the model method and keyword arguments for every call.
+      progress: tqdm progress bars.
+      return_info: also return one dict per weight (site, shape, method,
+        seconds, reason for a fallback).
+
+    Returns:
+      `QuantizedVariables` (and the info list with `return_info`).
+
+    Raises:
+      ValueError: no calibration batches, a non-integer weight format, a group
+        size that does not divide the input features, or a Hessian that is
+        singular with ``percdamp=0``.
+    """
+    rules, kwargs, batches, adapter, args, t, chosen = _prepare(model, variables, batches, rules, method,
+                                                                 kwargs, "gptq")
+    opts = dict(percdamp=percdamp, act_order=act_order, block_size=block_size, static_groups=static_groups,
+                bits=bits)
+    leaf_specs = _leaf_specs(chosen)
+    uses: dict[int, list[Site]] = {}
+    for s in t.finder.sites:
+        if s.leaf is not None:
+            uses.setdefault(s.leaf.index, []).append(s)
+    targets: dict[str, tuple] = {}  # site name -> (leaf index, spec (per layer), contracting dims)
+    info = []
+    for idx, (spec, c) in leaf_specs.items():
+        s = c.site
+        reason = None
+        if not spec.fmt.is_integer:
+            raise ValueError(f"jq.gptq: rules[{c.rule_index}] weight format {spec.format!r} is not an integer "
+                             f"format (site {s.name!r})")
+        if len(uses[idx]) != 1:
+            reason = f"parameter used by {len(uses[idx])} sites"
+        else:
+            geo = _dot_geometry(s)
+            if isinstance(geo, str):
+                reason = geo
+            elif s.stack and _scan_lengths(s, t.finder) != s.stack:
+                reason = "stacked weight outside a matching scan"
+            else:
+                wc, ac = geo
+                per_layer = s.leaf.shape[len(s.stack):]
+                lspec = c.rule.weight
+                try:
+                    lspec.param_shape(per_layer, s.name)
+                except ValueError as e:
+                    raise ValueError(f"jq.gptq: rules[{c.rule_index}] does not fit site {s.name!r}: {e}") from e
+                targets[s.name] = (idx, lspec, wc, ac, per_layer)
+        if reason is not None:
+            warnings.warn(f"jq.gptq: site {s.name!r} is quantized by round-to-nearest ({reason})", stacklevel=2)
+            info.append({"site": s.name, "shape": s.leaf.shape, "method": "rtn", "seconds": 0.0,
+                         "reason": reason})
+
+    # stages of the dataflow
+    deps = _site_deps(t.jaxpr, t.finder)
+    level: dict[str, int] = {}
+    for s in t.finder.sites:
+        if s.name in targets:
+            up = [level[d] for d in deps.get(s.name, ()) if d in level and d != s.name]
+            level[s.name] = (1 + max(up, default=-1)) if sequential else 0
+    stages = [sorted((n for n, lv in level.items() if lv == i), key=list(level).index)
+              for i in range(max(level.values(), default=-1) + 1)]
+
+    def site_fn(site, eqn, invals, sts, enabled):
+        _, _, wc, ac, per_layer = targets[site.name]
+        k = int(np.prod(per_layer[: len(wc)]))
+        xm = _x_matrix(invals[1 - site.operand], ac, k)
+
+        def add(st):
+            xtx = jnp.matmul(xm.T, xm, precision=jax.lax.Precision.HIGHEST)
+            return {"h": st["h"] + 2.0 * xtx, "n": st["n"] + jnp.float32(xm.shape[0])}
+
+        # only the current stage's Hessians are accumulated (the step is compiled once)
+        sts[site.name] = jax.lax.cond(enabled[site.name], add, lambda st: st, sts[site.name])
+
+    init = {}
+    for name in targets:
+        _, _, wc, _, per_layer = targets[name]
+        k = int(np.prod(per_layer[: len(wc)]))
+        site = next(s for s in t.finder.sites if s.name == name)
+        init[name] = _stack_tree({"h": jnp.zeros((k, k), jnp.float32), "n": jnp.zeros((), jnp.float32)},
+                                 _scan_lengths(site, t.finder))
+    stream = _Stream(adapter, kwargs, set(targets), site_fn)
+    leaves = list(adapter.values)
+    bar = tqdm(total=len(targets), desc="gptq", unit="weight", disable=not progress)
+    for stage in stages:
+        enabled = {name: jnp.asarray(name in stage) for name in targets}
+        hs = stream.run(batches, leaves, init, enabled, "hessians", progress)
+        for name in stage:
+            idx, lspec, wc, _, per_layer = targets[name]
+            t0 = time.perf_counter()
+            w = jnp.asarray(adapter.values[idx])
+            stack = w.shape[: w.ndim - len(per_layer)]
+            outs, scales, zps = [], [], []
+            for li in np.ndindex(*stack):
+                h = hs[name]["h"][li] / jnp.maximum(hs[name]["n"][li], 1.0)
+                wq, qp = _gptq_layer(w[li], h, lspec, len(wc), opts)
+                outs.append(wq)
+                scales.append(qp.scale)
+                zps.append(qp.zero_point)
+            wq = jnp.stack(outs).reshape(w.shape)
+            scale = jnp.stack(scales).reshape(stack + scales[0].shape)
+            zp = None if zps[0] is None else jnp.stack(zps).reshape(stack + zps[0].shape)
+            jax.block_until_ready(wq)
+            leaves[idx] = wq.astype(w.dtype)
+            targets[name] = targets[name] + ((wq, QParams(scale, zp)),)
+            info.append({"site": name, "shape": tuple(w.shape), "method": "gptq",
+                         "seconds": time.perf_counter() - t0, "reason": None})
+            bar.update(1)
+    bar.close()
+
+    # ordinary conversion of the GPTQ'd float weights, then the exact GPTQ QArrays
+    new_model, new_vars = _new_variables(adapter, leaves)
+    if stats is None and any(c.mode == "static" for c in chosen.values()):
+        stats = calibrate(new_model, new_vars, batches, rules, method=method, kwargs=kwargs, progress=progress)
+    qvars = convert(new_model, new_vars, rules, stats, args=args, kwargs=kwargs, method=method)
+    variables_q = dict(qvars.variables)
+    for entry in targets.values():
+        idx, wq, qp = entry[0], entry[5][0], entry[5][1]
+        spec = leaf_specs[idx][0]
+        q = quantize(wq, qp, spec)
+        variables_q[adapter.leaves[idx].path] = q
+    qvars = QuantizedVariables(variables_q, qvars.activations, qvars.plan)
+    return (qvars, info) if return_info else qvars
+
+
+# ---------------------------------------------------------------------------------------
+# SmoothQuant
+# ---------------------------------------------------------------------------------------
+def _smooth_shape(x_ndim: int, ac: tuple[int, ...], kshape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple]:
+    """Keepdims shape of `s` against the activation, and the transpose from the weight's K order."""
+    shape = [1] * x_ndim
+    for a, n in zip(ac, kshape):
+        shape[a] = n
+    return tuple(shape), tuple(np.argsort(ac))
+
+
+def _act_smooth(s_flat, x_ndim, ac, kshape):
+    """``(K,)`` factors (weight row order) -> keepdims factors for the activation."""
+    shape, order = _smooth_shape(x_ndim, ac, kshape)
+    return jnp.transpose(s_flat.reshape(kshape), order).reshape(shape)
+
+
+def smoothquant(
+    model,
+    variables,
+    batches: Iterable,
+    rules: Sequence[Rule],
+    *,
+    alpha: float = 0.5,
+    power_of_two: bool = False,
+    method=None,
+    kwargs: dict | None = None,
+    progress: bool = True,
+) -> QuantizedVariables:
+    """SmoothQuant (W8A8): calibrates, smooths and converts an unmodified Flax model.
+
+    For every selected ``"dot"`` site with a quantized activation (static or
+    dynamic rule), the per-input-channel ``max |X_j|`` over `batches` and the
+    weight rows' ``max |W_j|`` give ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``
+    (`jq.smoothquant.smoothing_factors`). The weight is stored as
+    ``diag(s) W`` (then quantized by the rule), and the site's activation is
+    multiplied by ``1 / s`` before it is quantized; static activation ranges
+    are calibrated on the smoothed activations (a second pass over `batches`).
+
+    jq does not edit the model, so the ``1 / s`` is not folded into a preceding
+    LayerNorm: `jq.apply` multiplies the activation by the stored factors
+    (`QuantizedVariables.smooth`), an elementwise product that XLA fuses into
+    the activation's quantization.
+
+    Args:
+      model, variables: a linen Module and its variables, or an nnx Module and None.
+      batches: calibration inputs (each one positional argument or a tuple).
+      rules: the `jq.Rule` list; sites whose rule quantizes activations are smoothed.
+      alpha: migration strength in [0, 1] (0.5 in the paper for most models).
+      power_of_two: round the factors to powers of two (smoothing then exact in float).
+      method, kwargs, progress: as in `jq.calibrate`.
+
+    Returns:
+      `QuantizedVariables` with ``smooth`` set.
+
+    Raises:
+      ValueError: no calibration batches, `alpha` outside [0, 1].
+    """
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"jq.smoothquant: alpha must lie in [0, 1], got {alpha!r}")
+    rules, kwargs, batches, adapter, args, t, chosen = _prepare(model, variables, batches, rules, method,
+                                                                 kwargs, "smoothquant")
+    uses: dict[int, int] = {}
+    for s in t.finder.sites:
+        if s.leaf is not None:
+            uses[s.leaf.index] = uses.get(s.leaf.index, 0) + 1
+    targets = {}  # site name -> (leaf index, weight contracting dims, act contracting dims, per-layer shape)
+    for name, c in chosen.items():
+        s = c.site
+        if c.mode == "weight_only" or s.leaf is None:
+            continue
+        geo = _dot_geometry(s)
+        if isinstance(geo, str) or uses[s.leaf.index] != 1 or (s.stack and _scan_lengths(s, t.finder) != s.stack):
+            warnings.warn(f"jq.smoothquant: site {name!r} is not smoothed "
+                          f"({geo if isinstance(geo, str) else 'shared or stacked weight'})", stacklevel=2)
+            continue
+        wc, ac = geo
+        targets[name] = (s.leaf.index, wc, ac, s.leaf.shape[len(s.stack):], s)
+
+    # pass 1: per-channel max |X_j|
+    def absmax_fn(site, eqn, invals, sts, enabled):
+        _, wc, ac, per_layer, _ = targets[site.name]
+        k = int(np.prod(per_layer[: len(wc)]))
+        xm = _x_matrix(invals[1 - site.operand], ac, k)
+        sts[site.name] = jnp.maximum(sts[site.name], jnp.max(jnp.abs(xm), axis=0))
+
+    init = {n: _stack_tree(jnp.zeros((int(np.prod(v[3][: len(v[1])])),), jnp.float32), _scan_lengths(v[4], t.finder))
+            for n, v in targets.items()}
+    amax = _Stream(adapter, kwargs, set(targets), absmax_fn).run(batches, adapter.values, init, None,
+                                                                 "smoothquant", progress)
+
+    leaves = list(adapter.values)
+    smooth_flat, smooth = {}, {}
+    for name, (idx, wc, ac, per_layer, site) in targets.items():
+        w = jnp.asarray(leaves[idx])
+        stack = w.shape[: w.ndim - len(per_layer)]
+        k = int(np.prod(per_layer[: len(wc)]))
+        wm = w.reshape(stack + (k, -1)).astype(jnp.float32)
+        s = smoothing_factors_stacked(amax[name], jnp.max(jnp.abs(wm), axis=-1), alpha, power_of_two)
+        leaves[idx] = (wm * s[..., None]).reshape(w.shape).astype(w.dtype)
+        smooth_flat[name] = s
+        x_ndim = len(site.in_avals[1 - site.operand].shape)
+        kshape = per_layer[: len(wc)]
+        flat_s = s.reshape((-1, k))
+        per = [_act_smooth(flat_s[i], x_ndim, ac, kshape) for i in range(flat_s.shape[0])]
+        smooth[name] = jnp.stack(per).reshape(stack + per[0].shape)
+
+    # pass 2: static activation ranges of the smoothed activations
+    observers, states = {}, {}
+    for c in chosen.values():
+        if c.mode != "static":
+            continue
+        for op in c.site.act_operands:
+            _act_fit(c, op)
+            aval = c.site.in_avals[op]
+            key = c.site.act_key(op)
+            observers[key] = c.rule.activation.calibration
+            states[key] = _stack_tree(observers[key].init(jnp.zeros(aval.shape, aval.dtype)),
+                                      _scan_lengths(c.site, t.finder))
+
+    def observe_fn(site, eqn, invals, sts, enabled):
+        vals = list(invals)
+        if site.name + ":smooth" in sts:
+            op = site.act_operands[0]
+            vals[op] = vals[op] * (1.0 / sts[site.name + ":smooth"]).astype(vals[op].dtype)
+        for op in site.act_operands:
+            key = site.act_key(op)
+            if key in sts:
+                sts[key] = observers[key].update(sts[key], vals[op])
+        return vals
+
+    sts0 = dict(states)
+    for name, sv in smooth.items():
+        sts0[name + ":smooth"] = sv
+    # smoothed sites run as (x / s) @ (diag(s) W) so that later sites see the right inputs
+    selected = {c.site.name for c in chosen.values() if c.mode == "static"} | set(smooth)
+    sts = _Stream(adapter, kwargs, selected, observe_fn).run(batches, leaves, sts0, None, "calibrate", progress)
+    stats = CalibrationStats({k: sts[k] for k in states}, observers, len(batches), (_abstract(args), kwargs),
+                             tuple(chosen))
+    new_model, new_vars = _new_variables(adapter, leaves)
+    qvars = convert(new_model, new_vars, rules, stats, args=args, kwargs=kwargs, method=method)
+    return QuantizedVariables(qvars.variables, qvars.activations, qvars.plan, smooth)
+
+
+def smoothing_factors_stacked(act_absmax, weight_absmax, alpha, power_of_two):
+    """`smoothing_factors` over leading (scan-stacked) axes."""
+    if act_absmax.ndim == 1:
+        return smoothing_factors(act_absmax, weight_absmax, alpha, power_of_two=power_of_two)
+    flat_a = act_absmax.reshape((-1, act_absmax.shape[-1]))
+    flat_w = weight_absmax.reshape(flat_a.shape)
+    out = [smoothing_factors(a, w, alpha, power_of_two=power_of_two) for a, w in zip(flat_a, flat_w)]
+    return jnp.stack(out).reshape(act_absmax.shape)
