@@ -34,6 +34,7 @@ from jq.flax._graph import (
     Interpreter,
     ModelAdapter,
     _inner_jaxpr,
+    _is_dynamic,
     _scope_path,
     bind_eqn,
     trace,
@@ -469,6 +470,7 @@ class _CastStatic:
     keep_modules: tuple
     overflow: dict = dataclasses.field(compare=False, hash=False)
     kept_params: tuple = ()  # ((leaf path, module, max |w|), ...) stored float32 because they overflow
+    jitted: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # signature -> jitted apply
 
     def __hash__(self):
         return id(self)
@@ -528,8 +530,35 @@ class CastModel:
         """Runs the model on `args` / `kwargs` (the model's own inputs); returns its output.
 
         Float inputs are cast to the format on entry unless calibration saw them
-        overflow; float outputs come back in their float32 dtype.
+        overflow; float outputs come back in their float32 dtype. The call is
+        jitted (one compilation per input signature); non-array arguments are
+        static.
         """
+        if self._example is None:  # what report() traces when called without an input
+            self._example = (tuple(jax.tree_util.tree_map(
+                lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) if _is_dynamic(a) else a, args)),
+                kwargs)
+        flat, tree = jax.tree_util.tree_flatten((args, kwargs))
+        dyn_idx = tuple(i for i, x in enumerate(flat) if _is_dynamic(x))
+        static = tuple((i, x) for i, x in enumerate(flat) if i not in dyn_idx)
+        try:
+            key = (tree, dyn_idx, static)
+            hash(key)
+        except TypeError:
+            return self._apply(*args, **kwargs)
+        cache = self._static.jitted
+        if key not in cache:
+            def run(cm, dyn):
+                full = list(flat)
+                for i, d in zip(dyn_idx, dyn):
+                    full[i] = d
+                a, kw = jax.tree_util.tree_unflatten(tree, full)
+                return cm._apply(*a, **kw)
+
+            cache[key] = jax.jit(run)
+        return cache[key](self, [flat[i] for i in dyn_idx])
+
+    def _apply(self, *args, **kwargs):
         s = self._static
         low = _LOW[s.fmt]
         avals = [jax.ShapeDtypeStruct(jnp.shape(v), li.dtype) for v, li in zip(self.leaves, s.adapter.leaves)]
@@ -565,7 +594,7 @@ class CastModel:
                 if self._example is None:
                     raise ValueError("jq.CastModel.report: pass an example input, or call the model first")
                 args, kwargs = self._example
-            jax.eval_shape(lambda a: self.apply(*a, **kwargs), tuple(args))
+            jax.eval_shape(lambda a: self._apply(*a, **kwargs), tuple(args))
         graph, keep, modes = self._last
         info = numerics.format_info(self.dtype)
         rows = [{"path": path, "primitive": "parameter", "module": mod or "-", "category": "overflow",
@@ -925,11 +954,19 @@ def sensitivity(
             fm.append(float(metric_fn(y, b)))
     float_metric = float(np.mean(fm)) if metric_fn is not None else None
     rows = []
+    done = set()
     for name, c in ev.chosen.items():
-        mse, sq, m = _measure(ev.fn(frozenset([name])), batches, inputs, refs, metric_fn)
+        if name in done:
+            continue
+        # a parameter shared by several sites (tied embedding) is quantized at all of them together
+        group = [n for n, o in ev.chosen.items()
+                 if n == name or (c.site.leaf is not None and o.site.leaf is not None
+                                  and o.site.leaf.index == c.site.leaf.index)]
+        done.update(group)
+        mse, sq, m = _measure(ev.fn(frozenset(group)), batches, inputs, refs, metric_fn)
         spec = c.rule.weight if c.site.kind != "act_dot" else c.rule.activation
-        row = {"site": name, "kind": c.site.kind, "module": c.site.module_path,
-               "format": spec.format, "mse": mse, "sqnr_db": sq}
+        row = {"site": " + ".join(group), "kind": ",".join(ev.chosen[n].site.kind for n in group),
+               "module": c.site.module_path, "format": spec.format, "mse": mse, "sqnr_db": sq}
         if metric_fn is not None:
             row["metric"] = m
             row["drop"] = float_metric - m

@@ -1,0 +1,426 @@
+"""Precision tooling: float16 / bfloat16 casting policy, per-site sensitivity, automatic mixed precision."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jq
+from jq import calibration as cal
+from jq.flax import precision as P
+
+KEY = jax.random.key(0)
+
+
+def rel_err(a, b):
+    return float(jnp.linalg.norm(jnp.asarray(a, jnp.float32) - b) / jnp.linalg.norm(b))
+
+
+# ----------------------------------------------------------------------------- models
+class RMSNorm(nn.Module):
+    """A custom norm written with jnp ops: its statistics follow the input dtype."""
+
+    eps: float = 1e-12
+
+    @nn.compact
+    def __call__(self, x):
+        var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        return x * jax.lax.rsqrt(var + self.eps) * self.param("scale", nn.initializers.ones, (x.shape[-1],))
+
+
+class FragileNorm(nn.Module):
+    """Small activations (|x| ~ 1e-4) into an eps=1e-12 norm: x**2 and eps underflow float16."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(32)(x) * 1e-4
+        h = RMSNorm()(h)
+        h = nn.relu(nn.Dense(32)(h))
+        return jax.nn.log_softmax(nn.Dense(10)(h))
+
+
+class Big(nn.Module):
+    """A first layer whose activations reach ~5e5, beyond float16's 65504."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(32, kernel_init=nn.initializers.normal(3e4))(x)
+        h = nn.LayerNorm()(h)
+        return nn.Dense(4)(nn.relu(nn.Dense(16)(h)))
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask=None):
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16)(h, mask=mask)
+        h = nn.LayerNorm()(x)
+        return x + nn.Dense(16)(nn.gelu(nn.Dense(32)(h)))
+
+
+class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        blk = nn.scan(lambda mdl, c, _: (mdl(c), None), variable_axes={"params": 0},
+                      split_rngs={"params": True}, length=2)
+        x, _ = blk(Block(), x, None)
+        return x
+
+
+class NnxFragile(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(16, 32, rngs=rngs)
+        self.norm = nnx.LayerNorm(32, epsilon=1e-12, rngs=rngs)
+        self.l2 = nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(self.norm(self.l1(x) * 1e-4))
+
+
+class Outlier(nn.Module):
+    """`fragile` has an outlier weight row (on an input that is always 0): quantization zeroes the rest."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(32, name="fragile")(x))
+        h = nn.relu(nn.Dense(32, name="mid")(h))
+        return nn.Dense(10, name="head")(h)
+
+
+@pytest.fixture(scope="module")
+def fragile_norm():
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    m = FragileNorm()
+    return m, m.init(KEY, x), x
+
+
+@pytest.fixture(scope="module")
+def outlier():
+    m = Outlier()
+    xs = [jax.random.normal(jax.random.key(10 + i), (64, 16)).at[:, 0].set(0.0) for i in range(3)]
+    v = m.init(KEY, xs[0])
+    v = {"params": dict(v["params"])}
+    frag = dict(v["params"]["fragile"])
+    frag["kernel"] = frag["kernel"].at[0, :].set(100.0)
+    v["params"]["fragile"] = frag
+    f = jax.jit(m.apply)
+    batches = [(x, jnp.argmax(f(v, x), -1)) for x in xs]
+    return m, v, batches
+
+
+def agreement(out, batch):
+    return jnp.mean(jnp.argmax(out, -1) == batch[1])
+
+
+def first(b):
+    return b[0]
+
+
+# ----------------------------------------------------------------------------- cast
+def test_float16_norm_epsilon_underflows_without_policy(fragile_norm):
+    m, v, x = fragile_norm
+    y = jax.jit(m.apply)(v, x)
+    # the trap, by hand: 1e-12 and (1e-4)**2 are zero in float16
+    assert np.float16(1e-12) == 0 and np.float16(1e-4) ** 2 == 0
+    naive = jq.flax.precision.cast(m, v, "float16", keep=())
+    assert not bool(jnp.all(jnp.isfinite(naive.apply(x))))
+    cm = P.cast(m, v, "float16", args=(x,))
+    yc = cm.apply(x)
+    assert yc.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(yc)))
+    np.testing.assert_allclose(yc, y, atol=2e-2)
+    assert rel_err(yc, y) < 5e-3
+    # weights are stored in float16
+    assert {str(leaf.dtype) for leaf in cm.leaves} == {"float16"}
+    assert cm.nbytes() == sum(np.size(a) * 4 for a in jax.tree_util.tree_leaves(v)) // 2
+
+
+def test_float16_report_names_the_norm_and_its_epsilon(fragile_norm):
+    m, v, x = fragile_norm
+    cm = P.cast(m, v, "float16", args=(x,))
+    rows = cm.report()
+    norm = [r for r in rows if r["module"] == "RMSNorm_0"]
+    by_prim = {r["primitive"]: r for r in norm}
+    assert by_prim["add"]["category"] == "norm"
+    assert "1e-12" in by_prim["add"]["reason"] and "underflows to 0 in float16" in by_prim["add"]["reason"]
+    assert by_prim["rsqrt"]["category"] == "norm"
+    assert by_prim["square"]["category"] == "reduction" and by_prim["reduce_sum"]["category"] == "reduction"
+    assert by_prim["mul"]["category"] == "norm"  # x * rsqrt(var + eps)
+    # log_softmax: max shift, exp, sum, log
+    loss = {r["primitive"]: r["category"] for r in rows if r["module"] == "-"}
+    assert loss == {"reduce_max": "reduction", "exp": "softmax", "reduce_sum": "softmax", "log": "loss"}
+    # no dot is kept: they run in float16 with float32 accumulation
+    assert not [r for r in rows if r["primitive"] == "dot_general"]
+    text = cm.summary()
+    assert text.startswith("jq.cast(float16):") and "norm" in text
+    assert "rsqrt" in jq.format_table(rows)
+
+
+def test_bfloat16_holds_the_epsilon(fragile_norm):
+    m, v, x = fragile_norm
+    y = jax.jit(m.apply)(v, x)
+    cm = P.cast(m, v, "bf16", args=(x,))
+    add = [r for r in cm.report() if r["module"] == "RMSNorm_0" and r["primitive"] == "add"][0]
+    assert "normal in bfloat16" in add["reason"]
+    assert rel_err(cm.apply(x), y) < 3e-2
+    # bfloat16 has float32's exponent range: even the naive cast stays finite
+    assert bool(jnp.all(jnp.isfinite(P.cast(m, v, "bfloat16", keep=()).apply(x))))
+
+
+def test_each_category_can_be_switched_off(fragile_norm):
+    m, v, x = fragile_norm
+    cm = P.cast(m, v, "float16", args=(x,), keep=("softmax", "loss"))
+    cats = {r["category"] for r in cm.report()}
+    assert cats == {"softmax", "loss"}
+    # the norm in float16 again: x**2 underflows, eps underflows, rsqrt(0) = inf
+    assert not bool(jnp.all(jnp.isfinite(cm.apply(x))))
+    # keep_modules brings it back whole
+    cm = P.cast(m, v, "float16", keep=("softmax", "loss"), keep_modules=("RMSNorm_0",))
+    assert bool(jnp.all(jnp.isfinite(cm.apply(x))))
+    assert {r["category"] for r in cm.report()} == {"softmax", "loss", "user"}
+
+
+def test_literal_that_underflows_is_kept():
+    class Clamp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(8)(x)
+            return jnp.log(jnp.maximum(jnp.abs(h), 1e-9))
+
+    m = Clamp()
+    x = jnp.zeros((2, 4))
+    v = m.init(KEY, x)
+    cm = P.cast(m, v, "float16", args=(x,))
+    rows = {r["primitive"]: r for r in cm.report()}
+    assert rows["max"]["category"] == "literal" and "1e-09" in rows["max"]["reason"]
+    assert rows["log"]["category"] == "loss"
+    # a zero input: float32 gives log(1e-9); float16 would give log(0) = -inf
+    np.testing.assert_allclose(cm.apply(x), np.full((2, 8), np.log(np.float32(1e-9))), rtol=1e-6)
+    assert float(P.cast(m, v, "float16", keep=()).apply(x)[0, 0]) == -np.inf
+
+
+def test_calibration_flags_overflow_and_keeps_it_in_float32():
+    m = Big()
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    v = m.init(KEY, x)
+    y = jax.jit(m.apply)(v, x)
+    # without calibration the first layer overflows float16
+    assert not bool(jnp.all(jnp.isfinite(P.cast(m, v, "float16").apply(x))))
+    cm = P.cast(m, v, "float16", batches=[x[:4], x[4:]])
+    w = np.asarray(v["params"]["Dense_0"]["kernel"])
+    want = float(np.max(np.abs(np.asarray(x, np.float64) @ w)))  # |x @ W| before the bias
+    assert want > 65504
+    dot_path = [r["path"] for r in cm.report() if r["primitive"] == "dot_general" and r["module"] == "Dense_0"]
+    assert len(dot_path) == 1 and cm.overflow[dot_path[0]] == pytest.approx(want, rel=1e-5)
+    rows = cm.report()
+    param = [r for r in rows if r["primitive"] == "parameter"]
+    assert [r["path"] for r in param] == ["params/Dense_0/kernel"]  # max |w| > 65504: stored float32
+    assert float(np.max(np.abs(w))) > 65504
+    assert cm.leaves[[li.path for li in cm._static.adapter.leaves].index("params/Dense_0/kernel")].dtype == \
+        jnp.float32
+    assert bool(jnp.all(jnp.isfinite(cm.apply(x))))
+    assert rel_err(cm.apply(x), y) < 1e-2
+    # bfloat16 does not overflow
+    cb = P.cast(m, v, "bfloat16", batches=[x])
+    assert cb.overflow == {} and not [r for r in cb.report() if r["category"] == "overflow"]
+    # headroom: flags values within a factor of the max
+    ch = P.cast(m, v, "float16", batches=[x], headroom=1e6)
+    assert len(ch.overflow) > len(cm.overflow)
+
+
+def test_attention_block_softmax_and_jit():
+    m = Block()
+    x = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    mask = nn.make_causal_mask(jnp.ones((2, 5)))
+    v = m.init(KEY, x, mask)
+    y = jax.jit(m.apply)(v, x, mask)
+    plain = P.cast(m, v, "float16", args=(x,))
+    soft = {r["primitive"]: r["category"] for r in plain.report() if r["module"] == "MultiHeadDotProductAttention_0"}
+    assert soft == {"reduce_max": "reduction", "exp": "softmax", "reduce_sum": "softmax", "div": "softmax"}
+    # with the mask, flax fills masked logits with float32's min (-3.4e38): calibration flags it
+    cm = P.cast(m, v, "float16", batches=[(x, mask)])
+    over = {r["primitive"] for r in cm.report() if r["category"] == "overflow"}
+    assert {"select_n", "reduce_max"} <= over
+    yc = cm.apply(x, mask)
+    assert rel_err(yc, y) < 5e-3
+    # jit: with the model closed over, and with the model as a pytree argument
+    np.testing.assert_array_equal(jax.jit(cm.apply)(x, mask), yc)
+    np.testing.assert_array_equal(jax.jit(lambda c, a, b: c.apply(a, b))(cm, x, mask), yc)
+
+
+def test_scan_and_nnx():
+    m = Scanned()
+    x = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    v = m.init(KEY, x)
+    cm = P.cast(m, v, "float16", batches=[x])
+    assert rel_err(cm.apply(x), jax.jit(m.apply)(v, x)) < 5e-3
+    assert any(r["primitive"] == "rsqrt" and r["path"].count(".") >= 1 for r in cm.report())  # inside the scan
+
+    nm = NnxFragile(nnx.Rngs(0))
+    xx = jax.random.normal(jax.random.key(3), (8, 16))
+    cn = P.cast(nm, None, "float16", args=(xx,))
+    assert rel_err(cn.apply(xx), jax.jit(lambda a: nm(a))(xx)) < 5e-3
+    assert not bool(jnp.all(jnp.isfinite(P.cast(nm, None, "float16", keep=()).apply(xx))))
+    assert any("1e-12" in r["reason"] for r in cn.report())
+
+
+def test_cast_bad_input(fragile_norm):
+    m, v, x = fragile_norm
+    with pytest.raises(ValueError, match="dtype"):
+        P.cast(m, v, "int8")
+    with pytest.raises(ValueError, match="dtype"):
+        P.cast(m, v, "float64")
+    with pytest.raises(ValueError, match="keep"):
+        P.cast(m, v, "float16", keep=("norms",))
+    with pytest.raises(ValueError, match="keep_modules"):
+        P.cast(m, v, "float16", keep_modules=("(",))
+    with pytest.raises(ValueError, match="headroom"):
+        P.cast(m, v, "float16", headroom=0.5)
+    with pytest.raises(ValueError, match="batches"):
+        P.cast(m, v, "float16", batches=[])
+    with pytest.raises(ValueError, match="example"):
+        P.cast(m, v, "float16").report()
+
+
+# ----------------------------------------------------------------------------- sensitivity
+def _np_int8_per_channel(w):
+    s = np.max(np.abs(w), axis=0, keepdims=True) / 127.0
+    return np.clip(np.round(w / s), -127, 127) * s
+
+
+def _np_forward(p, x):
+    h = np.maximum(x @ p["fragile"]["kernel"] + p["fragile"]["bias"], 0)
+    h = np.maximum(h @ p["mid"]["kernel"] + p["mid"]["bias"], 0)
+    return h @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def test_sensitivity_ranks_the_fragile_layer_first(outlier):
+    m, v, batches = outlier
+    rules = [jq.Rule(".*", weight=jq.QuantSpec("int8", axis=-1))]
+    res = P.sensitivity(m, v, rules, batches, agreement, inputs=first)
+    assert res.float_metric == 1.0
+    assert [r["site"] for r in res.rows][0] == "fragile/kernel"
+    drops = [r["drop"] for r in res.rows]
+    assert drops == sorted(drops, reverse=True) and drops[0] > 0.2
+    # independent numpy reference of the one-site-quantized model (weight-only int8, per output channel)
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v["params"])
+    for row in res.rows:
+        layer = row["site"].split("/")[0]
+        q = {k: dict(d) for k, d in p.items()}
+        q[layer]["kernel"] = _np_int8_per_channel(p[layer]["kernel"])
+        ref = [_np_forward(p, np.asarray(b[0], np.float64)) for b in batches]
+        out = [_np_forward(q, np.asarray(b[0], np.float64)) for b in batches]
+        se = sum(np.sum((o - r) ** 2) for o, r in zip(out, ref))
+        sig = sum(np.sum(r ** 2) for r in ref)
+        assert row["mse"] == pytest.approx(se / sum(r.size for r in ref), rel=1e-3)
+        assert row["sqnr_db"] == pytest.approx(10 * np.log10(sig / se), abs=0.01)
+        acc = np.mean([np.mean(np.argmax(o, -1) == np.asarray(b[1])) for o, b in zip(out, batches)])
+        assert row["metric"] == pytest.approx(acc, abs=1 / 64 + 1e-9)
+    text = str(res)
+    assert text.splitlines()[0] == "float metric: 1" and "fragile/kernel" in text.splitlines()[3]
+
+
+def test_sensitivity_static_rules_and_no_metric(outlier):
+    m, v, batches = outlier
+    rules = [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1),
+                     activation=jq.QuantSpec("int8", calibration=cal.MinMax()))]
+    res = P.sensitivity(m, v, rules, batches, inputs=first)
+    assert res.float_metric is None and "drop" not in res.rows[0]
+    sq = [r["sqnr_db"] for r in res.rows]
+    assert sq == sorted(sq) and res.rows[0]["site"] == "fragile/kernel"
+    # int4 zeroes every fragile weight but the outlier row: the layer outputs only its bias
+    assert sq[0] < 3.0 and sq[-1] > 10.0
+    # calibration statistics passed in give the same numbers
+    stats = jq.calibrate(m, v, [b[0] for b in batches], rules, progress=False)
+    again = P.sensitivity(m, v, rules, batches, inputs=first, stats=stats)
+    assert [r["sqnr_db"] for r in again.rows] == pytest.approx(sq, abs=1e-6)
+
+
+def test_sensitivity_tied_embedding_is_one_row():
+    class TiedLM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            emb = nn.Embed(50, 16)
+            return emb.attend(nn.relu(nn.Dense(16)(emb(ids))))
+
+    ids = jax.random.randint(jax.random.key(1), (4, 6), 0, 50)
+    m = TiedLM()
+    v = m.init(KEY, ids)
+    res = P.sensitivity(m, v, [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1))], [ids])
+    assert sorted(r["site"] for r in res.rows) == ["Dense_0/kernel", "Embed_0/embedding + Embed_0/embedding[1]"]
+
+
+def test_sensitivity_bad_input(outlier):
+    m, v, batches = outlier
+    with pytest.raises(ValueError, match="batches"):
+        P.sensitivity(m, v, [jq.Rule()], [])
+    with pytest.raises(ValueError, match="no site"):
+        P.sensitivity(m, v, [jq.Rule("nothing")], batches, inputs=first)
+    with pytest.raises(TypeError, match="rules"):
+        P.sensitivity(m, v, ["int8"], batches, inputs=first)
+
+
+# ----------------------------------------------------------------------------- auto_quantize
+def test_auto_quantize_keeps_the_fragile_layer_high(outlier):
+    m, v, batches = outlier
+    res = P.auto_quantize(m, v, batches, agreement, max_drop=0.02, inputs=first)
+    fmt = {r["modules"]: r["format"] for r in res.plan}
+    assert fmt["fragile"] in ("bfloat16", "float32")
+    assert fmt["mid"] in ("int4", "int8") and fmt["head"] in ("int4", "int8")
+    assert res.float_metric == 1.0 and res.drop <= 0.02
+    # the rules feed jq.convert as they are, and reproduce the measured metric and size
+    for r in res.rules:
+        assert r.path_regex in ("fragile", "mid", "head") and r.ops == ("dot",)
+    qv = jq.convert(m, v, list(res.rules), args=(batches[0][0],))
+    run = jax.jit(lambda q, a: jq.apply(m, q, a))
+    got = np.mean([float(agreement(run(qv, b[0]), b)) for b in batches])
+    assert got == pytest.approx(res.metric, abs=1e-9)
+    assert res.size_bytes == qv.nbytes()["total_after"] < res.float_size_bytes
+    assert res.float_size_bytes == sum(np.size(a) * 4 for a in jax.tree_util.tree_leaves(v))
+    assert all(h["accepted"] == (res.float_metric - h["metric"] <= 0.02) for h in res.history)
+    assert "fragile" in str(res)
+
+
+def test_auto_quantize_budget_extremes(outlier):
+    m, v, batches = outlier
+    # any drop allowed: every layer at the cheapest candidate
+    res = P.auto_quantize(m, v, batches, agreement, max_drop=1.0, inputs=first, candidates=("int8", "float32"))
+    assert {r["format"] for r in res.plan} == {"int8"}
+    # int8 weights (1 byte) + float32 per-channel scales (4 bytes per output) + float32 biases
+    p = v["params"]
+    want = sum(p[k]["kernel"].size + 4 * p[k]["kernel"].shape[1] + 4 * p[k]["bias"].size for k in p)
+    assert res.size_bytes == want
+    # no drop allowed and only int4: only what costs nothing is lowered
+    res = P.auto_quantize(m, v, batches, agreement, max_drop=0.0, inputs=first, candidates=("int4",))
+    assert res.metric == res.float_metric
+    assert "fragile" not in [r.path_regex for r in res.rules]
+
+
+def test_auto_quantize_with_static_activations(outlier):
+    m, v, batches = outlier
+    act = jq.QuantSpec("int8", calibration=cal.MinMax())
+    res = P.auto_quantize(m, v, batches, agreement, max_drop=0.05, inputs=first, activation=act,
+                          candidates=("int8", "float32"))
+    assert all(r.activation == act for r in res.rules)
+    assert "fragile" not in [r.path_regex for r in res.rules]
+    stats = jq.calibrate(m, v, [b[0] for b in batches], list(res.rules), progress=False)
+    qv = jq.convert(m, v, list(res.rules), stats=stats)
+    run = jax.jit(lambda q, a: jq.apply(m, q, a))
+    got = np.mean([float(agreement(run(qv, b[0]), b)) for b in batches])
+    assert got == pytest.approx(res.metric, abs=1e-9)
+
+
+def test_auto_quantize_bad_input(outlier):
+    m, v, batches = outlier
+    with pytest.raises(ValueError, match="batches"):
+        P.auto_quantize(m, v, [], agreement)
+    with pytest.raises(ValueError, match="max_drop"):
+        P.auto_quantize(m, v, batches, agreement, max_drop=-0.1, inputs=first)
+    with pytest.raises(ValueError, match="unknown format|candidate"):
+        P.auto_quantize(m, v, batches, agreement, candidates=("int3",), inputs=first)
+    with pytest.raises(TypeError, match="metric_fn"):
+        P.auto_quantize(m, v, batches, None, inputs=first)
+    with pytest.raises(ValueError, match="no site"):
+        P.auto_quantize(m, v, batches, agreement, ops=("conv",), inputs=first)
