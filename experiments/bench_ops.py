@@ -184,6 +184,32 @@ def _cpu_line() -> str:
     return f"{model}, {os.cpu_count()} cores, {' '.join(isa)}"
 
 
+NOTES = """\
+Notes:
+
+- Lowering. `jq.ops` emits every int8 product through the primitive in
+  `jq/_mixed_dot.py`: a mixed `u8 x s8 -> s32` `stablehlo.dot_general` on CPU
+  (XLA:CPU hands it to its VNNI kernels, a `__ynn_fusion` in the compiled HLO)
+  and `s8 x s8 -> s32` on GPU / TPU. `jax.lax.dot_general` cannot express the
+  CPU form: it widens a uint8 x int8 dot to s32 x s32 (row "widened to s32").
+- Symmetric int8 activations are shifted to uint8 (top bit flipped) and
+  `128 * sum_k w` is subtracted; the weight sums come from one extra row of ones
+  in the same dot (an XLA:CPU column reduction of an int8 matrix costs more
+  than the dot). The same row pads M = 1 to M = 2, which avoids XLA's slow
+  matrix-vector loop for integers.
+- Static and dynamic modes differ only in how the activation scale is found
+  (given, or one abs-max reduction at run time); affine uint8 activations
+  need a min and a max (one variadic reduction) and zero-point terms.
+- Weight-only int8 converts the weights to float32 inside every call on CPU,
+  so it saves memory, not time; use static or dynamic int8 for speed.
+- XLA repacks the int8 weights on every call (ONNX Runtime and fbgemm pack
+  once); that is included in these times.
+- The machine is shared: every group is timed interleaved with its float32
+  baseline, so the ratios are the comparable figures; absolute times vary with
+  the load.
+"""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -229,7 +255,7 @@ def main():
     text = "\n".join(
         ["# jq.ops CPU benchmark", "", head, "", table, "", "Accuracy (same inputs):", ""]
         + [f"- {n}" for n in notes]
-        + [""]
+        + ["", NOTES]
     )
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -136,11 +136,13 @@ if AVAILABLE:
     int8_dot_p.def_abstract_eval(_abstract)
 
     def _cpu_form(a, b, *, dimension_numbers, rhs_sums):
-        """u8 x s8 -> s32, the VNNI form. One extra lhs row of ones yields ``sum_k b``.
+        """u8 x s8 -> s32, the VNNI form. A row of ones yields ``sum_k b``.
 
         The lhs free axes are merged into one axis M (a copy only when they are
-        not already contiguous), and a row of ones is appended, so M >= 2: an M=1
-        integer dot would take XLA:CPU's slow generic loop.
+        not already contiguous). A row of ones is appended when the lhs is the
+        smaller operand (and always when M = 1, so M >= 2: an M=1 integer dot
+        would take XLA:CPU's slow generic loop); for a large lhs (M > N, e.g.
+        convolution patches) the sums come from a separate 2-row dot instead.
         """
         (lc, rc), (lb, rb) = dimension_numbers
         lfree = tuple(i for i in range(a.ndim) if i not in lc and i not in lb)
@@ -154,15 +156,22 @@ if AVAILABLE:
         need_sums = rhs_sums or a.dtype == jnp.int8 or not isinstance(m, int) or m == 1
         u = u.reshape(u.shape[:nb] + (m,) + u.shape[nb + len(lfree) :])
         dn = ((tuple(range(nb + 1, nb + 1 + nc)), rc), (tuple(range(nb)), rb))
-        if need_sums:
+        n = int(np.prod([d for i, d in enumerate(b.shape) if i not in rc and i not in rb]))
+        # Weight sums from a row of ones: appended to a small lhs (M <= N, the copy is
+        # cheap), or as a separate 2-row dot when the lhs is the larger operand.
+        append = need_sums and m <= max(n, 1)
+        if append:
             ones = jnp.ones(u.shape[:nb] + (1,) + u.shape[nb + 1 :], jnp.uint8)
             u = jnp.concatenate([u, ones], axis=nb)
         out = _raw_p.bind(u, b, dimension_numbers=dn)  # (batch..., M[+1], rhs free...)
-        if need_sums:
+        if append:
             sums = jax.lax.index_in_dim(out, m, axis=nb, keepdims=False)
             out = jax.lax.slice_in_dim(out, 0, m, axis=nb)
-            if a.dtype == jnp.int8:  # a = u - 128
-                out = out - 128 * jnp.expand_dims(sums, nb)
+        elif need_sums:
+            ones = jnp.ones(u.shape[:nb] + (2,) + u.shape[nb + 1 :], jnp.uint8)
+            sums = jax.lax.index_in_dim(_raw_p.bind(ones, b, dimension_numbers=dn), 0, nb, False)
+        if a.dtype == jnp.int8:  # a = u - 128
+            out = out - 128 * jnp.expand_dims(sums, nb)
         out = out.reshape(out.shape[:nb] + free_shape + out.shape[nb + 1 :])
         return [out, sums] if rhs_sums else [out]
 

@@ -943,14 +943,28 @@ def conv_general_dilated(
                 f"int4); got {lhs.format!r} x {rhs.format!r}"
             )
         k = int(np.prod([vr.shape[a] for a in rhs_contract]))
-        if k > _K_MAX_8BIT:
+        if k > _K_MAX_8BIT:  # the native conv has no split of the window
             raise ValueError(
                 f"conv_general_dilated: a window of {k} elements could overflow int32 "
                 f"(limit {_K_MAX_8BIT} for 8-bit operands)"
             )
-        acc = jax.lax.conv_general_dilated(vl, vr, preferred_element_type=jnp.int32, **kw)
-        acc = acc.astype(jnp.float32)
-        acc = acc + _conv_zero_point_terms(vl, zl, vr, zr, cdn, kw, feature_group_count, fold)
+
+        def native(vl, vr):
+            acc = jax.lax.conv_general_dilated(vl, vr, preferred_element_type=jnp.int32, **kw)
+            acc = acc.astype(jnp.float32)
+            return acc + _conv_zero_point_terms(vl, zl, vr, zr, cdn, kw, feature_group_count, fold)
+
+        if _im2col_ok(zl, lhs_dilation, feature_group_count):
+            # CPU: patches + the mixed u8 x s8 dot (XLA:CPU's int8 conv is a slow loop);
+            # GPU / TPU keep the native s8 x s8 convolution.
+            acc = jax.lax.platform_dependent(
+                vl,
+                vr,
+                cpu=lambda vl, vr: _conv_im2col(vl, zl, vr, zr, cdn, kw),
+                default=native,
+            )
+        else:
+            acc = native(vl, vr)
         return (acc * scale).astype(out_dtype)
     # weight-only (or activation-only): dequantize the QArray in the float operand's dtype
     if rq:
@@ -965,6 +979,63 @@ def conv_general_dilated(
         x, w, precision=precision, preferred_element_type=jnp.float32, **kw
     )
     return acc.astype(out_dtype)
+
+
+def _im2col_ok(zl, lhs_dilation, groups) -> bool:
+    plain = lhs_dilation is None or all(d == 1 for d in lhs_dilation)
+    return plain and groups == 1 and (zl is None or zl.size == 1)
+
+
+def _conv_im2col(vl, zl, vr, zr, cdn, kw) -> jax.Array:
+    """Integer conv as patches x weight through the 8-bit dot (float32, output layout).
+
+    The input is padded with its zero point (padding stands for a real 0), the
+    window offsets are gathered by strided slices into ``(N, out..., taps*C)``
+    and contracted with the weight reshaped to ``(taps*C, O)``: one
+    `_int_core` dot, zero-point terms included.
+    """
+    lspec, rspec, ospec = cdn
+    nsp = len(lspec) - 2
+    x = jnp.transpose(vl, (lspec[0], *lspec[2:], lspec[1]))  # N, spatial..., C
+    w = jnp.transpose(vr, (*rspec[2:], rspec[1], rspec[0]))  # spatial..., I, O
+    ksize = w.shape[:nsp]
+    strides = tuple(kw["window_strides"])
+    rdil = tuple(kw["rhs_dilation"] or (1,) * nsp)
+    eff = tuple((k - 1) * d + 1 for k, d in zip(ksize, rdil, strict=True))
+    pads = kw["padding"]
+    if isinstance(pads, str):
+        pads = jax.lax.padtype_to_pads(x.shape[1:-1], eff, strides, pads)
+    # uint8 patches go to the CPU dot as they are (no second pass to flip them)
+    if x.dtype == jnp.int8:
+        x = jax.lax.bitcast_convert_type(
+            jax.lax.bitcast_convert_type(x, jnp.uint8) ^ jnp.uint8(0x80), jnp.uint8
+        )
+        zl = jnp.full((1,), 128, jnp.int32) if zl is None else zl.astype(jnp.int32) + 128
+    padval = zl.reshape(()).astype(jnp.uint8)
+    x = jax.lax.pad(x, padval, [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
+    # quantize once: without the barrier XLA re-quantizes the float input per tap
+    x = jax.lax.optimization_barrier(x)
+    out_sp = tuple((x.shape[1 + i] - eff[i]) // strides[i] + 1 for i in range(nsp))
+    taps = []
+    for offs in np.ndindex(*ksize):
+        start = (0,) + tuple(o * d for o, d in zip(offs, rdil, strict=True)) + (0,)
+        limit = (
+            (x.shape[0],)
+            + tuple(
+                st + (n - 1) * s + 1 for st, n, s in zip(start[1:-1], out_sp, strides, strict=True)
+            )
+            + (x.shape[-1],)
+        )
+        taps.append(jax.lax.slice(x, start, limit, (1,) + strides + (1,)))
+    patches = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+    w2 = w.reshape(-1, w.shape[-1])
+    dn = (((patches.ndim - 1,), (0,)), ((), ()))
+    zl2 = zl.reshape((1,) * patches.ndim)
+    zr2 = None if zr is None else zr.reshape(1, -1)
+    acc = _int_core(patches, zl2, w2, zr2, dn).astype(jnp.float32)  # N, out..., O
+    # to the requested output layout
+    cur = (ospec[0], *ospec[2:], ospec[1])
+    return jnp.transpose(acc, np.argsort(cur))
 
 
 def _conv_zero_point_terms(vl, zl, vr, zr, cdn, kw, groups, fold):

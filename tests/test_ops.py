@@ -442,12 +442,24 @@ class ConvTest(chex.TestCase):
         ("nchw_pad_stride", ("NCHW", "OIHW", "NCHW"), ((2, 1), (0, 2)), (2, 1), None, None, 1),
         ("lhs_dilation", ("NHWC", "HWIO", "NHWC"), ((1, 1), (1, 1)), (1, 1), (2, 2), None, 1),
         ("rhs_dilation_groups", ("NHWC", "HWIO", "NHWC"), "SAME", (1, 1), None, (2, 1), 2),
+        (
+            "rhs_dilation_stride",
+            ("NHWC", "HWIO", "NHWC"),
+            ((1, 2), (0, 1)),
+            (2, 2),
+            None,
+            (2, 1),
+            1,
+        ),
+        ("valid_ncw_1d", ("NCH", "OIH", "NCH"), "VALID", (1,), None, None, 1),
     )
     def test_matches_float_conv_on_dequantized(self, cdn, padding, strides, ld, rd, groups):
         x = _normal(30, (2, 7, 7, 4))
         w = _normal(31, (3, 3, 4 // groups, 6))
         if cdn[0] == "NCHW":
             x, w = jnp.transpose(x, (0, 3, 1, 2)), jnp.transpose(w, (3, 2, 0, 1))
+        if cdn[0] == "NCH":
+            x, w = jnp.transpose(x[:, 0], (0, 2, 1)), jnp.transpose(w[0], (2, 1, 0))
         o_axis = cdn[1].index("O")
         for lspec, rspec in [
             (SPECS["i8"], jq.QuantSpec("int8", axis=o_axis)),

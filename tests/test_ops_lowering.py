@@ -155,9 +155,11 @@ def _static_conv():
 
 class ExportTest(chex.TestCase):
     @parameterized.named_parameters(
-        ("dense", _static_dense, INT_DOT), ("conv", _static_conv, INT_CONV)
+        ("dense", _static_dense, {"cpu": INT_DOT, "cuda": INT_DOT, "tpu": INT_DOT}),
+        # the CPU branch of a conv is patches x weight through the mixed dot
+        ("conv", _static_conv, {"cpu": INT_DOT, "cuda": INT_CONV, "tpu": INT_CONV}),
     )
-    def test_each_platform_branch_has_an_integer_op(self, make, pattern):
+    def test_each_platform_branch_has_an_integer_op(self, make, patterns):
         f, args = make()
         module, platforms = _export(f, *args)
         self.assertEqual(tuple(platforms), PLATFORMS)
@@ -165,7 +167,7 @@ class ExportTest(chex.TestCase):
         views = platform_views(module, platforms)
         for platform in PLATFORMS:
             with self.subTest(platform=platform):
-                self.assertRegex(views[platform], pattern)
+                self.assertRegex(views[platform], patterns[platform])
                 self.assertIsNone(FLOAT_DOT.search(views[platform]))
         # and nowhere in the module a float dot (no dequantize-then-float-dot)
         self.assertIsNone(FLOAT_DOT.search(module))
@@ -213,17 +215,24 @@ def _hlo_dots(hlo: str):
 
 
 class CompiledCpuTest(chex.TestCase):
-    @parameterized.named_parameters(("batch", 32), ("matrix_vector", 1))
-    def test_cpu_keeps_the_mixed_dot(self, m):
+    @parameterized.named_parameters(
+        # (M, rows of the main dot): a small lhs gets the row of ones appended (M + 1);
+        # M = 32 > N = 16 takes the weight sums from a separate 2-row dot
+        ("matrix_vector", 1, 2),
+        ("small_batch", 8, 9),
+        ("large_batch", 32, 32),
+    )
+    def test_cpu_keeps_the_mixed_dot(self, m, rows):
         f, _ = _static_dense()
         w = jq.quantize(jnp.ones((64, 16)), None, jq.QuantSpec("int8", axis=-1))
         hlo = jax.jit(f).lower(jnp.ones((m, 64)), w).compile().as_text()
         dots = _hlo_dots(hlo)
-        self.assertEqual(dots, [("u8", "s8", "s32")])
+        self.assertTrue(dots)
+        self.assertTrue(all(d == ("u8", "s8", "s32") for d in dots), dots)
         # the int8 weight is never widened to s32 before the dot
         self.assertNotRegex(hlo, r"s32\[64,16\]")
-        # M = 1 is padded to 2 rows (the extra row of ones gives the weight sums)
-        self.assertRegex(hlo, rf"u8\[{max(m + 1, 2)},64\]")
+        # M = 1 is padded to 2 rows (never an M = 1 integer dot)
+        self.assertRegex(hlo, rf"u8\[{rows},64\]")
 
     def test_plain_lax_mixed_dot_is_widened(self):
         """The trap the primitive avoids: lax converts u8 x s8 to s32 x s32."""
