@@ -6,4 +6,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
-.venv/bin/python -m pytest -q -n 2 tests
+# the main suite keeps one device; the sharded tests need 8 simulated CPU devices and so
+# run in a second process (tests/sharded/conftest.py fails clearly if they get fewer)
+.venv/bin/python -m pytest -q -n 2 tests --ignore=tests/sharded
+XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" .venv/bin/python -m pytest -q tests/sharded
