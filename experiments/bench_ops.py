@@ -100,6 +100,28 @@ def matvec_cases(rng, k, n):
     }
 
 
+def conv_cases(rng):
+    x = jnp.asarray(rng.normal(size=(8, 32, 32, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) / 24, jnp.float32)
+    cdn = ("NHWC", "HWIO", "NHWC")
+    spec = jq.QuantSpec("int8")
+    qp = jq.qparams_from_range(float(x.min()), float(x.max()), spec)
+    qw = jq.quantize(w, None, jq.QuantSpec("int8", axis=-1))
+
+    def f32(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=cdn)
+
+    def static(x, qw):
+        return ops.conv_general_dilated(
+            x, qw, (1, 1), "SAME", dimension_numbers=cdn, lhs_spec=spec, lhs_qparams=qp
+        )
+
+    return {
+        "float32 jit": (jax.jit(f32), (x, w)),
+        "jq static int8 conv (CPU: patches x mixed dot)": (jax.jit(static), (x, qw)),
+    }
+
+
 def mlp_cases(rng, batch):
     ws = [
         jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32)
@@ -222,11 +244,14 @@ def main():
         parser.error("--repeats must be at least 5")
     rng = np.random.default_rng(0)
     rows, notes = [], []
+    load0 = os.getloadavg()[0]
 
     s = _time_group(dot_cases(rng, 256, 1024, 1024), args.repeats, args.calls)
     rows += _rows("dot 256x1024x1024", s, "float32 jit")
     s = _time_group(matvec_cases(rng, 4096, 4096), args.repeats, max(3, args.calls // 4))
     rows += _rows("matrix-vector 1x4096x4096", s, "float32 jit")
+    s = _time_group(conv_cases(rng), args.repeats, max(3, args.calls // 4))
+    rows += _rows("conv 8x32x32x64 -> 64, 3x3 SAME", s, "float32 jit")
     for batch in (1, 32, 256):
         cases, errs = mlp_cases(rng, batch)
         s = _time_group(cases, args.repeats, args.calls)
@@ -240,8 +265,10 @@ def main():
 
     head = (
         f"jax {jax.__version__}, {_cpu_line()}; median of {args.repeats} interleaved repeats "
-        f"(each the mean of {args.calls} calls; matrix-vector: {max(3, args.calls // 4)}), "
-        "range = min-max over repeats; ratio = median float32 / median case, same run."
+        f"(each the mean of {args.calls} calls; matrix-vector and conv: {max(3, args.calls // 4)}), "
+        "range = min-max over repeats; ratio = median float32 / median case, same run. "
+        f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        f"(the machine is shared)."
     )
     lines = [
         "| case | shape | time (ms), median [range] | vs float32 |",
