@@ -83,18 +83,15 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def count_nonfinite(x: jax.Array, mode: str, owner: str) -> tuple[jax.Array, jax.Array]:
-    """Returns ``(finite_mask, n_nonfinite)``; raises at once on concrete bad input in 'raise' mode."""
-    finite = jnp.isfinite(x)
-    n_bad = jnp.sum(~finite, dtype=jnp.int32)
+def raise_on_concrete_nonfinite(x: jax.Array, mode: str, owner: str) -> None:
+    """In 'raise' mode, a concrete batch with NaN / inf raises at once (under jit: counted)."""
     if mode == "raise" and is_concrete(x):
-        n = int(n_bad)
+        n = int(np.sum(~np.isfinite(np.asarray(x))))
         if n:
             raise ValueError(
                 f"{owner}.update: `x` holds {n} non-finite value(s) (NaN or inf) out of {x.size}; "
                 "fix the data, or construct the observer with nonfinite='ignore' to drop them"
             )
-    return finite, n_bad
 
 
 def reduce_axes(ndim: int, axis: int | None) -> tuple[int, ...]:
@@ -104,14 +101,54 @@ def reduce_axes(ndim: int, axis: int | None) -> tuple[int, ...]:
     return tuple(i for i in range(ndim) if i != a)
 
 
+def batch_stats(x: jax.Array, axis: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(lo, hi, n_nonfinite)`` of a batch: min and max over its finite values (keepdims).
+
+    One cheap float reduction (``max |x|``, which is NaN or inf exactly when a
+    value is) decides, under `lax.cond`, whether the masked path is needed: on
+    XLA:CPU counting a 1M-element bool mask alone costs about 4.6 ms, the plain
+    min and max about 1 ms.
+    """
+    ok = jnp.isfinite(jnp.max(jnp.abs(x)))
+
+    def clean(x):
+        lo, hi = masked_min_max(x, None, axis)
+        return lo, hi, jnp.zeros((), jnp.int32)
+
+    def dirty(x):
+        finite = jnp.isfinite(x)
+        lo, hi = masked_min_max(x, finite, axis)
+        return lo, hi, jnp.sum(~finite, dtype=jnp.int32)
+
+    return jax.lax.cond(ok, clean, dirty, x)
+
+
 def masked_min_max(
-    x: jax.Array, finite: jax.Array, axis: int | None
+    x: jax.Array, finite: jax.Array | None, axis: int | None
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-channel min and max over the finite values (keepdims); +inf / -inf if none."""
-    red = reduce_axes(x.ndim, axis)
-    lo = jnp.min(jnp.where(finite, x, jnp.inf), axis=red, keepdims=True)
-    hi = jnp.max(jnp.where(finite, x, -jnp.inf), axis=red, keepdims=True)
-    return lo, hi
+    """Per-channel min and max over the finite values (keepdims); +inf / -inf if none.
+
+    The input is reshaped to 1-D (per tensor) or ``(before, C, after)`` first:
+    XLA:CPU reduces one flat axis several times faster than many axes with
+    keepdims (1.4 ms against 9 ms for a masked 1024 x 1024 min).
+    """
+    lo_in = x if finite is None else jnp.where(finite, x, jnp.inf)
+    hi_in = x if finite is None else jnp.where(finite, x, -jnp.inf)
+    shape = stat_shape(x.shape, axis, "observer")
+    if axis is None:
+        return jnp.min(lo_in.reshape(-1)).reshape(shape), jnp.max(hi_in.reshape(-1)).reshape(shape)
+    a = axis % x.ndim
+    before = int(np.prod(x.shape[:a]))
+    after = int(np.prod(x.shape[a + 1 :]))
+    if after == 1:  # channels last: reduce the leading axis of (before, C)
+        red, new = (0,), (before, x.shape[a])
+    elif before == 1:  # channels first: reduce the trailing axis of (C, after)
+        red, new = (1,), (x.shape[a], after)
+    else:
+        red, new = (0, 2), (before, x.shape[a], after)
+    lo = jnp.min(lo_in.reshape(new), axis=red)
+    hi = jnp.max(hi_in.reshape(new), axis=red)
+    return lo.reshape(shape), hi.reshape(shape)
 
 
 def host_checks(owner: str, count, nonfinite_count, mode: str) -> None:

@@ -210,8 +210,8 @@ class Histogram:
         nb = 2 * self.num_bins
         x = _common.check_float_input(x, "Histogram", "update")
         _common.check_update_shape(x, state.lo.shape, self.axis, "Histogram")
-        finite, n_bad = _common.count_nonfinite(x, self.nonfinite, "Histogram")
-        b_lo, b_hi = _common.masked_min_max(x, finite, self.axis)
+        _common.raise_on_concrete_nonfinite(x, self.nonfinite, "Histogram")
+        b_lo, b_hi, n_bad = _common.batch_stats(x, self.axis)
         lo = jnp.minimum(state.lo, b_lo)
         hi = jnp.maximum(state.hi, b_hi)
         seen = lo <= hi
@@ -224,7 +224,7 @@ class Histogram:
         )
         width = jnp.where(seen, width, 0.0)
         offset = jnp.where(seen, offset, 0)
-        counts = _scatter(counts, x, finite, offset, width, self.axis, nb)
+        counts = _scatter(counts, x, n_bad > 0, offset, width, self.axis, nb)
         return HistogramState(
             counts, offset, width, lo, hi, state.count + 1, state.nonfinite + n_bad
         )
@@ -348,12 +348,17 @@ def _grow(counts, offset, width, need_lo, need_hi, nb):
     k = jnp.where(fits, 0.0, k)
     w2 = jnp.where(fits, width, w2)
     off2 = jnp.where(fits, offset.astype(f32), off2)
-    j = jnp.arange(nb, dtype=f32)
-    # (offset + j) < 2**24 and 2**-k is a power of two: the product and floor are exact
-    old = offset[..., None].astype(f32) + j
-    idx = jnp.floor(old * jnp.exp2(-k)[..., None]) - off2[..., None]
-    idx = jnp.clip(idx, 0, nb - 1).astype(jnp.int32)
-    counts = _add_per_channel(jnp.zeros_like(counts), idx, counts)
+
+    def rebin(counts):
+        j = jnp.arange(nb, dtype=f32)
+        # (offset + j) < 2**24 and 2**-k is a power of two: the product and floor are exact
+        old = offset[..., None].astype(f32) + j
+        idx = jnp.floor(old * jnp.exp2(-k)[..., None]) - off2[..., None]
+        idx = jnp.clip(idx, 0, nb - 1).astype(jnp.int32)
+        return _add_per_channel(jnp.zeros_like(counts), idx, counts)
+
+    # most batches fit: skip the (channels x bins) scatter then
+    counts = jax.lax.cond(jnp.all(fits), lambda c: c, rebin, counts)
     return counts, off2.astype(jnp.int32), w2.astype(f32)
 
 
@@ -366,15 +371,24 @@ def _add_per_channel(dest, idx, values):
     return flat.reshape(dest.shape)
 
 
-def _scatter(counts, x, finite, offset, width, axis, nb):
+def _scatter(counts, x, any_bad, offset, width, axis, nb):
     """Adds the finite values of `x` to the counts (one scatter-add of ones)."""
     safe_w = jnp.where(width > 0, width, 1.0)
-    pos = jnp.where(finite, x, 0.0) / safe_w - offset.astype(jnp.float32)
-    idx = jnp.clip(jnp.floor(pos), 0, nb - 1).astype(jnp.int32)
-    if axis is not None:
-        idx = idx + jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim) * nb
     size = counts.size
-    idx = jnp.where(finite, idx, size)  # out of bounds: dropped
+
+    def indices(x, finite):
+        xs = x if finite is None else jnp.where(finite, x, 0.0)
+        idx = jnp.clip(jnp.floor(xs / safe_w - offset.astype(jnp.float32)), 0, nb - 1)
+        idx = idx.astype(jnp.int32)
+        if axis is not None:
+            idx = idx + jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim) * nb
+        if finite is not None:
+            idx = jnp.where(finite, idx, size)  # out of bounds: dropped
+        return idx
+
+    idx = jax.lax.cond(
+        any_bad, lambda x: indices(x, jnp.isfinite(x)), lambda x: indices(x, None), x
+    )
     flat = counts.reshape(-1).at[idx.reshape(-1)].add(1, mode="drop")
     return flat.reshape(counts.shape)
 

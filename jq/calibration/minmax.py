@@ -86,8 +86,8 @@ class MinMax:
         """
         x = _common.check_float_input(x, "MinMax", "update")
         _common.check_update_shape(x, state.lo.shape, self.axis, "MinMax")
-        finite, n_bad = _common.count_nonfinite(x, self.nonfinite, "MinMax")
-        lo, hi = _common.masked_min_max(x, finite, self.axis)
+        _common.raise_on_concrete_nonfinite(x, self.nonfinite, "MinMax")
+        lo, hi, n_bad = _common.batch_stats(x, self.axis)
         return MinMaxState(
             jnp.minimum(state.lo, lo),
             jnp.maximum(state.hi, hi),
@@ -180,8 +180,8 @@ class MovingAverageMinMax:
         owner = "MovingAverageMinMax"
         x = _common.check_float_input(x, owner, "update")
         _common.check_update_shape(x, state.lo.shape, self.axis, owner)
-        finite, n_bad = _common.count_nonfinite(x, self.nonfinite, owner)
-        b_lo, b_hi = _common.masked_min_max(x, finite, self.axis)
+        _common.raise_on_concrete_nonfinite(x, self.nonfinite, owner)
+        b_lo, b_hi, n_bad = _common.batch_stats(x, self.axis)
         c = jnp.float32(self.averaging_constant)
         started = state.lo <= state.hi
         has_data = b_lo <= b_hi
