@@ -17,6 +17,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jq
+import jq.hlo
 import jq.sharding as js
 from jq import calibration as cal
 from jq.flax import sharding as jfs
@@ -473,3 +474,19 @@ def test_logical_specs_bad_input(linen):
     other = {"params": {**lv["params"], "Extra": lv["params"]["Dense_0"]}}
     with pytest.raises(ValueError, match="annotated paths that `qvars` lacks"):
         jfs.logical_specs(qv, other)
+
+
+def test_exported_tpu_and_cuda_modules_keep_sharded_int8_dots(linen):
+    """For pods: the exported module has i8 x i8 -> i32 dots and the int8 kernel's mesh sharding."""
+    m, v = linen
+    qv = jq.convert(m, v, rules(), jq.calibrate(m, v, [X], rules(), progress=False))
+    sh = js.qvars_shardings(qv, LAYOUTS["megatron"], mesh=MESH)
+    f = jax.jit(lambda q, x: jq.apply(m, q, x), in_shardings=(sh, ns("data")))
+    for platform in ("tpu", "cuda"):
+        exp = jax.export.export(f, platforms=(platform,))(jax.device_put(qv, sh), jax.device_put(X, ns("data")))
+        txt = exp.mlir_module()
+        assert exp.nr_devices == 8
+        assert len(jq.hlo.integer_ops(txt)) == 2 and jq.hlo.float_ops(txt) == [], platform
+        # the (32, 64) int8 kernel argument is split on "model" along its output features
+        arg = re.search(r"tensor<32x64xi8> \{sdy\.sharding = #sdy\.sharding<@mesh, \[([^\]]*)\]", txt)
+        assert arg is not None and arg.group(1) == '{}, {"model"}', platform
