@@ -25,7 +25,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jq import sharding as _sharding
 from jq.quantize import QArray
 
-__all__ = ["float_logical_specs", "logical_shardings", "logical_specs", "shard_logical"]
+__all__ = ["float_logical_specs", "logical_shardings", "logical_specs", "merge_stats", "shard_logical"]
 
 
 def float_logical_specs(variables_or_model) -> dict[str, PartitionSpec]:
@@ -117,3 +117,44 @@ def shard_logical(qvars, variables_or_model, mesh: Mesh,
                   rules: Sequence[tuple[str, str | None]] | None = None):
     """`jax.device_put` of `qvars` onto `logical_shardings(...)`."""
     return jax.device_put(qvars, logical_shardings(qvars, variables_or_model, mesh, rules))
+
+
+def merge_stats(*stats):
+    """Merges `jq.CalibrationStats` gathered independently (e.g. one per host or per shard).
+
+    Each site's states are combined with its observer's ``merge``: MinMax
+    exactly (the result equals calibrating on all the batches), histograms
+    within half a bin (``Histogram.merge``; for bit-exact histograms calibrate
+    on one global, data-sharded batch stream instead, or use
+    `jq.sharding.sharded_update`).
+
+    Args:
+      *stats: two or more `CalibrationStats` from `jq.calibrate` with the same
+        model and rules.
+
+    Returns:
+      One `CalibrationStats` for `jq.convert`.
+
+    Raises:
+      ValueError: fewer than two, or they observed different sites / observers.
+    """
+    from jq.flax.api import CalibrationStats
+
+    if len(stats) < 2 or not all(isinstance(s, CalibrationStats) for s in stats):
+        raise ValueError("merge_stats: pass two or more CalibrationStats from jq.calibrate")
+    first = stats[0]
+    for s in stats[1:]:
+        if set(s.states) != set(first.states) or s.observers != first.observers:
+            raise ValueError(
+                "merge_stats: the CalibrationStats observed different sites or observers "
+                f"({sorted(first.states)[:3]} vs {sorted(s.states)[:3]}); calibrate with the same rules"
+            )
+    states = {}
+    for k, obs in first.observers.items():
+        merge = jax.jit(obs.merge)
+        st = first.states[k]
+        for s in stats[1:]:
+            st = merge(st, s.states[k])
+        states[k] = st
+    return CalibrationStats(states, dict(first.observers), sum(s.num_batches for s in stats),
+                            first.example, first.site_names)

@@ -490,3 +490,26 @@ def test_exported_tpu_and_cuda_modules_keep_sharded_int8_dots(linen):
         # the (32, 64) int8 kernel argument is split on "model" along its output features
         arg = re.search(r"tensor<32x64xi8> \{sdy\.sharding = #sdy\.sharding<@mesh, \[([^\]]*)\]", txt)
         assert arg is not None and arg.group(1) == '{}, {"model"}', platform
+
+
+def test_merge_stats_of_independent_calibrations(linen):
+    """Per-host calibration on disjoint batches, merged: MinMax equals calibrating on all of them."""
+    m, v = linen
+    batches = [_data(s, (16, 32)) for s in range(4)]
+    r = rules()
+    a = jq.calibrate(m, v, batches[:1], r, progress=False)
+    b = jq.calibrate(m, v, batches[1:], r, progress=False)
+    full = jq.calibrate(m, v, batches, r, progress=False)
+    merged = jfs.merge_stats(a, b)
+    assert merged.num_batches == 4
+    for k in full.states:
+        _assert_states_equal(merged.states[k], full.states[k])
+    y = jq.apply(m, jq.convert(m, v, r, merged), X)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(jq.apply(m, jq.convert(m, v, r, full), X)))
+    with pytest.raises(ValueError, match="two or more CalibrationStats"):
+        jfs.merge_stats(a)
+    other = jq.calibrate(m, v, batches[:1], [jq.Rule("Dense_0", weight=jq.QuantSpec("int8", axis=-1),
+                                                     activation=jq.QuantSpec("int8", calibration=cal.MinMax()))],
+                         progress=False)
+    with pytest.raises(ValueError, match="different sites or observers"):
+        jfs.merge_stats(a, other)
