@@ -724,11 +724,11 @@ def cast(
     leaves, kept_params = [], []
     for li, v in zip(adapter.leaves, adapter.values):
         if li.is_param and hasattr(v, "dtype") and _castable(jnp.result_type(v)):
-            m = float(jnp.max(jnp.abs(v))) if np.size(v) else 0.0
+            m = float(np.max(np.abs(np.asarray(v, np.float32)))) if np.size(v) else 0.0
             if "overflow" in keep and not m * headroom <= info.max:
                 kept_params.append((li.path, li.module_path, m))  # would be stored as inf
             else:
-                v = jnp.asarray(v).astype(low)
+                v = jnp.asarray(np.asarray(v).astype(low))
         leaves.append(v)
     static = _CastStatic(adapter, fmt, frozenset(keep), tuple(keep_modules), overflow, tuple(kept_params))
     cm = CastModel(leaves, static)
