@@ -126,7 +126,7 @@ def timed(fn):
     return dt
 
 
-def main(repeats: int = 7):
+def main(repeats: int = 11):
     warnings.filterwarnings("ignore")
     x = np.random.default_rng(0).standard_normal(N).astype(np.float32).reshape(1024, 1024)
     impls = {}
