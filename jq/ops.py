@@ -73,6 +73,7 @@ from jq.quantize import QArray, dequantize, fake_quant, quantize
 __all__ = [
     "conv_general_dilated",
     "dot_general",
+    "dynamic_qparams",
     "einsum",
     "max_safe_contraction",
     "qat_conv_general_dilated",
@@ -290,18 +291,27 @@ def _quantize_lhs(lhs, spec: QuantSpec | None, qp: QParams | None, contract, nam
                 "this op; per-row / per-token activation scales must name non-contracting axes"
             )
     if qp is None:
-        qp = _dynamic_qparams(jax.lax.stop_gradient(lhs), spec, name)
+        qp = dynamic_qparams(jax.lax.stop_gradient(lhs), spec, name)
     else:
         qp = broadcast_qparams(qp, lhs.shape, spec, name)
     return _as_qarray_params(quantize(lhs, qp, spec))
 
 
-def _dynamic_qparams(x, spec: QuantSpec, name: str) -> QParams:
-    """Min-max parameters of `x` at run time; equal to `qparams_from_array`.
+def dynamic_qparams(x: jax.Array, spec: QuantSpec, name: str = "x") -> QParams:
+    """Min-max parameters of `x` at run time (dynamic quantization); equal to `qparams_from_array`.
 
-    Symmetric signed specs need only ``max|x|`` (one reduction instead of a min
-    and a max, which matters at batch 1 where each kernel launch counts);
-    affine specs get min and max from one variadic reduction.
+    Symmetric signed specs need only ``max|x|``: ``S = max|x| / qmax`` (one
+    reduction instead of a min and a max, which matters at batch 1 where each
+    kernel launch counts); affine specs get min and max from one variadic
+    reduction and then `qparams_from_range`.
+
+    Args:
+      x: float array (wrap it in `jax.lax.stop_gradient` when differentiating).
+      spec: the activation `QuantSpec` (per tensor, or per row / channel axes).
+      name: the argument name used in error messages.
+
+    Returns:
+      `QParams` in keepdims form.
     """
     fmt = spec.fmt
     if spec.block_size is not None or not fmt.is_integer:
@@ -322,6 +332,9 @@ def _dynamic_qparams(x, spec: QuantSpec, name: str) -> QParams:
     )
     shape = tuple(1 if a in red else d for a, d in enumerate(x.shape))
     return qparams_from_range(lo.reshape(shape), hi.reshape(shape), spec)
+
+
+_dynamic_qparams = dynamic_qparams  # the name jq.flax used first
 
 
 def _quantize_rhs(rhs, spec: QuantSpec | None, name="rhs"):

@@ -241,6 +241,23 @@ class ModesTest(chex.TestCase):
         err_tensor = np.abs(np.asarray(y_tensor) - self.ref)[0].max()
         self.assertLess(err_row * 100, err_tensor)
 
+    @parameterized.named_parameters(
+        ("int8_tensor", "i8"),
+        ("int8_row", "i8_row"),
+        ("uint8_affine", "u8_aff"),
+        ("uint8_row", "u8_row"),
+        ("uint8_sym", "u8_sym"),
+        ("int16", "i16"),
+    )
+    def test_dynamic_qparams_equal_min_max_qparams(self, name):
+        x = self.x.at[1, 3].set(-7.5).at[2, 0].set(0.0)
+        a = jax.jit(ops.dynamic_qparams, static_argnums=1)(x, SPECS[name])
+        b = jq.qparams_from_array(x, SPECS[name])
+        np.testing.assert_array_equal(a.scale, b.scale)
+        self.assertEqual(a.zero_point is None, b.zero_point is None)
+        if a.zero_point is not None:
+            np.testing.assert_array_equal(a.zero_point, b.zero_point)
+
     @parameterized.named_parameters(("int8", "i8_col"), ("int4", "i4_col"), ("uint8", "u8_col"))
     def test_weight_only(self, rname):
         qr = _quantize(self.w, None, SPECS[rname])
