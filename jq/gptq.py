@@ -101,8 +101,14 @@ def _grid(spec: QuantSpec, bits: int | None) -> tuple[int, int]:
     fmt = spec.fmt
     if bits is None:
         return int(spec.qmin), int(spec.qmax)
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= fmt.bits:
-        raise ValueError(f"gptq: `bits` must be an int in [2, {fmt.bits}] for format {fmt.name!r}, got {bits!r}")
+    if (
+        isinstance(bits, bool)
+        or not isinstance(bits, (int, np.integer))
+        or not 2 <= bits <= fmt.bits
+    ):
+        raise ValueError(
+            f"gptq: `bits` must be an int in [2, {fmt.bits}] for format {fmt.name!r}, got {bits!r}"
+        )
     if fmt.signed:
         qmax = 2 ** (bits - 1) - 1
         qmin = -qmax if spec.narrow_range else -(2 ** (bits - 1))
@@ -160,7 +166,9 @@ def _params(lo, hi, cfg: _Config) -> tuple[jax.Array, jax.Array]:
     spec = cfg.spec
     if (cfg.qmin, cfg.qmax) == (spec.qmin, spec.qmax):
         qp = qparams_from_range(lo, hi, spec)
-        zp = jnp.zeros_like(qp.scale) if qp.zero_point is None else qp.zero_point.astype(jnp.float32)
+        zp = (
+            jnp.zeros_like(qp.scale) if qp.zero_point is None else qp.zero_point.astype(jnp.float32)
+        )
         return qp.scale, zp
     # a narrower grid (`bits`) inside the storage format: the same formulas
     lo = jnp.minimum(lo, 0.0)
@@ -257,8 +265,12 @@ def _gptq_pass(w, u, row_scale, row_zp, cfg: _Config, per_column: bool):
         codes = jax.lax.dynamic_update_slice_in_dim(codes, q1, r0, 0)
         return w, codes, gscale, gzp
 
-    init = (w, jnp.zeros((k, n), jnp.float32), jnp.ones((groups, ncol), jnp.float32),
-            jnp.zeros((groups, ncol), jnp.float32))
+    init = (
+        w,
+        jnp.zeros((k, n), jnp.float32),
+        jnp.ones((groups, ncol), jnp.float32),
+        jnp.zeros((groups, ncol), jnp.float32),
+    )
     _, codes, gscale, gzp = jax.lax.fori_loop(0, nblocks, block_step, init)
     return codes, gscale, gzp
 
@@ -300,17 +312,31 @@ def _factor(h, percdamp: float, act_order: bool):
 
 def _check_common(w, h, percdamp, block_size):
     if isinstance(w, jax.core.Tracer) or isinstance(h, jax.core.Tracer):
-        raise TypeError("gptq: `w` and `h` must be concrete arrays (call it outside jit; the pass inside is jitted)")
+        raise TypeError(
+            "gptq: `w` and `h` must be concrete arrays (call it outside jit; the pass inside is jitted)"
+        )
     w = np.asarray(w)
     h = np.asarray(h)
     if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
-        raise ValueError(f"gptq: `w` must be a 2-D float (K, N) weight, got shape {w.shape}, dtype {w.dtype}")
+        raise ValueError(
+            f"gptq: `w` must be a 2-D float (K, N) weight, got shape {w.shape}, dtype {w.dtype}"
+        )
     k = w.shape[0]
     if h.shape != (k, k):
-        raise ValueError(f"gptq: `h` must have shape (K, K) = {(k, k)} for `w` of shape {w.shape}, got {h.shape}")
-    if not isinstance(percdamp, (int, float, np.floating)) or isinstance(percdamp, bool) or not percdamp >= 0:
+        raise ValueError(
+            f"gptq: `h` must have shape (K, K) = {(k, k)} for `w` of shape {w.shape}, got {h.shape}"
+        )
+    if (
+        not isinstance(percdamp, (int, float, np.floating))
+        or isinstance(percdamp, bool)
+        or not percdamp >= 0
+    ):
         raise ValueError(f"gptq: `percdamp` must be a float >= 0, got {percdamp!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, (int, np.integer))
+        or block_size < 1
+    ):
         raise ValueError(f"gptq: `block_size` must be a positive int, got {block_size!r}")
     if not (np.all(np.isfinite(w)) and np.all(np.isfinite(h))):
         raise ValueError("gptq: `w` and `h` must be finite (NaN or inf found)")
@@ -449,13 +475,22 @@ def gptq_quantize(
         )
     u, dead, perm = _factor(h, float(percdamp), act_order)
     w = np.where(dead[:, None], np.float32(0), w)
-    cfg = _Config(spec, qmin, qmax, _lazy_block(k, block_size, group), group, not static_groups and group is not None)
+    cfg = _Config(
+        spec,
+        qmin,
+        qmax,
+        _lazy_block(k, block_size, group),
+        group,
+        not static_groups and group is not None,
+    )
     p = np.arange(k) if perm is None else perm
     codes, gscale, gzp, weight = _run(w, u, p, np.argsort(p), cfg, per_column)
     has_zp = spec.scheme == "affine" or not spec.fmt.signed
     qp = QParams(gscale, gzp.astype(jnp.int32) if has_zp else None)
     q = _quantize(weight, qp, spec)
-    return GPTQResult(q, weight, qp, codes.astype(jnp.int32), None if perm is None else jnp.asarray(perm))
+    return GPTQResult(
+        q, weight, qp, codes.astype(jnp.int32), None if perm is None else jnp.asarray(perm)
+    )
 
 
 def rtn_quantize(w: jax.Array, spec: QuantSpec, *, bits: int | None = None) -> GPTQResult:
@@ -466,8 +501,9 @@ def rtn_quantize(w: jax.Array, spec: QuantSpec, *, bits: int | None = None) -> G
     w = np.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"rtn: `w` must be a 2-D (K, N) weight, got shape {w.shape}")
-    return gptq_quantize(w, np.eye(w.shape[0], dtype=np.float32), spec, percdamp=0.0, bits=bits,
-                         static_groups=True)
+    return gptq_quantize(
+        w, np.eye(w.shape[0], dtype=np.float32), spec, percdamp=0.0, bits=bits, static_groups=True
+    )
 
 
 def hessian_update(h: jax.Array, x: jax.Array) -> jax.Array:

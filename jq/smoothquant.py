@@ -36,14 +36,20 @@ def channel_absmax(x: jax.Array, axis: int = -1) -> jax.Array:
     """``max |x|`` over every axis but `axis` (the input-channel axis), float32 ``(K,)``."""
     x = jnp.asarray(x)
     if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"channel_absmax: axis={axis} is out of range for `x` with shape {x.shape}")
+        raise ValueError(
+            f"channel_absmax: axis={axis} is out of range for `x` with shape {x.shape}"
+        )
     axis %= x.ndim
     red = tuple(a for a in range(x.ndim) if a != axis)
     return jnp.max(jnp.abs(x.astype(jnp.float32)), axis=red)
 
 
 def smoothing_factors(
-    act_absmax: jax.Array, weight_absmax: jax.Array, alpha: float = 0.5, *, power_of_two: bool = False
+    act_absmax: jax.Array,
+    weight_absmax: jax.Array,
+    alpha: float = 0.5,
+    *,
+    power_of_two: bool = False,
 ) -> jax.Array:
     """SmoothQuant's per-channel factors ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``.
 

@@ -26,8 +26,10 @@ def test_factors_by_hand():
     np.testing.assert_allclose(smoothing_factors(a, w, 1.0), [4.0, 1.0, 1.0, 1.0], rtol=1e-6)
     np.testing.assert_allclose(smoothing_factors(a, w, 0.0), [1.0, 0.25, 1.0, 1.0], rtol=1e-6)
     # 2 ** round(log2(s)): sqrt(9 / 1) = 3 -> 4 (log2 = 1.58), sqrt(1 / 3) = 0.577 -> 0.5 (log2 = -0.79)
-    np.testing.assert_array_equal(smoothing_factors(jnp.array([9.0, 1.0]), jnp.array([1.0, 3.0]),
-                                                    power_of_two=True), [4.0, 0.5])
+    np.testing.assert_array_equal(
+        smoothing_factors(jnp.array([9.0, 1.0]), jnp.array([1.0, 3.0]), power_of_two=True),
+        [4.0, 0.5],
+    )
 
 
 def test_channel_absmax():
@@ -40,7 +42,9 @@ def test_channel_absmax():
 @given(st.integers(0, 2**31 - 1), st.sampled_from([0.25, 0.5, 0.85]))
 def test_identity_exact_with_power_of_two_factors(seed, alpha):
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(16, 12)).astype(np.float32) * np.exp(rng.normal(size=12) * 2).astype(np.float32)
+    x = rng.normal(size=(16, 12)).astype(np.float32) * np.exp(rng.normal(size=12) * 2).astype(
+        np.float32
+    )
     w = rng.normal(size=(12, 8)).astype(np.float32)
     s = smoothing_factors(channel_absmax(x), jnp.max(jnp.abs(w), axis=1), alpha, power_of_two=True)
     got = jnp.matmul(smooth_activation(x, s), smooth_weight(w, s), precision="highest")
@@ -74,7 +78,9 @@ def test_smoothing_lowers_static_int8_error_on_outlier_channels():
     y = x @ w
     plain = np.sum((_w8a8(x, w) - y) ** 2)
     s = smoothing_factors(channel_absmax(x), jnp.max(jnp.abs(jnp.asarray(w)), axis=1), 0.5)
-    smoothed = np.sum((_w8a8(np.asarray(smooth_activation(x, s)), np.asarray(smooth_weight(w, s))) - y) ** 2)
+    smoothed = np.sum(
+        (_w8a8(np.asarray(smooth_activation(x, s)), np.asarray(smooth_weight(w, s))) - y) ** 2
+    )
     assert smoothed < 0.5 * plain
 
 
@@ -98,8 +104,13 @@ class LNMLP(nn.Module):
         return nn.Dense(10)(h)
 
 
-RULES = [jq.Rule(".*", weight=jq.QuantSpec("int8", axis=-1),
-                 activation=jq.QuantSpec("int8", calibration=cal.MinMax()))]
+RULES = [
+    jq.Rule(
+        ".*",
+        weight=jq.QuantSpec("int8", axis=-1),
+        activation=jq.QuantSpec("int8", calibration=cal.MinMax()),
+    )
+]
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +138,20 @@ def test_flax_smoothquant_beats_plain_static_int8(outlier_model, tmp_path):
     # the stored weight is diag(s) W: without the 1 / s at the activation the output is wrong
     bare = dataclasses.replace(sq, smooth={})
     assert float(jnp.mean((jq.apply(m, bare, x) - y) ** 2)) > 10 * e_sq
-    w0 = np.asarray(v["params"]["Dense_0"]["kernel"]) * np.asarray(sq.smooth["Dense_0/kernel"]).reshape(-1, 1)
-    np.testing.assert_allclose(np.asarray(jq.dequantize(sq.variables["params/Dense_0/kernel"])), w0,
-                               atol=float(np.abs(w0).max()) / 127)
+    w0 = np.asarray(v["params"]["Dense_0"]["kernel"]) * np.asarray(
+        sq.smooth["Dense_0/kernel"]
+    ).reshape(-1, 1)
+    np.testing.assert_allclose(
+        np.asarray(jq.dequantize(sq.variables["params/Dense_0/kernel"])),
+        w0,
+        atol=float(np.abs(w0).max()) / 127,
+    )
     # checkpoints keep the factors
     checkpoint.save(tmp_path / "sq", sq)
     back = checkpoint.restore(tmp_path / "sq")
-    np.testing.assert_array_equal(np.asarray(back.smooth["Dense_0/kernel"]), np.asarray(sq.smooth["Dense_0/kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(back.smooth["Dense_0/kernel"]), np.asarray(sq.smooth["Dense_0/kernel"])
+    )
     np.testing.assert_array_equal(np.asarray(jq.apply(m, back, x)), np.asarray(jq.apply(m, sq, x)))
 
 

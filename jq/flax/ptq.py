@@ -95,14 +95,20 @@ def _site_deps(jaxpr, finder) -> dict[str, frozenset]:
             union = empty.union(*ins)
             site = finder.by_eqn.get(id(eqn))
             if site is not None:
-                up = empty.union(*(ins[i] for i in site.act_operands)) if site.act_operands else empty
+                up = (
+                    empty.union(*(ins[i] for i in site.act_operands))
+                    if site.act_operands
+                    else empty
+                )
                 deps[site.name] = deps.get(site.name, empty) | up
                 outs = [union | {site.name}] * len(eqn.outvars)
             elif _inner_jaxpr(eqn) is not None:
                 inner, _ = _inner_jaxpr(eqn)
                 sub = {iv: d for iv, d in zip(inner.invars, ins)}
                 walk(inner, sub)
-                outs = [sub.get(v, empty) if isinstance(v, jcore.Var) else empty for v in inner.outvars]
+                outs = [
+                    sub.get(v, empty) if isinstance(v, jcore.Var) else empty for v in inner.outvars
+                ]
             elif eqn.primitive.name == "scan":
                 body = eqn.params["jaxpr"].jaxpr
                 nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
@@ -110,7 +116,10 @@ def _site_deps(jaxpr, finder) -> dict[str, frozenset]:
                 for _ in range(4):  # the carry's dependencies grow to a fixpoint
                     sub = {iv: d for iv, d in zip(body.invars, ins[:nc] + carry + ins[nc + nk :])}
                     walk(body, sub)
-                    res = [sub.get(v, empty) if isinstance(v, jcore.Var) else empty for v in body.outvars]
+                    res = [
+                        sub.get(v, empty) if isinstance(v, jcore.Var) else empty
+                        for v in body.outvars
+                    ]
                     new = [c | r for c, r in zip(carry, res[:nk])]
                     if new == carry:
                         break
@@ -163,7 +172,9 @@ class _Stream:
                 new = site_fn(site, eqn, invals, states, enabled)
                 return bind_eqn(eqn, invals if new is None else new)
 
-            Interpreter(tt.finder, set(selected), handler).run(tt.jaxpr, tt.consts, list(leaves) + list(dyn), sts)
+            Interpreter(tt.finder, set(selected), handler).run(
+                tt.jaxpr, tt.consts, list(leaves) + list(dyn), sts
+            )
             return sts
 
         self._step = jax.jit(step)
@@ -183,7 +194,9 @@ def _prepare(model, variables, batches, rules, method, kwargs, name):
     kwargs = dict(kwargs or {})
     batches = list(batches)
     if not batches:
-        raise ValueError(f"jq.{name}: `batches` is empty; {name} needs at least one calibration batch")
+        raise ValueError(
+            f"jq.{name}: `batches` is empty; {name} needs at least one calibration batch"
+        )
     adapter = ModelAdapter(model, variables, method)
     args = _split_batch(batches[0])
     t = trace(adapter, adapter.values, args, kwargs)
@@ -224,8 +237,13 @@ def _gptq_layer(w, h, spec, c, opts):
     # scales tied across axes the (K, N) view cannot express: fixed min-max parameters
     qp = qparams_from_array(jnp.asarray(w, jnp.float32), spec)
     scale = jnp.broadcast_to(_expand_blocks(qp.scale, shape), shape).reshape(k, -1)
-    zp = jnp.zeros_like(scale) if qp.zero_point is None else jnp.broadcast_to(
-        _expand_blocks(qp.zero_point, shape), shape).reshape(k, -1).astype(jnp.float32)
+    zp = (
+        jnp.zeros_like(scale)
+        if qp.zero_point is None
+        else jnp.broadcast_to(_expand_blocks(qp.zero_point, shape), shape)
+        .reshape(k, -1)
+        .astype(jnp.float32)
+    )
     opts = {key: v for key, v in opts.items() if key != "static_groups"}
     weight, _ = gptq_with_params(wm, h, scale, zp, spec, **opts)
     return weight.reshape(shape), qp
@@ -243,6 +261,7 @@ def gptq(
     static_groups: bool | None = None,
     bits: int | None = None,
     sequential: bool = True,
+    rtn: bool = False,
     stats: CalibrationStats | None = None,
     method=None,
     kwargs: dict | None = None,
@@ -287,6 +306,9 @@ def gptq(
         `jq.gptq.gptq_quantize`); ``bits=3`` with ``"int4"`` gives 3-bit codes
         stored as int4.
       sequential: False collects every Hessian from the float model in one stage.
+      rtn: round-to-nearest instead (``H = I``: no error feedback, no Hessian
+        pass): the baseline on the same grid and group scales, also for `bits`
+        grids that `jq.convert` cannot make.
       stats: `CalibrationStats` for static activation rules; if None and a rule
         is static, `jq.calibrate` runs on the GPTQ'd model with `batches`.
       method, kwargs: the model method and keyword arguments for every call.
@@ -302,10 +324,16 @@ def gptq(
         size that does not divide the input features, or a Hessian that is
         singular with ``percdamp=0``.
     """
-    rules, kwargs, batches, adapter, args, t, chosen = _prepare(model, variables, batches, rules, method,
-                                                                 kwargs, "gptq")
-    opts = dict(percdamp=percdamp, act_order=act_order, block_size=block_size, static_groups=static_groups,
-                bits=bits)
+    rules, kwargs, batches, adapter, args, t, chosen = _prepare(
+        model, variables, batches, rules, method, kwargs, "gptq"
+    )
+    opts = dict(
+        percdamp=percdamp,
+        act_order=act_order,
+        block_size=block_size,
+        static_groups=static_groups,
+        bits=bits,
+    )
     leaf_specs = _leaf_specs(chosen)
     uses: dict[int, list[Site]] = {}
     for s in t.finder.sites:
@@ -317,8 +345,10 @@ def gptq(
         s = c.site
         reason = None
         if not spec.fmt.is_integer:
-            raise ValueError(f"jq.gptq: rules[{c.rule_index}] weight format {spec.format!r} is not an integer "
-                             f"format (site {s.name!r})")
+            raise ValueError(
+                f"jq.gptq: rules[{c.rule_index}] weight format {spec.format!r} is not an integer "
+                f"format (site {s.name!r})"
+            )
         if len(uses[idx]) != 1:
             reason = f"parameter used by {len(uses[idx])} sites"
         else:
@@ -329,17 +359,29 @@ def gptq(
                 reason = "stacked weight outside a matching scan"
             else:
                 wc, ac = geo
-                per_layer = s.leaf.shape[len(s.stack):]
+                per_layer = s.leaf.shape[len(s.stack) :]
                 lspec = c.rule.weight
                 try:
                     lspec.param_shape(per_layer, s.name)
                 except ValueError as e:
-                    raise ValueError(f"jq.gptq: rules[{c.rule_index}] does not fit site {s.name!r}: {e}") from e
+                    raise ValueError(
+                        f"jq.gptq: rules[{c.rule_index}] does not fit site {s.name!r}: {e}"
+                    ) from e
                 targets[s.name] = (idx, lspec, wc, ac, per_layer)
         if reason is not None:
-            warnings.warn(f"jq.gptq: site {s.name!r} is quantized by round-to-nearest ({reason})", stacklevel=2)
-            info.append({"site": s.name, "shape": s.leaf.shape, "method": "rtn", "seconds": 0.0,
-                         "reason": reason})
+            warnings.warn(
+                f"jq.gptq: site {s.name!r} is quantized by round-to-nearest ({reason})",
+                stacklevel=2,
+            )
+            info.append(
+                {
+                    "site": s.name,
+                    "shape": s.leaf.shape,
+                    "method": "rtn",
+                    "seconds": 0.0,
+                    "reason": reason,
+                }
+            )
 
     # stages of the dataflow
     deps = _site_deps(t.jaxpr, t.finder)
@@ -348,8 +390,10 @@ def gptq(
         if s.name in targets:
             up = [level[d] for d in deps.get(s.name, ()) if d in level and d != s.name]
             level[s.name] = (1 + max(up, default=-1)) if sequential else 0
-    stages = [sorted((n for n, lv in level.items() if lv == i), key=list(level).index)
-              for i in range(max(level.values(), default=-1) + 1)]
+    stages = [
+        sorted((n for n, lv in level.items() if lv == i), key=list(level).index)
+        for i in range(max(level.values(), default=-1) + 1)
+    ]
 
     def site_fn(site, eqn, invals, sts, enabled):
         _, _, wc, ac, per_layer = targets[site.name]
@@ -368,14 +412,28 @@ def gptq(
         _, _, wc, _, per_layer = targets[name]
         k = int(np.prod(per_layer[: len(wc)]))
         site = next(s for s in t.finder.sites if s.name == name)
-        init[name] = _stack_tree({"h": jnp.zeros((k, k), jnp.float32), "n": jnp.zeros((), jnp.float32)},
-                                 _scan_lengths(site, t.finder))
+        init[name] = _stack_tree(
+            {"h": jnp.zeros((k, k), jnp.float32), "n": jnp.zeros((), jnp.float32)},
+            _scan_lengths(site, t.finder),
+        )
     stream = _Stream(adapter, kwargs, set(targets), site_fn)
     leaves = list(adapter.values)
     bar = tqdm(total=len(targets), desc="gptq", unit="weight", disable=not progress)
+    if rtn:
+        stages = [sorted(targets, key=list(level).index)] if targets else []
+        opts["act_order"] = False
     for stage in stages:
-        enabled = {name: jnp.asarray(name in stage) for name in targets}
-        hs = stream.run(batches, leaves, init, enabled, "hessians", progress)
+        if rtn:
+            hs = jax.tree_util.tree_map(lambda a: a, init)
+            for name in stage:
+                k = init[name]["h"].shape[-1]
+                hs[name] = {
+                    "h": jnp.broadcast_to(jnp.eye(k, dtype=jnp.float32), init[name]["h"].shape),
+                    "n": jnp.ones_like(init[name]["n"]),
+                }
+        else:
+            enabled = {name: jnp.asarray(name in stage) for name in targets}
+            hs = stream.run(batches, leaves, init, enabled, "hessians", progress)
         for name in stage:
             idx, lspec, wc, _, per_layer = targets[name]
             t0 = time.perf_counter()
@@ -394,15 +452,24 @@ def gptq(
             jax.block_until_ready(wq)
             leaves[idx] = wq.astype(w.dtype)
             targets[name] = targets[name] + ((wq, QParams(scale, zp)),)
-            info.append({"site": name, "shape": tuple(w.shape), "method": "gptq",
-                         "seconds": time.perf_counter() - t0, "reason": None})
+            info.append(
+                {
+                    "site": name,
+                    "shape": tuple(w.shape),
+                    "method": "rtn" if rtn else "gptq",
+                    "seconds": time.perf_counter() - t0,
+                    "reason": None,
+                }
+            )
             bar.update(1)
     bar.close()
 
     # ordinary conversion of the GPTQ'd float weights, then the exact GPTQ QArrays
     new_model, new_vars = _new_variables(adapter, leaves)
     if stats is None and any(c.mode == "static" for c in chosen.values()):
-        stats = calibrate(new_model, new_vars, batches, rules, method=method, kwargs=kwargs, progress=progress)
+        stats = calibrate(
+            new_model, new_vars, batches, rules, method=method, kwargs=kwargs, progress=progress
+        )
     qvars = convert(new_model, new_vars, rules, stats, args=args, kwargs=kwargs, method=method)
     variables_q = dict(qvars.variables)
     for entry in targets.values():
@@ -417,7 +484,9 @@ def gptq(
 # ---------------------------------------------------------------------------------------
 # SmoothQuant
 # ---------------------------------------------------------------------------------------
-def _smooth_shape(x_ndim: int, ac: tuple[int, ...], kshape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple]:
+def _smooth_shape(
+    x_ndim: int, ac: tuple[int, ...], kshape: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple]:
     """Keepdims shape of `s` against the activation, and the transpose from the weight's K order."""
     shape = [1] * x_ndim
     for a, n in zip(ac, kshape):
@@ -474,8 +543,9 @@ def smoothquant(
     """
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"jq.smoothquant: alpha must lie in [0, 1], got {alpha!r}")
-    rules, kwargs, batches, adapter, args, t, chosen = _prepare(model, variables, batches, rules, method,
-                                                                 kwargs, "smoothquant")
+    rules, kwargs, batches, adapter, args, t, chosen = _prepare(
+        model, variables, batches, rules, method, kwargs, "smoothquant"
+    )
     uses: dict[int, int] = {}
     for s in t.finder.sites:
         if s.leaf is not None:
@@ -486,12 +556,19 @@ def smoothquant(
         if c.mode == "weight_only" or s.leaf is None:
             continue
         geo = _dot_geometry(s)
-        if isinstance(geo, str) or uses[s.leaf.index] != 1 or (s.stack and _scan_lengths(s, t.finder) != s.stack):
-            warnings.warn(f"jq.smoothquant: site {name!r} is not smoothed "
-                          f"({geo if isinstance(geo, str) else 'shared or stacked weight'})", stacklevel=2)
+        if (
+            isinstance(geo, str)
+            or uses[s.leaf.index] != 1
+            or (s.stack and _scan_lengths(s, t.finder) != s.stack)
+        ):
+            warnings.warn(
+                f"jq.smoothquant: site {name!r} is not smoothed "
+                f"({geo if isinstance(geo, str) else 'shared or stacked weight'})",
+                stacklevel=2,
+            )
             continue
         wc, ac = geo
-        targets[name] = (s.leaf.index, wc, ac, s.leaf.shape[len(s.stack):], s)
+        targets[name] = (s.leaf.index, wc, ac, s.leaf.shape[len(s.stack) :], s)
 
     # pass 1: per-channel max |X_j|
     def absmax_fn(site, eqn, invals, sts, enabled):
@@ -500,10 +577,16 @@ def smoothquant(
         xm = _x_matrix(invals[1 - site.operand], ac, k)
         sts[site.name] = jnp.maximum(sts[site.name], jnp.max(jnp.abs(xm), axis=0))
 
-    init = {n: _stack_tree(jnp.zeros((int(np.prod(v[3][: len(v[1])])),), jnp.float32), _scan_lengths(v[4], t.finder))
-            for n, v in targets.items()}
-    amax = _Stream(adapter, kwargs, set(targets), absmax_fn).run(batches, adapter.values, init, None,
-                                                                 "smoothquant", progress)
+    init = {
+        n: _stack_tree(
+            jnp.zeros((int(np.prod(v[3][: len(v[1])])),), jnp.float32),
+            _scan_lengths(v[4], t.finder),
+        )
+        for n, v in targets.items()
+    }
+    amax = _Stream(adapter, kwargs, set(targets), absmax_fn).run(
+        batches, adapter.values, init, None, "smoothquant", progress
+    )
 
     leaves = list(adapter.values)
     smooth_flat, smooth = {}, {}
@@ -512,7 +595,9 @@ def smoothquant(
         stack = w.shape[: w.ndim - len(per_layer)]
         k = int(np.prod(per_layer[: len(wc)]))
         wm = w.reshape(stack + (k, -1)).astype(jnp.float32)
-        s = smoothing_factors_stacked(amax[name], jnp.max(jnp.abs(wm), axis=-1), alpha, power_of_two)
+        s = smoothing_factors_stacked(
+            amax[name], jnp.max(jnp.abs(wm), axis=-1), alpha, power_of_two
+        )
         leaves[idx] = (wm * s[..., None]).reshape(w.shape).astype(w.dtype)
         smooth_flat[name] = s
         x_ndim = len(site.in_avals[1 - site.operand].shape)
@@ -531,8 +616,10 @@ def smoothquant(
             aval = c.site.in_avals[op]
             key = c.site.act_key(op)
             observers[key] = c.rule.activation.calibration
-            states[key] = _stack_tree(observers[key].init(jnp.zeros(aval.shape, aval.dtype)),
-                                      _scan_lengths(c.site, t.finder))
+            states[key] = _stack_tree(
+                observers[key].init(jnp.zeros(aval.shape, aval.dtype)),
+                _scan_lengths(c.site, t.finder),
+            )
 
     def observe_fn(site, eqn, invals, sts, enabled):
         vals = list(invals)
@@ -550,9 +637,16 @@ def smoothquant(
         sts0[name + ":smooth"] = sv
     # smoothed sites run as (x / s) @ (diag(s) W) so that later sites see the right inputs
     selected = {c.site.name for c in chosen.values() if c.mode == "static"} | set(smooth)
-    sts = _Stream(adapter, kwargs, selected, observe_fn).run(batches, leaves, sts0, None, "calibrate", progress)
-    stats = CalibrationStats({k: sts[k] for k in states}, observers, len(batches), (_abstract(args), kwargs),
-                             tuple(chosen))
+    sts = _Stream(adapter, kwargs, selected, observe_fn).run(
+        batches, leaves, sts0, None, "calibrate", progress
+    )
+    stats = CalibrationStats(
+        {k: sts[k] for k in states},
+        observers,
+        len(batches),
+        (_abstract(args), kwargs),
+        tuple(chosen),
+    )
     new_model, new_vars = _new_variables(adapter, leaves)
     qvars = convert(new_model, new_vars, rules, stats, args=args, kwargs=kwargs, method=method)
     return QuantizedVariables(qvars.variables, qvars.activations, qvars.plan, smooth)
@@ -564,5 +658,7 @@ def smoothing_factors_stacked(act_absmax, weight_absmax, alpha, power_of_two):
         return smoothing_factors(act_absmax, weight_absmax, alpha, power_of_two=power_of_two)
     flat_a = act_absmax.reshape((-1, act_absmax.shape[-1]))
     flat_w = weight_absmax.reshape(flat_a.shape)
-    out = [smoothing_factors(a, w, alpha, power_of_two=power_of_two) for a, w in zip(flat_a, flat_w)]
+    out = [
+        smoothing_factors(a, w, alpha, power_of_two=power_of_two) for a, w in zip(flat_a, flat_w)
+    ]
     return jnp.stack(out).reshape(act_absmax.shape)
