@@ -204,8 +204,8 @@ def _jsonable(x):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return _jsonable(x.item())
     if isinstance(x, np.ndarray) or hasattr(x, "__jax_array__") or isinstance(x, jax.Array):
         return np.asarray(x).tolist()
     if isinstance(x, float) and not math.isfinite(x):
