@@ -1,5 +1,6 @@
 """Behaviour of the calibration observers against independent expectations."""
 
+import functools
 import warnings
 
 import chex
@@ -23,9 +24,14 @@ OBSERVERS = {
 }
 
 
+@functools.cache
+def _jitted(obs):
+    return jax.jit(obs.update)  # one compile per observer and input shape
+
+
 def _feed(obs, xs, jit=True):
     state = obs.init(xs[0])
-    update = jax.jit(obs.update) if jit else obs.update
+    update = _jitted(obs) if jit else obs.update
     for x in xs:
         state = update(state, x)
     return state

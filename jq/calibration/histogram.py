@@ -3,28 +3,32 @@
 The histogram
 =============
 
-Each channel keeps ``num_bins`` int32 counts on a *lattice* anchored at zero:
-bin ``j`` covers ``[(offset + j) * width, (offset + j + 1) * width)`` for an
-integer ``offset``. The first batch sets ``width ~ (max - min) / (num_bins - 2)``
-(at least ``2**-20 * max|x|``, so ``|offset| <= 2**20`` stays exact in float32).
+Each channel keeps ``2 * num_bins`` int32 counts on a *lattice* anchored at
+zero: bin ``j`` covers ``[(offset + j) * width, (offset + j + 1) * width)`` for
+an integer ``offset``. The first batch uses ONNX Runtime's layout,
+``[-amax, amax]`` in ``num_bins`` bins (``width = 2 * amax / num_bins``), placed
+in the middle of the stored bins: later batches up to twice as wide land in the
+same bins, exactly as ORT's appended bins would.
 
-When a later batch falls outside the covered interval, the width is
-multiplied by the smallest power of two ``2**k`` that covers the union, and the
-union is centred in the new window (so the next widening on either side
-finds headroom) with the new offset a multiple of the new width. Every new bin is then the union of
-exactly ``2**k`` old lattice bins, so the old counts are re-binned by an
-integer index map (``new = floor((offset + j) / 2**k) - new_offset``) with no
+When a later batch falls outside the stored interval, the width is multiplied
+by the smallest power of two ``2**k`` that covers the union, and the union is
+centred in the new window (so the next widening on either side finds headroom)
+with the new offset a multiple of the new width. Every new bin is then the
+union of exactly ``2**k`` old lattice bins, so the old counts are re-binned by
+an integer index map (``new = floor((offset + j) / 2**k) - new_offset``) with no
 interpolation: the total count is conserved exactly and no count moves out of
-the interval it was observed in. The batch itself is added with one jitted
-scatter-add into the flat ``(channels * num_bins,)`` count vector (about 5x
-faster than ``np.histogram`` and 10x faster than ``jnp.histogram``). Exact
-data extrema are kept beside the counts.
+the interval it was observed in. (ORT instead keeps the width and appends bins,
+so its histogram grows without bound; a jitted state needs a fixed shape.) The
+batch itself is added with one jitted scatter-add of ones into the flat
+``(channels * 2 * num_bins,)`` count vector; a batch that fits skips the
+re-binning (`lax.cond`), and a batch without NaN / inf skips the masking.
+Exact data extrema are kept beside the counts.
 
 Because the lattice contains zero, folding the histogram onto ``|x|`` (for the
 symmetric methods) is exact too.
 
-Range selection (on the host, float64 NumPy; one channel at a time)
-=====================================================================
+Range selection (on the host, NumPy; one channel at a time)
+============================================================
 
 * ``"percentile"``: ``symmetric=False`` returns the ``(100 - p) / 2`` and
   ``100 - (100 - p) / 2`` percentiles of the signed data; ``symmetric=True``
@@ -33,29 +37,34 @@ Range selection (on the host, float64 NumPy; one channel at a time)
   edge, so jq is up to one bin above it). The result is clipped to the data's
   extrema.
 * ``"entropy"``: the KL-divergence threshold search of TensorRT (Migacz, 2017)
-  as ONNX Runtime's ``EntropyCalibrater`` implements it, vectorised over all
-  candidates. For each candidate window ``[-i*w, i*w)`` (``2i`` lattice bins
-  centred on zero; ``[0, i*w)`` for non-negative data with
-  ``symmetric=False``):
+  exactly as ONNX Runtime's ``EntropyCalibrater`` implements it, vectorised
+  over all candidates. For each candidate ``i`` the window is the lattice bins
+  ``[-i, i]`` around the zero bin (``2i + 1`` bins, ``[-i*w, (i+1)*w)``):
 
   1. ``P`` = the window's counts with the counts outside added to the first
      and last bin (clipping);
-  2. ``Q`` = the window's counts (without the outliers) merged into ``L``
-     groups of ``n // L`` bins (the last group takes the remainder), each
-     group's total spread evenly over the bins where ``P`` is non-zero;
+  2. ``Q``: the window's counts (without the outliers) merged into ``L``
+     levels of ``m = n // L`` bins (the last level also takes the remainder
+     bins' counts); each level's total, divided by the number of its ``m``
+     bins where ``P`` is non-zero and truncated to an integer, is assigned to
+     all its ``m`` bins (remainder bins get 0);
   3. ``P`` and ``Q`` are smoothed as in MXNet / ONNX Runtime (zeros become
-     ``1e-4``, taken evenly from the non-zeros) and ``KL(P || Q)`` is computed
-     after normalising.
+     ``1e-4``, taken evenly from the non-zeros), normalised, and
+     ``KL(P || Q)`` is computed.
 
-  The window with the smallest divergence wins; candidates run from ``i = L/2``
-  (``L`` for one-sided) up to the window that holds all data. ``L`` is the
-  number of levels of the target grid (``dtype`` and ``symmetric``: 255 for
-  symmetric int8, 256 for affine int8 / uint8, 15 / 16 for int4). Deliberate
-  differences from ONNX Runtime: ``Q`` stays in floating point (ORT truncates
-  each spread count to an integer); windows have ``2i`` bins (ORT ``2i + 1``,
-  one more bin on the positive side); ``L`` follows the target format (ORT's
-  default ``num_quantized_bins=128`` models only 7 bits). With as many levels
-  as bins (e.g. int16) nothing is clipped and the data range is returned.
+  Candidates run from ``i = L // 2`` to the window that just holds the data;
+  the smallest divergence wins (first on ties) and the range
+  ``(-i*w, (i+1)*w)`` is clipped to the data's extrema (``symmetric=True``:
+  ``(-t, t)``). All candidates are scored in float64; those within 0.1% of the
+  best are re-scored in float32 on their own length, as ORT computes them,
+  because ORT's KL curve has near-ties that float32 rounding decides. On equal
+  histograms jq then picks ORT's threshold. ``L`` is the number of levels of
+  the target grid (``dtype`` and ``symmetric``: 255 for symmetric int8, 256 for
+  affine int8 / uint8, 15 / 16 for int4), where ORT defaults to
+  ``num_quantized_bins=128``. For non-negative data and an unsigned ``dtype``
+  jq searches one-sided windows ``[0, i*w)`` with all ``L`` levels (an affine
+  uint8 grid on ReLU outputs); ORT always searches symmetric windows. With
+  more levels than bins (e.g. int16) nothing is clipped.
 * ``"mse"``: the range whose quantization grid minimises the expected squared
   error, rounding plus clipping, of the histogram's distribution (values
   uniform within each bin). For a grid of ``L`` levels from ``lo`` to ``hi``
@@ -140,7 +149,7 @@ class Histogram:
       >>> x = jax.random.normal(jax.random.key(0), (4096,))
       >>> state = jax.jit(obs.update)(obs.init(x), x)
       >>> state.counts.shape, int(state.counts.sum())
-      ((1, 256), 4096)
+      ((1, 512), 4096)
     """
 
     num_bins: int = 2048
