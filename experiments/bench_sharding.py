@@ -23,7 +23,7 @@ one device. Outputs are checked against the one-device output of the same dtype
 before timing.
 
 Run:  python experiments/bench_sharding.py [--batch 256] [--repeats 9] [--calls 10]
-Writes experiments/results/sharding_bench.json and prints a markdown table.
+Writes experiments/results/sharding_bench_b{batch}.json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main():
     max_err = {}
     for (dt, name), (f, args) in cases.items():
         ref = cases[(dt, "1 device")]
-        err = float(jnp.max(jnp.abs(f(*args) - ref[0](*ref[1]))))
+        err = float(np.max(np.abs(np.asarray(f(*args)) - np.asarray(ref[0](*ref[1])))))
         max_err[f"{dt} / {name}"] = err
         assert err < 1e-4, (dt, name, err)
     keyed = {f"{dt} / {n}": c for (dt, n), c in cases.items()}
@@ -162,7 +162,7 @@ def main():
         "jax": jax.__version__, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
         "devices": "8 simulated CPU devices (--xla_force_host_platform_device_count=8)",
     }
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sharding_bench.json")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"sharding_bench_b{a.batch}.json")
     with open(path, "w") as fh:
         json.dump(out, fh, indent=2)
     print(f"wrote {path}")
