@@ -156,10 +156,11 @@ if AVAILABLE:
         need_sums = rhs_sums or a.dtype == jnp.int8 or not isinstance(m, int) or m == 1
         u = u.reshape(u.shape[:nb] + (m,) + u.shape[nb + len(lfree) :])
         dn = ((tuple(range(nb + 1, nb + 1 + nc)), rc), (tuple(range(nb)), rb))
-        n = int(np.prod([d for i, d in enumerate(b.shape) if i not in rc and i not in rb]))
+        n = math.prod(d for i, d in enumerate(b.shape) if i not in rc and i not in rb)
         # Weight sums from a row of ones: appended to a small lhs (M <= N, the copy is
         # cheap), or as a separate 2-row dot when the lhs is the larger operand.
-        append = need_sums and m <= max(n, 1)
+        # (a symbolic M, under jax.export shape polymorphism, always gets the row)
+        append = need_sums and (not (isinstance(m, int) and isinstance(n, int)) or m <= max(n, 1))
         if append:
             ones = jnp.ones(u.shape[:nb] + (1,) + u.shape[nb + 1 :], jnp.uint8)
             u = jnp.concatenate([u, ones], axis=nb)
