@@ -419,6 +419,8 @@ def test_model_calibration_on_sharded_batches_equals_one_device(linen, obs):
                        r, progress=False)
     for k in ref.states:
         _assert_states_equal(got.states[k], ref.states[k])
+        # replicated, so `range` can read them on every host
+        assert all(a.sharding.is_fully_replicated for a in jax.tree_util.tree_leaves(got.states[k]))
     assert ref.ranges().keys() == got.ranges().keys()
 
 
