@@ -280,7 +280,7 @@ def render(result) -> str:
         rows.append(["auto_quantize", f"{a['metric']:.4f}", f"{a['bytes']:,}", plan])
         for c in st["cast"]:
             rows.append([f"jq.cast {c['format']} (naive cast: {c['naive_metric']:.4f})", f"{c['metric']:.4f}",
-                         f"{c['bytes']:,}", ", ".join(f"{v} {k}" for k, v in sorted(c["kept"].items()))
+                         f"{c['bytes']:,}", (", ".join(f"{v} {k}" for k, v in sorted(c["kept"].items())) or "nothing")
                          + f"; {c['overflow_flags']} overflow flags"])
         cols = [("method", "method", None), ("metric", unit, None), ("bytes", "bytes", None),
                 ("plan", "plan / kept in float32", None)]

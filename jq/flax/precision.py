@@ -483,8 +483,10 @@ class _CastStatic:
 class CastModel:
     """A model that runs in float16 / bfloat16, with precision-sensitive equations in float32.
 
-    Made by `jq.cast`. A pytree (the cast weights are its leaves), so both
-    ``jax.jit(cm.apply)(x)`` and ``jax.jit(lambda m, x: m.apply(x))(cm, x)`` work.
+    Made by `jq.cast`. ``cm.apply(x)`` (or ``cm(x)``) is jitted; the model is
+    also a pytree (the cast weights are its leaves), so
+    ``jax.jit(lambda m, x: m.apply(x))(cm, x)`` works too. ``print(cm.table())``
+    shows what stays float32 and why; ``cm.summary()`` counts it.
 
     Attributes:
       dtype: the format name, ``"float16"`` or ``"bfloat16"``.
@@ -612,6 +614,10 @@ class CastModel:
         return rows
 
     _example = None
+
+    def table(self, *args, **kwargs) -> str:
+        """`report` as a printable fixed-width table."""
+        return format_table(self.report(*args, **kwargs), ["path", "primitive", "module", "category", "reason"])
 
     def summary(self) -> str:
         """Counts of the equations by precision, and the kept ones by reason."""
@@ -1108,7 +1114,8 @@ def auto_quantize(
       metric_fn: ``metric_fn(outputs, batch) -> scalar``, higher is better
         (accuracy; pass ``-loss`` for a loss), averaged over batches.
       max_drop: the largest allowed ``float_metric - metric``.
-      candidates: formats, ordered or not; ``"float32"`` means not quantized.
+      candidates: formats, ordered or not; ``"float32"`` means not quantized
+        and is always added (it is where the search starts).
         Integer formats get per-channel weight scales on `weight_axis`;
         ``"bfloat16"`` / ``"float16"`` are plain casts.
       activation: an activation `QuantSpec` for integer candidates (None:
