@@ -543,19 +543,22 @@ def make_plots(result: dict, out_dir: str, name: str) -> list[str]:
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
     markers = {"float": "o", "int8": "s", "weight-only": "^", "qat": "D"}
+    colors = {"float": "C0", "int8": "C1", "weight-only": "C2", "qat": "C3"}
     for ax, model in zip(axes[0], models):
         rows = [r for r in result["rows"] if r["model"] == model]
         points: dict = {}
         for r in rows:
-            key = (round(r["bits_per_weight"], 2), round(100 * r["accuracy"], 3))
+            # one label per nominal width (4 / 8 / 16 / 32 bits) and accuracy
+            key = (round(r["bits_per_weight"]), round(100 * r["accuracy"], 3))
             points.setdefault(key, []).append(r)
-        for (bits, acc), rs in points.items():
-            ax.scatter(bits, acc, marker=markers.get(rs[0]["group"], "o"), s=40)
+            ax.scatter(r["bits_per_weight"], 100 * r["accuracy"], marker=markers.get(r["group"], "o"),
+                       color=colors.get(r["group"], "C0"), s=40, alpha=0.8)
+        for (_, acc), rs in points.items():
             ax.annotate(
                 "\n".join(_short(r["method"]) for r in rs),
-                (bits, acc),
+                (max(r["bits_per_weight"] for r in rs), acc),
                 fontsize=7,
-                xytext=(5, -3),
+                xytext=(6, -3),
                 textcoords="offset points",
                 va="top",
             )
