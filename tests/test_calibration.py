@@ -77,13 +77,13 @@ class MovingAverageTest(chex.TestCase):
         # lo: -1 -> -1 + .5(-3 + 1) = -2 -> -2 + .5(1 + 2) = -0.5 ; hi: 2 -> 3 -> 2
         np.testing.assert_allclose([lo, hi], [-0.5, 2.0])
 
-    @hypothesis.settings(max_examples=10, deadline=None)
-    @hypothesis.given(st.integers(0, 2**16), st.floats(0.01, 1.0))
+    @hypothesis.settings(max_examples=8, deadline=None)
+    @hypothesis.given(st.integers(0, 2**16), st.sampled_from([0.01, 0.37, 1.0]))
     def test_matches_float32_recurrence(self, seed, c):
         rng = np.random.default_rng(seed)
         xs = [(rng.standard_normal((5, 3)) * (1 + i)).astype(np.float32) for i in range(4)]
         obs = cal.MovingAverageMinMax(averaging_constant=c, axis=1)
-        lo, hi = obs.range(_feed(obs, xs, jit=False))
+        lo, hi = obs.range(_feed(obs, xs))
         m_lo, m_hi = xs[0].min(0), xs[0].max(0)
         c32 = np.float32(c)
         for x in xs[1:]:
@@ -325,7 +325,7 @@ class BadInputTest(chex.TestCase):
         for value in (0.0, 3.0, -2.5):
             obs = OBSERVERS[name]()
             x = jnp.full((4, 5), value)
-            lo, hi = obs.range(obs.update(obs.init(x), x))
+            lo, hi = obs.range(_feed(obs, [x]))
             assert float(lo) <= value <= float(hi) or np.isclose([lo, hi], value).all()
             for spec in (jq.QuantSpec("int8"), jq.QuantSpec("uint8", scheme="affine")):
                 qp = jq.qparams_from_range(lo, hi, spec)
