@@ -121,7 +121,7 @@ class _Node:
 class _Graph:
     """Every primitive equation of a traced model, calls inlined, with producers and consumers."""
 
-    def __init__(self, jaxpr, n_args: int):
+    def __init__(self, jaxpr):
         self.nodes: list[_Node] = []
         self._n = 0
         ins = [self._fresh() for _ in jaxpr.invars]
@@ -565,7 +565,7 @@ class CastModel:
         low = _LOW[s.fmt]
         avals = [jax.ShapeDtypeStruct(jnp.shape(v), li.dtype) for v, li in zip(self.leaves, s.adapter.leaves)]
         t = trace(s.adapter, avals, args, kwargs)
-        graph = _Graph(t.jaxpr, len(t.jaxpr.invars))
+        graph = _Graph(t.jaxpr)
         keep = self._keep_for(graph)
         run = _CastRun(low, keep)
         dyn = []
@@ -752,7 +752,7 @@ def _observe_max(adapter: ModelAdapter, batches: Iterable, kwargs: dict) -> dict
         raise ValueError("jq.cast: `batches` is empty; pass None to skip calibration") from None
     args = _split_batch(first)
     t = trace(adapter, adapter.values, args, kwargs)
-    graph = _Graph(t.jaxpr, len(t.jaxpr.invars))
+    graph = _Graph(t.jaxpr)
     init = {_pkey(n.path): jnp.zeros((), jnp.float32) for n in graph.nodes}
     in_keys = [f"in:{k}" for k in range(len(t.dyn_args))]
     for k in in_keys:
