@@ -137,6 +137,31 @@ def test_float16_norm_epsilon_underflows_without_policy(fragile_norm):
     assert cm.nbytes() == sum(np.size(a) * 4 for a in jax.tree_util.tree_leaves(v)) // 2
 
 
+def test_plain_mlp_runs_wholly_in_float16_with_float32_accumulation():
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(32, name="a")(x))
+            return nn.Dense(10, name="b")(h)
+
+    m = Mlp()
+    x = jax.random.normal(jax.random.key(1), (16, 8))
+    v = jax.jit(m.init)(KEY, x)
+    cm = P.cast(m, v, "float16")
+    y = np.asarray(cm.apply(x))
+    # numpy reference: float16 storage, float32 dot accumulation rounded once to float16, float16 bias add
+    p = jax.tree_util.tree_map(np.asarray, v["params"])
+
+    def dense(a, d):
+        acc = a.astype(np.float32) @ d["kernel"].astype(np.float16).astype(np.float32)
+        return acc.astype(np.float16) + d["bias"].astype(np.float16)
+
+    ref = dense(np.maximum(dense(np.asarray(x).astype(np.float16), p["a"]), 0), p["b"]).astype(np.float32)
+    np.testing.assert_array_equal(y, ref)
+    assert float(np.max(np.abs(y - np.asarray(jax.jit(m.apply)(v, x))))) > 0  # it really is float16
+    assert cm.report() == [] and "none kept" in cm.summary()
+
+
 def test_float16_report_names_the_norm_and_its_epsilon(fragile_norm):
     m, v, x = fragile_norm
     cm = P.cast(m, v, "float16", args=(x,))

@@ -632,7 +632,7 @@ class CastModel:
         low = counts.get("low", 0)
         f32 = counts.get("float32", 0) + counts.get("follow", 0)
         return (f"jq.cast({self.dtype}): {low} equations in {self.dtype}, {f32} in float32 "
-                f"({', '.join(f'{v} {k}' for k, v in sorted(cats.items()))}; "
+                f"({', '.join(f'{v} {k}' for k, v in sorted(cats.items())) or 'none kept'}; "
                 f"{counts.get('follow', 0)} follow float32 inputs); "
                 f"{len(self._static.overflow)} overflow flags")
 
