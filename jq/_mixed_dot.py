@@ -142,7 +142,7 @@ if AVAILABLE:
         not already contiguous). A row of ones is appended when the lhs is the
         smaller operand (and always when M = 1, so M >= 2: an M=1 integer dot
         would take XLA:CPU's slow generic loop); for a large lhs (M > N, e.g.
-        convolution patches) the sums come from a separate 2-row dot instead.
+        convolution patches) the sums come from a reduction over the weight.
         """
         (lc, rc), (lb, rb) = dimension_numbers
         lfree = tuple(i for i in range(a.ndim) if i not in lc and i not in lb)
@@ -157,8 +157,9 @@ if AVAILABLE:
         u = u.reshape(u.shape[:nb] + (m,) + u.shape[nb + len(lfree) :])
         dn = ((tuple(range(nb + 1, nb + 1 + nc)), rc), (tuple(range(nb)), rb))
         n = math.prod(d for i, d in enumerate(b.shape) if i not in rc and i not in rb)
-        # Weight sums from a row of ones: appended to a small lhs (M <= N, the copy is
-        # cheap), or as a separate 2-row dot when the lhs is the larger operand.
+        # Weight sums from a row of ones appended to a small lhs (M <= N; the copy is
+        # cheap, and XLA:CPU's column reduction of an int8 matrix costs more than a
+        # small-M dot), or from a plain reduction when the lhs is the larger operand.
         # (a symbolic M, under jax.export shape polymorphism, always gets the row)
         append = need_sums and (not (isinstance(m, int) and isinstance(n, int)) or m <= max(n, 1))
         if append:
@@ -168,9 +169,8 @@ if AVAILABLE:
         if append:
             sums = jax.lax.index_in_dim(out, m, axis=nb, keepdims=False)
             out = jax.lax.slice_in_dim(out, 0, m, axis=nb)
-        elif need_sums:
-            ones = jnp.ones(u.shape[:nb] + (2,) + u.shape[nb + 1 :], jnp.uint8)
-            sums = jax.lax.index_in_dim(_raw_p.bind(ones, b, dimension_numbers=dn), 0, nb, False)
+        elif need_sums:  # M > N: the reduction over the weight is small next to the dot
+            sums = _rhs_sums(b, dimension_numbers)
         if a.dtype == jnp.int8:  # a = u - 128
             out = out - 128 * jnp.expand_dims(sums, nb)
         out = out.reshape(out.shape[:nb] + free_shape + out.shape[nb + 1 :])
