@@ -434,6 +434,8 @@ def sharded_update(observer, state, x: jax.Array, mesh: Mesh, axis_name: str | t
     """
     x = jnp.asarray(x)
     nd = x.ndim
+    if isinstance(axis_name, list):
+        axis_name = tuple(axis_name)
     if not -nd <= batch_axis < nd:
         raise ValueError(f"sharded_update: batch_axis={batch_axis} is out of range for rank {nd}")
     batch_axis %= nd

@@ -461,6 +461,11 @@ def test_nnx_sharding_annotations_carry_to_quantized_variables():
     assert qv.variables["l2/kernel"].value.sharding.spec == P("model", None)
     qs = jfs.shard_logical(qv, model, MESH)
     assert qs.variables["l2/kernel"].scale.sharding.spec == P(None, None)
+    # the module's own (sharded) state works as the float shardings too
+    qs2 = js.shard_qvars(jax.device_get(qv), nnx.state(model))
+    for path in qv.variables:
+        assert ([a.sharding.spec for a in jax.tree_util.tree_leaves(qs2.variables[path])]
+                == [a.sharding.spec for a in jax.tree_util.tree_leaves(qs.variables[path])]), path
     y = jax.jit(lambda q, x: jq.apply(model, q, x))(qs, jax.device_put(X, ns("data")))
     ref = jq.apply(model, jax.device_get(qv), X)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6, atol=1e-6)
