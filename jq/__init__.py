@@ -24,6 +24,14 @@ from jq.flax import (
     sites,
 )
 from jq.flax.export import export
+from jq.flax.precision import (
+    AutoQuantResult,
+    CastModel,
+    SensitivityResult,
+    auto_quantize,
+    cast,
+    sensitivity,
+)
 from jq.numerics import format_info, get_format
 from jq.ops import conv_general_dilated, dot_general, einsum
 from jq.qparams import QParams, QuantSpec, qparams_from_array, qparams_from_range
@@ -40,6 +48,12 @@ from jq.quantize import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoQuantResult",
+    "CastModel",
+    "SensitivityResult",
+    "auto_quantize",
+    "cast",
+    "sensitivity",
     "QAT",
     "CalibrationStats",
     "QArray",
