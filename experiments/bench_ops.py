@@ -225,6 +225,13 @@ Notes:
   need a min and a max (one variadic reduction) and zero-point terms.
 - Weight-only int8 converts the weights to float32 inside every call on CPU,
   so it saves memory, not time; use static or dynamic int8 for speed.
+- Dynamic affine uint8 activations are markedly slower than symmetric int8 at
+  batch 1 on this machine (same kernels in the compiled HLO; not yet explained);
+  symmetric int8 (dynamic or static) is the fast choice.
+- Convolutions: on CPU an ungrouped int8 conv is lowered as patches (strided
+  slices of the quantized input) times the weight through the mixed dot;
+  XLA:CPU's own int8 convolution is slower than float32. The gain here is small
+  because building the patches moves 9x the input.
 - XLA repacks the int8 weights on every call (ONNX Runtime and fbgemm pack
   once); that is included in these times.
 - The machine is shared: every group is timed interleaved with its float32

@@ -45,9 +45,14 @@ dots are summed in float32. int16 operands are split into two bytes
 overflows, whatever K (one int32 accumulator would be safe only for K <= 511).
 int64 accumulation is never used: with x64 off it silently becomes int32.
 
-Integer convolutions use ``lax.conv_general_dilated(s8, s8,
-preferred_element_type=int32)`` on every platform (uint8 operands shifted to
-int8); windows longer than the 8-bit bound are rejected.
+Integer convolutions: on GPU / TPU ``lax.conv_general_dilated(s8, s8,
+preferred_element_type=int32)`` (uint8 operands shifted to int8). On CPU, where
+XLA's int8 convolution is a slow loop, an ungrouped convolution without lhs
+dilation becomes patches (strided slices of the zero-point-padded uint8 input)
+times the weight through the mixed dot; grouped / lhs-dilated ones keep the
+native s8 conv. The choice is made by `jax.lax.platform_dependent`, so one
+exported module carries both. Native windows longer than the 8-bit bound are
+rejected (the patch path splits them like any contraction).
 """
 
 from __future__ import annotations
