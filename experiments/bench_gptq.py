@@ -202,6 +202,8 @@ def run(cfg, groups, cache, out_dir, name, smooth=True):
                 qv = smoothquant(model, variables, calib, rules, alpha=alpha, progress=False)
             add(f"W8A8 + SmoothQuant a={alpha}", 8, None, qv, time.perf_counter() - t)
 
+    timings = pass_timings(variables, groups[-1], cfg.repeats)
+
     # share of RTN's bpc loss that GPTQ recovers, per (bits, group)
     for r in rows:
         r["delta_bpc"] = r["bpc"] - bpc_f
@@ -222,12 +224,65 @@ def run(cfg, groups, cache, out_dir, name, smooth=True):
         "corpus": info,
         "train_or_load_s": train_s,
         "rows": rows,
+        "pass_timings": timings,
     }
     md = render(result)
     files = write_results(out_dir, name, result, md)
     print(md)
     print("wrote " + ", ".join(files))
     return result
+
+
+def pass_timings(variables, group, repeats):
+    """Warm `jq.gptq.gptq_quantize` time per distinct kernel shape (compiled once, median of repeats).
+
+    The model's kernels as (K, N) matrices with a random SPD Hessian; one first call
+    (compilation) then `repeats` timed calls, alternating with jitted round-to-nearest
+    (`jq.quantize` with min-max scales).
+    """
+    from jq.gptq import gptq_quantize
+
+    rtn = jax.jit(jq.quantize, static_argnums=2)
+
+    shapes = set()
+    for path, x in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
+        keys = [str(getattr(p, "key", p)) for p in path]
+        if keys[-1] == "kernel":
+            # the attention output kernel (heads, head_dim, D) contracts its first two axes
+            k = x.shape[0] * x.shape[1] if keys[-2] == "out" else x.shape[0]
+            shapes.add((k, int(np.prod(x.shape)) // k))
+    out = []
+    rng = np.random.default_rng(0)
+    for k, n in sorted(shapes):
+        g = group if group and k % group == 0 else None
+        spec = jq.QuantSpec("int4", axis=-1, block_axis=0 if g else None, block_size=g)
+        w = rng.normal(size=(k, n)).astype(np.float32)
+        x = rng.normal(size=(4 * k, k)).astype(np.float32)
+        h = 2 * x.T @ x / len(x)
+        t = time.perf_counter()
+        jax.block_until_ready(gptq_quantize(w, h, spec).weight)
+        first = time.perf_counter() - t
+        jax.block_until_ready(rtn(w, None, spec).value)
+        tg, tr = [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(gptq_quantize(w, h, spec).weight)
+            tg.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            jax.block_until_ready(rtn(w, None, spec).value)
+            tr.append(time.perf_counter() - t)
+        out.append(
+            {
+                "K": k,
+                "N": n,
+                "group": g,
+                "first_call_s": first,
+                "gptq_ms": 1e3 * float(np.median(tg)),
+                "rtn_path_ms": 1e3 * float(np.median(tr)),
+            }
+        )
+        print(out[-1])
+    return out
 
 
 def render(result) -> str:
@@ -246,8 +301,41 @@ def render(result) -> str:
         ("gptq_pass_s", "GPTQ passes (s)", ".1f"),
     ]
     m = result["machine"]
+    rows = result["rows"]
+    summary = []
+    for r in rows:
+        if r["method"] == "GPTQ" and r["recovered"] is not None:
+            base = next(
+                x
+                for x in rows
+                if x["method"] == "RTN" and x["bits"] == r["bits"] and x["group"] == r["group"]
+            )
+            gname = "per channel" if r["group"] == "channel" else f"groups of {r['group']}"
+            target = " (target at int4: at least 50%)" if r["bits"] == 4 else ""
+            summary.append(
+                f"- {weights(r['bits'])}, {gname}: RTN {base['bpc']:.4f} bpc ({base['delta_pct']:+.2f}%), "
+                f"GPTQ {r['bpc']:.4f} ({r['delta_pct']:+.2f}%): GPTQ recovers "
+                f"{100 * r['recovered']:.0f}% of RTN's loss{target}."
+            )
+    w8 = [r for r in rows if r["method"].startswith("W8A8")]
+    if w8:
+        summary.append(
+            "- W8A8 (static per-tensor int8 activations): "
+            + "; ".join(f"{r['method']}: {r['bpc']:.4f} bpc ({r['delta_pct']:+.2f}%)" for r in w8)
+            + "."
+        )
     lines = [
         "# GPTQ and SmoothQuant on the character-level transformer",
+        "",
+        "```python",
+        "rules = [jq.Rule('.*', ops=('dot',), weight=jq.QuantSpec('int4', axis=-1, block_axis=0, block_size=128))]",
+        "qvars = jq.gptq(model, variables, calib_batches, rules)            # sequential GPTQ, percdamp=0.01",
+        "qvars = jq.gptq(model, variables, calib_batches, rules, act_order=True, bits=3)",
+        "y = jq.apply(model, qvars, x)                                      # ordinary quantized variables",
+        "qvars = jq.smoothquant(model, variables, calib_batches, w8a8_rules, alpha=0.5)",
+        "```",
+        "",
+        *summary,
         "",
         f"Model: charlm (width {cfg['width']}, {cfg['layers']} layers, {cfg['heads']} heads, context {cfg['ctx']}), "
         f"{cfg['steps']} training steps; corpus sha256 {result['corpus']['sha256'][:12]}; calibration: "
@@ -264,6 +352,24 @@ def render(result) -> str:
         "(symmetric, narrow) stored as int4, so their size equals int4's; their RTN row is `jq.gptq(..., "
         "rtn=True)` (round-to-nearest on the same grid).",
     ]
+    if result.get("pass_timings"):
+        lines += [
+            "",
+            "Warm `jq.gptq.gptq_quantize` per kernel shape (int4, groups where they divide K; "
+            "medians of interleaved repeats after one compiling call):",
+            "",
+            markdown_table(
+                result["pass_timings"],
+                [
+                    ("K", "K", None),
+                    ("N", "N", None),
+                    ("group", "group", None),
+                    ("first_call_s", "first call (s, compile)", ".2f"),
+                    ("gptq_ms", "GPTQ (ms)", ".1f"),
+                    ("rtn_path_ms", "RTN jq.quantize (ms)", ".2f"),
+                ],
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -277,7 +383,16 @@ def main(argv=None):
     p.add_argument("--cache", default=None, help="npz cache of the float parameters")
     p.add_argument("--no-smooth", action="store_true")
     p.add_argument("--out", default=RESULTS_DIR)
+    p.add_argument("--render", default=None, help="only rewrite the markdown of this results .json")
     a = p.parse_args(argv)
+    if a.render:
+        import json
+
+        with open(a.render) as f:
+            result = json.load(f)
+        with open(a.render[: -len(".json")] + ".md", "w") as f:
+            f.write(render(result).rstrip() + "\n")
+        return
     cfg = charlm.Config(quick=a.quick)
     if a.quick:
         cfg.width, cfg.layers, cfg.steps = 128, 2, 300

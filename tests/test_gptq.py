@@ -365,3 +365,38 @@ def test_flax_gptq_bad_input():
         gptq(m, v, batches, [jq.Rule(".*", weight=jq.QuantSpec("e4m3", axis=-1))], progress=False)
     with pytest.raises(ValueError, match="not positive definite"):
         gptq(m, v, [batches[0][:8]], G_RULES, percdamp=0.0, progress=False)  # 8 rows < K = 32
+
+
+class ScanBlk(nn.Module):
+    @nn.compact
+    def __call__(self, c, _):
+        return c + nn.Dense(16)(nn.relu(nn.Dense(32)(c))), None
+
+
+class ScanNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        blocks = nn.scan(
+            ScanBlk, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        return blocks()(x, None)[0]
+
+
+def test_flax_gptq_scan_stacked_layers_get_their_own_hessians():
+    m = ScanNet()
+    xs = [jnp.asarray(correlated_inputs(30 + i, rows=64, k=16)) for i in range(2)]
+    v = m.init(jax.random.key(0), xs[0])
+    rules = [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1, block_axis=0, block_size=16))]
+    qv = gptq(m, v, xs, rules, progress=False)
+    k_in = qv.variables["params/ScanScanBlk_0/Dense_1/kernel"]  # (3 layers, 16, 32): applied first
+    assert k_in.scale.shape == (3, 1, 32)
+    # layer 0 of the stack sees the model input: its GPTQ matches the standalone algorithm
+    x = np.concatenate([np.asarray(b) for b in xs])
+    w0 = np.asarray(v["params"]["ScanScanBlk_0"]["Dense_1"]["kernel"][0])
+    r = gptq_quantize(w0, hessian(x), jq.QuantSpec("int4", axis=-1, block_axis=0, block_size=16))
+    np.testing.assert_array_equal(np.asarray(k_in.int_value()[0]), np.asarray(r.codes))
+    y = m.apply(v, xs[0])
+    rtn = jq.convert(m, v, rules, args=(xs[0],))
+    assert float(jnp.mean((jq.apply(m, qv, xs[0]) - y) ** 2)) < float(
+        jnp.mean((jq.apply(m, rtn, xs[0]) - y) ** 2)
+    )
