@@ -677,7 +677,7 @@ def _quant_operand(x, spec: QuantSpec, qp: QParams | None):
     if qp is None:
         # dynamic: the run-time range from ops' single-reduction path (a separate min and max
         # made batch-1 dynamic models ~10x slower on CPU than static ones)
-        qp = ops._dynamic_qparams(jax.lax.stop_gradient(x), spec, "activation")
+        qp = ops.dynamic_qparams(jax.lax.stop_gradient(x), spec, "activation")
     return quantize(x, qp, spec)
 
 
