@@ -532,3 +532,17 @@ def test_explicit_axis_types_mesh_through_auto_axes(linen):
         y = f(qs, jax.device_put(X, NamedSharding(mesh, P("data"))))
     assert y.sharding.spec[0] == "data"
     np.testing.assert_allclose(np.asarray(y), np.asarray(jq.apply(m, qv, X)), rtol=1e-6, atol=1e-6)
+
+
+def test_convert_warns_when_int4_bytes_cannot_follow_the_float_split():
+    m = nn.Dense(12)  # 12 output features over 4 devices: 3 each, an odd number of nibbles
+    v = m.init(jax.random.key(0), X)
+    fv = {"params": {"kernel": jax.device_put(v["params"]["kernel"], ns(None, "model")),
+                     "bias": jax.device_put(v["params"]["bias"], ns("model"))}}
+    with pytest.warns(UserWarning, match="cannot follow its float sharding"):
+        qv = jq.convert(m, fv, rules("int4", static=False), args=(X,))
+    ref = jq.convert(m, v, rules("int4", static=False), args=(X,))
+    np.testing.assert_array_equal(np.asarray(qv.variables["params/kernel"].value),
+                                  np.asarray(ref.variables["params/kernel"].value))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda q, x: jq.apply(m, q, x))(qv, X)),
+                               np.asarray(jq.apply(m, ref, X)), rtol=1e-6, atol=1e-6)
