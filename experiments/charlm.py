@@ -22,6 +22,10 @@ einsums (``q k^T`` and ``p v``) too):
   min-max with per-tensor weights; weight-only int8 and int4 (per channel);
   QAT int8 and QAT with int4 weights (fine-tuning of the float model with
   fake quantization, moving-average activation ranges); float16 and bfloat16.
+* static int8, entropy with min-max at the attention einsums: KL calibration
+  picks its smallest candidate range for the softmax probabilities (almost
+  all mass near 0) and clips every large attention weight; a second rule
+  keeps min-max there (rules are data, the model is untouched).
 
 Columns: bits per character (bpc) on the held-out text (all non-overlapping
 `--ctx` windows, every position scored), its increase against float32
@@ -33,8 +37,9 @@ Targets: static int8 at most 2% higher bpc than float32, QAT int8 at most 1%.
 
 Run::
 
-    python experiments/charlm.py            # the full run (about 15 minutes on 2 idle cores)
-    python experiments/charlm.py --quick    # a few minutes: fewer steps, smaller model
+    python experiments/charlm.py            # the full run: 4 layers x 128, context 64, 1,200 steps
+                                            # (18 minutes measured on 2 shared cores at load ~11)
+    python experiments/charlm.py --quick    # a few minutes: 2 layers x 64, 200 steps
 
 Writes ``experiments/results/charlm.{json,md}`` (``charlm_quick.*`` with ``--quick``).
 """
@@ -302,6 +307,11 @@ def methods() -> list[Method]:
            Method("dynamic int8", "dynamic", _rules(_w(), a8()), "int8")]
     for cname, obs in CALIBRATORS.items():
         out.append(Method(f"static int8, {cname}", "static", _rules(_w(), a8(obs)), "int8"))
+    # KL (entropy) calibration clips softmax probabilities (mostly near 0) to a tiny range; the
+    # rules are data, so the attention einsums can keep min-max while the rest uses entropy
+    out.append(Method("static int8, entropy, min-max at attention einsums", "static",
+                      (jq.Rule(".*", ops=("dot", "embed"), weight=_w(), activation=a8(CALIBRATORS["entropy"])),
+                       jq.Rule(".*", ops=("act_dot",), weight=None, activation=a8(cal.MinMax()))), "int8"))
     out += [
         Method("static int8, min-max, per-tensor weights", "static",
                _rules(_w(per_channel=False), a8(cal.MinMax())), "int8"),
@@ -345,7 +355,8 @@ def run_rows(cfg, data, sw: Stopwatch) -> dict:
             rules = list(m.rules)
             stats = None
             if m.kind in ("static", "qat"):
-                obs = rules[0].activation.calibration
+                # statistics depend only on the activation observers, not on the weight specs
+                obs = tuple(r.activation.calibration for r in rules if r.activation is not None)
                 if obs not in stats_by_observer:
                     with sw("calibrate"):
                         stats_by_observer[obs] = jq.calibrate(model, variables, calib, rules, progress=False)
@@ -393,11 +404,11 @@ def run_rows(cfg, data, sw: Stopwatch) -> dict:
 def target_checks(rows):
     rs = {r["method"]: r for r in rows}
     out = []
-    for cname in CALIBRATORS:
-        r = rs.get(f"static int8, {cname}")
-        if r is not None:
+    for r in rows:
+        if r["kind"] == "static" and "per-tensor" not in r["method"]:
             lim = TARGETS["static_int8_pct"]
-            out.append({"check": f"static int8 ({cname}) bpc <= +{lim}%", "value": r["bpc_increase_pct"],
+            name = r["method"].replace("static int8, ", "")
+            out.append({"check": f"static int8 ({name}) bpc <= +{lim}%", "value": r["bpc_increase_pct"],
                         "met": r["bpc_increase_pct"] <= lim})
     r = rs.get("QAT int8")
     if r is not None:
