@@ -8,7 +8,7 @@ calibration observers (`jq.calibration`), integer dot_general / einsum / conv
 Importing jq does not import Flax; the Flax functions import it when called.
 """
 
-from jq import calibration, deploy, hlo, numerics, ops
+from jq import calibration, deploy, hlo, numerics, ops, sharding
 from jq.deploy import load_exported
 from jq.flax import (
     QAT,
@@ -54,6 +54,7 @@ __all__ = [
     "auto_quantize",
     "cast",
     "sensitivity",
+    "sharding",
     "QAT",
     "CalibrationStats",
     "QArray",

@@ -165,7 +165,9 @@ class QArray:
 
     def __repr__(self) -> str:
         return (
-            f"QArray(format={self.format}, shape={self.shape}, scale_shape={tuple(self.scale.shape)}, "
+            # fields may hold PartitionSpecs or shardings (jq.sharding), which have no shape
+            f"QArray(format={self.format}, shape={self.shape}, "
+            f"scale_shape={getattr(self.scale, 'shape', self.scale)}, "
             f"zero_point={'yes' if self.zero_point is not None else 'no'}, packed={self.pack_axis is not None})"
         )
 
