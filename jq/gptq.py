@@ -47,6 +47,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import NamedTuple
@@ -54,6 +55,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 from jq.qparams import QParams, QuantSpec, qparams_from_range
 from jq.quantize import QArray, quantize
@@ -278,8 +280,13 @@ def _gptq_pass(w, u, row_scale, row_zp, cfg: _Config, per_column: bool):
 def _factor(h, percdamp: float, act_order: bool):
     """U = chol(H^-1)^T (upper) in the quantization order, the dead inputs and that order.
 
-    Computed on the host in float64 with LAPACK (numpy): exact enough to tell a
-    singular H from a merely ill-conditioned one, and nothing to compile.
+    Computed on the host in float64 with LAPACK: exact enough to tell a singular
+    H from a merely ill-conditioned one, and nothing to compile. No explicit
+    inverse: with J the order reversal and ``J H J = M M^T`` (lower Cholesky),
+    ``H = R R^T`` with ``R = J M J`` upper, so ``H^-1 = U^T U`` with
+    ``U = R^-1 = J M^-1 J`` (one Cholesky and one triangular inverse). BLAS runs
+    single-threaded here: next to XLA's thread pool, more threads made it 20x
+    slower on 2 cores.
     """
     hf = np.asarray(h, np.float64)
     k = hf.shape[0]
@@ -295,19 +302,28 @@ def _factor(h, percdamp: float, act_order: bool):
         "(singular: too few or linearly dependent calibration inputs); raise percdamp "
         "(0.01 is the paper's default) or add calibration data"
     )
-    try:
-        lower = np.linalg.cholesky(hf)
-    except np.linalg.LinAlgError:
-        raise bad from None
-    # pivots at rounding level mean a numerically singular H (cond > ~1e12)
-    if np.min(np.diagonal(lower) ** 2 / np.diagonal(hf)) < 1e-12:
-        raise bad
-    linv = np.linalg.inv(lower)  # H^-1 = L^-T L^-1
-    hinv = linv.T @ linv
-    u = np.linalg.cholesky(0.5 * (hinv + hinv.T)).T
-    if not np.all(np.isfinite(u)):
+    flipped = np.ascontiguousarray(hf[::-1, ::-1])
+    with _one_blas_thread():
+        try:
+            m = np.linalg.cholesky(flipped)
+        except np.linalg.LinAlgError:
+            raise bad from None
+        # pivots at rounding level mean a numerically singular H (cond > ~1e12)
+        if np.min(np.diagonal(m) ** 2 / np.diagonal(flipped)) < 1e-12:
+            raise bad
+        minv, info = scipy.linalg.lapack.dtrtri(m, lower=1)
+    u = np.ascontiguousarray(minv[::-1, ::-1])
+    if info != 0 or not np.all(np.isfinite(u)):
         raise bad
     return u.astype(np.float32), dead, perm
+
+
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
 
 
 def _check_common(w, h, percdamp, block_size):
