@@ -36,8 +36,8 @@ batch 1 and batch 256: medians of interleaved repeats, with the speed-up
 
 Run::
 
-    python experiments/digits.py           # short run (the README's main job): about 70 s of CPU;
-                                           # 215 s wall measured on 2 cores shared at load ~11
+    python experiments/digits.py           # short run (the README's main job): 75 s wall measured
+                                           # on 2 cores (215-241 s while others loaded them to ~10)
     python experiments/digits.py --full    # longer training and more timing repeats
 
 Writes ``experiments/results/digits.{json,md}`` (``digits_full.*`` with
