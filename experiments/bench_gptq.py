@@ -234,13 +234,13 @@ def run(cfg, groups, cache, out_dir, name, smooth=True):
 
 
 def pass_timings(variables, group, repeats):
-    """Warm `jq.gptq.gptq_quantize` time per distinct kernel shape (compiled once, median of repeats).
+    """Warm `jq.gptq_core.gptq_quantize` time per distinct kernel shape (compiled once, median of repeats).
 
     The model's kernels as (K, N) matrices with a random SPD Hessian; one first call
     (compilation) then `repeats` timed calls, alternating with jitted round-to-nearest
     (`jq.quantize` with min-max scales).
     """
-    from jq.gptq import gptq_quantize
+    from jq.gptq_core import gptq_quantize
 
     rtn = jax.jit(jq.quantize, static_argnums=2)
 
@@ -355,7 +355,7 @@ def render(result) -> str:
     if result.get("pass_timings"):
         lines += [
             "",
-            "Warm `jq.gptq.gptq_quantize` per kernel shape (int4, groups where they divide K; "
+            "Warm `jq.gptq_core.gptq_quantize` per kernel shape (int4, groups where they divide K; "
             "medians of interleaved repeats after one compiling call):",
             "",
             markdown_table(

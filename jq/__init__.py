@@ -32,6 +32,8 @@ from jq.flax.precision import (
     cast,
     sensitivity,
 )
+from jq.flax.ptq import gptq, smoothquant
+from jq.gptq_core import gptq_quantize, rtn_quantize
 from jq.numerics import format_info, get_format
 from jq.ops import conv_general_dilated, dot_general, einsum
 from jq.qparams import QParams, QuantSpec, qparams_from_array, qparams_from_range
@@ -48,6 +50,10 @@ from jq.quantize import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "gptq",
+    "gptq_quantize",
+    "rtn_quantize",
+    "smoothquant",
     "AutoQuantResult",
     "CastModel",
     "SensitivityResult",

@@ -12,7 +12,7 @@ from flax import nnx
 import jq
 from jq import calibration as cal
 from jq.flax.ptq import gptq
-from jq.gptq import gptq_quantize, gptq_with_params, rtn_quantize
+from jq.gptq_core import gptq_quantize, gptq_with_params, rtn_quantize
 
 K, N, ROWS = 64, 24, 512
 

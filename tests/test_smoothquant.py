@@ -14,7 +14,7 @@ import jq
 from jq import calibration as cal
 from jq.flax import checkpoint
 from jq.flax.ptq import smoothquant
-from jq.smoothquant import channel_absmax, smooth_activation, smooth_weight, smoothing_factors
+from jq.smoothing import channel_absmax, smooth_activation, smooth_weight, smoothing_factors
 
 
 def test_factors_by_hand():

@@ -425,7 +425,7 @@ class QuantizedVariables:
       plan: static site table (modes, activation specs) and the float model's
         signature, used by `apply` to run and to check that the variables belong
         to the model.
-      smooth: ``{site name: s}``, SmoothQuant factors (`jq.smoothquant`): `apply`
+      smooth: ``{site name: s}``, SmoothQuant factors (`jq.smoothquant`, `jq.smoothing`): `apply`
         multiplies the site's activation operand by ``1 / s`` before quantizing
         it (the weight already holds ``diag(s) W``). `s` has the activation's
         rank, size 1 on every axis but the contracting ones (plus leading

@@ -2,7 +2,7 @@
 
 `gptq` collects the layer-input Hessian ``H = 2 X X^T / n`` of every matched
 Dense / DenseGeneral / Einsum weight with the same traced-model interpreter
-that `jq.calibrate` uses, runs `jq.gptq.gptq_quantize` on it, and returns
+that `jq.calibrate` uses, runs `jq.gptq_core.gptq_quantize` on it, and returns
 ordinary `QuantizedVariables` that `jq.apply` runs unchanged.
 
 `smoothquant` moves per-channel activation outliers into the weights
@@ -47,10 +47,10 @@ from jq.flax.api import (
     convert,
 )
 from jq.flax.rules import Rule, check_rules
-from jq.gptq import gptq_quantize, gptq_with_params
+from jq.gptq_core import gptq_quantize, gptq_with_params
 from jq.qparams import QParams, QuantSpec, qparams_from_array
 from jq.quantize import _expand_blocks, quantize
-from jq.smoothquant import smoothing_factors
+from jq.smoothing import smoothing_factors
 
 __all__ = ["gptq", "smoothquant"]
 
@@ -270,7 +270,7 @@ def gptq(
 
     Every parameter whose site a rule selects (a ``"dot"`` site: Dense,
     DenseGeneral, Einsum, ``x @ w``) is quantized with its rule's weight spec
-    by `jq.gptq.gptq_quantize`, from the Hessian ``H = 2 X X^T / n`` of the
+    by `jq.gptq_core.gptq_quantize`, from the Hessian ``H = 2 X X^T / n`` of the
     site's inputs over all `batches`, accumulated in float32 inside one jitted
     step per batch. Group scales are the spec's blocks along the input rows:
     ``jq.QuantSpec("int4", axis=-1, block_axis=0, block_size=128)`` on a
@@ -301,7 +301,7 @@ def gptq(
         them); they are run once per stage, so a list is kept.
       rules: the `jq.Rule` list (weight specs must be integer formats).
       percdamp, act_order, block_size, static_groups, bits: GPTQ options (see
-        `jq.gptq.gptq_quantize`); ``bits=3`` with ``"int4"`` gives 3-bit codes
+        `jq.gptq_core.gptq_quantize`); ``bits=3`` with ``"int4"`` gives 3-bit codes
         stored as int4.
       sequential: False collects every Hessian from the float model in one stage.
       rtn: round-to-nearest instead (``H = I``: no error feedback, no Hessian
