@@ -402,12 +402,29 @@ def run_model(model_name: str, cfg, data, sw: Stopwatch) -> dict:
                 r[f"latency_b{b}_us"] = 1e6 * s["median"]
                 r[f"latency_b{b}_range_us"] = (1e6 * s["min"], 1e6 * s["max"])
                 r[f"speedup_b{b}"] = f32 / s["median"]
+    deploy = None
+    if cfg.deploy and model_name == cfg.models[0] and "static int8, min-max" in fns:
+        # deployment: export the static-int8 model for cpu/cuda/tpu, reload the artifact in a fresh
+        # process that imports only jax and jq, and check its predictions on the test set
+        from deploy_check import round_trip
+
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with sw(f"{model_name}/deploy"):
+            deploy = round_trip(
+                model,
+                fns["static int8, min-max"][1],
+                jnp.asarray(xte),
+                os.path.join(cfg.out_dir, f"{cfg.name}_{model_name}.jqx"),
+                platforms=("cpu", "cuda", "tpu"),
+            )
+        if not deploy["ok"]:
+            raise RuntimeError(f"deploy round trip failed: {deploy}")
     hist = (
         _histogram_data(model, variables, calib, minmax_stats, ranges)
         if model_name == "mlp"
         else None
     )
-    return {"rows": rows, "ranges": ranges, "n_weights": n_weights, "histogram": hist}
+    return {"rows": rows, "ranges": ranges, "n_weights": n_weights, "histogram": hist, "deploy": deploy}
 
 
 def _histogram_data(model, variables, calib, stats, ranges):
@@ -621,6 +638,7 @@ class Config:
     out_dir: str = RESULTS_DIR
     name: str = "digits"
     plots: bool = True
+    deploy: bool = True
 
 
 def parse_args(argv=None) -> Config:
@@ -639,8 +657,10 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--out", default=RESULTS_DIR, help="output directory")
     p.add_argument("--name", default=None, help="output file stem (default digits / digits_full)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-deploy", action="store_true", help="skip the export / fresh-process reload check")
     a = p.parse_args(argv)
-    cfg = Config(full=a.full, seed=a.seed, size=a.size, out_dir=a.out, plots=not a.no_plots)
+    cfg = Config(full=a.full, seed=a.seed, size=a.size, out_dir=a.out, plots=not a.no_plots,
+                 deploy=not a.no_deploy)
     cfg.models = tuple(s.strip() for s in a.models.split(",") if s.strip())
     for m in cfg.models:
         make_model(m)  # validates the name
@@ -674,6 +694,8 @@ def run(cfg: Config) -> dict:
     for m in cfg.models:
         out = run_model(m, cfg, data, sw)
         result["rows"] += out["rows"]
+        if out["deploy"] is not None:
+            result["deploy"] = out["deploy"]
         result["models"][m] = {
             "n_weights": out["n_weights"],
             "ranges": out["ranges"],
@@ -699,6 +721,14 @@ def main(argv=None) -> None:
     cfg = parse_args(argv)
     result = run(cfg)
     print(result["markdown"])
+    d = result.get("deploy")
+    if d is not None:
+        print(
+            f"\ndeploy: exported the static-int8 {cfg.models[0]} for cpu/cuda/tpu "
+            f"({d['artifact_bytes']:,} bytes), reloaded it in a fresh process (flax imported: "
+            f"{d['flax_imported']}): bit-identical {d['bit_identical']}, "
+            f"prediction agreement {d['pred_agreement']:.4f}"
+        )
     print("\nwrote " + ", ".join(result["files"] + tuple(result.get("plots", []))))
 
 
