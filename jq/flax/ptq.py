@@ -6,8 +6,9 @@ that `jq.calibrate` uses, runs `jq.gptq_core.gptq_quantize` on it, and returns
 ordinary `QuantizedVariables` that `jq.apply` runs unchanged.
 
 `smoothquant` moves per-channel activation outliers into the weights
-(Xiao et al., 2022) and returns `QuantizedVariables` that carry the per-site
-smoothing vectors.
+(Xiao et al., 2022), folds the ``1 / s`` into a preceding LayerNorm-style
+affine where it finds one, and returns `QuantizedVariables` that carry the
+remaining per-site smoothing vectors.
 """
 
 from __future__ import annotations
@@ -480,6 +481,195 @@ def gptq(
 
 
 # ---------------------------------------------------------------------------------------
+# SmoothQuant folding: find the LayerNorm-style affine that produces a site's activation
+# ---------------------------------------------------------------------------------------
+_CAST_OPS = {"convert_element_type", "copy", "copy_p"}
+# ops a per-channel norm parameter may go through on its way to the affine
+_PARAM_OPS = _CAST_OPS | {"reshape", "expand_dims", "squeeze", "broadcast_in_dim"}
+
+
+class _Dataflow:
+    """Producers and consumers of every variable of a traced model, seen through calls.
+
+    Call-like equations (jit, remat, custom_jvp, ...) are transparent: a variable of
+    the inner jaxpr is identified with the outer variable it is bound to. Every other
+    equation, scans included, is an opaque consumer; the model's outputs count as a
+    consumer too.
+    """
+
+    _OUT = "output"
+
+    def __init__(self, jaxpr, n_leaves: int):
+        self.strict = True  # False: ignore other uses (to tell the user why a norm is not folded)
+        self.alias: dict = {}
+        self.producer: dict = {}
+        self.consumers: dict = {}
+        self.leaf_of = {v: i for i, v in enumerate(jaxpr.invars[:n_leaves])}
+        self._walk(jaxpr)
+        for v in jaxpr.outvars:
+            if isinstance(v, jcore.Var):
+                self.consumers.setdefault(self.canon(v), []).append(self._OUT)
+
+    def canon(self, v):
+        while v in self.alias:
+            v = self.alias[v]
+        return v
+
+    def _walk(self, jaxpr):
+        for eqn in jaxpr.eqns:
+            inner = _inner_jaxpr(eqn)
+            if inner is not None:
+                j, _ = inner
+                for iv, ov in zip(j.invars, eqn.invars):
+                    if isinstance(ov, jcore.Var):
+                        self.alias[iv] = self.canon(ov)
+                self._walk(j)
+                for ov, iv in zip(eqn.outvars, j.outvars):
+                    if isinstance(iv, jcore.Var) and not isinstance(ov, jcore.DropVar):
+                        self.alias[ov] = self.canon(iv)
+                continue
+            for v in eqn.invars:
+                if isinstance(v, jcore.Var):
+                    self.consumers.setdefault(self.canon(v), []).append(eqn)
+            for v in eqn.outvars:
+                if not isinstance(v, jcore.DropVar):
+                    self.producer[v] = eqn
+
+    def n_uses(self, v) -> int:
+        return len(self.consumers.get(self.canon(v), ())) if self.strict else 1
+
+    def param_leaf(self, v, k: int):
+        """The leaf index if `v` is a 1-D ``(K,)`` leaf broadcast along the last axis, else None.
+
+        Every variable on the way must have `v`'s chain as its only use.
+        """
+        v = self.canon(v)
+        while v not in self.leaf_of:
+            eqn = self.producer.get(v)
+            if eqn is None or eqn.primitive.name not in _PARAM_OPS or self.n_uses(v) != 1:
+                return None
+            shape = eqn.outvars[0].aval.shape
+            if not shape or shape[-1] != k or int(np.prod(shape[:-1])) != 1 and (
+                eqn.primitive.name != "broadcast_in_dim"
+            ):
+                return None
+            if eqn.primitive.name == "broadcast_in_dim":
+                src = eqn.invars[0].aval.shape
+                dims = eqn.params["broadcast_dimensions"]
+                if not src or src[-1] != k or int(np.prod(src[:-1])) != 1 or dims[-1] != len(shape) - 1:
+                    return None
+            v = self.canon(eqn.invars[0])
+        return self.leaf_of[v] if self.n_uses(v) == 1 else None
+
+    def scale_leaf(self, v, k: int, depth: int = 0):
+        """The leaf ``g`` if `v` is a product linear in a per-channel ``(K,)`` leaf ``g``."""
+        v = self.canon(v)
+        eqn = self.producer.get(v)
+        if depth > 8 or eqn is None or eqn.primitive.name != "mul" or self.n_uses(v) != 1 and depth:
+            return None
+        found = []
+        for a in eqn.invars:
+            if not isinstance(a, jcore.Var):
+                continue
+            leaf = self.param_leaf(a, k)
+            if leaf is None:
+                leaf = self.scale_leaf(a, k, depth + 1)
+            if leaf is not None:
+                found.append(leaf)
+        return found[0] if len(found) == 1 else None
+
+    def norm_affine(self, x, k: int):
+        """``(norm output var, scale leaf, bias leaf or None)`` if `x` is ``y * g (+ b)``, else None.
+
+        `x` may reach the site through dtype casts.
+        """
+        v = self.canon(x)
+        while True:
+            eqn = self.producer.get(v)
+            if eqn is None:
+                return None
+            if eqn.primitive.name in _CAST_OPS:
+                v = self.canon(eqn.invars[0])
+                continue
+            break
+        prim = eqn.primitive.name
+        if eqn.outvars[0].aval.shape[-1:] != (k,):
+            return None
+        if prim == "mul":
+            g = self.scale_leaf(v, k)
+            return None if g is None else (v, g, None)
+        if prim == "add":
+            a, b = eqn.invars
+            for bias_v, prod_v in ((a, b), (b, a)):
+                if not isinstance(bias_v, jcore.Var) or not isinstance(prod_v, jcore.Var):
+                    continue
+                bias = self.param_leaf(bias_v, k)
+                if bias is None:
+                    continue
+                g = self.scale_leaf(prod_v, k, depth=1)
+                if g is not None and g != bias:
+                    return v, g, bias
+        return None
+
+    def final_uses(self, v) -> list:
+        """The equations that use `v`, looking through dtype casts with a single use."""
+        out = []
+        for c in self.consumers.get(self.canon(v), ()):
+            if c != self._OUT and c.primitive.name in _CAST_OPS:
+                out.extend(self.final_uses(c.outvars[0]))
+            else:
+                out.append(c)
+        return out
+
+
+def _weight_rowmax(w, target) -> jax.Array:
+    """``max |W_j|`` over each input row of an unstacked weight, float32 ``(K,)``."""
+    k = int(target[3][0])
+    return jnp.max(jnp.abs(jnp.asarray(w).reshape(k, -1).astype(jnp.float32)), axis=-1)
+
+
+def _fold_groups(t, targets: dict) -> list[tuple[list[str], int, int | None]]:
+    """Groups of smoothed sites fed by one LayerNorm-style affine, as ``(sites, scale leaf, bias leaf)``.
+
+    A group is folded only when the norm's output goes to those sites alone and its
+    parameters to the norm alone; other norm-fed sites are warned about (once) and keep
+    the runtime multiply. Sites inside scans, or whose contracting axis is not the
+    activation's last axis, are not considered.
+    """
+    flow = _Dataflow(t.jaxpr, t.n_leaves)
+    by_norm: dict = {}
+    blocked: list[str] = []
+    for name, (_, wc, ac, per_layer, site) in targets.items():
+        x = site.eqn.invars[1 - site.operand]
+        x_ndim = len(site.in_avals[1 - site.operand].shape)
+        if site.scans or len(wc) != 1 or tuple(ac) != (x_ndim - 1,) or not isinstance(x, jcore.Var):
+            continue
+        found = flow.norm_affine(x, int(per_layer[0]))
+        if found is None:
+            flow.strict = False
+            loose = flow.norm_affine(x, int(per_layer[0]))
+            flow.strict = True
+            if loose is not None:
+                blocked.append(name)
+            continue
+        by_norm.setdefault(found, []).append(name)
+    groups = []
+    for (var, g, b), names in by_norm.items():
+        eqns = {id(targets[n][4].eqn) for n in names}
+        if all(u != _Dataflow._OUT and id(u) in eqns for u in flow.final_uses(var)):
+            groups.append((names, g, b))
+        else:
+            blocked.extend(names)
+    if blocked:
+        warnings.warn(
+            f"jq.smoothquant: sites {sorted(blocked)} are fed by a norm whose parameters or output "
+            "are also used elsewhere; their smoothing is not folded and stays a runtime multiply",
+            stacklevel=3,
+        )
+    return groups
+
+
+# ---------------------------------------------------------------------------------------
 # SmoothQuant
 # ---------------------------------------------------------------------------------------
 def _smooth_shape(
@@ -506,6 +696,7 @@ def smoothquant(
     *,
     alpha: float = 0.5,
     power_of_two: bool = False,
+    fold: bool = True,
     method=None,
     kwargs: dict | None = None,
     progress: bool = True,
@@ -520,10 +711,27 @@ def smoothquant(
     multiplied by ``1 / s`` before it is quantized; static activation ranges
     are calibrated on the smoothed activations (a second pass over `batches`).
 
-    jq does not edit the model, so the ``1 / s`` is not folded into a preceding
-    LayerNorm: `jq.apply` multiplies the activation by the stored factors
+    Folding (``fold=True``): when a site's activation is the output of a
+    LayerNorm-style affine, ``y * g + b`` or ``y * g`` with per-channel ``(K,)``
+    parameter leaves ``g`` and ``b`` broadcast along the last (contracting)
+    axis (linen / nnx ``LayerNorm``, ``RMSNorm``, or any such product found in
+    the traced jaxpr), the ``1 / s`` is folded into those leaves::
+
+        (y * g + b) / s = y * (g / s) + b / s
+
+    so the returned variables hold ``g / s`` and ``b / s`` and the site has no
+    ``smooth`` entry: inference pays nothing for the smoothing. All sites that
+    read the same norm output (the q, k and v projections of attention) share
+    one ``s``, computed jointly from the shared ``max |X_j|`` and the maximum of
+    the concatenated weights' rows, ``max_n |W_jn|`` over every site's columns.
+    A norm whose parameters or output are also used by anything else (a
+    residual sum, another layer) cannot be folded: its sites keep the runtime
+    multiply and one warning names them. Sites with no such producer (after a
+    relu, inside a scan, contracting another axis) keep the runtime multiply
+    silently: `jq.apply` multiplies the activation by the stored factors
     (`QuantizedVariables.smooth`), an elementwise product that XLA fuses into
-    the activation's quantization.
+    the activation's quantization. The folded float model equals the unfolded
+    smoothed one up to float rounding.
 
     Args:
       model, variables: a linen Module and its variables, or an nnx Module and None.
@@ -531,16 +739,22 @@ def smoothquant(
       rules: the `jq.Rule` list; sites whose rule quantizes activations are smoothed.
       alpha: migration strength in [0, 1] (0.5 in the paper for most models).
       power_of_two: round the factors to powers of two (smoothing then exact in float).
+      fold: fold the factors into a preceding LayerNorm-style affine where one is
+        found (default); False keeps every site's runtime multiply.
       method, kwargs, progress: as in `jq.calibrate`.
 
     Returns:
-      `QuantizedVariables` with ``smooth`` set.
+      `QuantizedVariables` with the folded norm parameters and ``smooth`` set for
+      the sites that were not folded.
 
     Raises:
       ValueError: no calibration batches, `alpha` outside [0, 1].
+      TypeError: `fold` is not a bool.
     """
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"jq.smoothquant: alpha must lie in [0, 1], got {alpha!r}")
+    if not isinstance(fold, bool):
+        raise TypeError(f"jq.smoothquant: fold must be a bool, got {type(fold).__name__}")
     rules, kwargs, batches, adapter, args, t, chosen = _prepare(
         model, variables, batches, rules, method, kwargs, "smoothquant"
     )
@@ -587,17 +801,30 @@ def smoothquant(
     )
 
     leaves = list(adapter.values)
-    smooth_flat, smooth = {}, {}
+    groups = _fold_groups(t, targets) if fold else []
+    group_s = {}  # site name -> the factors shared by its group (folded into the norm)
+    for sites, g, b in groups:
+        a_max = jnp.max(jnp.stack([amax[n] for n in sites]), axis=0)
+        w_max = jnp.max(jnp.stack([_weight_rowmax(leaves[targets[n][0]], targets[n]) for n in sites]), axis=0)
+        s = smoothing_factors(a_max, w_max, alpha, power_of_two=power_of_two)
+        for leaf in (g, b):
+            if leaf is not None:
+                p = jnp.asarray(leaves[leaf])
+                leaves[leaf] = (p.astype(jnp.float32) / s).astype(p.dtype)
+        group_s.update((n, s) for n in sites)
+    smooth = {}
     for name, (idx, wc, ac, per_layer, site) in targets.items():
         w = jnp.asarray(leaves[idx])
         stack = w.shape[: w.ndim - len(per_layer)]
         k = int(np.prod(per_layer[: len(wc)]))
         wm = w.reshape(stack + (k, -1)).astype(jnp.float32)
+        if name in group_s:
+            leaves[idx] = (wm * group_s[name][:, None]).reshape(w.shape).astype(w.dtype)
+            continue
         s = smoothing_factors_stacked(
             amax[name], jnp.max(jnp.abs(wm), axis=-1), alpha, power_of_two
         )
         leaves[idx] = (wm * s[..., None]).reshape(w.shape).astype(w.dtype)
-        smooth_flat[name] = s
         x_ndim = len(site.in_avals[1 - site.operand].shape)
         kshape = per_layer[: len(wc)]
         flat_s = s.reshape((-1, k))
