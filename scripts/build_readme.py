@@ -88,8 +88,12 @@ def main():
         "one sees the already-quantized layers before it (the paper's sequential setting), and "
         "quantizes with GPTQ's Cholesky-based error compensation (lazy blocks of 128, "
         "`percdamp=0.01`, optional `act_order`, `group_size` via a block spec). The result is "
-        "ordinary `QuantizedVariables`. `jq.smoothquant` stores per-site smoothing factors that "
-        "`jq.apply` applies before quantizing the activation (`python experiments/bench_gptq.py`).\n\n"
+        "ordinary `QuantizedVariables`. `jq.smoothquant` folds the smoothing factors into the "
+        "preceding LayerNorm / RMSNorm parameters where it can (sites that share a norm share one "
+        "factor; `fold=True`, the default), and otherwise stores per-site factors that `jq.apply` "
+        "multiplies into the activation before quantizing it. The W8A8 + SmoothQuant rows below "
+        "were measured before folding existed, with the runtime multiply on every site "
+        "(`fold=False` reproduces them); `python experiments/bench_gptq.py` reruns them.\n\n"
         + demote(read(R, "gptq.md").split("\n", 1)[1].split("Warm `")[0], 1).strip(),
         between(read(R, "deploy.md"), "---8<--- README section starts here", "---8<--- README section ends here").strip(),
         demote(read(R, "sharding.md"), 0).strip(),
