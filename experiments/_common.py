@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+import jq.calibration as cal
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -224,3 +226,13 @@ def write_results(out_dir: str, name: str, payload: dict, markdown: str) -> tupl
     with open(mpath, "w") as f:
         f.write(markdown.rstrip() + "\n")
     return jpath, mpath
+
+
+#: The static-int8 calibrators every experiment compares, in table order.
+CALIBRATORS = {
+    "min-max": cal.MinMax(),
+    "moving average": cal.MovingAverageMinMax(averaging_constant=0.01),
+    "entropy": cal.Histogram(method="entropy"),
+    "MSE": cal.Histogram(method="mse"),
+    "percentile 99.99": cal.Histogram(method="percentile", percentile=99.99),
+}

@@ -67,6 +67,7 @@ import jq.calibration as cal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
+    CALIBRATORS,
     RESULTS_DIR,
     Stopwatch,
     interleaved_latency,
@@ -290,15 +291,6 @@ def _rules(weight, act):
     if act is not None and act.format.startswith("int"):
         rs.append(jq.Rule(".*", ops=("act_dot",), weight=None, activation=act))
     return tuple(rs)
-
-
-CALIBRATORS = {
-    "min-max": cal.MinMax(),
-    "moving average": cal.MovingAverageMinMax(averaging_constant=0.01),
-    "entropy": cal.Histogram(method="entropy"),
-    "MSE": cal.Histogram(method="mse"),
-    "percentile 99.99": cal.Histogram(method="percentile", percentile=99.99),
-}
 
 
 def methods() -> list[Method]:

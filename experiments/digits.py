@@ -64,6 +64,7 @@ import jq.calibration as cal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
+    CALIBRATORS,
     RESULTS_DIR,
     Stopwatch,
     interleaved_latency,
@@ -226,15 +227,6 @@ def act_spec(observer=None) -> jq.QuantSpec:
 
 def w_spec(fmt: str = "int8", per_channel: bool = True) -> jq.QuantSpec:
     return jq.QuantSpec(fmt, axis=-1 if per_channel else None)
-
-
-CALIBRATORS = {
-    "min-max": cal.MinMax(),
-    "moving average": cal.MovingAverageMinMax(averaging_constant=0.01),
-    "entropy": cal.Histogram(method="entropy"),
-    "MSE": cal.Histogram(method="mse"),
-    "percentile 99.99": cal.Histogram(method="percentile", percentile=99.99),
-}
 
 
 def methods() -> list[Method]:
