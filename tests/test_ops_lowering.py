@@ -11,6 +11,7 @@ from absl.testing import absltest, parameterized
 
 import jq
 from jq import _mixed_dot, ops
+from jq.lowering import int8_lowering
 
 DENSE = (((1,), (0,)), ((), ()))
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -156,8 +157,9 @@ def _static_conv():
 class ExportTest(chex.TestCase):
     @parameterized.named_parameters(
         ("dense", _static_dense, {"cpu": INT_DOT, "cuda": INT_DOT, "tpu": INT_DOT}),
-        # the CPU branch of a conv is patches x weight through the mixed dot
-        ("conv", _static_conv, {"cpu": INT_DOT, "cuda": INT_CONV, "tpu": INT_CONV}),
+        # a conv is patches x weight through the integer dot on every platform
+        # (XLA:GPU raises UNIMPLEMENTED for integer convolutions)
+        ("conv", _static_conv, {"cpu": INT_DOT, "cuda": INT_DOT, "tpu": INT_DOT}),
     )
     def test_each_platform_branch_has_an_integer_op(self, make, patterns):
         f, args = make()
@@ -169,13 +171,17 @@ class ExportTest(chex.TestCase):
             with self.subTest(platform=platform):
                 self.assertRegex(views[platform], patterns[platform])
                 self.assertIsNone(FLOAT_DOT.search(views[platform]))
-        # and nowhere in the module a float dot (no dequantize-then-float-dot)
+        # and nowhere in the module a float dot (no dequantize-then-float-dot), nor an
+        # integer convolution
         self.assertIsNone(FLOAT_DOT.search(module))
+        self.assertIsNone(INT_CONV.search(module))
 
-    def test_cpu_branch_is_mixed_and_others_signed(self):
+    @parameterized.named_parameters(("u8s8", "u8s8", "ui8"), ("s8s8", "s8s8", "i8"))
+    def test_cpu_branch_follows_the_form_and_others_signed(self, form, cpu_t):
         f, args = _static_dense()
-        views = platform_views(*_export(f, *args))
-        self.assertEqual(INT_DOT.search(views["cpu"]).group(1), "ui8")
+        with int8_lowering(cpu=form):
+            views = platform_views(*_export(f, *args))
+        self.assertEqual(INT_DOT.search(views["cpu"]).group(1), cpu_t)
         for platform in ("cuda", "tpu"):
             self.assertEqual(INT_DOT.search(views[platform]).group(1), "i8")
             self.assertNotIn("xui8>, tensor", views[platform])
@@ -225,7 +231,8 @@ class CompiledCpuTest(chex.TestCase):
     def test_cpu_keeps_the_mixed_dot(self, m, rows):
         f, _ = _static_dense()
         w = jq.quantize(jnp.ones((64, 16)), None, jq.QuantSpec("int8", axis=-1))
-        hlo = jax.jit(f).lower(jnp.ones((m, 64)), w).compile().as_text()
+        with int8_lowering(cpu="u8s8"):
+            hlo = jax.jit(f).lower(jnp.ones((m, 64)), w).compile().as_text()
         dots = _hlo_dots(hlo)
         self.assertTrue(dots)
         self.assertTrue(all(d == ("u8", "s8", "s32") for d in dots), dots)
@@ -327,7 +334,8 @@ class PrimitiveTest(chex.TestCase):
         f = lambda a, b: _mixed_dot.int8_dot_general(a, b, dn)  # noqa: E731
         for dt, cpu_t in ((np.int8, "ui8"), (np.uint8, "ui8")):
             args = (jax.ShapeDtypeStruct((4, 8), dt), jax.ShapeDtypeStruct((8, 3), jnp.int8))
-            views = platform_views(*_export(f, *args))
+            with int8_lowering(cpu="u8s8"):
+                views = platform_views(*_export(f, *args))
             self.assertEqual(INT_DOT.search(views["cpu"]).group(1), cpu_t)
             self.assertEqual(INT_DOT.search(views["cuda"]).group(1), "i8")
             self.assertEqual(INT_DOT.search(views["tpu"]).group(1), "i8")

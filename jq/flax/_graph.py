@@ -86,6 +86,24 @@ class Site:
         return self.name if self.kind != "act_dot" else f"{self.name}:{'lhs' if operand == 0 else 'rhs'}"
 
 
+def scan_counts(params) -> tuple[int, int]:
+    """``(num_consts, num_carry)`` of a `scan` equation, on every supported JAX.
+
+    Up to jax 0.10 they are the ``num_consts`` / ``num_carry`` parameters; jax
+    0.11 replaced them with ``ft_in``, a flat tree of the three input groups
+    ``(consts, carry, xs)`` whose ``unpack()`` gives the groups.
+    """
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    if "ft_in" in params:
+        consts, carry, _ = (len(g) for g in params["ft_in"].unpack())
+        return consts, carry
+    raise KeyError(
+        f"jq: unrecognised scan parameters {sorted(params)} (this JAX is newer than jq's "
+        "tested versions; see jq._mixed_dot.TESTED_JAX_VERSIONS)"
+    )
+
+
 def _inner_jaxpr(eqn):
     name = eqn.primitive.name
     key = _CALL_PARAM.get(name)
@@ -174,7 +192,7 @@ class SiteFinder:
                 continue
             if prim == "scan":
                 j = eqn.params["jaxpr"].jaxpr
-                nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+                nc, nk = scan_counts(eqn.params)
                 length = eqn.params["length"]
                 self.scan_length[id(eqn)] = length
                 sub = {}
@@ -342,7 +360,7 @@ class Interpreter:
     def _scan(self, eqn, invals, states):
         p = eqn.params
         closed = p["jaxpr"]
-        nc, nk = p["num_consts"], p["num_carry"]
+        nc, nk = scan_counts(p)
         consts, carry, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
         inner_keys = sorted(
             k for k in states if any(k == s.name or k.startswith(s.name + ":")
@@ -440,6 +458,10 @@ class ModelAdapter:
             )
         self.leaves = infos
         self.by_path = {li.path: li for li in infos}
+        # nnx: when True, `fn` returns ``(out, new_leaves)``, the module's state after the
+        # call (RNG counts, BatchNorm statistics), so that jq can hand it back instead of
+        # dropping it (which would freeze one dropout mask for every call)
+        self.with_state = False
 
     def override(self, values: dict) -> ModelAdapter:
         """Replaces leaf values by path (nnx: trained parameters kept outside the module)."""
@@ -469,7 +491,16 @@ class ModelAdapter:
         f = module if self.method is None else (
             getattr(module, self.method) if isinstance(self.method, str) else
             (lambda *a, **k: self.method(module, *a, **k)))
-        return f(*args, **kwargs)
+        out = f(*args, **kwargs)
+        if not self.with_state:
+            return out
+        new_leaves, new_tree = jax.tree_util.tree_flatten(nnx.split(module)[1])
+        if new_tree != self.treedef:
+            raise ValueError(
+                "jq: the nnx model added or removed variables while running; jq needs a module "
+                "whose state keeps its structure from call to call (create variables in __init__)"
+            )
+        return out, new_leaves
 
 
 def _unfreeze(v):

@@ -37,6 +37,7 @@ from jq.flax._graph import (
     _is_dynamic,
     _scope_path,
     bind_eqn,
+    scan_counts,
     trace,
 )
 from jq.flax.api import (
@@ -158,7 +159,7 @@ class _Graph:
                 outs = self._walk(j, ins, [self._fresh() for _ in j.constvars], path, here)
             elif eqn.primitive.name == "scan":
                 closed = eqn.params["jaxpr"]
-                nc = eqn.params["num_consts"]
+                nc, _ = scan_counts(eqn.params)
                 body_in = ins[:nc] + [self._fresh() for _ in ins[nc:]]
                 self._walk(closed.jaxpr, body_in, [self._fresh() for _ in closed.jaxpr.constvars], path, here)
                 outs = [self._fresh() for _ in eqn.outvars]
@@ -435,7 +436,7 @@ class _CastRun:
     def _scan(self, eqn, invals, path):
         p = eqn.params
         closed = p["jaxpr"]
-        nc, nk = p["num_consts"], p["num_carry"]
+        nc, nk = scan_counts(p)
         consts, carry, xs = invals[:nc], invals[nc: nc + nk], invals[nc + nk:]
         carry = [jnp.asarray(c) for c in carry]
         dts = [c.dtype for c in carry]

@@ -29,6 +29,7 @@ from jq.flax._graph import (
     Site,
     _inner_jaxpr,
     bind_eqn,
+    scan_counts,
     trace,
 )
 from jq.flax.api import (
@@ -110,7 +111,7 @@ def _site_deps(jaxpr, finder) -> dict[str, frozenset]:
                 ]
             elif eqn.primitive.name == "scan":
                 body = eqn.params["jaxpr"].jaxpr
-                nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+                nc, nk = scan_counts(eqn.params)
                 carry = list(ins[nc : nc + nk])
                 for _ in range(4):  # the carry's dependencies grow to a fixpoint
                     sub = {iv: d for iv, d in zip(body.invars, ins[:nc] + carry + ins[nc + nk :])}
