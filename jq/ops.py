@@ -58,14 +58,20 @@ rejected (the patch path splits them like any contraction).
 from __future__ import annotations
 
 import functools
+import inspect
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
+from jax.experimental import checkify
 
 from jq import _mixed_dot
+from jq import lowering as _lowering
+from jq.lowering import int8_lowering, lowering_info
 from jq.qparams import (
     QParams,
     QuantSpec,
@@ -73,13 +79,15 @@ from jq.qparams import (
     qparams_from_array,
     qparams_from_range,
 )
-from jq.quantize import QArray, dequantize, fake_quant, quantize
+from jq.quantize import QArray, _expand_blocks, _fq_forward, dequantize, fake_quant, quantize
 
 __all__ = [
     "conv_general_dilated",
     "dot_general",
     "dynamic_qparams",
     "einsum",
+    "int8_lowering",
+    "lowering_info",
     "max_safe_contraction",
     "qat_conv_general_dilated",
     "qat_dot_general",
@@ -289,21 +297,31 @@ def _quantize_lhs(lhs, spec: QuantSpec | None, qp: QParams | None, contract, nam
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"lhs_spec must be a jq.QuantSpec, got {type(spec).__name__}")
     lhs = jnp.asarray(lhs)
-    for a in spec.channel_axes(lhs.ndim, name):
-        if a in contract and lhs.shape[a] > 1:
-            raise ValueError(
-                f"lhs_spec.axis puts a per-channel scale on lhs axis {a}, a contracting axis of "
-                "this op; per-row / per-token activation scales must name non-contracting axes"
-            )
-    if qp is None:
-        qp = dynamic_qparams(jax.lax.stop_gradient(lhs), spec, name)
-    else:
-        qp = broadcast_qparams(qp, lhs.shape, spec, name)
+    qp = _operand_qparams(lhs, spec, qp, contract, name)
     return _as_qarray_params(quantize(lhs, qp, spec))
 
 
+def _operand_qparams(x, spec: QuantSpec, qp: QParams | None, contract, name: str) -> QParams:
+    """Keepdims `QParams` for a float operand: `qp` broadcast (static), or `dynamic_qparams`."""
+    for a in spec.channel_axes(x.ndim, name):
+        if a in contract and x.shape[a] > 1:
+            raise ValueError(
+                f"{name}_spec.axis puts a per-channel scale on {name} axis {a}, a contracting "
+                "axis of this op; per-row / per-token activation scales must name "
+                "non-contracting axes"
+            )
+    if qp is None:
+        return dynamic_qparams(jax.lax.stop_gradient(x), spec, name)
+    return broadcast_qparams(qp, x.shape, spec, name)
+
+
 def dynamic_qparams(x: jax.Array, spec: QuantSpec, name: str = "x") -> QParams:
-    """Min-max parameters of `x` at run time (dynamic quantization); equal to `qparams_from_array`.
+    """Min-max parameters of the finite values of `x` at run time (dynamic quantization).
+
+    Equal to `qparams_from_array` when `x` is finite. NaN and inf are left out
+    of the range (read as 0, which every range includes anyway), so that one
+    non-finite value does not spoil the scale of the finite ones; the ops then
+    make the outputs it reaches NaN (see `dot_general`).
 
     Symmetric signed specs need only ``max|x|``: ``S = max|x| / qmax`` (one
     reduction instead of a min and a max, which matters at batch 1 where each
@@ -319,6 +337,8 @@ def dynamic_qparams(x: jax.Array, spec: QuantSpec, name: str = "x") -> QParams:
       `QParams` in keepdims form.
     """
     fmt = spec.fmt
+    x = jnp.asarray(x)
+    x = jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))  # fused into the reduction
     if spec.block_size is not None or not fmt.is_integer:
         return qparams_from_array(x, spec, name)
     keep = spec.channel_axes(x.ndim, name)
@@ -342,15 +362,17 @@ def dynamic_qparams(x: jax.Array, spec: QuantSpec, name: str = "x") -> QParams:
 _dynamic_qparams = dynamic_qparams  # the name jq.flax used first
 
 
-def _quantize_rhs(rhs, spec: QuantSpec | None, name="rhs"):
+def _quantize_rhs(rhs, spec: QuantSpec | None, name="rhs", qp: QParams | None = None):
     if spec is None:
+        if qp is not None:
+            raise ValueError("rhs_qparams was given without rhs_spec; pass the QuantSpec too")
         return rhs
     if isinstance(rhs, QArray):
         raise ValueError("rhs is already a QArray; rhs_spec applies only to a float rhs")
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"rhs_spec must be a jq.QuantSpec, got {type(spec).__name__}")
     rhs = jnp.asarray(rhs)
-    qp = qparams_from_array(jax.lax.stop_gradient(rhs), spec, name)
+    qp = _operand_qparams(rhs, spec, qp, (), name)
     return _as_qarray_params(quantize(rhs, qp, spec))
 
 
@@ -654,8 +676,217 @@ def _weight_only(x: jax.Array, q: QArray, dn, precision, out_dtype, q_is_rhs: bo
 
 
 # ---------------------------------------------------------------------------------------
+# float operands quantized inside an op: straight-through gradients, non-finite values
+# ---------------------------------------------------------------------------------------
+class _Geometry(NamedTuple):
+    """What `_float_operands` needs to know about one call of an op."""
+
+    contract: dict  # "lhs" / "rhs" -> contracting axes of that operand
+    float_op: Callable  # (lhs, rhs) -> the same op on float32 operands, float32 result
+    reach: Callable  # (side, bad) -> bool, broadcastable to the output: outputs `bad` reaches
+
+
+def _dot_geometry(a: dict, lhs, rhs) -> _Geometry:
+    dn = _canonical_dn(a["dimension_numbers"], lhs.shape, rhs.shape)
+    (lc, rc), _ = dn
+
+    def float_op(x, w):
+        return jax.lax.dot_general(x, w, dn, a["precision"], preferred_element_type=jnp.float32)
+
+    def reach(side, bad):  # a bad lhs row reaches its output row, a bad rhs column its column
+        axes = lc if side == "lhs" else rc
+        return _to_out(jnp.any(bad, axis=axes, keepdims=True), side, dn, lhs.shape, rhs.shape)
+
+    return _Geometry({"lhs": lc, "rhs": rc}, float_op, reach)
+
+
+def _conv_geometry(a: dict, lhs, rhs) -> _Geometry:
+    cdn = _conv_dn(len(lhs.shape), a["dimension_numbers"])
+    kw = dict(
+        window_strides=a["window_strides"],
+        padding=a["padding"],
+        lhs_dilation=a["lhs_dilation"],
+        rhs_dilation=a["rhs_dilation"],
+        dimension_numbers=cdn,
+    )
+
+    def float_op(x, w):
+        return jax.lax.conv_general_dilated(
+            x,
+            w,
+            **kw,
+            feature_group_count=a["feature_group_count"],
+            batch_group_count=a["batch_group_count"],
+            precision=a["precision"],
+            preferred_element_type=jnp.float32,
+        )
+
+    def reach(side, bad):
+        out_nd = len(cdn.out_spec)
+        if side == "rhs":  # a bad weight reaches every output of its output feature
+            o = cdn.rhs_spec[0]
+            per_o = jnp.any(bad, axis=tuple(i for i in range(bad.ndim) if i != o))
+            shape = [1] * out_nd
+            shape[cdn.out_spec[1]] = per_o.shape[0]
+            return per_o.reshape(shape)
+        # a bad input pixel reaches the outputs whose window covers it: a one-channel
+        # convolution of the bad-pixel map with a window of ones (counts, exact in float32)
+        m = jnp.any(bad, axis=cdn.lhs_spec[1], keepdims=True).astype(jnp.float32)
+        ones = [1] * len(rhs.shape)
+        for ax in cdn.rhs_spec[2:]:
+            ones[ax] = rhs.shape[ax]
+        n = jax.lax.conv_general_dilated(
+            m, jnp.ones(ones, jnp.float32), **kw, precision=jax.lax.Precision.HIGHEST
+        )
+        return n > 0.5
+
+    lhs_contract = tuple(cdn.lhs_spec[1:])
+    rhs_contract = (cdn.rhs_spec[1],) + tuple(cdn.rhs_spec[2:])
+    return _Geometry({"lhs": lhs_contract, "rhs": rhs_contract}, float_op, reach)
+
+
+def _is_zero(t) -> bool:
+    return all(isinstance(z, SymbolicZero) for z in jax.tree.leaves(t))
+
+
+def _instantiate(t):
+    return jax.tree.map(lambda z: np.zeros(z.shape, z.dtype) if isinstance(z, SymbolicZero) else z, t)
+
+
+def _float_operands(geometry: Callable[[dict, object, object], _Geometry]):
+    """Decorator of the public integer ops: quantizes float operands that come with a spec.
+
+    A float ``lhs`` / ``rhs`` with ``lhs_spec`` / ``rhs_spec`` (a run-time
+    activation, static or dynamic) is quantized here, and the wrapped op gets
+    the `QArray`, so that:
+
+    * The op is differentiable with straight-through gradients. A
+      `jax.custom_jvp`: the primal is the integer path, unchanged; the tangent
+      is the same op in float32 on the input tangent, zeroed where the quantizer
+      clips (``jq.fake_quant``'s mask), against the other operand dequantized
+      (or fake-quantized). It is linear in the tangents, so reverse mode, jit
+      and vmap work. The activation `QParams` get no gradient (as in
+      `fake_quant`); a `QArray` operand's scale gets its exact one.
+    * Non-finite values propagate as in a float op: dynamic ranges come from the
+      finite values only (`dynamic_qparams`), and each output that a NaN or inf
+      reaches (a dot's output row; a conv's outputs whose window covers it) is
+      NaN. The others are bit-identical to a run without the bad rows, for the
+      same range. The cost is one ``isfinite`` reduction over the input and one
+      select on the output.
+    * A NaN or inf in the operand is a `checkify` check: run
+      ``checkify.checkify(f, errors=checkify.user_checks)`` to catch it.
+
+    `geometry(arguments, lhs, rhs)` describes the op's axes (`_Geometry`).
+    """
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = dict(bound.arguments)
+            sides = tuple(
+                s
+                for s in ("lhs", "rhs")
+                if isinstance(a.get(f"{s}_spec"), QuantSpec) and not isinstance(a[s], QArray)
+            )
+            if not sides:  # nothing to quantize here (errors are raised by `fn`)
+                return fn(**a)
+            return _run_float_operands(fn, geometry, a, sides)
+
+        return op
+
+    return wrap
+
+
+def _run_float_operands(fn, geometry, a: dict, sides: tuple[str, ...]) -> jax.Array:
+    vals = {"lhs": _check_operand(a["lhs"], "lhs"), "rhs": _check_operand(a["rhs"], "rhs")}
+    geo = geometry(a, vals["lhs"], vals["rhs"])
+    specs, qps = {}, {"lhs": None, "rhs": None}
+    for s in sides:
+        specs[s] = a[f"{s}_spec"]
+        qps[s] = _operand_qparams(vals[s], specs[s], a.get(f"{s}_qparams"), geo.contract[s], s)
+        checkify.debug_check(
+            jnp.all(jnp.isfinite(vals[s])),
+            f"jq.ops.{fn.__name__}: NaN or inf in the float `{s}` quantized with `{s}_spec` "
+            "(the outputs it reaches are NaN)",
+        )
+    rest = {k: v for k, v in a.items() if k not in ("lhs", "rhs")}
+    for s in sides:
+        rest[f"{s}_spec"] = None
+        if f"{s}_qparams" in rest:
+            rest[f"{s}_qparams"] = None
+
+    def quantized(s, x, qp):
+        return _as_qarray_params(quantize(x, qp, specs[s])) if s in specs else x
+
+    def impl(lhs, rhs, lqp, rqp):
+        return fn(quantized("lhs", lhs, lqp), quantized("rhs", rhs, rqp), **rest)
+
+    run = jax.custom_jvp(impl)
+
+    @functools.partial(run.defjvp, symbolic_zeros=True)
+    def run_jvp(primals, tangents):
+        lhs, rhs, lqp, rqp = primals
+        y = impl(lhs, rhs, lqp, rqp)
+        x = {"lhs": lhs, "rhs": rhs}
+        qp = {"lhs": lqp, "rhs": rqp}
+        fq = {s: _fake_quant_with_mask(x[s], qp[s], specs[s]) for s in specs}
+
+        def value(s):  # the operand as the float op sees it
+            if s in specs:
+                return fq[s][0]
+            if isinstance(x[s], QArray):
+                return dequantize(x[s], jnp.float32)
+            return x[s].astype(jnp.float32)
+
+        def tangent(s, t):  # linear in t
+            if _is_zero(t):
+                return None
+            if s in specs:  # straight through, zero where the quantizer clips
+                return jnp.where(fq[s][1], t, jnp.zeros((), t.dtype)).astype(jnp.float32)
+            if isinstance(x[s], QArray):  # the scale's tangent, through dequantize
+                _, dt = jax.jvp(lambda q: dequantize(q, jnp.float32), (x[s],), (_instantiate(t),))
+                return dt
+            return t.astype(jnp.float32)
+
+        dy = None
+        for s, t in zip(("lhs", "rhs"), tangents[:2], strict=True):
+            dt = tangent(s, t)
+            if dt is None:
+                continue
+            term = geo.float_op(dt, value("rhs")) if s == "lhs" else geo.float_op(value("lhs"), dt)
+            dy = term if dy is None else dy + term
+        if dy is None:
+            dy = jnp.zeros(y.shape, jnp.float32)
+        return y, dy.astype(y.dtype)
+
+    out = run(vals["lhs"], vals["rhs"], qps["lhs"], qps["rhs"])
+    bad = None
+    for s in sides:
+        b = geo.reach(s, ~jnp.isfinite(vals[s]))
+        bad = b if bad is None else bad | b
+    return jnp.where(bad, jnp.asarray(jnp.nan, out.dtype), out)
+
+
+def _fake_quant_with_mask(x, qp: QParams, spec: QuantSpec):
+    """``dequantize(quantize(x, qp, spec))`` in float32, and the mask where it does not clip."""
+    xf = x.astype(jnp.float32)
+    scale = _expand_blocks(qp.scale.astype(jnp.float32), x.shape)
+    zp = (
+        jnp.zeros((), jnp.float32)
+        if qp.zero_point is None
+        else _expand_blocks(qp.zero_point, x.shape).astype(jnp.float32)
+    )
+    return _fq_forward(xf, scale, zp, spec)
+
+
+# ---------------------------------------------------------------------------------------
 # public ops
 # ---------------------------------------------------------------------------------------
+@_float_operands(_dot_geometry)
 def dot_general(
     lhs,
     rhs,
@@ -666,17 +897,28 @@ def dot_general(
     lhs_spec: QuantSpec | None = None,
     lhs_qparams: QParams | None = None,
     rhs_spec: QuantSpec | None = None,
+    rhs_qparams: QParams | None = None,
 ) -> jax.Array:
     """Quantized `jax.lax.dot_general`: same signature, same output layout.
 
     Two integer QArrays give one integer dot ``q_l . q_r`` with int32
     accumulation, then ``S_l * S_r`` folded on the output and the zero-point
     terms (see the module docstring). A float operand with a spec is quantized
-    first: the lhs statically (``lhs_qparams`` given) or dynamically (min-max at
-    run time, per tensor or per row when ``lhs_spec.axis`` names free lhs
-    axes), the rhs from its own min-max. A float lhs with an integer QArray rhs
-    (and no ``lhs_spec``) is weight-only. fp16 / bf16 / fp8 QArrays are dotted in
+    first: statically (``lhs_qparams`` / ``rhs_qparams`` given) or dynamically
+    (min-max of its finite values at run time, per tensor or per row when the
+    spec's axis names free axes). A float lhs with an integer QArray rhs (and
+    no ``lhs_spec``) is weight-only. fp16 / bf16 / fp8 QArrays are dotted in
     their format with float32 accumulation.
+
+    Gradients: with respect to a float operand quantized here, straight-through
+    (as `jq.fake_quant`): ``d(lhs) . dequantize(rhs)`` in float32, zero where
+    the quantizer clips; with respect to a float operand that is not quantized
+    (weight-only) and a QArray's scale, exact.
+
+    Non-finite values: a NaN or inf in an lhs row quantized here makes that
+    output row NaN (an rhs column, that output column) and leaves the others
+    as they would be without it; a weight-only dot propagates them as the float
+    dot does. `checkify` (``errors=checkify.user_checks``) reports them.
 
     Args:
       lhs, rhs: float arrays or `QArray`s.
@@ -688,7 +930,8 @@ def dot_general(
         operands with no specs give exactly `jax.lax.dot_general`.
       lhs_spec: quantize a float lhs with this spec.
       lhs_qparams: static parameters for the lhs (needs ``lhs_spec``).
-      rhs_spec: quantize a float rhs (a weight) with this spec.
+      rhs_spec: quantize a float rhs (a weight, or an activation) with this spec.
+      rhs_qparams: static parameters for the rhs (needs ``rhs_spec``).
 
     Returns:
       Batch dims, then lhs free dims, then rhs free dims.
@@ -704,7 +947,7 @@ def dot_general(
     dn = _canonical_dn(dimension_numbers, lhs.shape, rhs.shape)
     (lc, rc), _ = dn
     lhs = _quantize_lhs(lhs, lhs_spec, lhs_qparams, lc)
-    rhs = _quantize_rhs(rhs, rhs_spec)
+    rhs = _quantize_rhs(rhs, rhs_spec, qp=rhs_qparams)
     lq, rq = isinstance(lhs, QArray), isinstance(rhs, QArray)
     if not lq and not rq:
         return jax.lax.dot_general(lhs, rhs, dn, precision, preferred_element_type)
@@ -795,6 +1038,7 @@ def einsum(
     lhs_spec: QuantSpec | None = None,
     lhs_qparams: QParams | None = None,
     rhs_spec: QuantSpec | None = None,
+    rhs_qparams: QParams | None = None,
 ) -> jax.Array:
     """Quantized two-operand einsum, lowered to `dot_general` (see there for modes).
 
@@ -805,8 +1049,9 @@ def einsum(
     Args:
       subscripts: e.g. ``"bqhd,bkhd->bhqk"``; ``...`` is supported.
       lhs, rhs: float arrays or `QArray`s.
-      precision, preferred_element_type, lhs_spec, lhs_qparams, rhs_spec: as in
-        `dot_general` (the signature matches what ``flax.nnx.Einsum`` passes).
+      precision, preferred_element_type, lhs_spec, lhs_qparams, rhs_spec,
+        rhs_qparams: as in `dot_general` (the signature matches what
+        ``flax.nnx.Einsum`` passes).
 
     Returns:
       The result in the order the subscripts give.
@@ -829,6 +1074,7 @@ def einsum(
         lhs_spec=lhs_spec,
         lhs_qparams=lhs_qparams,
         rhs_spec=rhs_spec,
+        rhs_qparams=rhs_qparams,
     )
     if perm != tuple(range(len(perm))):
         out = jnp.transpose(out, perm)
@@ -842,6 +1088,7 @@ def _conv_dn(lhs_ndim, dimension_numbers):
     return jax.lax.conv_dimension_numbers((1,) * lhs_ndim, (1,) * lhs_ndim, dimension_numbers)
 
 
+@_float_operands(_conv_geometry)  # quantizes a float lhs / rhs with a spec (see there)
 def conv_general_dilated(
     lhs,
     rhs,
@@ -891,7 +1138,6 @@ def conv_general_dilated(
     rhs = _check_operand(rhs, "rhs")
     cdn = _conv_dn(len(lhs.shape), dimension_numbers)
     lhs_contract = tuple(cdn.lhs_spec[1:])  # feature + spatial axes
-    rhs_contract = (cdn.rhs_spec[1],) + tuple(cdn.rhs_spec[2:])
     lhs = _quantize_lhs(lhs, lhs_spec, lhs_qparams, lhs_contract)
     rhs = _quantize_rhs(rhs, rhs_spec)
     kw = dict(
@@ -950,39 +1196,9 @@ def conv_general_dilated(
             return (acc * scale).astype(out_dtype)
         vl, zl = _int_values(lhs)
         vr, zr = _int_values(rhs)
-        # lax keeps only s8 x s8 convolutions integer; shift uint8 operands to int8
-        if vl.dtype == jnp.uint8:
-            vl, zl = _to_signed8(vl, zl)
-        if vr.dtype == jnp.uint8:
-            vr, zr = _to_signed8(vr, zr)
-        if vl.dtype != jnp.int8 or vr.dtype != jnp.int8:
-            raise ValueError(
-                "conv_general_dilated: the integer conv supports 8-bit operands (int8, uint8, "
-                f"int4); got {lhs.format!r} x {rhs.format!r}"
-            )
-        k = int(np.prod([vr.shape[a] for a in rhs_contract]))
-        if k > _K_MAX_8BIT:  # the native conv has no split of the window
-            raise ValueError(
-                f"conv_general_dilated: a window of {k} elements could overflow int32 "
-                f"(limit {_K_MAX_8BIT} for 8-bit operands)"
-            )
-
-        def native(vl, vr):
-            acc = jax.lax.conv_general_dilated(vl, vr, preferred_element_type=jnp.int32, **kw)
-            acc = acc.astype(jnp.float32)
-            return acc + _conv_zero_point_terms(vl, zl, vr, zr, cdn, kw, feature_group_count, fold)
-
-        if _im2col_ok(zl, lhs_dilation, feature_group_count):
-            # CPU: patches + the mixed u8 x s8 dot (XLA:CPU's int8 conv is a slow loop);
-            # GPU / TPU keep the native s8 x s8 convolution.
-            acc = jax.lax.platform_dependent(
-                vl,
-                vr,
-                cpu=lambda vl, vr: _conv_im2col(vl, zl, vr, zr, cdn, kw),
-                default=native,
-            )
-        else:
-            acc = native(vl, vr)
+        # every platform: patches x weight through the exact integer dot (XLA:CPU's int8
+        # convolution is a slow loop, and XLA:GPU rejects integer convolutions)
+        acc = _conv_patches(vl, zl, vr, zr, cdn, kw, feature_group_count)
         return (acc * scale).astype(out_dtype)
     # weight-only (or activation-only): dequantize the QArray in the float operand's dtype
     if rq:
@@ -999,38 +1215,46 @@ def conv_general_dilated(
     return acc.astype(out_dtype)
 
 
-def _im2col_ok(zl, lhs_dilation, groups) -> bool:
-    plain = lhs_dilation is None or all(d == 1 for d in lhs_dilation)
-    return plain and groups == 1 and (zl is None or zl.size == 1)
+def _conv_patches(vl, zl, vr, zr, cdn, kw, groups: int) -> jax.Array:
+    """Integer conv as patches x weight through the exact integer dot (float32, output layout).
 
-
-def _conv_im2col(vl, zl, vr, zr, cdn, kw) -> jax.Array:
-    """Integer conv as patches x weight through the 8-bit dot (float32, output layout).
-
-    The input is padded with its zero point (padding stands for a real 0), the
-    window offsets are gathered by strided slices into ``(N, out..., taps*C)``
-    and contracted with the weight reshaped to ``(taps*C, O)``: one
-    `_int_core` dot, zero-point terms included.
+    The input is dilated (``lhs_dilation``) and padded with its zero point
+    (holes and padding stand for a real 0, as in the float conv), the window
+    offsets are gathered by strided slices into ``(N, out..., taps * C)`` and
+    contracted with the weight reshaped to ``(taps * C, O)``: one `_int_core`
+    dot, zero-point terms and long-window splits included. With feature groups
+    the group is a batch axis of that dot: ``(G, N, out..., taps * C/G) x (G,
+    taps * C/G, O/G)``. The 8-bit input is shifted once, before the patches, to
+    the lhs type the CPU form takes (uint8 for ``u8s8``, int8 otherwise).
     """
     lspec, rspec, ospec = cdn
     nsp = len(lspec) - 2
-    x = jnp.transpose(vl, (lspec[0], *lspec[2:], lspec[1]))  # N, spatial..., C
-    w = jnp.transpose(vr, (*rspec[2:], rspec[1], rspec[0]))  # spatial..., I, O
+    perm = (lspec[0], *lspec[2:], lspec[1])
+    x = jnp.transpose(vl, perm)  # N, spatial..., C
+    w = jnp.transpose(vr, (*rspec[2:], rspec[1], rspec[0]))  # spatial..., C/G, O
+    zl = None if zl is None else jnp.transpose(zl.astype(jnp.int32), perm)  # (N | 1, 1, ..., 1)
+    want = jnp.uint8 if _lowering.current().cpu_form == "u8s8" else jnp.int8
+    if x.dtype in (jnp.int8, jnp.uint8) and x.dtype != want:
+        x = _mixed_dot._flip(x, want)  # x' = x + 128 (int8 -> uint8) or x - 128
+        shift = 128 if want == jnp.uint8 else -128
+        zl = jnp.full((1,) * x.ndim, shift, jnp.int32) if zl is None else zl + shift
     ksize = w.shape[:nsp]
     strides = tuple(kw["window_strides"])
     rdil = tuple(kw["rhs_dilation"] or (1,) * nsp)
+    ldil = tuple(kw["lhs_dilation"] or (1,) * nsp)
     eff = tuple((k - 1) * d + 1 for k, d in zip(ksize, rdil, strict=True))
     pads = kw["padding"]
-    if isinstance(pads, str):
+    if isinstance(pads, str):  # as jax.lax.conv_general_dilated resolves it
         pads = jax.lax.padtype_to_pads(x.shape[1:-1], eff, strides, pads)
-    # uint8 patches go to the CPU dot as they are (no second pass to flip them)
-    if x.dtype == jnp.int8:
-        x = jax.lax.bitcast_convert_type(
-            jax.lax.bitcast_convert_type(x, jnp.uint8) ^ jnp.uint8(0x80), jnp.uint8
-        )
-        zl = jnp.full((1,), 128, jnp.int32) if zl is None else zl.astype(jnp.int32) + 128
-    padval = zl.reshape(()).astype(jnp.uint8)
-    x = jax.lax.pad(x, padval, [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
+    cfg = [(0, 0, 0)] + [
+        (lo, hi, d - 1) for (lo, hi), d in zip(pads, ldil, strict=True)
+    ] + [(0, 0, 0)]
+    if zl is None or zl.size == 1:
+        padval = jnp.zeros((), x.dtype) if zl is None else zl.reshape(()).astype(x.dtype)
+        x = jax.lax.pad(x, padval, cfg)
+    else:  # a zero point per example: pad with 0, then put each example's zero point in
+        real = jax.lax.pad(jnp.ones((1,) + x.shape[1:-1] + (1,), jnp.bool_), False, cfg)
+        x = jnp.where(real, jax.lax.pad(x, jnp.zeros((), x.dtype), cfg), zl.astype(x.dtype))
     # quantize once: without the barrier XLA re-quantizes the float input per tap
     x = jax.lax.optimization_barrier(x)
     out_sp = tuple((x.shape[1 + i] - eff[i]) // strides[i] + 1 for i in range(nsp))
@@ -1045,65 +1269,31 @@ def _conv_im2col(vl, zl, vr, zr, cdn, kw) -> jax.Array:
             + (x.shape[-1],)
         )
         taps.append(jax.lax.slice(x, start, limit, (1,) + strides + (1,)))
-    patches = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
-    w2 = w.reshape(-1, w.shape[-1])
-    dn = (((patches.ndim - 1,), (0,)), ((), ()))
-    zl2 = zl.reshape((1,) * patches.ndim)
-    zr2 = None if zr is None else zr.reshape(1, -1)
-    acc = _int_core(patches, zl2, w2, zr2, dn).astype(jnp.float32)  # N, out..., O
+    patches = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]  # (..., taps * C)
+    n_out = w.shape[-1]
+    zl2 = None if zl is None else zl.reshape(zl.shape[:1] + (1,) * (patches.ndim - 1))
+    if groups == 1:
+        w2 = w.reshape(-1, n_out)
+        dn = (((patches.ndim - 1,), (0,)), ((), ()))
+        zr2 = None if zr is None else zr.reshape(1, -1)
+        acc = _int_core(patches, zl2, w2, zr2, dn).astype(jnp.float32)  # N, out..., O
+    else:
+        cg, og, ntaps = x.shape[-1] // groups, n_out // groups, len(taps)
+        p = patches.reshape(patches.shape[:-1] + (ntaps, groups, cg))
+        p = jnp.moveaxis(p, -2, 0).reshape((groups,) + patches.shape[:-1] + (ntaps * cg,))
+        w2 = w.reshape(ntaps, cg, groups, og).transpose(2, 0, 1, 3).reshape(groups, ntaps * cg, og)
+        dn = (((p.ndim - 1,), (1,)), ((0,), (0,)))
+        zl2 = None if zl2 is None else zl2[None]
+        zr2 = None
+        if zr is not None:
+            zr2 = zr.reshape(groups, 1, og) if zr.size > 1 else zr.reshape(1, 1, 1)
+        acc = _int_core(p, zl2, w2, zr2, dn).astype(jnp.float32)  # G, N, out..., O/G
+        acc = jnp.moveaxis(acc, 0, -2).reshape(acc.shape[1:-1] + (n_out,))
     # to the requested output layout
     cur = (ospec[0], *ospec[2:], ospec[1])
     return jnp.transpose(acc, np.argsort(cur))
 
 
-def _conv_zero_point_terms(vl, zl, vr, zr, cdn, kw, groups, fold):
-    """The zero-point correction of an integer conv (float32, broadcast to the output)."""
-    out = 0.0
-    if zl is None and zr is None:
-        return out
-    lf, rf_in, rf_out = cdn.lhs_spec[1], cdn.rhs_spec[1], cdn.rhs_spec[0]
-    if zr is not None:
-        # Z_r[o] * sum over the window of q_l: conv of the per-group channel sum with ones
-        xs = jnp.sum(
-            vl.astype(jnp.int32).reshape(_group_shape(vl.shape, lf, groups)), axis=lf + 1
-        )  # channel axis -> groups
-        ones_shape = list(vr.shape)
-        ones_shape[rf_in] = 1
-        ones_shape[rf_out] = groups
-        ones = jnp.ones(ones_shape, jnp.int32)
-        s = jax.lax.conv_general_dilated(
-            xs, ones, preferred_element_type=jnp.int32, **{**kw, "feature_group_count": groups}
-        ).astype(jnp.float32)  # one output channel per group
-        o = vr.shape[rf_out]
-        s = jnp.repeat(s, o // groups, axis=cdn.out_spec[1])
-        out = out - fold(zr.astype(jnp.float32), rf_out, cdn.out_spec[1]) * s
-    if zl is not None:
-        # Z_l * sum over the valid window of (q_r - Z_r): conv of the validity mask
-        mask_shape = [1] * vl.ndim
-        for a in cdn.lhs_spec[2:]:
-            mask_shape[a] = vl.shape[a]
-        mask_shape[lf] = groups
-        mask = jnp.ones(mask_shape, jnp.float32)
-        w = vr.astype(jnp.float32)
-        if zr is not None:
-            w = w - zr.astype(jnp.float32)
-        wsum = jnp.sum(w, axis=rf_in, keepdims=True)
-        s = jax.lax.conv_general_dilated(
-            mask, wsum, preferred_element_type=jnp.float32, **{**kw, "feature_group_count": groups}
-        )
-        out = out - fold(zl.astype(jnp.float32), cdn.lhs_spec[0], cdn.out_spec[0]) * s
-    return out
-
-
-def _group_shape(shape, axis, groups):
-    shape = list(shape)
-    c = shape[axis]
-    return tuple(shape[:axis] + [groups, c // groups] + shape[axis + 1 :])
-
-
-# ---------------------------------------------------------------------------------------
-# QAT flavour
-# ---------------------------------------------------------------------------------------
 def _qat(float_op, int_op, lhs, rhs, lhs_spec, lhs_qparams, rhs_spec, rhs_qparams, int_forward):
     """Fake-quant forward with STE gradients, or a real integer forward with the same VJP."""
     for spec, name in ((lhs_spec, "lhs_spec"), (rhs_spec, "rhs_spec")):
