@@ -6,8 +6,14 @@ the mean of `--calls` back-to-back calls of the jitted function. The table
 gives the median over `--repeats` repeats (at least 5), the range (min - max)
 and the ratio ``median(float32) / median(case)`` from the same run.
 
+Every jq row names the integer form it was compiled with (`jq.lowering`):
+``u8s8`` (chosen on x86 with VNNI / AMX), ``s8s8`` (chosen on other CPUs) and
+``s8s8_padk`` (the GPU / TPU form, here run on the CPU). The form jq picks on
+this machine is marked "(auto)"; the others are compiled with
+`jq.ops.int8_lowering` so that all are compared in one run.
+
 Run:  python experiments/bench_ops.py [--repeats 7] [--calls 20]
-Writes experiments/results/ops.md and prints the same markdown table.
+Writes experiments/results/ops.md (or --out) and prints the same markdown table.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import subprocess
 import time
 
@@ -23,11 +30,28 @@ import jax.numpy as jnp
 import numpy as np
 
 import jq
-from jq import _mixed_dot, ops
+from jq import _mixed_dot, lowering, ops
 
 DENSE = (((1,), (0,)), ((), ()))
 NK = (((1,), (1,)), ((), ()))  # weight stored (N, K)
 MLP_SIZES = (784, 1024, 1024, 1024, 10)
+
+
+def _compiled(f, args, form: str | None = None):
+    """`f` jitted and compiled now, in `form` (None: jq's automatic choice)."""
+    if form is None:
+        return jax.jit(f).lower(*args).compile()
+    with ops.int8_lowering(cpu=form):
+        return jax.jit(f).lower(*args).compile()
+
+
+def _form_cases(label: str, f, args) -> dict:
+    """One case per integer form; jq's automatic choice on this machine is marked."""
+    auto = lowering.current().cpu_form
+    return {
+        f"{label} [{form}{' (auto)' if form == auto else ''}]": (_compiled(f, args, form), args)
+        for form in lowering.CPU_FORMS
+    }
 
 
 def _time_group(cases: dict, repeats: int, calls: int) -> dict[str, list[float]]:
@@ -69,13 +93,12 @@ def dot_cases(rng, m, k, n):
     lax_int = jax.jit(
         lambda a, b: jax.lax.dot_general(a, b, DENSE, preferred_element_type=jnp.int32)
     )
-    prim = jax.jit(lambda a, b: _mixed_dot.int8_dot_general(a, b, DENSE))
+    prim = lambda a, b: _mixed_dot.int8_dot_general(a, b, DENSE)  # noqa: E731
     return {
         "float32 jit": (jax.jit(lambda a, b: a @ b), (af, bf)),
         "int8 x int8 -> int32, lax.dot_general": (lax_int, (a8, b8)),
         "uint8 x int8 -> int32, lax.dot_general (widened to s32)": (lax_int, (u8, b8)),
-        "uint8 x int8 -> int32, jq mixed-dot primitive": (prim, (u8, b8)),
-        "int8 x int8 -> int32, jq primitive (u8 shift + weight sums)": (prim, (a8, b8)),
+        **_form_cases("int8 x int8 -> int32, jq primitive", prim, (a8, b8)),
     }
 
 
@@ -90,12 +113,14 @@ def matvec_cases(rng, k, n):
     return {
         "float32 jit": (jax.jit(lambda a, b: a @ b), (af, bf)),
         "int8 M=1, lax.dot_general (XLA loop)": (lax_int, (a8, b8)),
-        "int8 M=1, jq: M padded to 2, weight (N, K), u8 x s8": (
-            jax.jit(lambda a, b: _mixed_dot.int8_dot_general(a, b, NK)),
+        **_form_cases(
+            "int8 M=1, jq, weight (N, K)",
+            lambda a, b: _mixed_dot.int8_dot_general(a, b, NK),
             (a8, bt),
         ),
-        "int8 M=1, jq: M padded to 2, weight (K, N), u8 x s8": (
-            jax.jit(lambda a, b: _mixed_dot.int8_dot_general(a, b, DENSE)),
+        **_form_cases(
+            "int8 M=1, jq, weight (K, N)",
+            lambda a, b: _mixed_dot.int8_dot_general(a, b, DENSE),
             (a8, b8),
         ),
     }
@@ -119,7 +144,7 @@ def conv_cases(rng):
 
     return {
         "float32 jit": (jax.jit(f32), (x, w)),
-        "jq static int8 conv (CPU: patches x mixed dot)": (jax.jit(static), (x, qw)),
+        **_form_cases("jq static int8 conv (patches x int8 dot)", static, (x, qw)),
     }
 
 
@@ -169,16 +194,18 @@ def mlp_cases(rng, batch):
     fp = list(zip(ws, bs, strict=True))
     cases = {
         "float32 jit": (jax.jit(f32), (fp, x)),
-        "jq static int8 (act per tensor, weight per channel)": (
-            jax.jit(lambda p, x: quantized(p, x, aspec, True)),
+        **_form_cases(
+            "jq static int8 (act per tensor, weight per channel)",
+            lambda p, x: quantized(p, x, aspec, True),
             (qparams, x),
         ),
-        "jq dynamic int8 (symmetric, per tensor)": (
-            jax.jit(lambda p, x: quantized(p, x, aspec, False)),
+        **_form_cases(
+            "jq dynamic int8 (symmetric, per tensor)",
+            lambda p, x: quantized(p, x, aspec, False),
             (qparams, x),
         ),
-        "jq dynamic uint8 (affine, per tensor)": (
-            jax.jit(lambda p, x: quantized(p, x, uspec, False)),
+        "jq dynamic uint8 (affine, per tensor) [auto]": (
+            _compiled(lambda p, x: quantized(p, x, uspec, False), (qparams, x)),
             (qparams, x),
         ),
         "jq weight-only int8 (float32 activations)": (jax.jit(weight_only), (qparams, x)),
@@ -190,6 +217,17 @@ def mlp_cases(rng, batch):
         y = np.asarray(f(*args))
         errs[name] = float(np.abs(y - ref).max() / np.abs(ref).max())
     return cases, errs
+
+
+def _lowering_line() -> str:
+    info = ops.lowering_info()
+    c = info["cpu"]
+    return (
+        f"CPU kind `{c['kind']}` (int8 flags: {', '.join(c['int8_flags']) or 'none'}, read from "
+        f"{c['features_from']}); jq's automatic CPU form here: `{c['form']}` ({c['reason']}); "
+        f"accelerators: `{info['accelerator']['form']}` (K multiple "
+        f"{info['accelerator']['k_multiple']})."
+    )
 
 
 def _cpu_line() -> str:
@@ -247,19 +285,24 @@ def main():
     parser.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "ops.md")
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="MLP groups only (what scripts/device_check.sh runs)"
+    )
     args = parser.parse_args()
+    print(_lowering_line(), flush=True)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
     rng = np.random.default_rng(0)
     rows, notes = [], []
     load0 = os.getloadavg()[0]
 
-    s = _time_group(dot_cases(rng, 256, 1024, 1024), args.repeats, args.calls)
-    rows += _rows("dot 256x1024x1024", s, "float32 jit")
-    s = _time_group(matvec_cases(rng, 4096, 4096), args.repeats, max(3, args.calls // 4))
-    rows += _rows("matrix-vector 1x4096x4096", s, "float32 jit")
-    s = _time_group(conv_cases(rng), args.repeats, max(3, args.calls // 4))
-    rows += _rows("conv 8x32x32x64 -> 64, 3x3 SAME", s, "float32 jit")
+    if not args.quick:
+        s = _time_group(dot_cases(rng, 256, 1024, 1024), args.repeats, args.calls)
+        rows += _rows("dot 256x1024x1024", s, "float32 jit")
+        s = _time_group(matvec_cases(rng, 4096, 4096), args.repeats, max(3, args.calls // 4))
+        rows += _rows("matrix-vector 1x4096x4096", s, "float32 jit")
+        s = _time_group(conv_cases(rng), args.repeats, max(3, args.calls // 4))
+        rows += _rows("conv 8x32x32x64 -> 64, 3x3 SAME", s, "float32 jit")
     for batch in (1, 32, 256):
         cases, errs = mlp_cases(rng, batch)
         s = _time_group(cases, args.repeats, args.calls)
@@ -267,7 +310,8 @@ def main():
         notes.append(
             f"batch {batch}: max |y - y_f32| / max |y_f32|: "
             + ", ".join(
-                f"{k.split(' (')[0]} {v:.4f}" for k, v in errs.items() if "float32" not in k
+                f"{re.sub(r' [(][^)]*[)]', '', k)} {v:.4f}" for k, v in errs.items()
+                if "float32" not in k
             )
         )
 
@@ -290,7 +334,8 @@ def main():
         )
     table = "\n".join(lines)
     text = "\n".join(
-        ["# jq.ops CPU benchmark", "", head, "", table, "", "Accuracy (same inputs):", ""]
+        ["# jq.ops CPU benchmark", "", head, "", _lowering_line(), "", table, "",
+         "Accuracy (same inputs):", ""]
         + [f"- {n}" for n in notes]
         + ["", NOTES]
     )

@@ -53,6 +53,8 @@ import jax
 import numpy as np
 from jax.experimental import checkify
 
+from jq import lowering as _lowering
+
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
@@ -242,7 +244,18 @@ def read_artifact(path_or_bytes) -> Artifact:
 # ---------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------
+def default_platform() -> str:
+    """The `jax.export` name (``cpu``, ``cuda``, ``rocm``, ``tpu``) of JAX's default backend."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+    return "rocm" if "rocm" in version else "cuda"
+
+
 def _check_platforms(platforms) -> tuple[str, ...]:
+    if platforms is None:
+        return (default_platform(),)
     if isinstance(platforms, str):
         platforms = (platforms,)
     platforms = tuple(platforms)
@@ -286,7 +299,7 @@ def export_function(
     *,
     weights: Sequence[Any] = (),
     weight_names: Sequence[str] | None = None,
-    platforms: Sequence[str] = ("cpu",),
+    platforms: Sequence[str] | None = None,
     batch_polymorphic: bool = True,
     info: Mapping[str, Any] | None = None,
 ) -> bytes:
@@ -301,7 +314,11 @@ def export_function(
       weight_names: names for the manifest (default ``w0, w1, ...``).
       platforms: any of ``"cpu"``, ``"cuda"``, ``"rocm"``, ``"tpu"``; several
         give one module with a ``stablehlo.case`` over platforms. No
-        accelerator is needed to export for it.
+        accelerator is needed to export for it. Default: the platform of JAX's
+        default backend (`default_platform`). The ``cpu`` branch carries the
+        integer form `jq.lowering` chooses on the exporting machine (recorded
+        in the manifest as ``int8_cpu_form``; override it with
+        `jq.ops.int8_lowering` when the artifact will run on another CPU kind).
       batch_polymorphic: the leading axis of every input becomes one symbolic
         dimension ``b`` (``jax.export.symbolic_shape("b, ...")``), so the
         artifact serves any batch size.
@@ -334,6 +351,7 @@ def export_function(
         "format": "jq-export",
         "jax_version": jax.__version__,
         "platforms": list(exp.platforms),
+        "int8_cpu_form": _lowering.current().cpu_form,
         "batch_polymorphic": bool(batch_polymorphic),
         "weights_mode": "separate" if ws else "embedded",
         "inputs": [_aval_json(a) for a in exp.in_avals[len(ws):]],

@@ -57,7 +57,7 @@ def export(
     qvars: QuantizedVariables,
     example_inputs,
     rules: Sequence[Rule] | None = None,
-    platforms: Sequence[str] = ("cpu",),
+    platforms: Sequence[str] | None = None,
     batch_polymorphic: bool = True,
     weights: str = "embedded",
     path: str | os.PathLike | None = None,
@@ -78,7 +78,8 @@ def export(
       example_inputs: the model's positional input (an array) or a tuple of
         inputs; only shapes and dtypes matter.
       rules: optional; checked against `qvars` as in `jq.apply`.
-      platforms: lowering targets among ``cpu``, ``cuda``, ``rocm``, ``tpu``.
+      platforms: lowering targets among ``cpu``, ``cuda``, ``rocm``, ``tpu``; default: the
+        platform of JAX's default backend (`jq.deploy.default_platform`).
       batch_polymorphic: make the leading axis of every input one symbolic
         dimension ``b``, so one artifact serves any batch size.
       weights: ``"embedded"``: the quantized weights are constants of the
