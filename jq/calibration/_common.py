@@ -153,6 +153,12 @@ def masked_min_max(
 
 def host_checks(owner: str, count, nonfinite_count, mode: str) -> None:
     """The checks `range` makes on the host before reading the statistics."""
+    if np.ndim(count) != 0:
+        raise ValueError(
+            f"{owner}.range: the state is stacked (its `count` has shape {np.shape(count)}), e.g. "
+            "one state per layer of an nn.scan; call range on each slice "
+            "(jax.tree_util.tree_map(lambda a: a[i], state)), as jq.CalibrationStats.ranges() does"
+        )
     if int(np.asarray(count)) == 0:
         raise ValueError(f"{owner}.range: no statistics yet; call update(state, x) at least once")
     n_bad = int(np.asarray(nonfinite_count))

@@ -130,6 +130,16 @@ def _act_fit(choice: _Choice, operand: int):
         spec.param_shape(tuple(aval.shape), f"{choice.site.name} activation")
     except ValueError as e:
         raise ValueError(f"jq: rules[{choice.rule_index}] does not fit site {choice.site.name!r}: {e}") from e
+    o_axis = getattr(spec.calibration, "axis", None)
+    if o_axis is not None and spec.axis is not None:
+        nd = len(aval.shape)
+        if not -nd <= o_axis < nd or o_axis % nd != spec.axis[0] % nd:
+            raise ValueError(
+                f"jq: rules[{choice.rule_index}] at site {choice.site.name!r}: the observer "
+                f"{type(spec.calibration).__name__}(axis={o_axis}) and QuantSpec.axis={spec.axis[0]} name "
+                f"different axes of the activation (shape {tuple(aval.shape)}); leave the observer's axis "
+                "unset to follow the spec"
+            )
     return spec
 
 
@@ -261,18 +271,34 @@ class CalibrationStats:
       observers: dict from site key to the observer that produced it.
       num_batches: number of batches seen.
       example: the traced input signature (shapes), reused by `convert`.
+      scan_lengths: dict from site key to the lengths of the scans (``nn.scan``,
+        ``nnx.scan``) around the site, outermost first; ``()`` outside any scan.
+        A scanned site's state is stacked over those leading axes, one
+        observer state per layer.
     """
 
-    def __init__(self, states, observers, num_batches, example, site_names):
+    def __init__(self, states, observers, num_batches, example, site_names, scan_lengths=None):
         self.states = states
         self.observers = observers
         self.num_batches = num_batches
         self.example = example
         self.site_names = site_names
+        self.scan_lengths = dict(scan_lengths or {})
 
     def ranges(self) -> dict[str, tuple[jax.Array, jax.Array]]:
-        """``{site key: (lo, hi)}``; raises if a site saw non-finite values or no data."""
-        return {k: self.observers[k].range(st) for k, st in self.states.items()}
+        """``{site key: (lo, hi)}``; raises if a site saw non-finite values or no data.
+
+        A site inside a scan gets ranges stacked over its scan axes: ``lo`` has
+        shape ``scan_lengths[key] + range shape`` (one range per layer).
+        """
+        return {k: _observed_range(self.observers[k], st, self._lengths(k)) for k, st in self.states.items()}
+
+    def _lengths(self, key) -> tuple[int, ...]:
+        if key in self.scan_lengths:
+            return tuple(self.scan_lengths[key])
+        # stats built elsewhere (merged shards, smoothquant): every observer state counts its
+        # batches in a scalar `count`, so its shape is the stack of scan lengths
+        return tuple(np.shape(getattr(self.states[key], "count", ())))
 
     def __repr__(self):
         return f"CalibrationStats({len(self.states)} sites, {self.num_batches} batches)"
@@ -318,9 +344,19 @@ def calibrate(
     except StopIteration:
         raise ValueError("jq.calibrate: `batches` is empty; calibration needs at least one batch") from None
     args = _split_batch(first)
+    adapter.with_state = adapter.kind == "nnx"
     t = trace(adapter, adapter.values, args, kwargs)
+    if adapter.kind == "nnx" and _state_changes(t, adapter):
+        warnings.warn(
+            f"jq.calibrate: the nnx model updates its state when run ({_fmt_paths(_state_changes(t, adapter))}): "
+            "dropout is active or BatchNorm uses batch statistics, so the observed activations are "
+            "not the ones inference sees (and one dropout mask repeats for every batch). Call "
+            "model.eval() before calibrating",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     chosen = _choose(t.finder, rules)
-    observers, states = {}, {}
+    observers, states, lengths = {}, {}, {}
     for c in chosen.values():
         if c.mode != "static":
             continue
@@ -332,7 +368,8 @@ def calibrate(
             st = obs.init(jnp.zeros(aval.shape, aval.dtype))
             key = c.site.act_key(op)
             observers[key] = obs
-            states[key] = _stack_tree(st, _scan_lengths(c.site, t.finder))
+            lengths[key] = _scan_lengths(c.site, t.finder)
+            states[key] = _stack_tree(st, lengths[key])
     selected = {n for n, c in chosen.items() if c.mode == "static"}
 
     def handler(site, eqn, invals, sts):
@@ -364,7 +401,7 @@ def calibrate(
         except StopIteration:
             break
     bar.close()
-    return CalibrationStats(states, observers, n, (_abstract(args), kwargs), tuple(chosen))
+    return CalibrationStats(states, observers, n, (_abstract(args), kwargs), tuple(chosen), lengths)
 
 
 def _is_arr(x):
@@ -535,7 +572,9 @@ def convert(
         qat_state = variables
         variables = _qat_model_variables(model, variables)
         if args is None:
-            args, kwargs = variables_example(qat_state)
+            args, _ = variables_example(qat_state)
+        # the caller's keyword arguments win over the ones recorded by QAT.init
+        kwargs = {**_recorded_kwargs(qat_state), **(kwargs or {})}
     adapter = ModelAdapter(model, variables, method)
     if qat_state is not None and adapter.kind == "nnx":
         adapter.override({**qat_state["state"]["variables"], **qat_state["params"]})
@@ -562,6 +601,7 @@ def convert(
             qp = None
             if qat_state is not None and c.site.name in qat_state["quant"].get("weights", {}):
                 w = qat_state["quant"]["weights"][c.site.name]
+                _check_learned_scale(c.site.name, w["scale"])
                 qp = QParams(w["scale"], None if w.get("zero_point") is None else
                              jnp.round(w["zero_point"]).astype(jnp.int32))
             new_vars[li.path] = _keep_sharding(quantize(jnp.asarray(value), qp, spec), value)
@@ -592,6 +632,7 @@ def convert(
                         ranges = {}
                     lo, hi = _observed_range(stats.observers[key], stats.states[key],
                                              _scan_lengths(s, t.finder))
+                    _warn_zero_width(key, lo, hi)
                     qp = qparams_from_range(lo, hi, spec)
                 acts[key] = qp
         elif c.mode == "dynamic":
@@ -602,7 +643,8 @@ def convert(
     plan = _Plan(adapter.kind, adapter.signature(), tuple(plans), tuple(float_leaves))
     qvars = QuantizedVariables(new_vars, acts, plan)
     # a dry run surfaces every spec that does not fit its op (e.g. a scale on a contracting axis)
-    jax.eval_shape(lambda qv, a: apply(model, qv, *a, method=method, **kwargs), qvars, args)
+    dry_kw = {**kwargs, "mutable": True} if adapter.kind == "nnx" else kwargs  # train-mode nnx is fine here
+    jax.eval_shape(lambda qv, a: apply(model, qv, *a, method=method, **dry_kw), qvars, args)
     if verbose:
         print(qvars.summary())
     return qvars
@@ -645,8 +687,31 @@ def _linen_signature(model, args, kwargs, method):
     return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(x.shape) for p, x in flat}
 
 
+def _describe_inputs(args, kwargs) -> str:
+    """``"args[0]: float32(4, 7), mask: bool(4, 1, 5, 5)"``: the array inputs, for error messages."""
+    flat, _ = jax.tree_util.tree_flatten_with_path((tuple(args), dict(kwargs)))
+    parts = []
+    for path, x in flat:
+        if not _is_dynamic_input(x):
+            continue
+        keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+        name = f"args[{keys[1]}]" if keys[0] == 0 else str(keys[1])
+        name += "".join(f"[{k!r}]" for k in keys[2:])
+        parts.append(f"{name}: {jnp.result_type(x)}{tuple(np.shape(x))}")
+    return ", ".join(parts) or "no array inputs"
+
+
+def _is_dynamic_input(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
 def _check_signature(adapter: ModelAdapter, qvars: QuantizedVariables, model_sig: dict | None = None,
-                     partial: bool = False):
+                     partial: bool = False, inputs: str | None = None):
+    """Checks variable names and shapes (not values) against the model.
+
+    `model_sig` (linen) comes from ``model.init`` on the caller's inputs, so a
+    shape that differs there is blamed on the inputs first.
+    """
     want = dict(qvars.plan.signature)
     if adapter.kind != qvars.plan.model_kind:
         raise ValueError(
@@ -667,9 +732,18 @@ def _check_signature(adapter: ModelAdapter, qvars: QuantizedVariables, model_sig
         )
     for path, shape in want.items():
         if path in got and tuple(got[path]) != tuple(shape):
+            if model_sig is not None:
+                raise ValueError(
+                    f"jq.apply: the inputs do not fit the quantized variables: run on these inputs "
+                    f"({inputs or 'as given'}), the model would make {path!r} with shape "
+                    f"{tuple(got[path])}, but the variables hold {tuple(shape)}. Check the input "
+                    "shapes (e.g. the feature size of the last axis); if they are right, the variables "
+                    "come from another model with the same variable names"
+                )
             raise ValueError(
-                f"jq.apply: the quantized variables belong to another model: {path!r} has shape "
-                f"{tuple(shape)} in them but {tuple(got[path])} in the model"
+                f"jq.apply: the quantized variables do not fit this model: {path!r} has shape "
+                f"{tuple(shape)} in them but {tuple(got[path])} in the model (same variable names, "
+                "other sizes: the variables come from another model)"
             )
 
 
@@ -750,13 +824,24 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
       *args, **kwargs: the model's inputs.
       rules: optional; checked against the specs carried by `qvars`.
       method: the model method.
+      mutable: (keyword) linen: forwarded to ``model.apply``, which then returns
+        ``(out, updates)``. nnx: ``mutable=True`` returns ``(out, new_qvars)``
+        with the variables the module updates in place (dropout RNG counts,
+        BatchNorm statistics) advanced as ``model(x)`` would advance them; pass
+        `new_qvars` to the next call.
 
     Raises:
-      ValueError: `qvars` belongs to another model, or `rules` disagrees with it.
+      ValueError: `qvars` belongs to another model, or `rules` disagrees with it;
+        an nnx module updates its state (dropout active, BatchNorm in training
+        mode) without ``mutable=True`` (call ``model.eval()`` for inference).
     """
     if not isinstance(qvars, QuantizedVariables):
         raise TypeError(f"jq.apply: expected QuantizedVariables from jq.convert, got {type(qvars).__name__}")
     adapter = _adapter_for(model, qvars, method)
+    nnx_mutable = False
+    if adapter.kind == "nnx":
+        nnx_mutable = kwargs.pop("mutable", False)
+        adapter.with_state = True
     model_sig = None
     if adapter.kind == "linen":
         import flax.linen as nn
@@ -764,12 +849,20 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
         if not isinstance(model, nn.Module):
             raise TypeError(f"jq.apply: model must be a Flax Module, got {type(model).__name__}")
         model_sig = _linen_signature(model, args, kwargs, method)
-    _check_signature(adapter, qvars, model_sig, partial=method is not None)
+    _check_signature(adapter, qvars, model_sig, partial=method is not None, inputs=_describe_inputs(args, kwargs))
     if rules is not None:
         _check_rules_consistent(check_rules(rules), qvars)
     leaves = [qvars.variables[li.path] for li in adapter.leaves]
     avals = [leaf_aval(li, v) for li, v in zip(adapter.leaves, leaves)]
-    t = trace(adapter, avals, args, kwargs)
+    try:
+        t = trace(adapter, avals, args, kwargs)
+    except TypeError as e:  # shape errors of jax ops (a wrong input width on an nnx Linear)
+        if type(e) is not TypeError:
+            raise
+        raise TypeError(
+            f"jq.apply: the model does not run on these inputs ({_describe_inputs(args, kwargs)}) with "
+            f"the quantized variables: {e}"
+        ) from e
     plan = {s.name: s for s in qvars.plan.sites}
     selected = set()
     for s in t.finder.sites:
@@ -798,7 +891,31 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
         if s.name in qvars.smooth:
             states[s.name + ":smooth"] = qvars.smooth[s.name]
     outs = Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, leaves + t.dyn_args, states)
-    return jax.tree_util.tree_unflatten(t.out_tree, outs)
+    out = jax.tree_util.tree_unflatten(t.out_tree, outs)
+    if adapter.kind == "nnx":
+        return _nnx_result(t, adapter, qvars, out, nnx_mutable)
+    return out
+
+
+def _nnx_result(t, adapter: ModelAdapter, qvars: QuantizedVariables, out, mutable):
+    """`apply`'s result for an nnx model traced with its state: the output, or (output, new qvars)."""
+    out, new_leaves = out
+    if mutable is not True and mutable is not False:
+        raise TypeError(f"jq.apply: for an nnx model, mutable must be True or False, got {mutable!r}")
+    if not mutable:
+        changed = _state_changes(t, adapter)
+        if changed:
+            raise ValueError(
+                f"jq.apply: the nnx model updates its state in this call ({_fmt_paths(changed)}): "
+                "dropout is active or BatchNorm is in training mode. Dropping the update would repeat "
+                "one dropout mask on every call. Call model.eval() for inference, or pass mutable=True "
+                "to get (out, new_qvars) and use new_qvars in the next call"
+            )
+        return out
+    old = qvars.variables
+    new = {li.path: (old[li.path] if li.is_param or isinstance(old[li.path], QArray) else v)
+           for li, v in zip(adapter.leaves, new_leaves)}
+    return out, dataclasses.replace(qvars, variables=new)
 
 
 def _check_rules_consistent(rules, qvars):
@@ -823,22 +940,113 @@ def _qat_model_variables(model, qat_vars):
     return None
 
 
+@jax.tree_util.register_pytree_node_class
+class _StaticKwargs:
+    """The plain-Python keyword arguments of `QAT.init` (``train=False``, ...), kept as static
+    pytree data in the QAT state (no leaves: jit, grad and optax pass them through), so that
+    `convert` re-traces the model with them."""
+
+    def __init__(self, items=()):
+        self.items = tuple(items)
+
+    @classmethod
+    def record(cls, kwargs: dict) -> _StaticKwargs:
+        keep = []
+        for k, v in sorted(kwargs.items()):
+            # `mutable` and `rngs` steer one call, they are not model inputs; arrays are not static
+            if k in ("mutable", "rngs") or not isinstance(v, (bool, int, float, str, type(None))):
+                continue
+            keep.append((k, v))
+        return cls(keep)
+
+    def tree_flatten(self):
+        return (), self.items
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(aux)
+
+    def __eq__(self, other):
+        return isinstance(other, _StaticKwargs) and self.items == other.items
+
+    def __hash__(self):
+        return hash(self.items)
+
+    def __repr__(self):
+        return f"StaticKwargs({dict(self.items)})"
+
+
 def variables_example(qat_vars):
+    """The example input recorded by `QAT.init`: ``(args, kwargs)``."""
     ex = qat_vars["state"].get("example")
     if ex is None:
         raise ValueError("jq.convert: QAT variables carry no example input; pass args=(x,)")
-    return tuple(ex), {}
+    return tuple(ex), _recorded_kwargs(qat_vars)
+
+
+def _recorded_kwargs(qat_vars) -> dict:
+    kw = qat_vars["state"].get("example_kwargs")
+    return dict(kw.items) if isinstance(kw, _StaticKwargs) else {}
 
 
 def _qat_act_qparams(qat_vars, key, spec):
     if key in qat_vars["quant"].get("activations", {}):
         a = qat_vars["quant"]["activations"][key]
+        _check_learned_scale(key, a["scale"])
         zp = a.get("zero_point")
         return QParams(a["scale"], None if zp is None else jnp.round(zp).astype(jnp.int32))
     r = qat_vars["state"]["ranges"].get(key)
     if r is None:
         raise ValueError(f"jq.convert: QAT variables have no range for static site {key!r}")
+    _warn_zero_width(key, r["lo"], r["hi"])
     return qparams_from_range(r["lo"], r["hi"], spec)
+
+
+def _warn_zero_width(key: str, lo, hi) -> None:
+    """Warns, naming the site, when a calibrated range has zero width (constant activations).
+
+    Such a range is exact for the constant itself (0.0 at an all-zero site), but
+    `qparams_from_range` can only make a placeholder grid from it: scale 1 for
+    all-zero data, ``[0, c]`` for a constant ``c``. Any other value the site
+    sees at inference is then clipped or rounded to whole units, silently; this
+    is what a degenerate calibration batch (all zeros, one repeated sample)
+    does to a converted model.
+    """
+    if isinstance(lo, jax.core.Tracer) or isinstance(hi, jax.core.Tracer):
+        return
+    lo_np, hi_np = np.asarray(lo, np.float64).reshape(-1), np.asarray(hi, np.float64).reshape(-1)
+    flat = lo_np == hi_np
+    if not flat.any():
+        return
+    vals = np.unique(lo_np[flat])
+    shown = ", ".join(f"{v:.4g}" for v in vals[:3]) + (", ..." if vals.size > 3 else "")
+    where = "" if flat.size == 1 else f" in {int(flat.sum())} of {flat.size} channels / layers"
+    warnings.warn(
+        f"jq.convert: static site {key!r} was calibrated on constant activations{where} (every value "
+        f"{shown}): a zero-width range, whose grid holds only 0 and that value (all zeros: a placeholder "
+        "scale of 1). Other values at inference will be clipped or rounded to whole units. Calibrate on "
+        "representative batches, or make this site dynamic (drop `calibration` from its rule)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _check_learned_scale(name: str, scale) -> None:
+    """LSQ scales are trained freely: a zero or non-finite one cannot quantize.
+
+    (A negative one can: the grid is mirrored, and `quantize` / `dequantize`
+    give exactly what `lsq_fake_quant` computed in training.)
+    """
+    if isinstance(scale, jax.core.Tracer):
+        return
+    s = np.asarray(scale, np.float64)
+    ok = np.isfinite(s) & (s != 0)
+    if not np.all(ok):
+        bad = s[~ok].reshape(-1)[:3].tolist()
+        raise ValueError(
+            f"jq.convert: the learned QAT scale of site {name!r} is zero or not finite (e.g. {bad}); "
+            "lower the learning rate of the `quant` parameters or clip them in training"
+        )
 
 
 class QAT:
@@ -928,7 +1136,8 @@ class QAT:
         example = tuple(
             jnp.zeros((1,) + tuple(np.shape(a))[1:] if np.ndim(a) else (), jnp.result_type(a)) for a in args
         )
-        state = {"variables": rest, "ranges": {}, "example": example}
+        state = {"variables": rest, "ranges": {}, "example": example,
+                 "example_kwargs": _StaticKwargs.record(kwargs)}
         adapter = self._adapter(params, state)
         t = trace(adapter, self._leaves(adapter, params, state), args, kwargs)
         chosen = _choose(t.finder, self.rules)
@@ -960,7 +1169,8 @@ class QAT:
         qv = {"params": params, "quant": quant, "state": state}
         if any(int(np.min(r["count"])) == 0 for r in ranges.values()):
             _, new_state = self.apply(qv, *args, update_stats=True, **kwargs)
-            qv["state"] = new_state
+            # only the ranges: init leaves RNG counts and BatchNorm statistics as the model has them
+            qv["state"] = {**state, "ranges": new_state["ranges"]}
         if self.activations == "lsq":
             for key, r in qv["state"]["ranges"].items():
                 qp = qparams_from_range(r["lo"], r["hi"], key_choice[key].rule.activation)
@@ -981,9 +1191,31 @@ class QAT:
         return qv
 
     def apply(self, qat_vars: dict, *args, update_stats: bool = False, **kwargs):
-        """Fake-quantized forward pass. Returns the output, or ``(output, new_state)``."""
+        """Fake-quantized forward pass. Returns the output, or ``(output, new_state)``.
+
+        With ``update_stats=True`` the new state holds everything the step
+        changed, exactly as running the float model would change it:
+
+        * the moving-average activation ranges;
+        * nnx: every non-parameter variable the module updates in place (the
+          RNG counts of `nnx.Dropout` and other RNG streams, `nnx.BatchNorm`
+          statistics), so that each step draws a new dropout mask;
+        * linen: pass ``mutable=["batch_stats"]`` (and ``rngs=``) as to
+          ``model.apply``. The output is then ``(out, updates)``, as
+          ``model.apply`` returns it, and the updated collections that the
+          state holds are already merged into ``new_state["variables"]``;
+          collections the state does not hold (``"intermediates"``) are only
+          in ``updates``.
+
+        Raises:
+          ValueError: an nnx module changes its state (dropout active, BatchNorm
+            in training mode) while ``update_stats=False``, which would drop the
+            change and repeat one dropout mask on every call; pass
+            ``update_stats=True``, or call ``model.eval()`` for evaluation.
+        """
         params, quant, state = qat_vars["params"], qat_vars["quant"], qat_vars["state"]
         adapter = self._adapter(params, state)
+        adapter.with_state = adapter.kind == "nnx"
         leaves = self._leaves(adapter, params, state)
         t = trace(adapter, leaves, args, kwargs)
         chosen = _choose(t.finder, self.rules, warn=False)
@@ -1032,11 +1264,52 @@ class QAT:
         selected = {n for n, c in chosen.items() if c.site.kind != "embed"}
         outs = Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, leaves + t.dyn_args, sts)
         out = jax.tree_util.tree_unflatten(t.out_tree, outs)
+        new_vars = state["variables"]
+        if adapter.kind == "nnx":
+            out, new_leaves = out
+            changed = _state_changes(t, adapter)
+            if changed and not update_stats:
+                raise ValueError(
+                    f"jq.qat.apply: the nnx model updates its state in this call ({_fmt_paths(changed)}: "
+                    "dropout RNG counts, BatchNorm statistics), which update_stats=False would drop, "
+                    "repeating one dropout mask on every call; pass update_stats=True and keep the "
+                    "returned state, or call model.eval() to evaluate"
+                )
+            new_vars = {li.path: v for li, v in zip(adapter.leaves, new_leaves) if li.path in new_vars}
+        elif kwargs.get("mutable", False) is not False:
+            new_vars = _merge_linen_updates(new_vars, out)
         if not update_stats:
             return out
         new_state = dict(state)
+        new_state["variables"] = new_vars
         new_state["ranges"] = {k: sts[k] for k in state["ranges"]}
         return out, new_state
+
+
+def _state_changes(t, adapter: ModelAdapter) -> list[str]:
+    """Paths of the nnx variables the traced call updates (traced with ``with_state``).
+
+    The model's state after the call is the last ``len(adapter.leaves)`` outputs
+    of the jaxpr; a variable the call leaves alone comes out as its own input.
+    """
+    n = len(adapter.leaves)
+    outs, ins = t.jaxpr.outvars[len(t.jaxpr.outvars) - n:], t.jaxpr.invars[:n]
+    return [li.path for li, o, i in zip(adapter.leaves, outs, ins) if o is not i]
+
+
+def _fmt_paths(paths, k: int = 4) -> str:
+    more = f" and {len(paths) - k} more" if len(paths) > k else ""
+    return ", ".join(repr(p) for p in paths[:k]) + more
+
+
+def _merge_linen_updates(variables: dict, out):
+    """``variables`` with the collections of a linen ``(out, updates)`` result that it holds replaced."""
+    if not (isinstance(out, tuple) and len(out) == 2 and hasattr(out[1], "items")):
+        return variables
+    from flax.core import unfreeze
+
+    updates = unfreeze(out[1])
+    return {**variables, **{k: v for k, v in updates.items() if k in variables}}
 
 
 def _minmax_qp(w, spec):

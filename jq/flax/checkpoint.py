@@ -58,7 +58,7 @@ def _ocp():
 def save(path: str | os.PathLike, qvars: QuantizedVariables) -> None:
     """Saves `qvars` to the directory `path` (created; must not exist yet)."""
     if not isinstance(qvars, QuantizedVariables):
-        raise TypeError(f"jq.save: expected QuantizedVariables, got {type(qvars).__name__}")
+        raise TypeError(f"jq.flax.checkpoint.save: expected QuantizedVariables, got {type(qvars).__name__}")
     path = os.path.abspath(os.fspath(path))
     arrays, leaves = {}, {}
     for i, (name, v) in enumerate(qvars.variables.items()):
@@ -116,13 +116,13 @@ def restore(path: str | os.PathLike) -> QuantizedVariables:
     path = os.path.abspath(os.fspath(path))
     meta_path = os.path.join(path, _META)
     if not os.path.exists(meta_path):
-        raise ValueError(f"jq.restore: {path!r} is not a jq checkpoint (no {_META})")
+        raise ValueError(f"jq.flax.checkpoint.restore: {path!r} is not a jq checkpoint (no {_META})")
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("jq_checkpoint_version") != _FORMAT_VERSION:
         raise ValueError(
-            f"jq.restore: checkpoint format version {meta.get('jq_checkpoint_version')!r} is not supported "
-            f"(this jq reads version {_FORMAT_VERSION})"
+            "jq.flax.checkpoint.restore: checkpoint format version "
+            f"{meta.get('jq_checkpoint_version')!r} is not supported (this jq reads version {_FORMAT_VERSION})"
         )
     ocp = _ocp()
     with ocp.StandardCheckpointer() as ckptr:

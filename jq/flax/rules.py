@@ -63,6 +63,8 @@ class Rule:
             raise ValueError("Rule.weight: weights are quantized from their own values; drop `calibration`")
         if self.weight is None and self.activation is None:
             raise ValueError("Rule: weight and activation are both None; such a rule quantizes nothing")
+        if self.activation is not None and self.activation.calibration is not None:
+            object.__setattr__(self, "activation", observer_for_spec(self.activation, "Rule.activation"))
 
     @property
     def mode(self) -> str:
@@ -73,6 +75,79 @@ class Rule:
 
     def matches(self, module_path: str, kind: str) -> bool:
         return kind in self.ops and re.fullmatch(self.path_regex, module_path) is not None
+
+
+def _field_default(obs, name: str):
+    for f in dataclasses.fields(obs):
+        if f.name == name:
+            return f.default
+    return dataclasses.MISSING
+
+
+def observer_for_spec(spec: QuantSpec, owner: str = "QuantSpec") -> QuantSpec:
+    """`spec` with its calibration observer made to agree with it, or a ValueError.
+
+    The spec says what the quantized tensor looks like; the observer only
+    estimates its range. Fields the observer leaves at their defaults follow the
+    spec (an observer without ``axis`` on a per-channel spec gets the spec's
+    axis; a histogram searching the default int8 grid on a uint8 spec searches
+    the uint8 grid). A field set explicitly to something the spec contradicts
+    raises here, when the rule is built, instead of failing at `convert` or
+    calibrating for the wrong grid. Axes of opposite signs (``-1`` vs ``1``)
+    can only be compared once the rank is known; `jq.calibrate` checks them.
+
+    Raises:
+      ValueError: the observer's channel axis or target format contradicts the spec,
+        or the spec is per block (observers give per-tensor or per-channel ranges).
+    """
+    obs = spec.calibration
+    if obs is None or not dataclasses.is_dataclass(obs):
+        return spec
+    name = type(obs).__name__
+    upd = {}
+    if hasattr(obs, "axis"):
+        if spec.block_size is not None:
+            raise ValueError(
+                f"{owner}: a calibrated (static) spec cannot be per block (block_size={spec.block_size}): "
+                f"{name} gives per-tensor or per-channel ranges; drop `calibration` for dynamic blocks"
+            )
+        s_axis = spec.axis
+        if s_axis is not None and len(s_axis) > 1:
+            raise ValueError(
+                f"{owner}: QuantSpec.axis={s_axis} keeps several channel axes, but {name} observes "
+                "one channel axis; calibrate per tensor or along one axis"
+            )
+        o_axis = obs.axis
+        if o_axis is None and s_axis is not None:
+            upd["axis"] = s_axis[0]
+        elif o_axis is not None and s_axis is None:
+            raise ValueError(
+                f"{owner}: {name}(axis={o_axis}) keeps per-channel ranges but the spec is per tensor "
+                f"(QuantSpec.axis=None); set QuantSpec(axis={o_axis}) or leave the observer's axis unset"
+            )
+        elif o_axis is not None and (o_axis < 0) == (s_axis[0] < 0) and o_axis != s_axis[0]:
+            raise ValueError(
+                f"{owner}: {name}(axis={o_axis}) observes another channel axis than "
+                f"QuantSpec.axis={s_axis[0]}; leave the observer's axis unset to follow the spec"
+            )
+    dtype = getattr(obs, "dtype", None)
+    if isinstance(dtype, str) and getattr(obs, "method", None) in ("entropy", "mse"):
+        fmt = spec.fmt
+        if dtype != fmt.name:
+            if not fmt.is_integer:
+                raise ValueError(
+                    f"{owner}: {name}(method={obs.method!r}) searches an integer grid ({dtype}), but the "
+                    f"spec quantizes to {fmt.name}; use method='percentile' or a MinMax observer"
+                )
+            if dtype != _field_default(obs, "dtype"):
+                raise ValueError(
+                    f"{owner}: {name}(dtype={dtype!r}) searches the {dtype} grid but the spec quantizes "
+                    f"to {fmt.name}; leave `dtype` unset to follow the spec, or make them agree"
+                )
+            upd["dtype"] = fmt.name
+    if not upd:
+        return spec
+    return spec.replace(calibration=dataclasses.replace(obs, **upd))
 
 
 def match_rule(rules: Sequence[Rule], module_path: str, kind: str) -> int | None:
