@@ -249,15 +249,21 @@ NOTES = """\
 Notes:
 
 - Lowering. `jq.ops` emits every int8 product through the primitive in
-  `jq/_mixed_dot.py`: a mixed `u8 x s8 -> s32` `stablehlo.dot_general` on CPU
-  (XLA:CPU hands it to its VNNI kernels, a `__ynn_fusion` in the compiled HLO)
-  and `s8 x s8 -> s32` on GPU / TPU. `jax.lax.dot_general` cannot express the
-  CPU form: it widens a uint8 x int8 dot to s32 x s32 (row "widened to s32").
-- Symmetric int8 activations are shifted to uint8 (top bit flipped) and
-  `128 * sum_k w` is subtracted; the weight sums come from one extra row of ones
-  in the same dot (an XLA:CPU column reduction of an int8 matrix costs more
-  than the dot). The same row pads M = 1 to M = 2, which avoids XLA's slow
-  matrix-vector loop for integers.
+  `jq/_mixed_dot.py`, in the form `jq.lowering` chooses per backend and CPU:
+  `u8s8` (a mixed `u8 x s8 -> s32` `stablehlo.dot_general`, which XLA:CPU hands
+  to its VNNI kernels, a `__ynn_fusion` in the compiled HLO) on x86 with
+  AVX-512 VNNI, AVX-VNNI or AMX; `s8s8` on other CPUs (XLA:CPU's `u8 x s8` is
+  3-7x slower than float32 without VNNI); `s8s8_padk` (contraction zero-padded
+  to a multiple of 4, tiny free dimensions to 16) on GPU and TPU. Rows tagged
+  with a form were compiled in that form with `jq.ops.int8_lowering`; "(auto)"
+  marks the one jq picks on this machine. `jax.lax.dot_general` cannot express
+  the `u8s8` form: it widens a uint8 x int8 dot to s32 x s32 (row "widened to
+  s32").
+- In the CPU forms the activation is shifted to the form's lhs type (a top-bit
+  flip) when needed and `128 * sum_k w` corrects it; the weight sums come from
+  one extra row of ones in the same dot (an XLA:CPU column reduction of an int8
+  matrix costs more than the dot). The same row pads M = 1 to M = 2, which
+  avoids XLA's slow matrix-vector loop for integers.
 - Static and dynamic modes differ only in how the activation scale is found
   (given, or one abs-max reduction at run time); affine uint8 activations
   need a min and a max (one variadic reduction) and zero-point terms.
@@ -266,9 +272,10 @@ Notes:
 - Dynamic affine uint8 activations are markedly slower than symmetric int8 at
   batch 1 on this machine (same kernels in the compiled HLO; not yet explained);
   symmetric int8 (dynamic or static) is the fast choice.
-- Convolutions: on CPU an ungrouped int8 conv is lowered as patches (strided
-  slices of the quantized input) times the weight through the mixed dot;
-  XLA:CPU's own int8 convolution is slower than float32. The gain here is small
+- Convolutions: on every platform an int8 conv (grouped and lhs-dilated ones
+  too) is lowered as patches (strided slices of the quantized input) times the
+  weight through the integer dot: XLA:CPU's own int8 convolution is slower than
+  float32, and XLA:GPU rejects integer convolutions. The gain here is small
   because building the patches moves 9x the input.
 - XLA repacks the int8 weights on every call (ONNX Runtime and fbgemm pack
   once); that is included in these times.

@@ -377,8 +377,24 @@ class PrimitiveTest(chex.TestCase):
         np.testing.assert_array_equal(sums, b.astype(np.int64).sum(0))
         np.testing.assert_array_equal(ops_out, ref.astype(np.float32))
 
-    def test_tested_versions_are_documented(self):
-        self.assertIn(jax.__version__, _mixed_dot.TESTED_JAX_VERSIONS)
+    def test_supported_range_matches_pyproject_and_this_jax(self):
+        """pyproject's jax pin is SUPPORTED_JAX, this JAX is inside it, tested ones too."""
+        import os
+        import tomllib
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+            deps = tomllib.load(f)["project"]["dependencies"]
+        lo_op, lo, hi_op, hi = _mixed_dot.SUPPORTED_JAX
+        pin = f"jax{lo_op}{'.'.join(map(str, lo))},{hi_op}{'.'.join(map(str, hi))}"
+        self.assertIn(pin, [d.replace(" ", "") for d in deps])
+
+        def inside(v):
+            t = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)\.(\d+)", v).groups())
+            return lo <= t < hi
+
+        self.assertTrue(inside(jax.__version__), jax.__version__)
+        self.assertTrue(all(inside(v) for v in _mixed_dot.TESTED_JAX_VERSIONS))
 
 
 if __name__ == "__main__":
