@@ -324,9 +324,15 @@ def qparams_from_range(lo, hi, spec: QuantSpec) -> QParams:
 
 
 def reduce_range(x: jax.Array, spec: QuantSpec, name: str = "x") -> tuple[jax.Array, jax.Array]:
-    """Min and max of `x` per the spec's granularity, in keepdims form (float32)."""
+    """Min and max of `x` per the spec's granularity, in keepdims form (float32).
+
+    An empty `x` (or an empty channel) has nothing to cover: its range is ``(0, 0)``.
+    """
     x = jnp.asarray(x)
     shape = spec.param_shape(x.shape, name)
+    if x.size == 0:
+        zero = jnp.zeros(shape, jnp.float32)
+        return zero, zero
     baxis = spec.canonical_block_axis(x.ndim, name)
     xf = x.astype(jnp.float32)
     if baxis is not None:

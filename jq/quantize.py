@@ -179,6 +179,45 @@ def _check_float(x, fn):
     return x
 
 
+def _check_qparams(qp: QParams, spec: QuantSpec, fn: str) -> None:
+    """Caller-given parameters that cannot quantize: raise (concrete) or checkify (traced).
+
+    A zero or non-finite scale turns every value into 0 or NaN; a zero point
+    that is not a whole number puts the grid off its codes; fp8 has no zero
+    point. (A negative scale is allowed: it mirrors the grid, and LSQ may learn
+    one.)
+    """
+    if not isinstance(qp, QParams):
+        raise TypeError(f"{fn}: `qp` must be a jq.QParams or None, got {type(qp).__name__}")
+    if not spec.fmt.scaled:
+        return
+    if qp.zero_point is not None and not spec.fmt.is_integer:
+        raise ValueError(f"{fn}: format {spec.format!r} has no zero point, but `qp.zero_point` is set")
+    scale, zp = qp.scale, qp.zero_point
+    if not isinstance(scale, jax.core.Tracer):
+        s = np.asarray(scale, np.float64)
+        bad = ~(np.isfinite(s) & (s != 0))
+        if bad.any():
+            raise ValueError(
+                f"{fn}: `qp.scale` must be finite and non-zero, got {s[bad].reshape(-1)[:3].tolist()} "
+                f"({int(bad.sum())} of {s.size}); a zero scale maps every value to 0, a non-finite one to NaN"
+            )
+    else:
+        checkify.debug_check(
+            jnp.all(jnp.isfinite(scale) & (scale != 0)), f"{fn}: `qp.scale` must be finite and non-zero"
+        )
+    if zp is not None and jnp.issubdtype(jnp.result_type(zp), jnp.floating):
+        if not isinstance(zp, jax.core.Tracer):
+            z = np.asarray(zp, np.float64)
+            if not np.all(z == np.round(z)):
+                raise ValueError(
+                    f"{fn}: `qp.zero_point` must hold whole numbers (int32), got "
+                    f"{z[z != np.round(z)].reshape(-1)[:3].tolist()}; round it first"
+                )
+        else:
+            checkify.debug_check(jnp.all(zp == jnp.round(zp)), f"{fn}: `qp.zero_point` must hold whole numbers")
+
+
 def _expand_blocks(p: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Repeats block parameters so they broadcast against `shape` (axes aligned at the end)."""
     off = len(shape) - p.ndim
@@ -219,6 +258,8 @@ def quantize(x: jax.Array, qp: QParams | None, spec: QuantSpec) -> QArray:
     x = _check_float(x, "quantize")
     if qp is None:
         qp = qparams_from_array(x, spec)
+    else:
+        _check_qparams(qp, spec, "quantize")
     qp = broadcast_qparams(qp, x.shape, spec)
     fmt = spec.fmt
     inv = _expand_blocks(1.0 / qp.scale.astype(jnp.float32), x.shape)
@@ -307,6 +348,8 @@ def _prepare(x, qp, spec, fn):
     x = _check_float(x, fn)
     if qp is None:
         qp = qparams_from_array(jax.lax.stop_gradient(x), spec)
+    else:
+        _check_qparams(qp, spec, fn)
     qp = broadcast_qparams(qp, x.shape, spec)
     scale = _expand_blocks(qp.scale.astype(jnp.float32), x.shape)
     zp = (

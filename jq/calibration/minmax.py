@@ -122,7 +122,10 @@ class MinMax:
 
 def _check_seen(lo, hi, owner: str):
     if not bool(jnp.all(lo <= hi)):
-        raise ValueError(f"{owner}.range: some channel never saw a finite value")
+        raise ValueError(
+            f"{owner}.range: some channel never saw a finite value (its batches were empty, "
+            "or held only NaN / inf dropped by nonfinite='ignore')"
+        )
 
 
 class MovingAverageMinMaxState(NamedTuple):

@@ -175,8 +175,16 @@ def _leaf_specs(chosen) -> dict[int, tuple[QuantSpec, _Choice]]:
     return out
 
 
-def _observed_range(obs, state, lengths: tuple[int, ...]):
-    """`obs.range` for a state stacked over scan iterations: one call per layer, on the host."""
+def _observed_range(obs, state, lengths: tuple[int, ...], key: str | None = None):
+    """`obs.range` for a state stacked over scan iterations: one call per layer, on the host.
+
+    With `key`, an observer's error (no data, non-finite values) names the site.
+    """
+    if key is not None:
+        try:
+            return _observed_range(obs, state, lengths)
+        except ValueError as e:
+            raise ValueError(f"jq: static site {key!r}: {e}") from e
     if not lengths:
         return obs.range(state)
     los, his = [], []
@@ -291,7 +299,7 @@ class CalibrationStats:
         A site inside a scan gets ranges stacked over its scan axes: ``lo`` has
         shape ``scan_lengths[key] + range shape`` (one range per layer).
         """
-        return {k: _observed_range(self.observers[k], st, self._lengths(k)) for k, st in self.states.items()}
+        return {k: _observed_range(self.observers[k], st, self._lengths(k), k) for k, st in self.states.items()}
 
     def _lengths(self, key) -> tuple[int, ...]:
         if key in self.scan_lengths:
@@ -631,7 +639,7 @@ def convert(
                     if ranges is None:
                         ranges = {}
                     lo, hi = _observed_range(stats.observers[key], stats.states[key],
-                                             _scan_lengths(s, t.finder))
+                                             _scan_lengths(s, t.finder), key)
                     _warn_zero_width(key, lo, hi)
                     qp = qparams_from_range(lo, hi, spec)
                 acts[key] = qp
@@ -655,7 +663,12 @@ def convert(
 # ---------------------------------------------------------------------------------------
 def _adapter_for(model, qvars: QuantizedVariables, method):
     import flax.linen as nn
+    from flax import nnx
 
+    if not isinstance(model, (nn.Module, nnx.Module)):
+        raise TypeError(
+            f"jq.apply: model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
+        )
     kind = "linen" if isinstance(model, nn.Module) else "nnx"
     if kind != qvars.plan.model_kind:
         raise ValueError(
@@ -922,10 +935,13 @@ def _check_rules_consistent(rules, qvars):
     for sp in qvars.plan.sites:
         r = rules[sp.rule_index] if sp.rule_index < len(rules) else None
         act = None if r is None or r.activation is None else r.activation.replace(calibration=None)
-        if r is None or (sp.mode != "weight_only" and act != sp.activation):
+        # static vs dynamic as well: the specs match once `calibration` is stripped
+        mode_differs = r is not None and sp.kind != "embed" and r.mode != sp.mode
+        if r is None or mode_differs or (sp.mode != "weight_only" and act != sp.activation):
             raise ValueError(
                 f"jq.apply: `rules` disagree with the quantized variables at site {sp.name!r} "
-                f"(converted with rules[{sp.rule_index}], activation {sp.activation})"
+                f"(converted {sp.mode} with rules[{sp.rule_index}], activation {sp.activation}"
+                + (f"; the rule given now is {r.mode})" if mode_differs else ")")
             )
 
 
@@ -1153,7 +1169,7 @@ class QAT:
                 key_choice[key] = c
                 lengths = _scan_lengths(c.site, t.finder)
                 if stats is not None and key in stats.states:
-                    lo, hi = _observed_range(stats.observers[key], stats.states[key], lengths)
+                    lo, hi = _observed_range(stats.observers[key], stats.states[key], lengths, key)
                     lo, hi = lo.reshape(lengths + spec.param_shape(tuple(c.site.in_avals[op].shape))), \
                         hi.reshape(lengths + spec.param_shape(tuple(c.site.in_avals[op].shape)))
                     cnt = jnp.ones(lengths, jnp.int32)
@@ -1246,7 +1262,7 @@ class QAT:
                         vals[op] = lsq_fake_quant(x, QParams(a["scale"], a["zero_point"]), spec)
                     else:
                         r = sts[key]
-                        if update_stats:
+                        if update_stats and x.size:  # an empty batch leaves the range alone
                             lo, hi = reduce_range(jax.lax.stop_gradient(x), spec)
                             lo, hi = lo.reshape(r["lo"].shape), hi.reshape(r["hi"].shape)
                             first = r["count"] == 0
