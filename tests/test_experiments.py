@@ -8,6 +8,12 @@ import sys
 import numpy as np
 import pytest
 
+# optional dependencies of the experiments (the "experiments" extra): the digits data set, its
+# plots, and the artifact the deploy round trip writes
+pytest.importorskip("sklearn", reason="experiments/digits.py needs scikit-learn (load_digits)")
+pytest.importorskip("matplotlib", reason="experiments/digits.py draws its plots with matplotlib")
+pytest.importorskip("flatbuffers", reason="the digits deploy round trip serializes a jax.export")
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
 import digits  # noqa: E402
 

@@ -21,8 +21,18 @@ from flax import nnx
 import jq
 import jq.hlo
 from jq import calibration as cal
-from jq.deploy import FORMAT_VERSION, MAGIC, load_exported, pack_artifact, read_artifact
+from jq.deploy import (
+    FORMAT_VERSION,
+    MAGIC,
+    default_platform,
+    load_exported,
+    pack_artifact,
+    read_artifact,
+)
 from jq.flax.export import export
+
+# every test here writes or reads an artifact, whose module is a serialized jax.export
+pytest.importorskip("flatbuffers", reason="jax.export serialization (jq.export) needs flatbuffers")
 
 KEY = jax.random.key(0)
 ALL = ("cpu", "cuda", "tpu")
@@ -92,6 +102,7 @@ def parse_header(blob):
 def test_static_int8_keeps_integer_dot_in_every_platform_branch(blobs, weights):
     art = read_artifact(blobs[weights])
     assert art.manifest["platforms"] == list(ALL)
+    assert art.manifest["int8_cpu_form"] == jq.ops.lowering_info()["cpu"]["form"]
     text = jax.export.deserialize(bytearray(art.module)).mlir_module()
     assert not jq.hlo.float_ops(text)  # no dequantize-then-float dot anywhere
     dot_cases = [br for br in jq.hlo.case_branches(text) if any("dot_general" in b for b in br)]
@@ -102,8 +113,10 @@ def test_static_int8_keeps_integer_dot_in_every_platform_branch(blobs, weights):
             ops = jq.hlo.integer_ops(b)
             assert len(ops) == 1 and not jq.hlo.float_ops(b)
             forms.add("u8xs8" if "ui8>" in ops[0] else "s8xs8")
-        # the cpu branch takes the u8 x s8 (VNNI) form, cuda / tpu the s8 x s8 form
-        assert forms == {"u8xs8", "s8xs8"}
+        # the cpu branch takes the form jq chose for the exporting machine's CPU (u8 x s8 on
+        # a VNNI / AMX x86, as recorded in the manifest), cuda / tpu the s8 x s8 form
+        cpu_form = "u8xs8" if art.manifest["int8_cpu_form"] == "u8s8" else "s8xs8"
+        assert forms == {cpu_form, "s8xs8"}
     # where the int8 kernel (32, 8) lives: a module constant, or an argument of the function
     const = re.search(r"stablehlo\.constant dense<[^>]*> : tensor<8x32xi8>", text)
     main_args = re.search(r"func\.func public @main\((.*?)\)\s*->", text, re.S).group(1)
@@ -316,10 +329,13 @@ def test_fresh_process_with_only_jax_and_jq(tmp_path, mlp, blobs):
         assert "flax" not in sys.modules, "loading imported flax"
         print("ok", jax.default_backend())
     """)
+    # the child runs on this process's platform, so that its outputs can be bit-identical to the
+    # reference computed here; on a GPU it allocates on demand, next to this process's memory
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                       env={**os.environ, "JAX_PLATFORMS": default_platform(),
+                            "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip() == "ok cpu"
+    assert r.stdout.strip() == f"ok {jax.default_backend()}"
 
 
 # ----------------------------------------------------------------------------- bad input

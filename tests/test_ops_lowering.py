@@ -7,6 +7,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 
 import jq
@@ -220,6 +221,7 @@ def _hlo_dots(hlo: str):
     return out
 
 
+@pytest.mark.cpu_only  # the optimized HLO of XLA:CPU (jit compiles for the default backend)
 class CompiledCpuTest(chex.TestCase):
     @parameterized.named_parameters(
         # (M, rows of the main dot): a small lhs gets the row of ones appended (M + 1);
