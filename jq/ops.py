@@ -301,8 +301,15 @@ def _quantize_lhs(lhs, spec: QuantSpec | None, qp: QParams | None, contract, nam
     return _as_qarray_params(quantize(lhs, qp, spec))
 
 
-def _operand_qparams(x, spec: QuantSpec, qp: QParams | None, contract, name: str) -> QParams:
-    """Keepdims `QParams` for a float operand: `qp` broadcast (static), or `dynamic_qparams`."""
+def _operand_qparams(
+    x, spec: QuantSpec, qp: QParams | None, contract, name: str, rows=None, ok=None
+) -> QParams:
+    """Keepdims `QParams` for a float operand: `qp` broadcast (static), or dynamic.
+
+    With `rows` (axes) and `ok` (`_finite_rows` over them), the dynamic range
+    comes from the finite rows only (`_dynamic_qparams_rows`); without, from
+    the finite values (`dynamic_qparams`).
+    """
     for a in spec.channel_axes(x.ndim, name):
         if a in contract and x.shape[a] > 1:
             raise ValueError(
@@ -310,9 +317,52 @@ def _operand_qparams(x, spec: QuantSpec, qp: QParams | None, contract, name: str
                 "axis of this op; per-row / per-token activation scales must name "
                 "non-contracting axes"
             )
-    if qp is None:
-        return dynamic_qparams(jax.lax.stop_gradient(x), spec, name)
-    return broadcast_qparams(qp, x.shape, spec, name)
+    if qp is not None:
+        return broadcast_qparams(qp, x.shape, spec, name)
+    x = jax.lax.stop_gradient(x)
+    if ok is None:
+        return dynamic_qparams(x, spec, name)
+    return _dynamic_qparams_rows(x, spec, rows, ok, name)
+
+
+def _finite_rows(x, axes) -> jax.Array:
+    """True where the row of `x` along `axes` is finite (keepdims), from one sum per row.
+
+    A row's sum is NaN or inf exactly when the row holds a NaN or inf, except
+    for finite values so large that the float32 sum overflows (``|x|`` near
+    ``3e38 / row length``): such a row counts as non-finite. One plain
+    reduction, which XLA:CPU runs at memory speed (an ``isfinite`` mask or
+    ``any`` needs a pass that writes a mask first).
+    """
+    return jnp.isfinite(jnp.sum(x, axis=tuple(axes), keepdims=True, dtype=jnp.float32))
+
+
+def _symmetric_scale(amax, spec: QuantSpec):
+    tiny = jnp.finfo(jnp.float32).tiny
+    return jnp.where(amax > 0, jnp.maximum(amax / spec.qmax, tiny), 1.0)
+
+
+def _dynamic_qparams_rows(x, spec: QuantSpec, rows, ok, name: str) -> QParams:
+    """`dynamic_qparams` over the finite rows of `x` only (`ok`: `_finite_rows` over `rows`).
+
+    Two stages: min / max (or max |x|) within each row, then over the finite
+    rows, for every axis but the spec's channel axes. For finite `x` the result
+    equals `dynamic_qparams` bit for bit (min and max do not round).
+    """
+    fmt = spec.fmt
+    if spec.block_size is not None or not fmt.scaled:
+        return dynamic_qparams(jnp.where(ok, x, jnp.zeros((), x.dtype)), spec, name)
+    keep = spec.channel_axes(x.ndim, name)
+    rows = tuple(rows)
+    red = tuple(a for a in range(x.ndim) if a not in keep and a not in rows)
+
+    def stage(f, v):  # within rows, then across the finite ones (0 is in every range anyway)
+        v = f(v, axis=rows, keepdims=True).astype(jnp.float32)
+        return f(jnp.where(ok, v, 0.0), axis=red, keepdims=True)
+
+    if fmt.is_integer and spec.scheme == "symmetric" and fmt.signed:
+        return QParams(_symmetric_scale(stage(jnp.max, jnp.abs(x)), spec), None)
+    return qparams_from_range(stage(jnp.min, x), stage(jnp.max, x), spec)
 
 
 def dynamic_qparams(x: jax.Array, spec: QuantSpec, name: str = "x") -> QParams:
@@ -346,9 +396,7 @@ def dynamic_qparams(x: jax.Array, spec: QuantSpec, name: str = "x") -> QParams:
     xf = x.astype(jnp.float32)
     if spec.scheme == "symmetric" and fmt.signed:
         amax = jnp.max(jnp.abs(xf), axis=red, keepdims=True)
-        tiny = jnp.finfo(jnp.float32).tiny
-        scale = jnp.where(amax > 0, jnp.maximum(amax / spec.qmax, tiny), 1.0)
-        return QParams(scale, None)
+        return QParams(_symmetric_scale(amax, spec), None)
     lo, hi = jax.lax.reduce(
         (xf, xf),
         (np.float32(np.inf), np.float32(-np.inf)),
@@ -682,8 +730,9 @@ class _Geometry(NamedTuple):
     """What `_float_operands` needs to know about one call of an op."""
 
     contract: dict  # "lhs" / "rhs" -> contracting axes of that operand
+    rows: dict  # "lhs" / "rhs" -> axes of a row: a NaN / inf poisons its whole row
     float_op: Callable  # (lhs, rhs) -> the same op on float32 operands, float32 result
-    reach: Callable  # (side, bad) -> bool, broadcastable to the output: outputs `bad` reaches
+    reach: Callable  # (side, ok) -> bool broadcastable to the output: the outputs of bad rows
 
 
 def _dot_geometry(a: dict, lhs, rhs) -> _Geometry:
@@ -693,11 +742,11 @@ def _dot_geometry(a: dict, lhs, rhs) -> _Geometry:
     def float_op(x, w):
         return jax.lax.dot_general(x, w, dn, a["precision"], preferred_element_type=jnp.float32)
 
-    def reach(side, bad):  # a bad lhs row reaches its output row, a bad rhs column its column
-        axes = lc if side == "lhs" else rc
-        return _to_out(jnp.any(bad, axis=axes, keepdims=True), side, dn, lhs.shape, rhs.shape)
+    def reach(side, ok):  # a bad lhs row reaches its output row, a bad rhs column its column
+        return _to_out(~ok, side, dn, lhs.shape, rhs.shape)
 
-    return _Geometry({"lhs": lc, "rhs": rc}, float_op, reach)
+    contract = {"lhs": lc, "rhs": rc}
+    return _Geometry(contract, contract, float_op, reach)
 
 
 def _conv_geometry(a: dict, lhs, rhs) -> _Geometry:
@@ -721,17 +770,15 @@ def _conv_geometry(a: dict, lhs, rhs) -> _Geometry:
             preferred_element_type=jnp.float32,
         )
 
-    def reach(side, bad):
+    def reach(side, ok):
         out_nd = len(cdn.out_spec)
         if side == "rhs":  # a bad weight reaches every output of its output feature
-            o = cdn.rhs_spec[0]
-            per_o = jnp.any(bad, axis=tuple(i for i in range(bad.ndim) if i != o))
             shape = [1] * out_nd
-            shape[cdn.out_spec[1]] = per_o.shape[0]
-            return per_o.reshape(shape)
+            shape[cdn.out_spec[1]] = ok.shape[cdn.rhs_spec[0]]
+            return jnp.reshape(~ok, shape)
         # a bad input pixel reaches the outputs whose window covers it: a one-channel
         # convolution of the bad-pixel map with a window of ones (counts, exact in float32)
-        m = jnp.any(bad, axis=cdn.lhs_spec[1], keepdims=True).astype(jnp.float32)
+        m = (~ok).astype(jnp.float32)
         ones = [1] * len(rhs.shape)
         for ax in cdn.rhs_spec[2:]:
             ones[ax] = rhs.shape[ax]
@@ -742,7 +789,9 @@ def _conv_geometry(a: dict, lhs, rhs) -> _Geometry:
 
     lhs_contract = tuple(cdn.lhs_spec[1:])
     rhs_contract = (cdn.rhs_spec[1],) + tuple(cdn.rhs_spec[2:])
-    return _Geometry({"lhs": lhs_contract, "rhs": rhs_contract}, float_op, reach)
+    # an input row is a pixel (its feature vector); a weight row, an output feature's kernel
+    rows = {"lhs": (cdn.lhs_spec[1],), "rhs": rhs_contract}
+    return _Geometry({"lhs": lhs_contract, "rhs": rhs_contract}, rows, float_op, reach)
 
 
 def _is_zero(t) -> bool:
@@ -750,7 +799,10 @@ def _is_zero(t) -> bool:
 
 
 def _instantiate(t):
-    return jax.tree.map(lambda z: np.zeros(z.shape, z.dtype) if isinstance(z, SymbolicZero) else z, t)
+    """A tangent pytree with its symbolic zeros made arrays (float0 for integer leaves)."""
+    return jax.tree.map(
+        lambda z: np.zeros(z.shape, z.dtype) if isinstance(z, SymbolicZero) else z, t
+    )
 
 
 def _float_operands(geometry: Callable[[dict, object, object], _Geometry]):
@@ -767,14 +819,22 @@ def _float_operands(geometry: Callable[[dict, object, object], _Geometry]):
       (or fake-quantized). It is linear in the tangents, so reverse mode, jit
       and vmap work. The activation `QParams` get no gradient (as in
       `fake_quant`); a `QArray` operand's scale gets its exact one.
-    * Non-finite values propagate as in a float op: dynamic ranges come from the
-      finite values only (`dynamic_qparams`), and each output that a NaN or inf
-      reaches (a dot's output row; a conv's outputs whose window covers it) is
-      NaN. The others are bit-identical to a run without the bad rows, for the
-      same range. The cost is one ``isfinite`` reduction over the input and one
-      select on the output.
-    * A NaN or inf in the operand is a `checkify` check: run
-      ``checkify.checkify(f, errors=checkify.user_checks)`` to catch it.
+    * Non-finite values propagate as in a float op. A row (a dot's operand
+      along its contracting axes; a conv input pixel's feature vector) that
+      holds a NaN or inf makes the outputs it reaches NaN (a dot's output row;
+      a conv's outputs whose window covers the pixel), and dynamic ranges are
+      taken over the finite rows only. The other outputs are bit-identical to
+      a run without the bad rows (for a conv, unless the bad example's finite
+      pixels set a per-tensor range). The cost is one sum per row
+      (`_finite_rows`) and one select on the output; a dynamic range reduces
+      within rows first, then across them.
+
+    The wrapped op gains a keyword ``check_finite=False``. With True, a NaN or
+    inf in a float operand (quantized here, or the activation of a weight-only
+    op) is a `checkify` check: run ``checkify.checkify(f,
+    errors=checkify.user_checks)`` to catch it. It is off by default because a
+    jitted function with a check in it loses JAX's fast dispatch path (about
+    0.2 ms per call measured on a batch-1 MLP, more than its whole int8 run).
 
     `geometry(arguments, lhs, rhs)` describes the op's axes (`_Geometry`).
     """
@@ -783,7 +843,7 @@ def _float_operands(geometry: Callable[[dict, object, object], _Geometry]):
         sig = inspect.signature(fn)
 
         @functools.wraps(fn)
-        def op(*args, **kwargs):
+        def op(*args, check_finite: bool = False, **kwargs):
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             a = dict(bound.arguments)
@@ -793,26 +853,45 @@ def _float_operands(geometry: Callable[[dict, object, object], _Geometry]):
                 if isinstance(a.get(f"{s}_spec"), QuantSpec) and not isinstance(a[s], QArray)
             )
             if not sides:  # nothing to quantize here (errors are raised by `fn`)
+                if check_finite:
+                    _check_weight_only_input(fn.__name__, a)
                 return fn(**a)
-            return _run_float_operands(fn, geometry, a, sides)
+            return _run_float_operands(fn, geometry, a, sides, check_finite)
 
+        flag = inspect.Parameter("check_finite", inspect.Parameter.KEYWORD_ONLY, default=False)
+        op.__signature__ = sig.replace(parameters=[*sig.parameters.values(), flag])
         return op
 
     return wrap
 
 
-def _run_float_operands(fn, geometry, a: dict, sides: tuple[str, ...]) -> jax.Array:
+def _check_finite(x, what: str):
+    checkify.debug_check(jnp.all(jnp.isfinite(x)), f"{what}: NaN or inf in the float input")
+
+
+def _check_weight_only_input(fn_name: str, a: dict):
+    """Weight-only (a float array times a QArray): a checkify check on the float operand."""
+    lq, rq = isinstance(a["lhs"], QArray), isinstance(a["rhs"], QArray)
+    if lq == rq:
+        return
+    s = "rhs" if lq else "lhs"
+    x = a[s]
+    if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating):
+        _check_finite(x, f"jq.ops.{fn_name} (weight-only) `{s}`")
+
+
+def _run_float_operands(fn, geometry, a: dict, sides: tuple[str, ...], check: bool) -> jax.Array:
     vals = {"lhs": _check_operand(a["lhs"], "lhs"), "rhs": _check_operand(a["rhs"], "rhs")}
     geo = geometry(a, vals["lhs"], vals["rhs"])
-    specs, qps = {}, {"lhs": None, "rhs": None}
+    specs, qps, ok = {}, {"lhs": None, "rhs": None}, {}
     for s in sides:
         specs[s] = a[f"{s}_spec"]
-        qps[s] = _operand_qparams(vals[s], specs[s], a.get(f"{s}_qparams"), geo.contract[s], s)
-        checkify.debug_check(
-            jnp.all(jnp.isfinite(vals[s])),
-            f"jq.ops.{fn.__name__}: NaN or inf in the float `{s}` quantized with `{s}_spec` "
-            "(the outputs it reaches are NaN)",
+        ok[s] = _finite_rows(jax.lax.stop_gradient(vals[s]), geo.rows[s])
+        qps[s] = _operand_qparams(
+            vals[s], specs[s], a.get(f"{s}_qparams"), geo.contract[s], s, geo.rows[s], ok[s]
         )
+        if check:
+            _check_finite(vals[s], f"jq.ops.{fn.__name__} `{s}` quantized with `{s}_spec`")
     rest = {k: v for k, v in a.items() if k not in ("lhs", "rhs")}
     for s in sides:
         rest[f"{s}_spec"] = None
@@ -866,7 +945,7 @@ def _run_float_operands(fn, geometry, a: dict, sides: tuple[str, ...]) -> jax.Ar
     out = run(vals["lhs"], vals["rhs"], qps["lhs"], qps["rhs"])
     bad = None
     for s in sides:
-        b = geo.reach(s, ~jnp.isfinite(vals[s]))
+        b = geo.reach(s, ok[s])
         bad = b if bad is None else bad | b
     return jnp.where(bad, jnp.asarray(jnp.nan, out.dtype), out)
 
@@ -905,10 +984,10 @@ def dot_general(
     accumulation, then ``S_l * S_r`` folded on the output and the zero-point
     terms (see the module docstring). A float operand with a spec is quantized
     first: statically (``lhs_qparams`` / ``rhs_qparams`` given) or dynamically
-    (min-max of its finite values at run time, per tensor or per row when the
-    spec's axis names free axes). A float lhs with an integer QArray rhs (and
-    no ``lhs_spec``) is weight-only. fp16 / bf16 / fp8 QArrays are dotted in
-    their format with float32 accumulation.
+    (min-max at run time over its rows that hold no NaN or inf, per tensor or
+    per row when the spec's axis names free axes). A float lhs with an integer
+    QArray rhs (and no ``lhs_spec``) is weight-only. fp16 / bf16 / fp8 QArrays
+    are dotted in their format with float32 accumulation.
 
     Gradients: with respect to a float operand quantized here, straight-through
     (as `jq.fake_quant`): ``d(lhs) . dequantize(rhs)`` in float32, zero where
@@ -918,7 +997,8 @@ def dot_general(
     Non-finite values: a NaN or inf in an lhs row quantized here makes that
     output row NaN (an rhs column, that output column) and leaves the others
     as they would be without it; a weight-only dot propagates them as the float
-    dot does. `checkify` (``errors=checkify.user_checks``) reports them.
+    dot does. With ``check_finite=True``, `checkify` (``errors=
+    checkify.user_checks``) reports them.
 
     Args:
       lhs, rhs: float arrays or `QArray`s.
@@ -932,6 +1012,9 @@ def dot_general(
       lhs_qparams: static parameters for the lhs (needs ``lhs_spec``).
       rhs_spec: quantize a float rhs (a weight, or an activation) with this spec.
       rhs_qparams: static parameters for the rhs (needs ``rhs_spec``).
+      check_finite: (keyword) register a `checkify` check for NaN / inf in the
+        float operands; off by default, since a check costs the jitted
+        function JAX's fast dispatch path.
 
     Returns:
       Batch dims, then lhs free dims, then rhs free dims.
@@ -1039,6 +1122,7 @@ def einsum(
     lhs_qparams: QParams | None = None,
     rhs_spec: QuantSpec | None = None,
     rhs_qparams: QParams | None = None,
+    check_finite: bool = False,
 ) -> jax.Array:
     """Quantized two-operand einsum, lowered to `dot_general` (see there for modes).
 
@@ -1050,8 +1134,8 @@ def einsum(
       subscripts: e.g. ``"bqhd,bkhd->bhqk"``; ``...`` is supported.
       lhs, rhs: float arrays or `QArray`s.
       precision, preferred_element_type, lhs_spec, lhs_qparams, rhs_spec,
-        rhs_qparams: as in `dot_general` (the signature matches what
-        ``flax.nnx.Einsum`` passes).
+        rhs_qparams, check_finite: as in `dot_general` (the signature matches
+        what ``flax.nnx.Einsum`` passes).
 
     Returns:
       The result in the order the subscripts give.
@@ -1075,6 +1159,7 @@ def einsum(
         lhs_qparams=lhs_qparams,
         rhs_spec=rhs_spec,
         rhs_qparams=rhs_qparams,
+        check_finite=check_finite,
     )
     if perm != tuple(range(len(perm))):
         out = jnp.transpose(out, perm)
@@ -1198,7 +1283,17 @@ def conv_general_dilated(
         vr, zr = _int_values(rhs)
         # every platform: patches x weight through the exact integer dot (XLA:CPU's int8
         # convolution is a slow loop, and XLA:GPU rejects integer convolutions)
-        acc = _conv_patches(vl, zl, vr, zr, cdn, kw, feature_group_count)
+        # the input is shifted once, before the patches, to the lhs type of the form that
+        # runs there: uint8 for the CPU's u8s8 form, int8 on GPU / TPU and other CPUs
+        cpu_lhs = jnp.uint8 if _lowering.current().cpu_form == "u8s8" else jnp.int8
+        acc = jax.lax.platform_dependent(
+            vl,
+            vr,
+            cpu=lambda vl, vr: _conv_patches(vl, zl, vr, zr, cdn, kw, feature_group_count, cpu_lhs),
+            default=lambda vl, vr: _conv_patches(
+                vl, zl, vr, zr, cdn, kw, feature_group_count, jnp.int8
+            ),
+        )
         return (acc * scale).astype(out_dtype)
     # weight-only (or activation-only): dequantize the QArray in the float operand's dtype
     if rq:
@@ -1215,7 +1310,7 @@ def conv_general_dilated(
     return acc.astype(out_dtype)
 
 
-def _conv_patches(vl, zl, vr, zr, cdn, kw, groups: int) -> jax.Array:
+def _conv_patches(vl, zl, vr, zr, cdn, kw, groups: int, want) -> jax.Array:
     """Integer conv as patches x weight through the exact integer dot (float32, output layout).
 
     The input is dilated (``lhs_dilation``) and padded with its zero point
@@ -1224,8 +1319,8 @@ def _conv_patches(vl, zl, vr, zr, cdn, kw, groups: int) -> jax.Array:
     contracted with the weight reshaped to ``(taps * C, O)``: one `_int_core`
     dot, zero-point terms and long-window splits included. With feature groups
     the group is a batch axis of that dot: ``(G, N, out..., taps * C/G) x (G,
-    taps * C/G, O/G)``. The 8-bit input is shifted once, before the patches, to
-    the lhs type the CPU form takes (uint8 for ``u8s8``, int8 otherwise).
+    taps * C/G, O/G)``. An 8-bit input is shifted once, before the patches, to
+    `want` (the lhs type of the dot's form on this platform), not per tap.
     """
     lspec, rspec, ospec = cdn
     nsp = len(lspec) - 2
@@ -1233,7 +1328,6 @@ def _conv_patches(vl, zl, vr, zr, cdn, kw, groups: int) -> jax.Array:
     x = jnp.transpose(vl, perm)  # N, spatial..., C
     w = jnp.transpose(vr, (*rspec[2:], rspec[1], rspec[0]))  # spatial..., C/G, O
     zl = None if zl is None else jnp.transpose(zl.astype(jnp.int32), perm)  # (N | 1, 1, ..., 1)
-    want = jnp.uint8 if _lowering.current().cpu_form == "u8s8" else jnp.int8
     if x.dtype in (jnp.int8, jnp.uint8) and x.dtype != want:
         x = _mixed_dot._flip(x, want)  # x' = x + 128 (int8 -> uint8) or x - 128
         shift = 128 if want == jnp.uint8 else -128

@@ -760,18 +760,12 @@ def _check_signature(adapter: ModelAdapter, qvars: QuantizedVariables, model_sig
             )
 
 
-def _quant_operand(x, spec: QuantSpec, qp: QParams | None):
-    if qp is None:
-        # dynamic: the run-time range from ops' single-reduction path (a separate min and max
-        # made batch-1 dynamic models ~10x slower on CPU than static ones)
-        qp = ops.dynamic_qparams(jax.lax.stop_gradient(x), spec, "activation")
-    return quantize(x, qp, spec)
-
-
-def _run_dot_like(site: Site, eqn, invals, w_operand: int | None, act_specs, act_qps, mode, smooth=None):
+def _run_dot_like(site: Site, eqn, invals, w_operand: int | None, act_specs, act_qps, mode, smooth=None,
+                  check_finite: bool = False):
     """One quantized site: weight (QArray) and activation(s) through jq.ops.
 
     `smooth`: SmoothQuant factors; the activation operand becomes ``x * (1 / s)``.
+    `check_finite`: a checkify check for NaN / inf in the activation (`jq.ops.dot_general`).
     """
     out_aval = eqn.outvars[0].aval
     p = eqn.params
@@ -782,17 +776,21 @@ def _run_dot_like(site: Site, eqn, invals, w_operand: int | None, act_specs, act
     if smooth is not None:
         op = site.act_operands[0]
         vals[op] = vals[op] * (1.0 / smooth).astype(vals[op].dtype)
+    # float activations go to jq.ops with their spec (and static QParams): ops quantizes them,
+    # with straight-through gradients and NaN / inf propagated to the rows they reach
+    q = {"check_finite": check_finite}
     if mode != "weight_only":
         for op in site.act_operands:
-            vals[op] = _quant_operand(vals[op], act_specs[op], act_qps.get(op))
+            side = "lhs" if op == 0 else "rhs"
+            q[f"{side}_spec"], q[f"{side}_qparams"] = act_specs[op], act_qps.get(op)
     if site.kind in ("dot", "act_dot"):
         out = ops.dot_general(vals[0], vals[1], p["dimension_numbers"], precision=p.get("precision"),
-                              preferred_element_type=pet)
-    elif site.kind == "conv":
+                              preferred_element_type=pet, **q)
+    elif site.kind == "conv":  # the weight is the rhs: only lhs_spec / lhs_qparams
         out = ops.conv_general_dilated(
             vals[0], vals[1], p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
             p["dimension_numbers"], p["feature_group_count"], p["batch_group_count"],
-            precision=p.get("precision"), preferred_element_type=pet,
+            precision=p.get("precision"), preferred_element_type=pet, **q,
         )
     else:
         raise AssertionError(site.kind)
@@ -824,7 +822,8 @@ def _run_embed(eqn, invals):
     return _bind(eqn, invals)
 
 
-def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None = None, method=None, **kwargs):
+def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None = None, method=None,
+          check_finite: bool = False, **kwargs):
     """Runs the model with quantized variables: integer dots / convs at every quantized site.
 
     Inputs and keyword arguments (masks, ``train=``, ...) are forwarded to the
@@ -837,6 +836,10 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
       *args, **kwargs: the model's inputs.
       rules: optional; checked against the specs carried by `qvars`.
       method: the model method.
+      check_finite: register a `checkify` check for NaN / inf in the activation of every
+        quantized site; run ``checkify.checkify(f, errors=checkify.user_checks)`` to see it.
+        Off by default: a check costs the jitted function JAX's fast dispatch path. Without it,
+        a NaN or inf still makes the output rows it reaches NaN (see `jq.ops.dot_general`).
       mutable: (keyword) linen: forwarded to ``model.apply``, which then returns
         ``(out, updates)``. nnx: ``mutable=True`` returns ``(out, new_qvars)``
         with the variables the module updates in place (dropout RNG counts,
@@ -890,10 +893,11 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
             if site.kind == "act_dot":
                 return _bind(eqn, invals)
             return _run_dot_like(site, eqn, invals, site.operand, {}, {}, "weight_only",
-                                 sts.get(site.name + ":smooth"))
+                                 sts.get(site.name + ":smooth"), check_finite)
         specs = {op: sp.activation for op in site.act_operands}
         qps = {op: sts[site.act_key(op)] for op in site.act_operands} if sp.mode == "static" else {}
-        return _run_dot_like(site, eqn, invals, site.operand, specs, qps, sp.mode, sts.get(site.name + ":smooth"))
+        return _run_dot_like(site, eqn, invals, site.operand, specs, qps, sp.mode, sts.get(site.name + ":smooth"),
+                             check_finite)
 
     states = {}
     for s in t.finder.sites:
