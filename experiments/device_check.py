@@ -180,7 +180,7 @@ def stage_bench(out: str, timeout: int) -> dict:
 def _markdown(s: dict) -> str:
     lines = ["# jq device check", ""]
     env = s.get("env", {})
-    if "error" not in env:
+    if env and "error" not in env:
         low = env["lowering"]
         lines += [
             f"- jax {env['jax']}, backend `{env['backend']}`, device {env['device_kind']} "
