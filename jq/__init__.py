@@ -8,7 +8,8 @@ calibration observers (`jq.calibration`), integer dot_general / einsum / conv
 Importing jq does not import Flax; the Flax functions import it when called.
 """
 
-from jq import calibration, deploy, hlo, numerics, ops, sharding
+from jq import calibration, checks, deploy, hlo, lowering, numerics, ops, sharding
+from jq.checks import value_checks
 from jq.deploy import load_exported
 from jq.flax import (
     QAT,
@@ -50,27 +51,15 @@ from jq.quantize import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "gptq",
-    "gptq_quantize",
-    "rtn_quantize",
-    "smoothquant",
-    "AutoQuantResult",
-    "CastModel",
-    "SensitivityResult",
-    "auto_quantize",
-    "cast",
-    "sensitivity",
-    "sharding",
-    "QAT",
-    "CalibrationStats",
-    "QArray",
-    "QParams",
-    "QuantSpec",
-    "QuantizedVariables",
-    "Rule",
     "apply",
+    "auto_quantize",
+    "AutoQuantResult",
     "calibrate",
     "calibration",
+    "CalibrationStats",
+    "cast",
+    "CastModel",
+    "checks",
     "conv_general_dilated",
     "convert",
     "deploy",
@@ -82,17 +71,32 @@ __all__ = [
     "format_info",
     "format_table",
     "get_format",
+    "gptq",
+    "gptq_quantize",
     "hlo",
     "load_exported",
+    "lowering",
     "lsq_fake_quant",
     "numerics",
     "ops",
     "pack_int4",
+    "QArray",
+    "QAT",
     "qat",
+    "QParams",
     "qparams_from_array",
     "qparams_from_range",
     "quantize",
+    "QuantizedVariables",
+    "QuantSpec",
     "report",
+    "rtn_quantize",
+    "Rule",
+    "sensitivity",
+    "SensitivityResult",
+    "sharding",
     "sites",
+    "smoothquant",
     "unpack_int4",
+    "value_checks",
 ]

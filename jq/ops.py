@@ -776,21 +776,45 @@ def _conv_geometry(a: dict, lhs, rhs) -> _Geometry:
             shape = [1] * out_nd
             shape[cdn.out_spec[1]] = ok.shape[cdn.rhs_spec[0]]
             return jnp.reshape(~ok, shape)
-        # a bad input pixel reaches the outputs whose window covers it: a one-channel
-        # convolution of the bad-pixel map with a window of ones (counts, exact in float32)
-        m = (~ok).astype(jnp.float32)
-        ones = [1] * len(rhs.shape)
-        for ax in cdn.rhs_spec[2:]:
-            ones[ax] = rhs.shape[ax]
-        n = jax.lax.conv_general_dilated(
-            m, jnp.ones(ones, jnp.float32), **kw, precision=jax.lax.Precision.HIGHEST
-        )
-        return n > 0.5
+        # a bad input pixel reaches the outputs whose window covers it: a max over the
+        # conv's windows of the bad-pixel map (no float convolution in the module)
+        lsp, rsp, osp = cdn
+        nsp = len(lsp) - 2
+        ksize = tuple(rhs.shape[ax] for ax in rsp[2:])
+        strides = tuple(a["window_strides"])
+        rdil = tuple(a["rhs_dilation"] or (1,) * nsp)
+        ldil = tuple(a["lhs_dilation"] or (1,) * nsp)
+        pads = a["padding"]
+        if isinstance(pads, str):  # as jax.lax.conv_general_dilated resolves it
+            eff = tuple((k - 1) * d + 1 for k, d in zip(ksize, rdil, strict=True))
+            pads = jax.lax.padtype_to_pads(
+                tuple(lhs.shape[ax] for ax in lsp[2:]), eff, strides, pads
+            )
+        win, st, pad, bdil, wdil = ([1] * out_nd, [1] * out_nd, [(0, 0)] * out_nd,
+                                    [1] * out_nd, [1] * out_nd)
+        for i, ax in enumerate(lsp[2:]):
+            win[ax], st[ax], pad[ax] = ksize[i], strides[i], tuple(pads[i])
+            bdil[ax], wdil[ax] = ldil[i], rdil[i]
+        bad = (~ok).astype(jnp.float32)
+        groups = a["feature_group_count"]
+        if groups > 1:  # `ok` per element: a bad input reaches its own group's outputs only
+            f = lsp[1]
+            bad = bad.reshape(bad.shape[:f] + (groups, -1) + bad.shape[f + 1 :]).max(axis=f + 1)
+        bad = jax.lax.reduce_window(bad, 0.0, jax.lax.max, win, st, pad, bdil, wdil)
+        perm = [0] * out_nd
+        for j in range(out_nd):  # lhs layout -> output layout (same roles, other order)
+            perm[osp[j]] = lsp[j]
+        bad = jnp.transpose(bad, perm)
+        if groups > 1:  # each group's map to its O / G output features
+            bad = jnp.repeat(bad, rhs.shape[rsp[0]] // groups, axis=osp[1])
+        return bad > 0.5
 
     lhs_contract = tuple(cdn.lhs_spec[1:])
     rhs_contract = (cdn.rhs_spec[1],) + tuple(cdn.rhs_spec[2:])
-    # an input row is a pixel (its feature vector); a weight row, an output feature's kernel
-    rows = {"lhs": (cdn.lhs_spec[1],), "rhs": rhs_contract}
+    # an input row is a pixel (its feature vector; each element when features are grouped,
+    # so that a bad value spoils only its own group); a weight row, an output feature's kernel
+    lhs_rows = (cdn.lhs_spec[1],) if a["feature_group_count"] == 1 else ()
+    rows = {"lhs": lhs_rows, "rhs": rhs_contract}
     return _Geometry({"lhs": lhs_contract, "rhs": rhs_contract}, rows, float_op, reach)
 
 

@@ -26,8 +26,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
 
+from jq import checks as _checks
 from jq import numerics
 
 __all__ = [
@@ -240,11 +240,11 @@ def _check_range(lo, hi):
                 f"qparams_from_range: lo > hi (lo={lo_np}, hi={hi_np}; first bad index {bad})"
             )
     else:
-        checkify.debug_check(
+        _checks.debug_check(
             jnp.all(jnp.isfinite(lo)) & jnp.all(jnp.isfinite(hi)),
             "qparams_from_range: lo/hi must be finite (NaN or inf in the range)",
         )
-        checkify.debug_check(jnp.all(lo <= hi), "qparams_from_range: lo > hi")
+        _checks.debug_check(jnp.all(lo <= hi), "qparams_from_range: lo > hi")
 
 
 def _recip(n: float) -> np.float32:

@@ -13,8 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
 
+from jq import checks as _checks
 from jq import numerics
 from jq.qparams import QParams, QuantSpec, broadcast_qparams, qparams_from_array
 
@@ -49,7 +49,7 @@ def pack_int4(values: jax.Array, axis: int = -1) -> jax.Array:
         raise TypeError(f"pack_int4: `values` must be an integer array, got {values.dtype}")
     axis = _canonical(axis, values.ndim, "pack_int4", "values")
     if isinstance(values, jax.core.Tracer):
-        checkify.debug_check(
+        _checks.debug_check(
             jnp.all((values >= -8) & (values <= 7)),
             "pack_int4: values outside the int4 range [-8, 7]",
         )
@@ -203,7 +203,7 @@ def _check_qparams(qp: QParams, spec: QuantSpec, fn: str) -> None:
                 f"({int(bad.sum())} of {s.size}); a zero scale maps every value to 0, a non-finite one to NaN"
             )
     else:
-        checkify.debug_check(
+        _checks.debug_check(
             jnp.all(jnp.isfinite(scale) & (scale != 0)), f"{fn}: `qp.scale` must be finite and non-zero"
         )
     if zp is not None and jnp.issubdtype(jnp.result_type(zp), jnp.floating):
@@ -215,7 +215,7 @@ def _check_qparams(qp: QParams, spec: QuantSpec, fn: str) -> None:
                     f"{z[z != np.round(z)].reshape(-1)[:3].tolist()}; round it first"
                 )
         else:
-            checkify.debug_check(jnp.all(zp == jnp.round(zp)), f"{fn}: `qp.zero_point` must hold whole numbers")
+            _checks.debug_check(jnp.all(zp == jnp.round(zp)), f"{fn}: `qp.zero_point` must hold whole numbers")
 
 
 def _expand_blocks(p: jax.Array, shape: tuple[int, ...]) -> jax.Array:

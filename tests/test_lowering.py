@@ -256,6 +256,35 @@ class ConvInEveryFormTest(parameterized.TestCase):
         np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6 * np.abs(ref).max())
 
 
+class ConvNonFiniteReachTest(parameterized.TestCase):
+    """A NaN pixel makes exactly the outputs NaN that a float conv makes NaN."""
+
+    @parameterized.product(
+        lhs_dilation=((1, 1), (2, 1)), rhs_dilation=((1, 1), (1, 2)), stride=((1, 1), (2, 1)),
+        groups=(1, 2), layout=(("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NHWC")),
+    )
+    def test_nan_pattern(self, lhs_dilation, rhs_dilation, stride, groups, layout):
+        rng = np.random.default_rng(3)
+        x = rng.normal(size=(2, 7, 6, 4)).astype(np.float32)
+        x[1, 3, 2, 0] = np.nan
+        x[0, 6, 5, 3] = np.inf
+        w = rng.normal(size=(3, 2, 4 // groups, 6)).astype(np.float32)
+        if layout[0] == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+            w = w.transpose(3, 2, 0, 1)
+        qw = _q(w, "int8", axis=0 if layout[1] == "OIHW" else -1)
+        spec = jq.QuantSpec("int8")
+        kw = dict(window_strides=stride, padding=((1, 1), (0, 1)), lhs_dilation=lhs_dilation,
+                  rhs_dilation=rhs_dilation, dimension_numbers=layout, feature_group_count=groups)
+        out = ops.conv_general_dilated(
+            jnp.asarray(x), qw, lhs_spec=spec, lhs_qparams=jq.qparams_from_range(-3.0, 3.0, spec),
+            **kw,
+        )
+        ref = jax.lax.conv_general_dilated(jnp.asarray(x), jq.dequantize(qw), **kw)
+        np.testing.assert_array_equal(np.isfinite(np.asarray(out)), np.isfinite(np.asarray(ref)))
+        self.assertTrue(np.isfinite(np.asarray(out)).any())
+
+
 # ---------------------------------------------------------------------------------------
 # the choice
 # ---------------------------------------------------------------------------------------

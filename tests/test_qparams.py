@@ -132,16 +132,26 @@ class BadInputTest(parameterized.TestCase):
 
 
 class CheckifyTest(absltest.TestCase):
-    """Under jit, bad ranges are `checkify` user checks (qparams_from_range's docstring)."""
+    """Under jit and `jq.value_checks`, bad ranges are `checkify` user checks."""
 
-    def _run(self, lo, hi):
+    def _run(self, lo, hi, checks=True):
         spec = jq.QuantSpec("int8")
-        f = checkify.checkify(
-            jax.jit(lambda lo, hi: jq.qparams_from_range(lo, hi, spec).scale),
-            errors=checkify.user_checks,
-        )
-        err, _ = f(jnp.float32(lo), jnp.float32(hi))
+        with jq.value_checks(checks):
+            f = checkify.checkify(
+                jax.jit(lambda lo, hi: jq.qparams_from_range(lo, hi, spec).scale),
+                errors=checkify.user_checks,
+            )
+            err, _ = f(jnp.float32(lo), jnp.float32(hi))
         return err.get()
+
+    def test_off_by_default_so_jit_keeps_fast_dispatch(self):
+        """Without the switch no check is staged (a staged one costs ~50 us a call)."""
+        self.assertIsNone(self._run(1.0, -1.0, checks=False))
+        spec = jq.QuantSpec("int8")
+        jaxpr = jax.make_jaxpr(lambda lo, hi: jq.qparams_from_range(lo, hi, spec).scale)(
+            jnp.float32(0), jnp.float32(1)
+        )
+        self.assertNotIn("check", [e.primitive.name for e in jaxpr.jaxpr.eqns])
 
     def test_lo_greater_than_hi(self):
         self.assertIn("lo > hi", self._run(1.0, -1.0))

@@ -264,11 +264,12 @@ class Int4PackingTest(chex.TestCase):
                 jq.pack_int4(jnp.array(bad, jnp.int8))
 
     def test_out_of_range_under_jit_via_checkify(self):
-        f = checkify.checkify(jax.jit(jq.pack_int4), errors=checkify.user_checks)
-        err, _ = f(jnp.array([0, 9], jnp.int8))
-        self.assertIn("outside the int4 range", err.get())
-        err, _ = f(jnp.array([0, 7], jnp.int8))
-        self.assertIsNone(err.get())
+        with jq.value_checks():
+            f = checkify.checkify(jax.jit(jq.pack_int4), errors=checkify.user_checks)
+            err, _ = f(jnp.array([0, 9], jnp.int8))
+            self.assertIn("outside the int4 range", err.get())
+            err, _ = f(jnp.array([0, 7], jnp.int8))
+            self.assertIsNone(err.get())
 
     def test_non_integer_raises(self):
         with self.assertRaisesRegex(TypeError, "pack_int4: `values` must be an integer array"):
