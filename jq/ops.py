@@ -356,9 +356,10 @@ def _dynamic_qparams_rows(x, spec: QuantSpec, rows, ok, name: str) -> QParams:
     rows = tuple(rows)
     red = tuple(a for a in range(x.ndim) if a not in keep and a not in rows)
 
-    def stage(f, v):  # within rows, then across the finite ones (0 is in every range anyway)
-        v = f(v, axis=rows, keepdims=True).astype(jnp.float32)
-        return f(jnp.where(ok, v, 0.0), axis=red, keepdims=True)
+    def stage(f, v):  # within rows, then across the finite ones (0 is in every range anyway,
+        # so 0 is also the initial value: an empty input gets the zero-width range at 0)
+        v = f(v, axis=rows, keepdims=True, initial=0.0).astype(jnp.float32)
+        return f(jnp.where(ok, v, 0.0), axis=red, keepdims=True, initial=0.0)
 
     if fmt.is_integer and spec.scheme == "symmetric" and fmt.signed:
         return QParams(_symmetric_scale(stage(jnp.max, jnp.abs(x)), spec), None)
@@ -395,7 +396,7 @@ def dynamic_qparams(x: jax.Array, spec: QuantSpec, name: str = "x") -> QParams:
     red = tuple(a for a in range(x.ndim) if a not in keep)
     xf = x.astype(jnp.float32)
     if spec.scheme == "symmetric" and fmt.signed:
-        amax = jnp.max(jnp.abs(xf), axis=red, keepdims=True)
+        amax = jnp.max(jnp.abs(xf), axis=red, keepdims=True, initial=0.0)
         return QParams(_symmetric_scale(amax, spec), None)
     lo, hi = jax.lax.reduce(
         (xf, xf),

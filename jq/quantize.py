@@ -179,6 +179,23 @@ def _check_float(x, fn):
     return x
 
 
+def _check_no_nan(x, fn: str) -> None:
+    """NaN has no integer code (it would silently become 0): raise on concrete input.
+
+    Under jit this is a `jq.value_checks` check. (+-inf saturates to the ends of
+    the grid, as ONNX's QuantizeLinear does; `fake_quant` and the ops keep NaN.)
+    """
+    if isinstance(x, jax.core.Tracer):
+        _checks.debug_check(~jnp.any(jnp.isnan(x)), f"{fn}: NaN in `x` has no integer code")
+        return
+    n = int(np.count_nonzero(np.isnan(np.asarray(x, np.float32))))
+    if n:
+        raise ValueError(
+            f"{fn}: `x` holds {n} NaN value(s) of {x.size}; NaN has no integer code (it would "
+            "be stored as 0). Clean the input, or use jq.fake_quant / jq.ops, which keep NaN"
+        )
+
+
 def _check_qparams(qp: QParams, spec: QuantSpec, fn: str) -> None:
     """Caller-given parameters that cannot quantize: raise (concrete) or checkify (traced).
 
@@ -256,10 +273,11 @@ def quantize(x: jax.Array, qp: QParams | None, spec: QuantSpec) -> QArray:
         ``checkify.checkify(jax.jit(f), errors=checkify.user_checks)`` to see it.
     """
     x = _check_float(x, "quantize")
-    if qp is None:
+    if qp is None:  # (a NaN makes the range non-finite: qparams_from_array raises)
         qp = qparams_from_array(x, spec)
     else:
         _check_qparams(qp, spec, "quantize")
+        _check_no_nan(x, "quantize")
     qp = broadcast_qparams(qp, x.shape, spec)
     fmt = spec.fmt
     inv = _expand_blocks(1.0 / qp.scale.astype(jnp.float32), x.shape)

@@ -313,6 +313,24 @@ class BadInputTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, "lo/hi must be finite"):
             jq.quantize(jnp.array([1.0, jnp.nan]), None, jq.QuantSpec("int8"))
 
+    def test_nan_with_given_qparams_raises(self):
+        """NaN has no integer code: with given QParams it would silently become 0."""
+        spec = jq.QuantSpec("int8")
+        qp = jq.qparams_from_range(-1.0, 1.0, spec)
+        with self.assertRaisesRegex(ValueError, "1 NaN value.*no integer code"):
+            jq.quantize(jnp.array([0.5, jnp.nan, 0.25]), qp, spec)
+        # +-inf saturates to the ends of the grid (as ONNX QuantizeLinear does)
+        q = jq.quantize(jnp.array([jnp.inf, -jnp.inf]), qp, spec)
+        np.testing.assert_array_equal(np.asarray(q.int_value()), [127, -127])
+
+    def test_empty_dynamic_dot(self):
+        """An empty batch through a dynamic dot gives an empty result, not a reduction error."""
+        w = jq.quantize(jnp.ones((4, 3)), None, jq.QuantSpec("int8", axis=-1))
+        dn = (((1,), (0,)), ((), ()))
+        for spec in (jq.QuantSpec("int8"), jq.QuantSpec("uint8", scheme="affine")):
+            out = jq.ops.dot_general(jnp.zeros((0, 4)), w, dn, lhs_spec=spec)
+            self.assertEqual(out.shape, (0, 3))
+
 
 # ---------------------------------------------------------------------------------------
 # fake quant and LSQ
