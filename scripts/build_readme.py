@@ -105,6 +105,7 @@ def main():
         "with min-max kept at the attention einsums (+0.11 %).\n\n"
         + demote(charlm.split("\n", 1)[1], 2).strip(),
         read(D, "core.md"),
+        read(D, "checks.md"),
         demote(section_until(read(R, "calibration.md"), "### Agreement"), 0).strip()
         + "\n\n"
         + "\n".join(read(R, "calibration.md").split("### Agreement with ONNX Runtime and PyTorch")[1]
