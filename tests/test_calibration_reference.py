@@ -160,7 +160,10 @@ def test_percentile_matches_ort(name, symmetric):
 # width (exact re-binning) once the data leave twice the first range. Entropy depends on the bin
 # width, so on the drifting case the two differ by design (see calibration.md). On a constant
 # tensor ORT returns lo=3 > hi=0.375 (its clamp to the data min leaves hi below it); jq returns (3, 3).
-ENTROPY_CASES = [c for c in CASES if c not in ("drift", "constant")]
+# One-sided channels (relu; channel 3 of per_channel) are searched on |x| with the grid's levels on
+# the data's side since issue 15 (ORT's variant clipped them); tests/test_histogram_robust.py checks
+# that jq's range there has at most half the quantization error of ORT's.
+ENTROPY_CASES = [c for c in CASES if c not in ("drift", "constant", "relu")]
 
 
 @pytest.mark.parametrize("name", ENTROPY_CASES)
@@ -172,6 +175,8 @@ def test_entropy_matches_ort(name):
     lo, hi = jq_range(name, aff)
     w = jq_width(name, aff)
     for c, ref in enumerate(hist_refs(name)):
+        if lo[c] >= 0:  # one-sided channel: not ORT's variant (see ENTROPY_CASES)
+            continue
         tol = 2.0 * max(w[c], ref["ort_bin_width"]) + 1e-12
         r255, r256 = ref["ort_entropy_255"], ref["ort_entropy_256"]
         assert abs(t[c] - max(-r255["lo"], r255["hi"])) <= tol, (c, t[c], r255, tol)
