@@ -104,7 +104,7 @@ def scan_counts(params) -> tuple[int, int]:
     )
 
 
-def _inner_jaxpr(eqn):
+def inner_jaxpr(eqn):
     name = eqn.primitive.name
     key = _CALL_PARAM.get(name)
     if key is None or key not in eqn.params:
@@ -115,7 +115,7 @@ def _inner_jaxpr(eqn):
     return j, ()
 
 
-def _scope_path(eqn, default: str) -> str:
+def scope_path(eqn, default: str) -> str:
     ns = str(eqn.source_info.name_stack)
     found = [seg for seg in ns.split("/") if seg.startswith(_SCOPE_PREFIX)]
     if not found:
@@ -161,7 +161,7 @@ class SiteFinder:
         for eqn in jaxpr.eqns:
             prim = eqn.primitive.name
             ins = [origins.get(v) if isinstance(v, jcore.Var) else None for v in eqn.invars]
-            here = _scope_path(eqn, scope)
+            here = scope_path(eqn, scope)
             avals = tuple(v.aval for v in eqn.invars)
             if prim in _LAYOUT_OPS and ins and ins[0] is not None and len(eqn.outvars) == 1:
                 o = ins[0]
@@ -184,7 +184,7 @@ class SiteFinder:
                     base = (here + "/" if here else "") + "act_dot"
                     self._add(Site(self._name(base), "act_dot", here, eqn, None, None, (), scans, (), avals))
                     continue
-            inner = _inner_jaxpr(eqn)
+            inner = inner_jaxpr(eqn)
             if inner is not None:
                 j, _ = inner
                 sub = {iv: o for iv, o in zip(j.invars, ins) if o is not None}
@@ -313,7 +313,7 @@ class Interpreter:
         for eqn in jaxpr.eqns:
             if self._site(eqn) is not None:
                 return True
-            inner = _inner_jaxpr(eqn)
+            inner = inner_jaxpr(eqn)
             if inner is not None and self._has_selected(inner[0]):
                 return True
             if eqn.primitive.name == "scan" and self._has_selected(eqn.params["jaxpr"].jaxpr):
@@ -344,7 +344,7 @@ class Interpreter:
         if site is not None:
             return self.handler(site, eqn, invals, states)
         has_q = any(isinstance(v, QArray) for v in invals)
-        inner = _inner_jaxpr(eqn)
+        inner = inner_jaxpr(eqn)
         if inner is not None and (has_q or self._has_selected(inner[0])):
             j, consts = inner
             return self.run(j, consts, invals, states)
@@ -512,7 +512,7 @@ def _unfreeze(v):
         return v
 
 
-def _is_dynamic(x) -> bool:
+def is_dynamic(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)) or hasattr(x, "aval")
 
 
@@ -529,7 +529,7 @@ class Traced:
 def trace(adapter: ModelAdapter, leaf_avals: list, args: tuple, kwargs: dict) -> Traced:
     """Traces the model with the variables and array arguments as jaxpr inputs."""
     flat, in_tree = jax.tree_util.tree_flatten((args, kwargs))
-    dyn_idx = [i for i, x in enumerate(flat) if _is_dynamic(x)]
+    dyn_idx = [i for i, x in enumerate(flat) if is_dynamic(x)]
     dyn_args = [flat[i] for i in dyn_idx]
 
     def f(leaves, dyn):
@@ -560,3 +560,20 @@ def sqnr_db(x, y) -> jax.Array:
     noise = jnp.sum(jnp.square(x - y.astype(jnp.float32)))
     sig = jnp.sum(jnp.square(x))
     return 10.0 * jnp.log10(jnp.maximum(sig, 1e-30) / jnp.maximum(noise, 1e-30))
+
+
+def state_changes(t: Traced, adapter: ModelAdapter) -> list[str]:
+    """Paths of the nnx variables the traced call updates (traced with ``with_state``).
+
+    The model's state after the call is the last ``len(adapter.leaves)`` outputs
+    of the jaxpr; a variable the call leaves alone comes out as its own input.
+    """
+    n = len(adapter.leaves)
+    outs, ins = t.jaxpr.outvars[len(t.jaxpr.outvars) - n:], t.jaxpr.invars[:n]
+    return [li.path for li, o, i in zip(adapter.leaves, outs, ins) if o is not i]
+
+
+def fmt_paths(paths, k: int = 4) -> str:
+    """The first `k` paths, quoted, and how many more."""
+    more = f" and {len(paths) - k} more" if len(paths) > k else ""
+    return ", ".join(repr(p) for p in paths[:k]) + more

@@ -15,20 +15,32 @@ from collections.abc import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jq import ops
 from jq.flax._graph import (
     Interpreter,
     ModelAdapter,
     Site,
-    SiteFinder,
     bind_eqn,
+    fmt_paths,
     leaf_aval,
     sqnr_db,
+    state_changes,
     trace,
 )
-from jq.flax.rules import Rule, check_rules, match_rule
+from jq.flax.rules import Rule, check_rules
+from jq.flax.select import activation_spec, choose, leaf_specs, scan_lengths, stack_tree
+from jq.flax.stream import (
+    Stream,
+    abstract,
+    init_observers,
+    observe_site,
+    observed_range,
+    peek,
+    site_body,
+    split_batch,
+    warn_zero_width,
+)
 from jq.qparams import QParams, QuantSpec, qparams_from_range, reduce_range
 from jq.quantize import QArray, dequantize, fake_quant, lsq_fake_quant, quantize
 
@@ -49,153 +61,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 # site selection
 # ---------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Choice:
-    site: Site
-    rule_index: int
-    rule: Rule
-
-    @property
-    def mode(self) -> str:
-        if self.site.kind == "embed":
-            return "weight_only"
-        return self.rule.mode
-
-
-def _choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> dict[str, _Choice]:
-    chosen: dict[str, _Choice] = {}
-    used = set()
-    for s in finder.sites:
-        i = match_rule(rules, s.module_path, s.kind)
-        if i is None:
-            continue
-        r = rules[i]
-        if s.kind == "act_dot" and r.activation is None:
-            continue
-        if s.kind != "act_dot" and r.weight is None:
-            continue
-        chosen[s.name] = _Choice(s, i, r)
-        used.add(i)
-    if warn:
-        for i, r in enumerate(rules):
-            if i not in used:
-                warnings.warn(
-                    f"jq: rules[{i}] (path_regex={r.path_regex!r}, ops={r.ops}) matches no site of the model",
-                    stacklevel=3,
-                )
-    return chosen
-
-
-def _weight_spec(choice: _Choice, leaf_ndim: int, row_wise: bool = False) -> QuantSpec:
-    """The rule's weight spec in the stored parameter's layout (stacked axes added).
-
-    A table that is also gathered from (an Embed, possibly tied as the output
-    head through ``attend``) keeps one scale per row, so that each gathered row
-    carries its own scale and the tied dot keeps its scale on a free axis.
-    """
-    spec = choice.rule.weight
-    s = choice.site
-    if row_wise and spec.axis is not None:
-        spec = spec.replace(axis=(0,))
-    depth = len(s.stack)
-    if depth == 0:
-        return spec
-    base = leaf_ndim - depth
-
-    def shift(a):
-        if not -base <= a < base:
-            raise ValueError(
-                f"jq: weight spec axis {a} does not fit the per-layer shape of site {s.name!r} (rank {base})"
-            )
-        return a % base + depth
-
-    axes = tuple(range(depth)) + tuple(shift(a) for a in (spec.axis or ()))
-    kw = {"axis": axes}
-    if spec.block_axis is not None:
-        kw["block_axis"] = shift(spec.block_axis)
-    return spec.replace(**kw)
-
-
-def _check_weight_fit(choice: _Choice, spec: QuantSpec, shape):
-    try:
-        spec.param_shape(tuple(shape), choice.site.name)
-    except ValueError as e:
-        raise ValueError(f"jq: rules[{choice.rule_index}] does not fit site {choice.site.name!r}: {e}") from e
-
-
-def _act_fit(choice: _Choice, operand: int):
-    spec = choice.rule.activation
-    aval = choice.site.in_avals[operand]
-    try:
-        spec.param_shape(tuple(aval.shape), f"{choice.site.name} activation")
-    except ValueError as e:
-        raise ValueError(f"jq: rules[{choice.rule_index}] does not fit site {choice.site.name!r}: {e}") from e
-    o_axis = getattr(spec.calibration, "axis", None)
-    if o_axis is not None and spec.axis is not None:
-        nd = len(aval.shape)
-        if not -nd <= o_axis < nd or o_axis % nd != spec.axis[0] % nd:
-            raise ValueError(
-                f"jq: rules[{choice.rule_index}] at site {choice.site.name!r}: the observer "
-                f"{type(spec.calibration).__name__}(axis={o_axis}) and QuantSpec.axis={spec.axis[0]} name "
-                f"different axes of the activation (shape {tuple(aval.shape)}); leave the observer's axis "
-                "unset to follow the spec"
-            )
-    return spec
-
-
-def _stack_tree(tree, lengths: tuple[int, ...]):
-    return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, lengths + jnp.shape(a)), tree)
-
-
-def _scan_lengths(site: Site, finder: SiteFinder) -> tuple[int, ...]:
-    return tuple(finder.scan_length[s] for s in site.scans)
-
-
-def _row_wise_leaves(chosen) -> set[int]:
-    return {c.site.leaf.index for c in chosen.values() if c.site.kind == "embed"}
-
-
-def _leaf_specs(chosen) -> dict[int, tuple[QuantSpec, _Choice]]:
-    """One weight spec per quantized parameter leaf; all its sites must agree."""
-    rows = _row_wise_leaves(chosen)
-    out: dict[int, tuple[QuantSpec, _Choice]] = {}
-    for c in chosen.values():
-        s = c.site
-        if s.leaf is None:
-            continue
-        spec = _weight_spec(c, len(s.leaf.shape), s.leaf.index in rows)
-        _check_weight_fit(c, spec, s.leaf.shape)
-        prev = out.get(s.leaf.index)
-        if prev is not None and prev[0] != spec:
-            raise ValueError(
-                f"jq: parameter {s.leaf.path!r} feeds sites {prev[1].site.name!r} and {s.name!r} "
-                f"with different weight specs ({prev[0]} vs {spec})"
-            )
-        out.setdefault(s.leaf.index, (spec, c))
-    return out
-
-
-def _observed_range(obs, state, lengths: tuple[int, ...], key: str | None = None):
-    """`obs.range` for a state stacked over scan iterations: one call per layer, on the host.
-
-    With `key`, an observer's error (no data, non-finite values) names the site.
-    """
-    if key is not None:
-        try:
-            return _observed_range(obs, state, lengths)
-        except ValueError as e:
-            raise ValueError(f"jq: static site {key!r}: {e}") from e
-    if not lengths:
-        return obs.range(state)
-    los, his = [], []
-    for idx in np.ndindex(*lengths):
-        lo, hi = obs.range(jax.tree_util.tree_map(lambda a, idx=idx: a[idx], state))
-        los.append(jnp.asarray(lo))
-        his.append(jnp.asarray(hi))
-    shape = lengths + los[0].shape
-    return jnp.stack(los).reshape(shape), jnp.stack(his).reshape(shape)
-
-
 # ---------------------------------------------------------------------------------------
 # sites(): which sites matched which rule
 # ---------------------------------------------------------------------------------------
@@ -217,7 +82,7 @@ def sites(model, variables, rules: Sequence[Rule], *args, method=None, **kwargs)
     rules = check_rules(rules)
     adapter = ModelAdapter(model, variables, method)
     t = trace(adapter, adapter.values, args, kwargs)
-    chosen = _choose(t.finder, rules)
+    chosen = choose(t.finder, rules)
     rows = []
     for s in t.finder.sites:
         c = chosen.get(s.name)
@@ -257,20 +122,6 @@ def format_table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
 # ---------------------------------------------------------------------------------------
 # calibrate()
 # ---------------------------------------------------------------------------------------
-def _split_batch(batch):
-    if isinstance(batch, tuple):
-        return batch
-    return (batch,)
-
-
-def _abstract(tree):
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
-        if isinstance(x, (jax.Array, np.ndarray)) else x,
-        tree,
-    )
-
-
 class CalibrationStats:
     """Activation statistics gathered by `calibrate`: one observer state per static site.
 
@@ -299,7 +150,7 @@ class CalibrationStats:
         A site inside a scan gets ranges stacked over its scan axes: ``lo`` has
         shape ``scan_lengths[key] + range shape`` (one range per layer).
         """
-        return {k: _observed_range(self.observers[k], st, self._lengths(k), k) for k, st in self.states.items()}
+        return {k: observed_range(self.observers[k], st, self._lengths(k), k) for k, st in self.states.items()}
 
     def _lengths(self, key) -> tuple[int, ...]:
         if key in self.scan_lengths:
@@ -346,90 +197,29 @@ def calibrate(
     rules = check_rules(rules)
     kwargs = dict(kwargs or {})
     adapter = ModelAdapter(model, variables, method)
-    it = iter(batches)
-    try:
-        first = next(it)
-    except StopIteration:
-        raise ValueError("jq.calibrate: `batches` is empty; calibration needs at least one batch") from None
-    args = _split_batch(first)
+    first, batches = peek(batches, "jq.calibrate: `batches` is empty; calibration needs at least one batch")
+    args = split_batch(first)
     adapter.with_state = adapter.kind == "nnx"
     t = trace(adapter, adapter.values, args, kwargs)
-    if adapter.kind == "nnx" and _state_changes(t, adapter):
+    if adapter.kind == "nnx" and state_changes(t, adapter):
         warnings.warn(
-            f"jq.calibrate: the nnx model updates its state when run ({_fmt_paths(_state_changes(t, adapter))}): "
+            f"jq.calibrate: the nnx model updates its state when run ({fmt_paths(state_changes(t, adapter))}): "
             "dropout is active or BatchNorm uses batch statistics, so the observed activations are "
             "not the ones inference sees (and one dropout mask repeats for every batch). Call "
             "model.eval() before calibrating",
             RuntimeWarning,
             stacklevel=2,
         )
-    chosen = _choose(t.finder, rules)
-    observers, states, lengths = {}, {}, {}
-    for c in chosen.values():
-        if c.mode != "static":
-            continue
-        spec = c.rule.activation
-        for op in c.site.act_operands:
-            _act_fit(c, op)
-            aval = c.site.in_avals[op]
-            obs = spec.calibration
-            st = obs.init(jnp.zeros(aval.shape, aval.dtype))
-            key = c.site.act_key(op)
-            observers[key] = obs
-            lengths[key] = _scan_lengths(c.site, t.finder)
-            states[key] = _stack_tree(st, lengths[key])
+    chosen = choose(t.finder, rules)
+    observers, states, lengths = init_observers(chosen, t.finder)
     selected = {n for n, c in chosen.items() if c.mode == "static"}
 
-    def handler(site, eqn, invals, sts):
-        for op in site.act_operands:
-            key = site.act_key(op)
-            if key in sts:
-                sts[key] = observers[key].update(sts[key], invals[op])
-        return _bind(eqn, invals)
+    def observe(site, eqn, invals, sts, extra):
+        observe_site(site, invals, sts, observers)
 
-    @jax.jit
-    def step(leaves, sts, dyn):
-        a, kw = _with_dyn(struct, dyn)
-        tt = trace(adapter, [_sds(x) for x in leaves], a, kw)
-        sts = dict(sts)
-        Interpreter(tt.finder, selected, handler).run(tt.jaxpr, tt.consts, list(leaves) + list(dyn), sts)
-        return sts
-
-    n = 0
-    bar = tqdm(desc="calibrate", unit="batch", disable=not progress)
-    batch = first
-    while True:
-        struct = (_split_batch(batch), kwargs)
-        dyn = [x for x in jax.tree_util.tree_leaves(struct) if _is_arr(x)]
-        states = step(adapter.values, states, dyn)
-        n += 1
-        bar.update(1)
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-    bar.close()
-    return CalibrationStats(states, observers, n, (_abstract(args), kwargs), tuple(chosen), lengths)
-
-
-def _is_arr(x):
-    return isinstance(x, (jax.Array, np.ndarray))
-
-
-def _sds(x):
-    return jax.ShapeDtypeStruct(jnp.shape(x), x.dtype)
-
-
-def _with_dyn(struct, dyn):
-    """Puts the array leaves `dyn` (tracers) back into the argument structure (as avals)."""
-    leaves, tree = jax.tree_util.tree_flatten(struct)
-    it = iter(dyn)
-    out = [_sds(next(it)) if _is_arr(x) or isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves]
-    return jax.tree_util.tree_unflatten(tree, out)
-
-
-def _bind(eqn, invals):
-    return bind_eqn(eqn, invals)
+    stream = Stream(adapter, kwargs, site_body(selected, observe))
+    states, n = stream.run(batches, adapter.values, states, desc="calibrate", progress=progress)
+    return CalibrationStats(states, observers, n, (abstract(args), kwargs), tuple(chosen), lengths)
 
 
 # ---------------------------------------------------------------------------------------
@@ -448,7 +238,7 @@ class SitePlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Plan:
     model_kind: str
     signature: tuple  # ((path, shape), ...) of the float model's variables
     sites: tuple[SitePlan, ...]
@@ -479,7 +269,7 @@ class QuantizedVariables:
 
     variables: dict
     activations: dict
-    plan: _Plan
+    plan: Plan
     smooth: dict = dataclasses.field(default_factory=dict)
 
     def nbytes(self) -> dict:
@@ -597,15 +387,15 @@ def convert(
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     kwargs = dict(kwargs or {})
     t = trace(adapter, adapter.values, args, kwargs)
-    chosen = _choose(t.finder, rules)
+    chosen = choose(t.finder, rules)
 
     # weights: one QArray per parameter leaf
-    leaf_specs = _leaf_specs(chosen)
+    specs = leaf_specs(chosen)
     new_vars = {}
     float_leaves = []
     for li, value in zip(adapter.leaves, adapter.values):
-        if li.index in leaf_specs:
-            spec, c = leaf_specs[li.index]
+        if li.index in specs:
+            spec, c = specs[li.index]
             qp = None
             if qat_state is not None and c.site.name in qat_state["quant"].get("weights", {}):
                 w = qat_state["quant"]["weights"][c.site.name]
@@ -625,7 +415,7 @@ def convert(
         act = None if c.rule.activation is None else c.rule.activation.replace(calibration=None)
         if c.mode == "static":
             for op in s.act_operands:
-                spec = _act_fit(c, op)
+                spec = activation_spec(c, op)
                 key = s.act_key(op)
                 if qat_state is not None:
                     qp = _qat_act_qparams(qat_state, key, spec)
@@ -638,17 +428,17 @@ def convert(
                         )
                     if ranges is None:
                         ranges = {}
-                    lo, hi = _observed_range(stats.observers[key], stats.states[key],
-                                             _scan_lengths(s, t.finder), key)
-                    _warn_zero_width(key, lo, hi)
+                    lo, hi = observed_range(stats.observers[key], stats.states[key],
+                                             scan_lengths(s, t.finder), key)
+                    warn_zero_width(key, lo, hi)
                     qp = qparams_from_range(lo, hi, spec)
                 acts[key] = qp
         elif c.mode == "dynamic":
             for op in s.act_operands:
-                _act_fit(c, op)
+                activation_spec(c, op)
         plans.append(SitePlan(name, s.kind, None if s.leaf is None else s.leaf.path, c.mode,
                               act if c.mode != "weight_only" else None, c.rule_index))
-    plan = _Plan(adapter.kind, adapter.signature(), tuple(plans), tuple(float_leaves))
+    plan = Plan(adapter.kind, adapter.signature(), tuple(plans), tuple(float_leaves))
     qvars = QuantizedVariables(new_vars, acts, plan)
     # a dry run surfaces every spec that does not fit its op (e.g. a scale on a contracting axis)
     dry_kw = {**kwargs, "mutable": True} if adapter.kind == "nnx" else kwargs  # train-mode nnx is fine here
@@ -760,7 +550,7 @@ def _check_signature(adapter: ModelAdapter, qvars: QuantizedVariables, model_sig
             )
 
 
-def _run_dot_like(site: Site, eqn, invals, w_operand: int | None, act_specs, act_qps, mode, smooth=None,
+def run_dot_like(site: Site, eqn, invals, act_specs, act_qps, mode, smooth=None,
                   check_finite: bool = False):
     """One quantized site: weight (QArray) and activation(s) through jq.ops.
 
@@ -797,7 +587,7 @@ def _run_dot_like(site: Site, eqn, invals, w_operand: int | None, act_specs, act
     return [out.astype(out_aval.dtype)]
 
 
-def _run_embed(eqn, invals):
+def run_embed(eqn, invals):
     table, idx = invals[0], invals[1]
     p = eqn.params
     dn = p["dimension_numbers"]
@@ -819,7 +609,7 @@ def _run_embed(eqn, invals):
             zp = jnp.broadcast_to(table.zero_point, (table.shape[0], 1)).astype(jnp.float32)
             out = out - g(zp, idx, slice_sizes=(1, 1), fill_value=0)
         return [(out * srows).astype(eqn.outvars[0].aval.dtype)]
-    return _bind(eqn, invals)
+    return bind_eqn(eqn, invals)
 
 
 def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None = None, method=None,
@@ -888,15 +678,15 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
     def handler(site, eqn, invals, sts):
         sp = plan.get(site.name)
         if site.kind == "embed":
-            return _run_embed(eqn, invals)
+            return run_embed(eqn, invals)
         if sp is None or sp.mode == "weight_only":
             if site.kind == "act_dot":
-                return _bind(eqn, invals)
-            return _run_dot_like(site, eqn, invals, site.operand, {}, {}, "weight_only",
+                return bind_eqn(eqn, invals)
+            return run_dot_like(site, eqn, invals, {}, {}, "weight_only",
                                  sts.get(site.name + ":smooth"), check_finite)
         specs = {op: sp.activation for op in site.act_operands}
         qps = {op: sts[site.act_key(op)] for op in site.act_operands} if sp.mode == "static" else {}
-        return _run_dot_like(site, eqn, invals, site.operand, specs, qps, sp.mode, sts.get(site.name + ":smooth"),
+        return run_dot_like(site, eqn, invals, specs, qps, sp.mode, sts.get(site.name + ":smooth"),
                              check_finite)
 
     states = {}
@@ -920,10 +710,10 @@ def _nnx_result(t, adapter: ModelAdapter, qvars: QuantizedVariables, out, mutabl
     if mutable is not True and mutable is not False:
         raise TypeError(f"jq.apply: for an nnx model, mutable must be True or False, got {mutable!r}")
     if not mutable:
-        changed = _state_changes(t, adapter)
+        changed = state_changes(t, adapter)
         if changed:
             raise ValueError(
-                f"jq.apply: the nnx model updates its state in this call ({_fmt_paths(changed)}): "
+                f"jq.apply: the nnx model updates its state in this call ({fmt_paths(changed)}): "
                 "dropout is active or BatchNorm is in training mode. Dropping the update would repeat "
                 "one dropout mask on every call. Call model.eval() for inference, or pass mutable=True "
                 "to get (out, new_qvars) and use new_qvars in the next call"
@@ -1018,37 +808,8 @@ def _qat_act_qparams(qat_vars, key, spec):
     r = qat_vars["state"]["ranges"].get(key)
     if r is None:
         raise ValueError(f"jq.convert: QAT variables have no range for static site {key!r}")
-    _warn_zero_width(key, r["lo"], r["hi"])
+    warn_zero_width(key, r["lo"], r["hi"])
     return qparams_from_range(r["lo"], r["hi"], spec)
-
-
-def _warn_zero_width(key: str, lo, hi) -> None:
-    """Warns, naming the site, when a calibrated range has zero width (constant activations).
-
-    Such a range is exact for the constant itself (0.0 at an all-zero site), but
-    `qparams_from_range` can only make a placeholder grid from it: scale 1 for
-    all-zero data, ``[0, c]`` for a constant ``c``. Any other value the site
-    sees at inference is then clipped or rounded to whole units, silently; this
-    is what a degenerate calibration batch (all zeros, one repeated sample)
-    does to a converted model.
-    """
-    if isinstance(lo, jax.core.Tracer) or isinstance(hi, jax.core.Tracer):
-        return
-    lo_np, hi_np = np.asarray(lo, np.float64).reshape(-1), np.asarray(hi, np.float64).reshape(-1)
-    flat = lo_np == hi_np
-    if not flat.any():
-        return
-    vals = np.unique(lo_np[flat])
-    shown = ", ".join(f"{v:.4g}" for v in vals[:3]) + (", ..." if vals.size > 3 else "")
-    where = "" if flat.size == 1 else f" in {int(flat.sum())} of {flat.size} channels / layers"
-    warnings.warn(
-        f"jq.convert: static site {key!r} was calibrated on constant activations{where} (every value "
-        f"{shown}): a zero-width range, whose grid holds only 0 and that value (all zeros: a placeholder "
-        "scale of 1). Other values at inference will be clipped or rounded to whole units. Calibrate on "
-        "representative batches, or make this site dynamic (drop `calibration` from its rule)",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 def _check_learned_scale(name: str, scale) -> None:
@@ -1160,7 +921,7 @@ class QAT:
                  "example_kwargs": _StaticKwargs.record(kwargs)}
         adapter = self._adapter(params, state)
         t = trace(adapter, self._leaves(adapter, params, state), args, kwargs)
-        chosen = _choose(t.finder, self.rules)
+        chosen = choose(t.finder, self.rules)
         ranges, quant = {}, {"activations": {}, "weights": {}}
         key_choice = {}
         for c in chosen.values():
@@ -1168,12 +929,12 @@ class QAT:
                 continue
             spec = c.rule.activation
             for op in c.site.act_operands:
-                _act_fit(c, op)
+                activation_spec(c, op)
                 key = c.site.act_key(op)
                 key_choice[key] = c
-                lengths = _scan_lengths(c.site, t.finder)
+                lengths = scan_lengths(c.site, t.finder)
                 if stats is not None and key in stats.states:
-                    lo, hi = _observed_range(stats.observers[key], stats.states[key], lengths, key)
+                    lo, hi = observed_range(stats.observers[key], stats.states[key], lengths, key)
                     lo, hi = lo.reshape(lengths + spec.param_shape(tuple(c.site.in_avals[op].shape))), \
                         hi.reshape(lengths + spec.param_shape(tuple(c.site.in_avals[op].shape)))
                     cnt = jnp.ones(lengths, jnp.int32)
@@ -1182,7 +943,7 @@ class QAT:
                     lo = jnp.zeros(shape, jnp.float32)
                     hi = jnp.zeros(shape, jnp.float32)
                     cnt = jnp.zeros((), jnp.int32)
-                    lo, hi, cnt = (_stack_tree(a, lengths) for a in (lo, hi, cnt))
+                    lo, hi, cnt = (stack_tree(a, lengths) for a in (lo, hi, cnt))
                 ranges[key] = {"lo": jnp.asarray(lo, jnp.float32), "hi": jnp.asarray(hi, jnp.float32),
                                "count": cnt}
         state["ranges"] = ranges
@@ -1200,7 +961,7 @@ class QAT:
                 }
         if self.weights == "lsq":
             all_leaves = self._leaves(adapter, params, state)
-            for idx, (spec, c) in _leaf_specs(chosen).items():
+            for idx, (spec, c) in leaf_specs(chosen).items():
                 if not jnp.issubdtype(spec.fmt.dtype, jnp.integer):
                     continue
                 qp = _minmax_qp(all_leaves[idx], spec)
@@ -1238,9 +999,9 @@ class QAT:
         adapter.with_state = adapter.kind == "nnx"
         leaves = self._leaves(adapter, params, state)
         t = trace(adapter, leaves, args, kwargs)
-        chosen = _choose(t.finder, self.rules, warn=False)
+        chosen = choose(t.finder, self.rules, warn=False)
         # weights: fake-quantized once per step at the parameter, in its stored layout
-        for idx, (spec, c) in _leaf_specs(chosen).items():
+        for idx, (spec, c) in leaf_specs(chosen).items():
             name = c.site.name
             w = leaves[idx]
             if self.weights == "lsq" and name in quant.get("weights", {}):
@@ -1276,7 +1037,7 @@ class QAT:
                             sts[key] = r
                         qp = qparams_from_range(r["lo"], r["hi"], spec)
                         vals[op] = fake_quant(x, qp, spec)
-            return _bind(eqn, vals)
+            return bind_eqn(eqn, vals)
 
         sts = dict(state["ranges"])
         for k, a in quant.get("activations", {}).items():
@@ -1287,10 +1048,10 @@ class QAT:
         new_vars = state["variables"]
         if adapter.kind == "nnx":
             out, new_leaves = out
-            changed = _state_changes(t, adapter)
+            changed = state_changes(t, adapter)
             if changed and not update_stats:
                 raise ValueError(
-                    f"jq.qat.apply: the nnx model updates its state in this call ({_fmt_paths(changed)}: "
+                    f"jq.qat.apply: the nnx model updates its state in this call ({fmt_paths(changed)}: "
                     "dropout RNG counts, BatchNorm statistics), which update_stats=False would drop, "
                     "repeating one dropout mask on every call; pass update_stats=True and keep the "
                     "returned state, or call model.eval() to evaluate"
@@ -1304,22 +1065,6 @@ class QAT:
         new_state["variables"] = new_vars
         new_state["ranges"] = {k: sts[k] for k in state["ranges"]}
         return out, new_state
-
-
-def _state_changes(t, adapter: ModelAdapter) -> list[str]:
-    """Paths of the nnx variables the traced call updates (traced with ``with_state``).
-
-    The model's state after the call is the last ``len(adapter.leaves)`` outputs
-    of the jaxpr; a variable the call leaves alone comes out as its own input.
-    """
-    n = len(adapter.leaves)
-    outs, ins = t.jaxpr.outvars[len(t.jaxpr.outvars) - n:], t.jaxpr.invars[:n]
-    return [li.path for li, o, i in zip(adapter.leaves, outs, ins) if o is not i]
-
-
-def _fmt_paths(paths, k: int = 4) -> str:
-    more = f" and {len(paths) - k} more" if len(paths) > k else ""
-    return ", ".join(repr(p) for p in paths[:k]) + more
 
 
 def _merge_linen_updates(variables: dict, out):
@@ -1383,16 +1128,16 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
                 else:
                     clip = jnp.zeros((), jnp.float32)
                 sts[key] = {"sqnr": sqnr_db(x, xh), "clip": clip}
-        return _bind(eqn, invals)
+        return bind_eqn(eqn, invals)
 
     for s in t.finder.sites:
         sp = plan.get(s.name)
         if sp is None or sp.mode == "weight_only":
             continue
         for op in s.act_operands:
-            metrics[s.act_key(op)] = _stack_tree(
+            metrics[s.act_key(op)] = stack_tree(
                 {"sqnr": jnp.zeros((), jnp.float32), "clip": jnp.zeros((), jnp.float32)},
-                _scan_lengths(s, t.finder))
+                scan_lengths(s, t.finder))
     Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, list(adapter.values) + t.dyn_args, metrics)
     rows = []
     by_path = {li.path: v for li, v in zip(adapter.leaves, adapter.values)}

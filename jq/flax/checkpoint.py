@@ -15,7 +15,7 @@ import os
 import jax
 import numpy as np
 
-from jq.flax.api import QuantizedVariables, SitePlan, _Plan
+from jq.flax.api import Plan, QuantizedVariables, SitePlan
 from jq.qparams import QParams, QuantSpec
 from jq.quantize import QArray
 
@@ -143,7 +143,7 @@ def restore(path: str | os.PathLike) -> QuantizedVariables:
     for name, d in meta["activations"].items():
         k = d["key"]
         acts[name] = QParams(arrays[k + ".scale"], arrays[k + ".zero_point"] if d["zero_point"] else None)
-    plan = _Plan(
+    plan = Plan(
         meta["model_kind"],
         tuple((p, tuple(s)) for p, s in meta["signature"]),
         tuple(SitePlan(s["name"], s["kind"], s["leaf"], s["mode"], _spec_from_json(s["activation"]),

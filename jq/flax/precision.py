@@ -33,30 +33,25 @@ from jq import numerics
 from jq.flax._graph import (
     Interpreter,
     ModelAdapter,
-    _inner_jaxpr,
-    _is_dynamic,
-    _scope_path,
     bind_eqn,
+    inner_jaxpr,
+    is_dynamic,
     scan_counts,
+    scope_path,
     trace,
 )
 from jq.flax.api import (
     CalibrationStats,
-    _choose,
-    _is_arr,
-    _leaf_specs,
-    _observed_range,
-    _run_dot_like,
-    _run_embed,
-    _scan_lengths,
-    _split_batch,
-    _with_dyn,
     apply,
     calibrate,
     convert,
     format_table,
+    run_dot_like,
+    run_embed,
 )
 from jq.flax.rules import Rule, check_rules
+from jq.flax.select import choose, leaf_specs, scan_lengths
+from jq.flax.stream import Stream, observed_range, peek, split_batch
 from jq.qparams import QuantSpec, qparams_from_range
 from jq.quantize import quantize
 
@@ -151,9 +146,9 @@ class _Graph:
 
         for i, eqn in enumerate(jaxpr.eqns):
             path = prefix + (i,)
-            here = _scope_path(eqn, scope)
+            here = scope_path(eqn, scope)
             ins = [ref(v) for v in eqn.invars]
-            inner = _inner_jaxpr(eqn)
+            inner = inner_jaxpr(eqn)
             if inner is not None:
                 j, consts = inner
                 outs = self._walk(j, ins, [self._fresh() for _ in j.constvars], path, here)
@@ -388,7 +383,7 @@ class _CastRun:
 
     def _eval(self, eqn, invals, path):
         prim = eqn.primitive.name
-        inner = _inner_jaxpr(eqn)
+        inner = inner_jaxpr(eqn)
         if inner is not None:
             j, consts = inner
             return self.run(j, consts, invals, path)
@@ -539,10 +534,10 @@ class CastModel:
         """
         if self._example is None:  # what report() traces when called without an input
             self._example = (tuple(jax.tree_util.tree_map(
-                lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) if _is_dynamic(a) else a, args)),
+                lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) if is_dynamic(a) else a, args)),
                 kwargs)
         flat, tree = jax.tree_util.tree_flatten((args, kwargs))
-        dyn_idx = tuple(i for i, x in enumerate(flat) if _is_dynamic(x))
+        dyn_idx = tuple(i for i, x in enumerate(flat) if is_dynamic(x))
         static = tuple((i, x) for i, x in enumerate(flat) if i not in dyn_idx)
         try:
             key = (tree, dyn_idx, static)
@@ -746,12 +741,8 @@ def cast(
 
 def _observe_max(adapter: ModelAdapter, batches: Iterable, kwargs: dict) -> dict:
     """max |x| of every equation's float output (and of every float input) over `batches`."""
-    it = iter(batches)
-    try:
-        first = next(it)
-    except StopIteration:
-        raise ValueError("jq.cast: `batches` is empty; pass None to skip calibration") from None
-    args = _split_batch(first)
+    first, batches = peek(batches, "jq.cast: `batches` is empty; pass None to skip calibration")
+    args = split_batch(first)
     t = trace(adapter, adapter.values, args, kwargs)
     graph = _Graph(t.jaxpr)
     init = {_pkey(n.path): jnp.zeros((), jnp.float32) for n in graph.nodes}
@@ -759,27 +750,15 @@ def _observe_max(adapter: ModelAdapter, batches: Iterable, kwargs: dict) -> dict
     for k in in_keys:
         init[k] = jnp.zeros((), jnp.float32)
 
-    @jax.jit
-    def step(leaves, obs, dyn):
-        a, kw = _with_dyn(struct, dyn)
-        tt = trace(adapter, [jax.ShapeDtypeStruct(jnp.shape(x), x.dtype) for x in leaves], a, kw)
+    def body(tt, leaves, dyn, obs, extra):
         run = _CastRun(jnp.float32, {}, observe=True, obs=dict(obs))
         for k, d in zip(in_keys, dyn):
             if _is_float(d.dtype):
                 run.obs[k] = jnp.maximum(run.obs[k], jnp.max(jnp.abs(d)).astype(jnp.float32))
-        run.run(tt.jaxpr, tt.consts, list(leaves) + list(dyn))
+        run.run(tt.jaxpr, tt.consts, leaves + dyn)
         return run.obs
 
-    obs = init
-    batch = first
-    while True:
-        struct = (_split_batch(batch), kwargs)
-        dyn = [x for x in jax.tree_util.tree_leaves(struct) if _is_arr(x)]
-        obs = step(adapter.values, obs, dyn)
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
+    obs, _ = Stream(adapter, kwargs, body).run(batches, adapter.values, init, desc="cast")
     out = {k: float(v) for k, v in obs.items()}
     out["__example__"] = (args, kwargs)
     return out
@@ -814,7 +793,7 @@ class SensitivityResult:
 
 def _batch_inputs(batch, inputs):
     if inputs is None:
-        return _split_batch(batch)
+        return split_batch(batch)
     a = inputs(batch)
     return a if isinstance(a, tuple) else (a,)
 
@@ -828,7 +807,7 @@ class _QuantEval:
         self.rules = rules
         t = trace(self.adapter, self.adapter.values, args, kwargs)
         self.finder = t.finder
-        self.chosen = _choose(t.finder, rules, warn=False)
+        self.chosen = choose(t.finder, rules, warn=False)
         self.stats = stats
         self._act_qps = {}
         for c in self.chosen.values():
@@ -838,8 +817,8 @@ class _QuantEval:
                 key = c.site.act_key(op)
                 if stats is None or key not in stats.states:
                     raise ValueError(f"jq.sensitivity: static site {key!r} has no calibration statistics")
-                lo, hi = _observed_range(stats.observers[key], stats.states[key],
-                                         _scan_lengths(c.site, t.finder))
+                lo, hi = observed_range(stats.observers[key], stats.states[key],
+                                         scan_lengths(c.site, t.finder))
                 spec = c.rule.activation.replace(calibration=None)
                 self._act_qps[key] = qparams_from_range(lo, hi, spec)
         self._fns: dict = {}
@@ -848,22 +827,22 @@ class _QuantEval:
         if names in self._fns:
             return self._fns[names]
         chosen = {n: c for n, c in self.chosen.items() if n in names}
-        specs = _leaf_specs(chosen)
+        specs = leaf_specs(chosen)
         adapter, kwargs = self.adapter, self.kwargs
         act_qps = {k: v for k, v in self._act_qps.items() if k in chosen or k.rsplit(":", 1)[0] in chosen}
 
         def handler(site, eqn, invals, sts):
             c = chosen[site.name]
             if site.kind == "embed":
-                return _run_embed(eqn, invals)
+                return run_embed(eqn, invals)
             if c.mode == "weight_only":
                 if site.kind == "act_dot":
                     return bind_eqn(eqn, invals)
-                return _run_dot_like(site, eqn, invals, site.operand, {}, {}, "weight_only")
+                return run_dot_like(site, eqn, invals, {}, {}, "weight_only")
             act = c.rule.activation.replace(calibration=None)
             sp = {op: act for op in site.act_operands}
             qps = {op: sts[site.act_key(op)] for op in site.act_operands} if c.mode == "static" else {}
-            return _run_dot_like(site, eqn, invals, site.operand, sp, qps, c.mode)
+            return run_dot_like(site, eqn, invals, sp, qps, c.mode)
 
         @jax.jit
         def f(leaves, qps, dyn):
@@ -988,7 +967,7 @@ def sensitivity(
 def _make_eval(model, variables, rules, batches, inputs, stats, method, kwargs, args0):
     adapter = ModelAdapter(model, variables, method)
     t = trace(adapter, adapter.values, args0, kwargs)
-    chosen = _choose(t.finder, rules, warn=False)
+    chosen = choose(t.finder, rules, warn=False)
     if stats is None and any(c.mode == "static" for c in chosen.values()):
         stats = calibrate(model, variables, [_batch_inputs(b, inputs) for b in batches], rules, method=method,
                           kwargs=kwargs, progress=False)

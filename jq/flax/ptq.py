@@ -24,31 +24,23 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jq.flax._graph import (
-    Interpreter,
     ModelAdapter,
     Site,
-    _inner_jaxpr,
-    bind_eqn,
+    inner_jaxpr,
     scan_counts,
     trace,
 )
-from jq.flax.api import (
-    CalibrationStats,
-    QuantizedVariables,
-    _abstract,
-    _act_fit,
-    _choose,
-    _is_arr,
-    _leaf_specs,
-    _scan_lengths,
-    _sds,
-    _split_batch,
-    _stack_tree,
-    _with_dyn,
-    calibrate,
-    convert,
-)
+from jq.flax.api import CalibrationStats, QuantizedVariables, calibrate, convert
 from jq.flax.rules import Rule, check_rules
+from jq.flax.select import choose, leaf_specs, scan_lengths, stack_tree
+from jq.flax.stream import (
+    Stream,
+    abstract,
+    init_observers,
+    observe_site,
+    site_body,
+    split_batch,
+)
 from jq.gptq_core import gptq_quantize, gptq_with_params
 from jq.qparams import QParams, QuantSpec, qparams_from_array
 from jq.quantize import _expand_blocks, quantize
@@ -102,8 +94,8 @@ def _site_deps(jaxpr, finder) -> dict[str, frozenset]:
                 )
                 deps[site.name] = deps.get(site.name, empty) | up
                 outs = [union | {site.name}] * len(eqn.outvars)
-            elif _inner_jaxpr(eqn) is not None:
-                inner, _ = _inner_jaxpr(eqn)
+            elif inner_jaxpr(eqn) is not None:
+                inner, _ = inner_jaxpr(eqn)
                 sub = {iv: d for iv, d in zip(inner.invars, ins)}
                 walk(inner, sub)
                 outs = [
@@ -144,51 +136,6 @@ def _new_variables(adapter: ModelAdapter, leaves: list):
     return nnx.merge(adapter.graphdef, tree), None
 
 
-# ---------------------------------------------------------------------------------------
-# streaming per-site statistics over the batches (one jitted step per batch)
-# ---------------------------------------------------------------------------------------
-class _Stream:
-    """Runs the model over calibration batches, one jitted step per batch, calling
-    ``site_fn(site, eqn, invals, states, enabled)`` at the `selected` sites (it may
-    return replacement operands for the site's float evaluation).
-
-    The step is compiled once (per batch shape): the leaves (float weights, some
-    of them already replaced) and a per-site ``enabled`` flag are arguments, so
-    every stage of the sequential GPTQ reuses it.
-    """
-
-    def __init__(self, adapter, kwargs, selected, site_fn):
-        self.adapter = adapter
-        self.kwargs = kwargs
-        self._struct = None
-        stream = self
-
-        def step(leaves, sts, dyn, enabled):
-            a, kw = _with_dyn(stream._struct, dyn)
-            tt = trace(adapter, [_sds(x) for x in leaves], a, kw)
-            sts = dict(sts)
-
-            def handler(site, eqn, invals, states):
-                new = site_fn(site, eqn, invals, states, enabled)
-                return bind_eqn(eqn, invals if new is None else new)
-
-            Interpreter(tt.finder, set(selected), handler).run(
-                tt.jaxpr, tt.consts, list(leaves) + list(dyn), sts
-            )
-            return sts
-
-        self._step = jax.jit(step)
-
-    def run(self, batches, leaves, states, enabled=None, desc="calibrate", progress=False):
-        enabled = {k: jnp.asarray(True) for k in states} if enabled is None else enabled
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-            struct = (_split_batch(batch), self.kwargs)
-            self._struct = struct
-            dyn = [x for x in jax.tree_util.tree_leaves(struct) if _is_arr(x)]
-            states = self._step(list(leaves), states, dyn, enabled)
-        return states
-
-
 def _prepare(model, variables, batches, rules, method, kwargs, name):
     rules = check_rules(rules)
     kwargs = dict(kwargs or {})
@@ -198,9 +145,9 @@ def _prepare(model, variables, batches, rules, method, kwargs, name):
             f"jq.{name}: `batches` is empty; {name} needs at least one calibration batch"
         )
     adapter = ModelAdapter(model, variables, method)
-    args = _split_batch(batches[0])
+    args = split_batch(batches[0])
     t = trace(adapter, adapter.values, args, kwargs)
-    chosen = _choose(t.finder, rules)
+    chosen = choose(t.finder, rules)
     return rules, kwargs, batches, adapter, args, t, chosen
 
 
@@ -334,14 +281,14 @@ def gptq(
         static_groups=static_groups,
         bits=bits,
     )
-    leaf_specs = _leaf_specs(chosen)
+    specs = leaf_specs(chosen)
     uses: dict[int, list[Site]] = {}
     for s in t.finder.sites:
         if s.leaf is not None:
             uses.setdefault(s.leaf.index, []).append(s)
     targets: dict[str, tuple] = {}  # site name -> (leaf index, spec (per layer), contracting dims)
     info = []
-    for idx, (spec, c) in leaf_specs.items():
+    for idx, (spec, c) in specs.items():
         s = c.site
         reason = None
         if not spec.fmt.is_integer:
@@ -355,7 +302,7 @@ def gptq(
             geo = _dot_geometry(s)
             if isinstance(geo, str):
                 reason = geo
-            elif s.stack and _scan_lengths(s, t.finder) != s.stack:
+            elif s.stack and scan_lengths(s, t.finder) != s.stack:
                 reason = "stacked weight outside a matching scan"
             else:
                 wc, ac = geo
@@ -412,11 +359,11 @@ def gptq(
         _, _, wc, _, per_layer = targets[name]
         k = int(np.prod(per_layer[: len(wc)]))
         site = next(s for s in t.finder.sites if s.name == name)
-        init[name] = _stack_tree(
+        init[name] = stack_tree(
             {"h": jnp.zeros((k, k), jnp.float32), "n": jnp.zeros((), jnp.float32)},
-            _scan_lengths(site, t.finder),
+            scan_lengths(site, t.finder),
         )
-    stream = _Stream(adapter, kwargs, set(targets), site_fn)
+    stream = Stream(adapter, kwargs, site_body(set(targets), site_fn))
     leaves = list(adapter.values)
     bar = tqdm(total=len(targets), desc="gptq", unit="weight", disable=not progress)
     if rtn:
@@ -433,7 +380,8 @@ def gptq(
                 }
         else:
             enabled = {name: jnp.asarray(name in stage) for name in targets}
-            hs = stream.run(batches, leaves, init, enabled, "hessians", progress)
+            hs, _ = stream.run(batches, leaves, init, enabled, desc="hessians", progress=progress,
+                               leave=False)
         for name in stage:
             idx, lspec, wc, _, per_layer = targets[name]
             t0 = time.perf_counter()
@@ -474,7 +422,7 @@ def gptq(
     variables_q = dict(qvars.variables)
     for entry in targets.values():
         idx, wq, qp = entry[0], entry[5][0], entry[5][1]
-        spec = leaf_specs[idx][0]
+        spec = specs[idx][0]
         q = quantize(wq, qp, spec)
         variables_q[adapter.leaves[idx].path] = q
     qvars = QuantizedVariables(variables_q, qvars.activations, qvars.plan)
@@ -518,7 +466,7 @@ class _Dataflow:
 
     def _walk(self, jaxpr):
         for eqn in jaxpr.eqns:
-            inner = _inner_jaxpr(eqn)
+            inner = inner_jaxpr(eqn)
             if inner is not None:
                 j, _ = inner
                 for iv, ov in zip(j.invars, eqn.invars):
@@ -772,7 +720,7 @@ def smoothquant(
         if (
             isinstance(geo, str)
             or uses[s.leaf.index] != 1
-            or (s.stack and _scan_lengths(s, t.finder) != s.stack)
+            or (s.stack and scan_lengths(s, t.finder) != s.stack)
         ):
             warnings.warn(
                 f"jq.smoothquant: site {name!r} is not smoothed "
@@ -791,14 +739,14 @@ def smoothquant(
         sts[site.name] = jnp.maximum(sts[site.name], jnp.max(jnp.abs(xm), axis=0))
 
     init = {
-        n: _stack_tree(
+        n: stack_tree(
             jnp.zeros((int(np.prod(v[3][: len(v[1])])),), jnp.float32),
-            _scan_lengths(v[4], t.finder),
+            scan_lengths(v[4], t.finder),
         )
         for n, v in targets.items()
     }
-    amax = _Stream(adapter, kwargs, set(targets), absmax_fn).run(
-        batches, adapter.values, init, None, "smoothquant", progress
+    amax, _ = Stream(adapter, kwargs, site_body(set(targets), absmax_fn)).run(
+        batches, adapter.values, init, desc="smoothquant", progress=progress, leave=False
     )
 
     leaves = list(adapter.values)
@@ -833,29 +781,14 @@ def smoothquant(
         smooth[name] = jnp.stack(per).reshape(stack + per[0].shape)
 
     # pass 2: static activation ranges of the smoothed activations
-    observers, states = {}, {}
-    for c in chosen.values():
-        if c.mode != "static":
-            continue
-        for op in c.site.act_operands:
-            _act_fit(c, op)
-            aval = c.site.in_avals[op]
-            key = c.site.act_key(op)
-            observers[key] = c.rule.activation.calibration
-            states[key] = _stack_tree(
-                observers[key].init(jnp.zeros(aval.shape, aval.dtype)),
-                _scan_lengths(c.site, t.finder),
-            )
+    observers, states, lengths = init_observers(chosen, t.finder)
 
     def observe_fn(site, eqn, invals, sts, enabled):
         vals = list(invals)
         if site.name + ":smooth" in sts:
             op = site.act_operands[0]
             vals[op] = vals[op] * (1.0 / sts[site.name + ":smooth"]).astype(vals[op].dtype)
-        for op in site.act_operands:
-            key = site.act_key(op)
-            if key in sts:
-                sts[key] = observers[key].update(sts[key], vals[op])
+        observe_site(site, vals, sts, observers)
         return vals
 
     sts0 = dict(states)
@@ -863,15 +796,16 @@ def smoothquant(
         sts0[name + ":smooth"] = sv
     # smoothed sites run as (x / s) @ (diag(s) W) so that later sites see the right inputs
     selected = {c.site.name for c in chosen.values() if c.mode == "static"} | set(smooth)
-    sts = _Stream(adapter, kwargs, selected, observe_fn).run(
-        batches, leaves, sts0, None, "calibrate", progress
+    sts, _ = Stream(adapter, kwargs, site_body(selected, observe_fn)).run(
+        batches, leaves, sts0, desc="calibrate", progress=progress, leave=False
     )
     stats = CalibrationStats(
         {k: sts[k] for k in states},
         observers,
         len(batches),
-        (_abstract(args), kwargs),
+        (abstract(args), kwargs),
         tuple(chosen),
+        lengths,
     )
     new_model, new_vars = _new_variables(adapter, leaves)
     qvars = convert(new_model, new_vars, rules, stats, args=args, kwargs=kwargs, method=method)

@@ -1,0 +1,239 @@
+"""Streams batches through a traced model, one jitted step per batch, and keeps observers.
+
+`calibrate`, `cast` (overflow calibration), `gptq` (Hessians) and `smoothquant`
+(channel maxima, then smoothed ranges) all run the float model over a stream
+of batches and fold something from every batch into a pytree of state. They
+share one loop, `Stream`: the model is re-traced inside a jitted step whose
+arguments are the variables, the state and the batch's arrays, so the step
+compiles once per batch signature. `site_body` makes the common step, which
+evaluates the traced model with `Interpreter` and calls a function at every
+selected site.
+
+Static activation sites observe their operands with the rule's observer:
+`init_observers` makes one observer state per static operand (stacked over
+the scans around the site), `observe_site` updates them, and `observed_range`
+reads a range back, one call per scanned layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jq.flax._graph import Interpreter, ModelAdapter, Site, SiteFinder, Traced, bind_eqn, trace
+from jq.flax.select import Choice, activation_spec, scan_lengths, stack_tree
+
+__all__ = [
+    "Stream",
+    "abstract",
+    "init_observers",
+    "is_array",
+    "observe_site",
+    "observed_range",
+    "peek",
+    "shape_dtype",
+    "site_body",
+    "split_batch",
+    "warn_zero_width",
+    "with_dyn",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# batches and their array leaves
+# ---------------------------------------------------------------------------------------
+def split_batch(batch) -> tuple:
+    """A batch as the model's positional arguments: a tuple stays, anything else is one argument."""
+    if isinstance(batch, tuple):
+        return batch
+    return (batch,)
+
+
+def is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+def shape_dtype(x) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(jnp.shape(x), x.dtype)
+
+
+def abstract(tree):
+    """`tree` with every array replaced by its shape and dtype (the input signature)."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) if is_array(x) else x,
+        tree,
+    )
+
+
+def with_dyn(struct, dyn):
+    """Puts the array leaves `dyn` (tracers) back into the argument structure (as avals)."""
+    leaves, tree = jax.tree_util.tree_flatten(struct)
+    it = iter(dyn)
+    out = [shape_dtype(next(it)) if is_array(x) or isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves]
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+def peek(batches: Iterable, empty_error: str) -> tuple[Any, Iterator]:
+    """``(first batch, iterator over all batches)``; raises ``ValueError(empty_error)`` when empty."""
+    it = iter(batches)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError(empty_error) from None
+    return first, itertools.chain([first], it)
+
+
+# ---------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------
+#: ``body(traced, leaves, dyn, states, extra) -> states``, traced inside the jitted step.
+StepBody = Callable[[Traced, list, list, Any, Any], Any]
+
+
+class Stream:
+    """Runs a model over batches, one jitted step per batch, folding each batch into `states`.
+
+    The step traces the model on the batch's signature and calls ``body(traced,
+    leaves, dyn, states, extra)``, where `leaves` are the model's variables,
+    `dyn` the batch's arrays (the traced model's inputs after the leaves), and
+    `extra` any pytree the caller passes to `run` (e.g. per-site flags). The
+    leaves and `extra` are arguments, not constants, so the step compiles once
+    per batch signature however often `run` is called with new values.
+    """
+
+    def __init__(self, adapter: ModelAdapter, kwargs: dict, body: StepBody):
+        self.adapter = adapter
+        self.kwargs = kwargs
+        self._struct = None  # the current batch's (args, kwargs): its non-array parts are static
+
+        def step(leaves, states, dyn, extra):
+            a, kw = with_dyn(self._struct, dyn)
+            t = trace(adapter, [shape_dtype(x) for x in leaves], a, kw)
+            return body(t, list(leaves), list(dyn), states, extra)
+
+        self._step = jax.jit(step)
+
+    def run(self, batches: Iterable, leaves, states, extra=None, *, desc: str = "calibrate",
+            progress: bool = False, leave: bool = True) -> tuple[Any, int]:
+        """``(states after every batch, number of batches)``."""
+        n = 0
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=leave):
+            self._struct = (split_batch(batch), self.kwargs)
+            dyn = [x for x in jax.tree_util.tree_leaves(self._struct) if is_array(x)]
+            states = self._step(list(leaves), states, dyn, extra)
+            n += 1
+        return states, n
+
+
+#: ``site_fn(site, eqn, invals, states, extra) -> replacement operands or None``.
+SiteFn = Callable[[Site, Any, list, dict, Any], Any]
+
+
+def site_body(selected: set[str], site_fn: SiteFn) -> StepBody:
+    """A `Stream` step that evaluates the float model and calls `site_fn` at the `selected` sites.
+
+    `states` is the interpreter's state dict (see `Interpreter`); `site_fn`
+    updates it in place and may return new operands for the site's float
+    equation (e.g. a smoothed activation), so that later sites see them.
+    """
+
+    def body(t: Traced, leaves, dyn, states, extra):
+        states = dict(states)
+
+        def handler(site, eqn, invals, sts):
+            new = site_fn(site, eqn, invals, sts, extra)
+            return bind_eqn(eqn, invals if new is None else new)
+
+        Interpreter(t.finder, set(selected), handler).run(t.jaxpr, t.consts, leaves + dyn, states)
+        return states
+
+    return body
+
+
+# ---------------------------------------------------------------------------------------
+# observers of static activation sites
+# ---------------------------------------------------------------------------------------
+def init_observers(chosen: dict[str, Choice], finder: SiteFinder) -> tuple[dict, dict, dict]:
+    """``(observers, states, lengths)``, keyed by `Site.act_key`, for every static activation operand.
+
+    Each state is the rule's observer initialised for the operand's shape and
+    stacked over the scans around the site (`lengths`, outermost first).
+    """
+    observers, states, lengths = {}, {}, {}
+    for c in chosen.values():
+        if c.mode != "static":
+            continue
+        for op in c.site.act_operands:
+            activation_spec(c, op)
+            aval = c.site.in_avals[op]
+            obs = c.rule.activation.calibration
+            key = c.site.act_key(op)
+            observers[key] = obs
+            lengths[key] = scan_lengths(c.site, finder)
+            states[key] = stack_tree(obs.init(jnp.zeros(aval.shape, aval.dtype)), lengths[key])
+    return observers, states, lengths
+
+
+def observe_site(site: Site, vals: list, states: dict, observers: dict) -> None:
+    """Feeds the site's activation operands to their observers (the ones in `states`)."""
+    for op in site.act_operands:
+        key = site.act_key(op)
+        if key in states:
+            states[key] = observers[key].update(states[key], vals[op])
+
+
+def observed_range(obs, state, lengths: tuple[int, ...], key: str | None = None):
+    """`obs.range` for a state stacked over scan iterations: one call per layer, on the host.
+
+    With `key`, an observer's error (no data, non-finite values) names the site.
+    """
+    if key is not None:
+        try:
+            return observed_range(obs, state, lengths)
+        except ValueError as e:
+            raise ValueError(f"jq: static site {key!r}: {e}") from e
+    if not lengths:
+        return obs.range(state)
+    los, his = [], []
+    for idx in np.ndindex(*lengths):
+        lo, hi = obs.range(jax.tree_util.tree_map(lambda a, idx=idx: a[idx], state))
+        los.append(jnp.asarray(lo))
+        his.append(jnp.asarray(hi))
+    shape = lengths + los[0].shape
+    return jnp.stack(los).reshape(shape), jnp.stack(his).reshape(shape)
+
+
+def warn_zero_width(key: str, lo, hi) -> None:
+    """Warns, naming the site, when a calibrated range has zero width (constant activations).
+
+    Such a range is exact for the constant itself (0.0 at an all-zero site), but
+    `qparams_from_range` can only make a placeholder grid from it: scale 1 for
+    all-zero data, ``[0, c]`` for a constant ``c``. Any other value the site
+    sees at inference is then clipped or rounded to whole units, silently; this
+    is what a degenerate calibration batch (all zeros, one repeated sample)
+    does to a converted model.
+    """
+    if isinstance(lo, jax.core.Tracer) or isinstance(hi, jax.core.Tracer):
+        return
+    lo_np, hi_np = np.asarray(lo, np.float64).reshape(-1), np.asarray(hi, np.float64).reshape(-1)
+    flat = lo_np == hi_np
+    if not flat.any():
+        return
+    vals = np.unique(lo_np[flat])
+    shown = ", ".join(f"{v:.4g}" for v in vals[:3]) + (", ..." if vals.size > 3 else "")
+    where = "" if flat.size == 1 else f" in {int(flat.sum())} of {flat.size} channels / layers"
+    warnings.warn(
+        f"jq.convert: static site {key!r} was calibrated on constant activations{where} (every value "
+        f"{shown}): a zero-width range, whose grid holds only 0 and that value (all zeros: a placeholder "
+        "scale of 1). Other values at inference will be clipped or rounded to whole units. Calibrate on "
+        "representative batches, or make this site dynamic (drop `calibration` from its rule)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
