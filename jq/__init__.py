@@ -8,36 +8,63 @@ calibration observers (`jq.calibration`), integer dot_general / einsum / conv
 Importing jq does not import Flax; the Flax functions import it when called.
 """
 
-from jq import calibration, checks, deploy, hlo, lowering, numerics, ops, sharding
-from jq.checks import value_checks
-from jq.deploy import load_exported
+from jq import (
+    calibration,
+    checks,
+    deploy,
+    hlo,
+    lowering,
+    numerics,
+    ops,
+    sharding,
+)
+from jq.checks import (
+    value_checks,
+)
+from jq.deploy import (
+    load_exported,
+)
 from jq.flax import (
     QAT,
+    AutoQuantResult,
     CalibrationStats,
+    CastModel,
     QuantizedVariables,
     Rule,
+    SensitivityResult,
     apply,
+    auto_quantize,
     calibrate,
+    cast,
     convert,
+    export,
     format_table,
+    gptq,
     qat,
     report,
-    sites,
-)
-from jq.flax.export import export
-from jq.flax.precision import (
-    AutoQuantResult,
-    CastModel,
-    SensitivityResult,
-    auto_quantize,
-    cast,
     sensitivity,
+    sites,
+    smoothquant,
 )
-from jq.flax.ptq import gptq, smoothquant
-from jq.gptq_core import gptq_quantize, rtn_quantize
-from jq.numerics import format_info, get_format
-from jq.ops import conv_general_dilated, dot_general, einsum
-from jq.qparams import QParams, QuantSpec, qparams_from_array, qparams_from_range
+from jq.gptq_core import (
+    gptq_quantize,
+    rtn_quantize,
+)
+from jq.numerics import (
+    format_info,
+    get_format,
+)
+from jq.ops import (
+    conv_general_dilated,
+    dot_general,
+    einsum,
+)
+from jq.qparams import (
+    QParams,
+    QuantSpec,
+    qparams_from_array,
+    qparams_from_range,
+)
 from jq.quantize import (
     QArray,
     dequantize,

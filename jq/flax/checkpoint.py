@@ -15,7 +15,7 @@ import os
 import jax
 import numpy as np
 
-from jq.flax.api import Plan, QuantizedVariables, SitePlan
+from jq.flax.qvars import Plan, QuantizedVariables, SitePlan
 from jq.qparams import QParams, QuantSpec
 from jq.quantize import QArray
 

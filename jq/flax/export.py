@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from jq.deploy import export_function
-from jq.flax.api import QuantizedVariables, apply
+from jq.flax.apply import apply
+from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule
 
 __all__ = ["export"]

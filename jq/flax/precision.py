@@ -40,15 +40,11 @@ from jq.flax._graph import (
     scope_path,
     trace,
 )
-from jq.flax.api import (
-    CalibrationStats,
-    apply,
-    calibrate,
-    convert,
-    format_table,
-    run_dot_like,
-    run_embed,
-)
+from jq.flax.apply import apply, run_site
+from jq.flax.calibrate import calibrate
+from jq.flax.convert import convert
+from jq.flax.qvars import CalibrationStats
+from jq.flax.report import format_table
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import choose, leaf_specs, scan_lengths
 from jq.flax.stream import Stream, observed_range, peek, split_batch
@@ -833,16 +829,9 @@ class _QuantEval:
 
         def handler(site, eqn, invals, sts):
             c = chosen[site.name]
-            if site.kind == "embed":
-                return run_embed(eqn, invals)
-            if c.mode == "weight_only":
-                if site.kind == "act_dot":
-                    return bind_eqn(eqn, invals)
-                return run_dot_like(site, eqn, invals, {}, {}, "weight_only")
-            act = c.rule.activation.replace(calibration=None)
-            sp = {op: act for op in site.act_operands}
+            act = None if c.rule.activation is None else c.rule.activation.replace(calibration=None)
             qps = {op: sts[site.act_key(op)] for op in site.act_operands} if c.mode == "static" else {}
-            return run_dot_like(site, eqn, invals, sp, qps, c.mode)
+            return run_site(site, eqn, invals, c.mode, act, qps)
 
         @jax.jit
         def f(leaves, qps, dyn):

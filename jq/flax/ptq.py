@@ -30,7 +30,9 @@ from jq.flax._graph import (
     scan_counts,
     trace,
 )
-from jq.flax.api import CalibrationStats, QuantizedVariables, calibrate, convert
+from jq.flax.calibrate import calibrate
+from jq.flax.convert import convert
+from jq.flax.qvars import CalibrationStats, QuantizedVariables
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import choose, leaf_specs, scan_lengths, stack_tree
 from jq.flax.stream import (

@@ -138,7 +138,7 @@ def merge_stats(*stats):
     Raises:
       ValueError: fewer than two, or they observed different sites / observers.
     """
-    from jq.flax.api import CalibrationStats
+    from jq.flax.qvars import CalibrationStats
 
     if len(stats) < 2 or not all(isinstance(s, CalibrationStats) for s in stats):
         raise ValueError("merge_stats: pass two or more CalibrationStats from jq.calibrate")

@@ -1,0 +1,391 @@
+"""Quantization-aware training of an unmodified model: `qat` / `QAT`, and reading QAT variables back.
+
+`convert` reads trained QAT variables through `is_qat_vars`,
+`qat_model_variables`, `variables_example`, `recorded_kwargs`,
+`qat_act_qparams` and `qat_weight_qparams`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jq.flax._graph import Interpreter, ModelAdapter, bind_eqn, fmt_paths, state_changes, trace
+from jq.flax.qvars import CalibrationStats
+from jq.flax.rules import Rule, check_rules
+from jq.flax.select import activation_spec, choose, leaf_specs, scan_lengths, stack_tree
+from jq.flax.stream import observed_range, warn_zero_width
+from jq.qparams import QParams, qparams_from_array, qparams_from_range, reduce_range
+from jq.quantize import fake_quant, lsq_fake_quant
+
+__all__ = [
+    "QAT",
+    "is_qat_vars",
+    "qat",
+    "qat_act_qparams",
+    "qat_model_variables",
+    "qat_weight_qparams",
+    "recorded_kwargs",
+    "variables_example",
+]
+
+
+class QAT:
+    """Quantization-aware training of an unmodified model.
+
+    ``qat = jq.qat(model, rules)``; ``qv = qat.init(variables, x)`` returns a
+    dict with three entries:
+
+    * ``"params"``: the model's float parameters (linen: ``variables["params"]``;
+      nnx: ``{path: array}`` of its `nnx.Param` leaves), trained as usual;
+    * ``"quant"``: learned quantization parameters (LSQ scales / zero points of
+      activations, and of weights when ``weights="lsq"``), trainable; keep them
+      out of weight decay with an optax mask;
+    * ``"state"``: everything not trained by gradients: tracked activation
+      ranges (moving average of min / max), other variable collections, and the
+      example input signature that `convert` re-traces with.
+
+    ``qat.apply(qv, x)`` runs the fake-quantized forward pass (straight-through
+    gradients); ``qat.apply(qv, x, update_stats=True)`` also returns the new
+    ``"state"`` with the moving-average ranges updated (PyTorch's
+    FakeQuantize order: update the range, then quantize with it).
+    ``jq.convert(model, qv, rules)`` gives inference variables whose
+    `jq.apply` output matches this forward pass.
+
+    Args:
+      model: linen or nnx Module.
+      rules: the `jq.Rule` list. Static activation specs track or learn their
+        range; dynamic ones use each batch's own range; weight-only rules
+        fake-quantize weights only.
+      activations: ``"ema"`` (moving-average min-max, constant
+        `averaging_constant`) or ``"lsq"`` (learned scale and zero point).
+      weights: ``"minmax"`` (each step's own per-channel min-max) or ``"lsq"``.
+      averaging_constant: EMA constant c in ``m <- m + c * (batch - m)``.
+    """
+
+    def __init__(self, model, rules, *, activations: str = "ema", weights: str = "minmax",
+                 averaging_constant: float = 0.01, method=None):
+        if activations not in ("ema", "lsq"):
+            raise ValueError(f"jq.qat: activations must be 'ema' or 'lsq', got {activations!r}")
+        if weights not in ("minmax", "lsq"):
+            raise ValueError(f"jq.qat: weights must be 'minmax' or 'lsq', got {weights!r}")
+        if not 0.0 < averaging_constant <= 1.0:
+            raise ValueError(f"jq.qat: averaging_constant must lie in (0, 1], got {averaging_constant}")
+        self.model = model
+        self.rules = check_rules(rules)
+        self.activations = activations
+        self.weights = weights
+        self.c = float(averaging_constant)
+        self.method = method
+
+    # -- variables <-> adapter ------------------------------------------------------------
+    def _adapter(self, params, state):
+        import flax.linen as nn
+
+        if isinstance(self.model, nn.Module):
+            return ModelAdapter(self.model, {"params": params, **state["variables"]}, self.method)
+        return ModelAdapter(self.model, None, self.method)
+
+    def _leaves(self, adapter, params, state):
+        if adapter.kind == "linen":
+            return list(adapter.values)
+        return list(adapter.override({**state["variables"], **params}).values)
+
+    def init(self, variables, *args, stats: CalibrationStats | None = None, **kwargs) -> dict:
+        """QAT variables from trained float variables (nnx: None) and an example input.
+
+        Activation ranges start from `stats` when given, otherwise from the
+        example batch's min-max; LSQ scales start from those ranges.
+        """
+        import flax.linen as nn
+
+        if isinstance(self.model, nn.Module):
+            if variables is None:
+                raise ValueError("jq.qat.init: a linen model needs its trained variables")
+            from flax.core import unfreeze
+
+            variables = unfreeze(variables)
+            params = variables["params"]
+            rest = {k: v for k, v in variables.items() if k != "params"}
+        else:
+            if variables is not None:
+                raise ValueError("jq.qat.init: an nnx model carries its state; pass variables=None")
+            adapter = ModelAdapter(self.model, None, self.method)
+            params = {li.path: v for li, v in zip(adapter.leaves, adapter.values) if li.is_param}
+            rest = {li.path: v for li, v in zip(adapter.leaves, adapter.values) if not li.is_param}
+        # a one-row example input, kept so that `convert` can re-trace the model
+        example = tuple(
+            jnp.zeros((1,) + tuple(np.shape(a))[1:] if np.ndim(a) else (), jnp.result_type(a)) for a in args
+        )
+        state = {"variables": rest, "ranges": {}, "example": example,
+                 "example_kwargs": _StaticKwargs.record(kwargs)}
+        adapter = self._adapter(params, state)
+        t = trace(adapter, self._leaves(adapter, params, state), args, kwargs)
+        chosen = choose(t.finder, self.rules)
+        ranges, quant = {}, {"activations": {}, "weights": {}}
+        key_choice = {}
+        for c in chosen.values():
+            if c.mode != "static":
+                continue
+            spec = c.rule.activation
+            for op in c.site.act_operands:
+                activation_spec(c, op)
+                key = c.site.act_key(op)
+                key_choice[key] = c
+                lengths = scan_lengths(c.site, t.finder)
+                if stats is not None and key in stats.states:
+                    lo, hi = observed_range(stats.observers[key], stats.states[key], lengths, key)
+                    lo, hi = lo.reshape(lengths + spec.param_shape(tuple(c.site.in_avals[op].shape))), \
+                        hi.reshape(lengths + spec.param_shape(tuple(c.site.in_avals[op].shape)))
+                    cnt = jnp.ones(lengths, jnp.int32)
+                else:
+                    shape = spec.param_shape(tuple(c.site.in_avals[op].shape))
+                    lo = jnp.zeros(shape, jnp.float32)
+                    hi = jnp.zeros(shape, jnp.float32)
+                    cnt = jnp.zeros((), jnp.int32)
+                    lo, hi, cnt = (stack_tree(a, lengths) for a in (lo, hi, cnt))
+                ranges[key] = {"lo": jnp.asarray(lo, jnp.float32), "hi": jnp.asarray(hi, jnp.float32),
+                               "count": cnt}
+        state["ranges"] = ranges
+        qv = {"params": params, "quant": quant, "state": state}
+        if any(int(np.min(r["count"])) == 0 for r in ranges.values()):
+            _, new_state = self.apply(qv, *args, update_stats=True, **kwargs)
+            # only the ranges: init leaves RNG counts and BatchNorm statistics as the model has them
+            qv["state"] = {**state, "ranges": new_state["ranges"]}
+        if self.activations == "lsq":
+            for key, r in qv["state"]["ranges"].items():
+                qp = qparams_from_range(r["lo"], r["hi"], key_choice[key].rule.activation)
+                quant["activations"][key] = {
+                    "scale": qp.scale,
+                    "zero_point": None if qp.zero_point is None else qp.zero_point.astype(jnp.float32),
+                }
+        if self.weights == "lsq":
+            all_leaves = self._leaves(adapter, params, state)
+            for idx, (spec, c) in leaf_specs(chosen).items():
+                if not jnp.issubdtype(spec.fmt.dtype, jnp.integer):
+                    continue
+                qp = _minmax_qp(all_leaves[idx], spec)
+                quant["weights"][c.site.name] = {
+                    "scale": qp.scale,
+                    "zero_point": None if qp.zero_point is None else qp.zero_point.astype(jnp.float32),
+                }
+        return qv
+
+    def apply(self, qat_vars: dict, *args, update_stats: bool = False, **kwargs):
+        """Fake-quantized forward pass. Returns the output, or ``(output, new_state)``.
+
+        With ``update_stats=True`` the new state holds everything the step
+        changed, exactly as running the float model would change it:
+
+        * the moving-average activation ranges;
+        * nnx: every non-parameter variable the module updates in place (the
+          RNG counts of `nnx.Dropout` and other RNG streams, `nnx.BatchNorm`
+          statistics), so that each step draws a new dropout mask;
+        * linen: pass ``mutable=["batch_stats"]`` (and ``rngs=``) as to
+          ``model.apply``. The output is then ``(out, updates)``, as
+          ``model.apply`` returns it, and the updated collections that the
+          state holds are already merged into ``new_state["variables"]``;
+          collections the state does not hold (``"intermediates"``) are only
+          in ``updates``.
+
+        Raises:
+          ValueError: an nnx module changes its state (dropout active, BatchNorm
+            in training mode) while ``update_stats=False``, which would drop the
+            change and repeat one dropout mask on every call; pass
+            ``update_stats=True``, or call ``model.eval()`` for evaluation.
+        """
+        params, quant, state = qat_vars["params"], qat_vars["quant"], qat_vars["state"]
+        adapter = self._adapter(params, state)
+        adapter.with_state = adapter.kind == "nnx"
+        leaves = self._leaves(adapter, params, state)
+        t = trace(adapter, leaves, args, kwargs)
+        chosen = choose(t.finder, self.rules, warn=False)
+        # weights: fake-quantized once per step at the parameter, in its stored layout
+        for idx, (spec, c) in leaf_specs(chosen).items():
+            name = c.site.name
+            w = leaves[idx]
+            if self.weights == "lsq" and name in quant.get("weights", {}):
+                lq = quant["weights"][name]
+                leaves[idx] = lsq_fake_quant(w, QParams(lq["scale"], lq["zero_point"]), spec)
+            else:
+                leaves[idx] = fake_quant(w, None, spec)
+        c_ema = self.c
+        lsq = self.activations == "lsq"
+
+        def handler(site, eqn, invals, sts):
+            ch = chosen[site.name]
+            vals = list(invals)
+            if ch.mode != "weight_only":
+                spec = ch.rule.activation
+                for op in site.act_operands:
+                    key = site.act_key(op)
+                    x = vals[op]
+                    if ch.mode == "dynamic":
+                        vals[op] = fake_quant(x, None, spec)
+                    elif lsq and key in quant.get("activations", {}):
+                        a = sts["quant:" + key]
+                        vals[op] = lsq_fake_quant(x, QParams(a["scale"], a["zero_point"]), spec)
+                    else:
+                        r = sts[key]
+                        if update_stats and x.size:  # an empty batch leaves the range alone
+                            lo, hi = reduce_range(jax.lax.stop_gradient(x), spec)
+                            lo, hi = lo.reshape(r["lo"].shape), hi.reshape(r["hi"].shape)
+                            first = r["count"] == 0
+                            nlo = jnp.where(first, lo, r["lo"] + c_ema * (lo - r["lo"]))
+                            nhi = jnp.where(first, hi, r["hi"] + c_ema * (hi - r["hi"]))
+                            r = {"lo": nlo, "hi": nhi, "count": r["count"] + 1}
+                            sts[key] = r
+                        qp = qparams_from_range(r["lo"], r["hi"], spec)
+                        vals[op] = fake_quant(x, qp, spec)
+            return bind_eqn(eqn, vals)
+
+        sts = dict(state["ranges"])
+        for k, a in quant.get("activations", {}).items():
+            sts["quant:" + k] = a
+        selected = {n for n, c in chosen.items() if c.site.kind != "embed"}
+        outs = Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, leaves + t.dyn_args, sts)
+        out = jax.tree_util.tree_unflatten(t.out_tree, outs)
+        new_vars = state["variables"]
+        if adapter.kind == "nnx":
+            out, new_leaves = out
+            changed = state_changes(t, adapter)
+            if changed and not update_stats:
+                raise ValueError(
+                    f"jq.qat.apply: the nnx model updates its state in this call ({fmt_paths(changed)}: "
+                    "dropout RNG counts, BatchNorm statistics), which update_stats=False would drop, "
+                    "repeating one dropout mask on every call; pass update_stats=True and keep the "
+                    "returned state, or call model.eval() to evaluate"
+                )
+            new_vars = {li.path: v for li, v in zip(adapter.leaves, new_leaves) if li.path in new_vars}
+        elif kwargs.get("mutable", False) is not False:
+            new_vars = _merge_linen_updates(new_vars, out)
+        if not update_stats:
+            return out
+        new_state = dict(state)
+        new_state["variables"] = new_vars
+        new_state["ranges"] = {k: sts[k] for k in state["ranges"]}
+        return out, new_state
+
+
+def qat(model, rules: Sequence[Rule], **kw) -> QAT:
+    """A `QAT` wrapper of `model` (see `QAT`)."""
+    return QAT(model, rules, **kw)
+
+
+def is_qat_vars(v) -> bool:
+    return isinstance(v, dict) and set(v) == {"params", "quant", "state"} and "ranges" in v["state"]
+
+
+def qat_model_variables(model, qat_vars):
+    import flax.linen as nn
+
+    if isinstance(model, nn.Module):
+        return {"params": qat_vars["params"], **qat_vars["state"]["variables"]}
+    return None
+
+
+@jax.tree_util.register_pytree_node_class
+class _StaticKwargs:
+    """The plain-Python keyword arguments of `QAT.init` (``train=False``, ...), kept as static
+    pytree data in the QAT state (no leaves: jit, grad and optax pass them through), so that
+    `convert` re-traces the model with them."""
+
+    def __init__(self, items=()):
+        self.items = tuple(items)
+
+    @classmethod
+    def record(cls, kwargs: dict) -> _StaticKwargs:
+        keep = []
+        for k, v in sorted(kwargs.items()):
+            # `mutable` and `rngs` steer one call, they are not model inputs; arrays are not static
+            if k in ("mutable", "rngs") or not isinstance(v, (bool, int, float, str, type(None))):
+                continue
+            keep.append((k, v))
+        return cls(keep)
+
+    def tree_flatten(self):
+        return (), self.items
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(aux)
+
+    def __eq__(self, other):
+        return isinstance(other, _StaticKwargs) and self.items == other.items
+
+    def __hash__(self):
+        return hash(self.items)
+
+    def __repr__(self):
+        return f"StaticKwargs({dict(self.items)})"
+
+
+def variables_example(qat_vars):
+    """The example input recorded by `QAT.init`: ``(args, kwargs)``."""
+    ex = qat_vars["state"].get("example")
+    if ex is None:
+        raise ValueError("jq.convert: QAT variables carry no example input; pass args=(x,)")
+    return tuple(ex), recorded_kwargs(qat_vars)
+
+
+def recorded_kwargs(qat_vars) -> dict:
+    kw = qat_vars["state"].get("example_kwargs")
+    return dict(kw.items) if isinstance(kw, _StaticKwargs) else {}
+
+
+def qat_act_qparams(qat_vars, key, spec):
+    if key in qat_vars["quant"].get("activations", {}):
+        a = qat_vars["quant"]["activations"][key]
+        _check_learned_scale(key, a["scale"])
+        zp = a.get("zero_point")
+        return QParams(a["scale"], None if zp is None else jnp.round(zp).astype(jnp.int32))
+    r = qat_vars["state"]["ranges"].get(key)
+    if r is None:
+        raise ValueError(f"jq.convert: QAT variables have no range for static site {key!r}")
+    warn_zero_width(key, r["lo"], r["hi"])
+    return qparams_from_range(r["lo"], r["hi"], spec)
+
+
+def qat_weight_qparams(qat_vars, name: str) -> QParams | None:
+    """The learned (LSQ) weight parameters of site `name`, or None (min-max weights)."""
+    w = qat_vars["quant"].get("weights", {}).get(name)
+    if w is None:
+        return None
+    _check_learned_scale(name, w["scale"])
+    zp = w.get("zero_point")
+    return QParams(w["scale"], None if zp is None else jnp.round(zp).astype(jnp.int32))
+
+
+def _check_learned_scale(name: str, scale) -> None:
+    """LSQ scales are trained freely: a zero or non-finite one cannot quantize.
+
+    (A negative one can: the grid is mirrored, and `quantize` / `dequantize`
+    give exactly what `lsq_fake_quant` computed in training.)
+    """
+    if isinstance(scale, jax.core.Tracer):
+        return
+    s = np.asarray(scale, np.float64)
+    ok = np.isfinite(s) & (s != 0)
+    if not np.all(ok):
+        bad = s[~ok].reshape(-1)[:3].tolist()
+        raise ValueError(
+            f"jq.convert: the learned QAT scale of site {name!r} is zero or not finite (e.g. {bad}); "
+            "lower the learning rate of the `quant` parameters or clip them in training"
+        )
+
+
+def _merge_linen_updates(variables: dict, out):
+    """``variables`` with the collections of a linen ``(out, updates)`` result that it holds replaced."""
+    if not (isinstance(out, tuple) and len(out) == 2 and hasattr(out[1], "items")):
+        return variables
+    from flax.core import unfreeze
+
+    updates = unfreeze(out[1])
+    return {**variables, **{k: v for k, v in updates.items() if k in variables}}
+
+
+def _minmax_qp(w, spec):
+    return qparams_from_array(w, spec)

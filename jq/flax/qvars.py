@@ -1,0 +1,153 @@
+"""The data of the Flax workflow: what `calibrate` gathers and what `convert` makes.
+
+* `CalibrationStats`: one observer state per static activation site (stacked
+  over the scans around it), the observers, and the traced input signature.
+* `QuantizedVariables`: a converted model's variables (parameters as `QArray`),
+  static activation `QParams`, SmoothQuant factors, and the static `Plan` of
+  its sites (`SitePlan`) that `apply` runs and checks against.
+
+All site keys are `Site.act_key` strings: the site name (``"Dense_0/kernel"``),
+or ``"<name>:lhs"`` / ``"<name>:rhs"`` for the two operands of a dot between
+activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+
+from jq.flax.stream import observed_range
+from jq.qparams import QuantSpec
+from jq.quantize import QArray
+
+__all__ = [
+    "CalibrationStats",
+    "Plan",
+    "QuantizedVariables",
+    "SitePlan",
+]
+
+
+class CalibrationStats:
+    """Activation statistics gathered by `calibrate`: one observer state per static site.
+
+    Attributes:
+      states: dict from site key to observer state (a pytree).
+      observers: dict from site key to the observer that produced it.
+      num_batches: number of batches seen.
+      example: the traced input signature (shapes), reused by `convert`.
+      scan_lengths: dict from site key to the lengths of the scans (``nn.scan``,
+        ``nnx.scan``) around the site, outermost first; ``()`` outside any scan.
+        A scanned site's state is stacked over those leading axes, one
+        observer state per layer.
+    """
+
+    def __init__(self, states, observers, num_batches, example, site_names, scan_lengths=None):
+        self.states = states
+        self.observers = observers
+        self.num_batches = num_batches
+        self.example = example
+        self.site_names = site_names
+        self.scan_lengths = dict(scan_lengths or {})
+
+    def ranges(self) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """``{site key: (lo, hi)}``; raises if a site saw non-finite values or no data.
+
+        A site inside a scan gets ranges stacked over its scan axes: ``lo`` has
+        shape ``scan_lengths[key] + range shape`` (one range per layer).
+        """
+        return {k: observed_range(self.observers[k], st, self._lengths(k), k) for k, st in self.states.items()}
+
+    def _lengths(self, key) -> tuple[int, ...]:
+        if key in self.scan_lengths:
+            return tuple(self.scan_lengths[key])
+        # stats built elsewhere (merged shards, smoothquant): every observer state counts its
+        # batches in a scalar `count`, so its shape is the stack of scan lengths
+        return tuple(np.shape(getattr(self.states[key], "count", ())))
+
+    def __repr__(self):
+        return f"CalibrationStats({len(self.states)} sites, {self.num_batches} batches)"
+
+
+@dataclasses.dataclass(frozen=True)
+class SitePlan:
+    """Static description of one quantized site (kept inside `QuantizedVariables`)."""
+
+    name: str
+    kind: str
+    leaf: str | None  # parameter path
+    mode: str  # static | dynamic | weight_only
+    activation: QuantSpec | None  # calibration stripped
+    rule_index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static part of `QuantizedVariables`: the model kind, its variables' signature and its sites."""
+
+    model_kind: str
+    signature: tuple  # ((path, shape), ...) of the float model's variables
+    sites: tuple[SitePlan, ...]
+    float_leaves: tuple  # ((path, shape, dtype name), ...) of the quantized parameters
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["variables", "activations", "smooth"], meta_fields=["plan"]
+)
+@dataclasses.dataclass(frozen=True)
+class QuantizedVariables:
+    """A converted model's variables: a pytree, safe to pass through jit and to checkpoint.
+
+    Attributes:
+      variables: ``{path: leaf}`` for every variable of the model, with each
+        quantized parameter replaced by a `QArray` (int8 values, or int4 packed
+        two per byte, plus scales). No float copy of a quantized weight remains.
+      activations: ``{site key: QParams}`` for static activation quantization.
+      plan: static site table (modes, activation specs) and the float model's
+        signature, used by `apply` to run and to check that the variables belong
+        to the model.
+      smooth: ``{site name: s}``, SmoothQuant factors (`jq.smoothquant`, `jq.smoothing`): `apply`
+        multiplies the site's activation operand by ``1 / s`` before quantizing
+        it (the weight already holds ``diag(s) W``). `s` has the activation's
+        rank, size 1 on every axis but the contracting ones (plus leading
+        scan-stacking axes). Empty unless made by ``jq.smoothquant``.
+    """
+
+    variables: dict
+    activations: dict
+    plan: Plan
+    smooth: dict = dataclasses.field(default_factory=dict)
+
+    def nbytes(self) -> dict:
+        """``{"float": bytes of the float32 originals of the quantized parameters,
+        "quantized": bytes of their QArrays (values + scales + zero points),
+        "total_before", "total_after", "ratio"}``."""
+        fl = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in self.plan.float_leaves)
+        q = sum(v.nbytes for v in self.variables.values() if isinstance(v, QArray))
+        other = sum(int(np.size(v)) * np.dtype(v.dtype).itemsize for v in self.variables.values()
+                    if not isinstance(v, QArray) and hasattr(v, "dtype") and not jax.dtypes.issubdtype(
+                        v.dtype, jax.dtypes.prng_key))
+        acts = sum(int(x.size) * x.dtype.itemsize
+                   for x in jax.tree_util.tree_leaves((self.activations, self.smooth)))
+        return {
+            "float": fl,
+            "quantized": q,
+            "ratio": q / fl if fl else 1.0,
+            "total_before": fl + other,
+            "total_after": q + other + acts,
+        }
+
+    def summary(self) -> str:
+        b = self.nbytes()
+        modes = {}
+        for s in self.plan.sites:
+            modes[s.mode] = modes.get(s.mode, 0) + 1
+        ms = ", ".join(f"{v} {k}" for k, v in sorted(modes.items()))
+        return (
+            f"{len(self.plan.sites)} quantized sites ({ms}); quantized weights "
+            f"{b['float']:,} -> {b['quantized']:,} bytes ({b['ratio']:.3f}x); "
+            f"model {b['total_before']:,} -> {b['total_after']:,} bytes"
+        )
