@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jq
-from jq import _mixed_dot, lowering, ops
+from jq import lowering, ops
+from jq.ops import int8_dot
 
 DENSE = (((1,), (0,)), ((), ()))
 NK = (((1,), (1,)), ((), ()))  # weight stored (N, K)
@@ -93,7 +94,7 @@ def dot_cases(rng, m, k, n):
     lax_int = jax.jit(
         lambda a, b: jax.lax.dot_general(a, b, DENSE, preferred_element_type=jnp.int32)
     )
-    prim = lambda a, b: _mixed_dot.int8_dot_general(a, b, DENSE)  # noqa: E731
+    prim = lambda a, b: int8_dot.int8_dot_general(a, b, DENSE)  # noqa: E731
     return {
         "float32 jit": (jax.jit(lambda a, b: a @ b), (af, bf)),
         "int8 x int8 -> int32, lax.dot_general": (lax_int, (a8, b8)),
@@ -115,12 +116,12 @@ def matvec_cases(rng, k, n):
         "int8 M=1, lax.dot_general (XLA loop)": (lax_int, (a8, b8)),
         **_form_cases(
             "int8 M=1, jq, weight (N, K)",
-            lambda a, b: _mixed_dot.int8_dot_general(a, b, NK),
+            lambda a, b: int8_dot.int8_dot_general(a, b, NK),
             (a8, bt),
         ),
         **_form_cases(
             "int8 M=1, jq, weight (K, N)",
-            lambda a, b: _mixed_dot.int8_dot_general(a, b, DENSE),
+            lambda a, b: int8_dot.int8_dot_general(a, b, DENSE),
             (a8, b8),
         ),
     }
@@ -249,7 +250,7 @@ NOTES = """\
 Notes:
 
 - Lowering. `jq.ops` emits every int8 product through the primitive in
-  `jq/_mixed_dot.py`, in the form `jq.lowering` chooses per backend and CPU:
+  `jq/ops/int8_dot.py`, in the form `jq.lowering` chooses per backend and CPU:
   `u8s8` (a mixed `u8 x s8 -> s32` `stablehlo.dot_general`, which XLA:CPU hands
   to its VNNI kernels, a `__ynn_fusion` in the compiled HLO) on x86 with
   AVX-512 VNNI, AVX-VNNI or AMX; `s8s8` on other CPUs (XLA:CPU's `u8 x s8` is

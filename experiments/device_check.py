@@ -20,6 +20,7 @@ Writes DIR/summary.json, DIR/summary.md, DIR/junit.xml, DIR/ops.md, DIR/*.log.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -37,7 +38,8 @@ NK = (((1,), (1,)), ((), ()))
 def stage_env() -> dict:
     import jax
 
-    from jq import _mixed_dot, ops
+    from jq import ops
+    from jq.ops import int8_dot
 
     return {
         "python": sys.version.split()[0],
@@ -45,8 +47,8 @@ def stage_env() -> dict:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
-        "lowering_api_available": _mixed_dot.AVAILABLE,
-        "tested_jax_versions": list(_mixed_dot.TESTED_JAX_VERSIONS),
+        "lowering_api_available": int8_dot.AVAILABLE,
+        "tested_jax_versions": list(int8_dot.TESTED_JAX_VERSIONS),
         "lowering": ops.lowering_info(),
     }
 
@@ -57,12 +59,13 @@ def stage_sweep() -> dict:
     import numpy as np
 
     import jq
-    from jq import _mixed_dot, ops
+    from jq import ops
+    from jq.ops import int8_dot
 
     rng = np.random.default_rng(0)
     plain = jax.jit(lambda a, b, dn: jax.lax.dot_general(a, b, dn, preferred_element_type=jnp.int32),
                     static_argnums=2)
-    ours = jax.jit(lambda a, b, dn: _mixed_dot.int8_dot_general(a, b, dn), static_argnums=2)
+    ours = jax.jit(lambda a, b, dn: int8_dot.int8_dot_general(a, b, dn), static_argnums=2)
     rows = []
     for m in (1, 2, 6, 12):
         for k in (1, 2, 3, 4, 5, 8, 16, 40):
@@ -90,7 +93,7 @@ def stage_sweep() -> dict:
                   dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
         row = {"groups": groups, "lhs_dilation": list(ldil)}
         try:
-            out = np.asarray(jax.jit(lambda a, b: ops.conv_general_dilated(a, b, **kw))(qx, qw))
+            out = np.asarray(jax.jit(functools.partial(ops.conv_general_dilated, **kw))(qx, qw))
             xv = np.asarray(qx.int_value()).astype(np.float64) - np.asarray(qx.zero_point)
             wv = np.asarray(qw.int_value()).astype(np.float64)
             # integer values, |sums| < 2**24: exact in float32 at precision "highest"

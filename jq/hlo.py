@@ -25,7 +25,6 @@ __all__ = [
 ]
 
 _OP = re.compile(r"stablehlo\.(dot_general|convolution)\b.*?:\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->\s*(tensor<[^>]*>)")
-_INT8 = re.compile(r"x(i8|ui8|i4|ui4)>$|^tensor<(i8|ui8|i4|ui4)>$")
 
 
 def _elem(t: str) -> str:

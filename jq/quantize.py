@@ -344,6 +344,26 @@ def _fq_forward(x, scale, zp, spec):
     return y.astype(x.dtype), inside
 
 
+def _expanded(qp: QParams, shape) -> tuple[jax.Array, jax.Array]:
+    """Scale and zero point (0 when None) as float32, repeated to broadcast against `shape`."""
+    scale = _expand_blocks(qp.scale.astype(jnp.float32), shape)
+    zp = (
+        jnp.zeros((), jnp.float32)
+        if qp.zero_point is None
+        else _expand_blocks(qp.zero_point, shape).astype(jnp.float32)
+    )
+    return scale, zp
+
+
+def fake_quant_with_mask(x: jax.Array, qp: QParams, spec: QuantSpec):
+    """``dequantize(quantize(x, qp, spec))`` in float32, and the mask where it does not clip.
+
+    No checks: `qp` is already broadcast to keepdims form (`jq.ops` uses this
+    for its straight-through tangents, inside a `jax.custom_jvp`).
+    """
+    return _fq_forward(x.astype(jnp.float32), *_expanded(qp, x.shape), spec)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fake_quant_ste(x, scale, zp, spec):
     return _fq_forward(x, scale, zp, spec)[0]
@@ -369,13 +389,7 @@ def _prepare(x, qp, spec, fn):
     else:
         _check_qparams(qp, spec, fn)
     qp = broadcast_qparams(qp, x.shape, spec)
-    scale = _expand_blocks(qp.scale.astype(jnp.float32), x.shape)
-    zp = (
-        jnp.zeros((), jnp.float32)
-        if qp.zero_point is None
-        else _expand_blocks(qp.zero_point, x.shape).astype(jnp.float32)
-    )
-    return x, scale, zp
+    return (x, *_expanded(qp, x.shape))
 
 
 def fake_quant(x: jax.Array, qp: QParams | None, spec: QuantSpec) -> jax.Array:

@@ -22,9 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jq
-from jq import _mixed_dot, lowering, ops
+from jq import lowering, ops
 from jq.flax._graph import scan_counts
 from jq.lowering import int8_lowering
+from jq.ops import int8_dot
 
 FORMS = tuple(lowering.CPU_FORMS)
 DENSE = (((1,), (0,)), ((), ()))
@@ -87,7 +88,7 @@ class EveryFormIsExactTest(parameterized.TestCase):
         rng = np.random.default_rng(seed)
         a, b = _ints(rng, ashape, np.dtype(lhs)), _ints(rng, bshape, np.int8)
         with int8_lowering(cpu=form):
-            res = jax.jit(lambda a, b: _mixed_dot.int8_dot_general(a, b, dn, rhs_sums=sums))(a, b)
+            res = jax.jit(lambda a, b: int8_dot.int8_dot_general(a, b, dn, rhs_sums=sums))(a, b)
         out = res[0] if sums else res
         np.testing.assert_array_equal(np.asarray(out), _np_dot(a, b, dn))
         self.assertEqual(out.dtype, jnp.int32)
@@ -108,7 +109,7 @@ class EveryFormIsExactTest(parameterized.TestCase):
         w[:, 0] = -128
         b, dn = (w, DENSE) if layout == "kn" else (w.T.copy(), NK)
         with int8_lowering(cpu=form):
-            out = _mixed_dot.int8_dot_general(a, b, dn)
+            out = int8_dot.int8_dot_general(a, b, dn)
         np.testing.assert_array_equal(np.asarray(out), a.astype(np.int64) @ w.astype(np.int64))
 
     @parameterized.parameters(*FORMS)
@@ -116,7 +117,7 @@ class EveryFormIsExactTest(parameterized.TestCase):
         rng = np.random.default_rng(0)
         a, b = _ints(rng, (4, 3, 5), np.uint8), _ints(rng, (4, 5, 2), np.int8)
         with int8_lowering(cpu=form):
-            out = jax.vmap(lambda a, b: _mixed_dot.int8_dot_general(a, b, DENSE))(a, b)
+            out = jax.vmap(lambda a, b: int8_dot.int8_dot_general(a, b, DENSE))(a, b)
         np.testing.assert_array_equal(np.asarray(out), np.einsum("bmk,bkn->bmn", a.astype(np.int64), b.astype(np.int64)))
 
     @parameterized.parameters(*FORMS)
@@ -129,7 +130,7 @@ class EveryFormIsExactTest(parameterized.TestCase):
         pytest.importorskip("flatbuffers", reason="jax.export serialization needs flatbuffers")
         rng = np.random.default_rng(1)
         w = _ints(rng, (3, 4), np.int8)
-        f = jax.jit(lambda a, w: _mixed_dot.int8_dot_general(a, w, DENSE, rhs_sums=True))
+        f = jax.jit(lambda a, w: int8_dot.int8_dot_general(a, w, DENSE, rhs_sums=True))
         (b,) = jax.export.symbolic_shape("b")
         with int8_lowering(cpu=form):
             exp = jax.export.export(f, platforms=(jq.deploy.default_platform(),))(
@@ -346,7 +347,7 @@ class ChoiceTest(parameterized.TestCase):
                 pass
         with mock.patch.dict(os.environ, {lowering.ENV_VAR: "fast"}):
             with self.assertRaisesRegex(ValueError, "JQ_INT8_CPU_FORM"):
-                _mixed_dot.int8_dot_general(
+                int8_dot.int8_dot_general(
                     jnp.ones((2, 3), jnp.int8), jnp.ones((3, 2), jnp.int8), DENSE
                 )
 
@@ -404,7 +405,7 @@ class AcceleratorExportTest(chex.TestCase):
 
     def test_cuda_contraction_is_padded_to_a_multiple_of_4(self):
         """K = 3 (wrong in XLA:GPU's plain s8 dot) reaches cuda / tpu as K = 4, free dims >= 16."""
-        f = lambda a, b: _mixed_dot.int8_dot_general(a, b, DENSE)  # noqa: E731
+        f = lambda a, b: int8_dot.int8_dot_general(a, b, DENSE)  # noqa: E731
         args = (jax.ShapeDtypeStruct((12, 3), jnp.int8), jax.ShapeDtypeStruct((3, 5), jnp.int8))
         with int8_lowering(cpu="u8s8"):
             views = self._branches(f, *args)
@@ -420,7 +421,7 @@ class AcceleratorExportTest(chex.TestCase):
         self.assertEqual([int(d) for d in m[4].split("x")], [3, 5])
 
     def test_k_multiple_override_reaches_the_cuda_branch(self):
-        f = lambda a, b: _mixed_dot.int8_dot_general(a, b, NK)  # noqa: E731
+        f = lambda a, b: int8_dot.int8_dot_general(a, b, NK)  # noqa: E731
         args = (jax.ShapeDtypeStruct((32, 40), jnp.int8), jax.ShapeDtypeStruct((24, 40), jnp.int8))
         with int8_lowering(k_multiple=16):
             views = self._branches(f, *args)

@@ -11,8 +11,9 @@ import pytest
 from absl.testing import absltest, parameterized
 
 import jq
-from jq import _mixed_dot, ops
+from jq import ops
 from jq.lowering import int8_lowering
+from jq.ops import int8_dot
 
 DENSE = (((1,), (0,)), ((), ()))
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -273,7 +274,7 @@ def _np_dot(a, b, dn):
 class PrimitiveTest(chex.TestCase):
     def setUp(self):
         super().setUp()
-        self.assertTrue(_mixed_dot.AVAILABLE, "the lowering API should import on the tested JAX")
+        self.assertTrue(int8_dot.AVAILABLE, "the lowering API should import on the tested JAX")
 
     @parameterized.named_parameters(("u8", np.uint8), ("s8", np.int8))
     def test_abstract_eval(self, dt):
@@ -281,7 +282,7 @@ class PrimitiveTest(chex.TestCase):
         b = jax.ShapeDtypeStruct((2, 3, 7), jnp.int8)
         dn = (((2,), (2,)), ((0,), (0,)))
         out = jax.eval_shape(
-            lambda a, b: _mixed_dot.int8_dot_general(a, b, dn, rhs_sums=True), a, b
+            lambda a, b: int8_dot.int8_dot_general(a, b, dn, rhs_sums=True), a, b
         )
         self.assertEqual((out[0].shape, out[0].dtype), ((2, 5, 3), jnp.int32))
         self.assertEqual((out[1].shape, out[1].dtype), ((2, 3), jnp.int32))
@@ -297,7 +298,7 @@ class PrimitiveTest(chex.TestCase):
     def test_impl_is_exact(self, dt, ashape, bshape, dn):
         # extreme values included: -128 * -128 and 255 * -128 products
         a, b = _ints(0, ashape, dt), _ints(1, bshape, np.int8)
-        out, sums = self.variant(lambda a, b: _mixed_dot.int8_dot_general(a, b, dn, rhs_sums=True))(
+        out, sums = self.variant(lambda a, b: int8_dot.int8_dot_general(a, b, dn, rhs_sums=True))(
             a, b
         )
         np.testing.assert_array_equal(out, _np_dot(a, b, dn))
@@ -325,7 +326,7 @@ class PrimitiveTest(chex.TestCase):
             b = np.stack([b, -b, b // 2], axis=in_axes[1])  # 3 along in_axes[1]
         a_sl = lambda i: np.take(a, i, axis=in_axes[0]) if in_axes[0] is not None else a  # noqa: E731
         b_sl = lambda i: np.take(b, i, axis=in_axes[1]) if in_axes[1] is not None else b  # noqa: E731
-        f = jax.vmap(lambda a, b: _mixed_dot.int8_dot_general(a, b, dn, rhs_sums=True), in_axes)
+        f = jax.vmap(lambda a, b: int8_dot.int8_dot_general(a, b, dn, rhs_sums=True), in_axes)
         out, sums = f(a, b)
         for i in range(3):
             np.testing.assert_array_equal(out[i], _np_dot(a_sl(i), b_sl(i), dn))
@@ -333,7 +334,7 @@ class PrimitiveTest(chex.TestCase):
 
     def test_lowering_per_platform(self):
         dn = DENSE
-        f = lambda a, b: _mixed_dot.int8_dot_general(a, b, dn)  # noqa: E731
+        f = lambda a, b: int8_dot.int8_dot_general(a, b, dn)  # noqa: E731
         for dt, cpu_t in ((np.int8, "ui8"), (np.uint8, "ui8")):
             args = (jax.ShapeDtypeStruct((4, 8), dt), jax.ShapeDtypeStruct((8, 3), jnp.int8))
             with int8_lowering(cpu="u8s8"):
@@ -344,30 +345,30 @@ class PrimitiveTest(chex.TestCase):
 
     def test_bad_dtypes(self):
         with self.assertRaisesRegex(TypeError, "int8/uint8 lhs and an int8 rhs"):
-            _mixed_dot.int8_dot_general(
+            int8_dot.int8_dot_general(
                 jnp.ones((2, 3), jnp.int16), jnp.ones((3, 2), jnp.int8), DENSE
             )
         with self.assertRaisesRegex(TypeError, "int8/uint8 lhs and an int8 rhs"):
-            _mixed_dot.int8_dot_general(
+            int8_dot.int8_dot_general(
                 jnp.ones((2, 3), jnp.int8), jnp.ones((3, 2), jnp.uint8), DENSE
             )
 
     def test_fallback_warns_and_stays_exact(self):
         a, b = _ints(4, (3, 7), np.uint8), _ints(5, (7, 2), np.int8)
-        saved = (_mixed_dot.AVAILABLE, _mixed_dot._warned)
-        _mixed_dot.AVAILABLE, _mixed_dot._warned = False, False
-        _mixed_dot._IMPORT_ERROR = "simulated"
+        saved = (int8_dot.AVAILABLE, int8_dot._warned)
+        int8_dot.AVAILABLE, int8_dot._warned = False, False
+        int8_dot._IMPORT_ERROR = "simulated"
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                out, sums = _mixed_dot.int8_dot_general(a, b, DENSE, rhs_sums=True)
+                out, sums = int8_dot.int8_dot_general(a, b, DENSE, rhs_sums=True)
                 ops_out = ops.dot_general(
                     jq.QArray(jnp.asarray(a), jnp.ones((1, 1)), None, "uint8", (3, 7)),
                     jq.QArray(jnp.asarray(b), jnp.ones((1, 1)), None, "int8", (7, 2)),
                     DENSE,
                 )
         finally:
-            _mixed_dot.AVAILABLE, _mixed_dot._warned = saved
+            int8_dot.AVAILABLE, int8_dot._warned = saved
         self.assertTrue(
             any(
                 issubclass(w.category, RuntimeWarning) and "0.10.2" in str(w.message)
@@ -382,12 +383,13 @@ class PrimitiveTest(chex.TestCase):
     def test_supported_range_matches_pyproject_and_this_jax(self):
         """pyproject's jax pin is SUPPORTED_JAX, this JAX is inside it, tested ones too."""
         import os
+
         import tomllib
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         with open(os.path.join(root, "pyproject.toml"), "rb") as f:
             deps = tomllib.load(f)["project"]["dependencies"]
-        lo_op, lo, hi_op, hi = _mixed_dot.SUPPORTED_JAX
+        lo_op, lo, hi_op, hi = int8_dot.SUPPORTED_JAX
         pin = f"jax{lo_op}{'.'.join(map(str, lo))},{hi_op}{'.'.join(map(str, hi))}"
         self.assertIn(pin, [d.replace(" ", "") for d in deps])
 
@@ -396,7 +398,7 @@ class PrimitiveTest(chex.TestCase):
             return lo <= t < hi
 
         self.assertTrue(inside(jax.__version__), jax.__version__)
-        self.assertTrue(all(inside(v) for v in _mixed_dot.TESTED_JAX_VERSIONS))
+        self.assertTrue(all(inside(v) for v in int8_dot.TESTED_JAX_VERSIONS))
 
 
 if __name__ == "__main__":

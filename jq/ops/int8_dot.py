@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq import lowering as _lowering
+from jq import lowering
 
 __all__ = ["AVAILABLE", "SUPPORTED_JAX", "TESTED_JAX_VERSIONS", "int8_dot_general"]
 
@@ -94,7 +94,7 @@ def _check_dtypes(a, b):
         )
 
 
-def _rhs_sums(b, dn):
+def rhs_sums_of(b, dn):
     """``sum_k b`` as int32, shape (rhs batch..., rhs free...)."""
     (_, rc), (_, rb) = dn
     s = jnp.sum(b.astype(jnp.int32), axis=tuple(rc))
@@ -103,11 +103,12 @@ def _rhs_sums(b, dn):
     return jnp.transpose(s, order)
 
 
-def _sums_to_out(s, n_batch, n_lfree):
+def sums_to_out(s, n_batch, n_lfree):
+    """``(batch..., rhs free...)`` sums -> broadcastable against the dot's output."""
     return s.reshape(s.shape[:n_batch] + (1,) * n_lfree + s.shape[n_batch:])
 
 
-def _flip(a, dtype):
+def flip_top_bit(a, dtype):
     """int8 <-> uint8 by adding 128 (mod 256): a flip of the top bit."""
     return jax.lax.bitcast_convert_type(
         jax.lax.bitcast_convert_type(a, jnp.uint8) ^ jnp.uint8(0x80), dtype
@@ -131,7 +132,7 @@ def _cpu_form(a, b, dn, rhs_sums, *, signed: bool, dot):
     target = jnp.int8 if signed else jnp.uint8
     lfree = tuple(i for i in range(a.ndim) if i not in lc and i not in lb)
     shifted = a.dtype != target  # uint8 -> int8 (a = s + 128) or int8 -> uint8 (a = u - 128)
-    u = _flip(a, target) if shifted else a
+    u = flip_top_bit(a, target) if shifted else a
     nb, nc = len(lb), len(lc)
     u = jnp.transpose(u, lb + lfree + lc)  # (batch..., free..., contracting...)
     free_shape = tuple(a.shape[i] for i in lfree)
@@ -152,7 +153,7 @@ def _cpu_form(a, b, dn, rhs_sums, *, signed: bool, dot):
         sums = jax.lax.index_in_dim(out, m, axis=nb, keepdims=False)
         out = jax.lax.slice_in_dim(out, 0, m, axis=nb)
     elif need_sums:  # M > N: the reduction over the weight is small next to the dot
-        sums = _rhs_sums(b, dn)
+        sums = rhs_sums_of(b, dn)
     if shifted:
         corr = 128 * jnp.expand_dims(sums, nb)
         out = out + corr if signed else out - corr
@@ -178,7 +179,7 @@ def _padk_form(a, b, dn, rhs_sums, *, k_multiple: int, min_free: int, dot):
     (N, K) weight stays (N, K)).
     """
     (lc, rc), (lb, rb) = dn
-    s = a if a.dtype == jnp.int8 else _flip(a, jnp.int8)
+    s = a if a.dtype == jnp.int8 else flip_top_bit(a, jnp.int8)
     nb = len(lb)
     lfree = tuple(i for i in range(a.ndim) if i not in lc and i not in lb)
     rfree = tuple(i for i in range(b.ndim) if i not in rc and i not in rb)
@@ -209,9 +210,9 @@ def _padk_form(a, b, dn, rhs_sums, *, k_multiple: int, min_free: int, dot):
         out = jax.lax.slice(out, (0,) * (nb + 2), bshape + (m, n))
     out = out.reshape(bshape + lfree_shape + rfree_shape)
     need_sums = rhs_sums or a.dtype == jnp.uint8
-    sums = _rhs_sums(b, dn) if need_sums else None
+    sums = rhs_sums_of(b, dn) if need_sums else None
     if a.dtype == jnp.uint8:  # a = s + 128
-        out = out + 128 * _sums_to_out(sums, nb, len(lfree))
+        out = out + 128 * sums_to_out(sums, nb, len(lfree))
     return [out, sums] if rhs_sums else [out]
 
 
@@ -221,7 +222,7 @@ def _form(a, b, dn, rhs_sums, form, k_multiple, dot):
     if form == "s8s8":
         return _cpu_form(a, b, dn, rhs_sums, signed=True, dot=dot)
     return _padk_form(
-        a, b, dn, rhs_sums, k_multiple=k_multiple, min_free=_lowering.ACCEL_MIN_FREE, dot=dot
+        a, b, dn, rhs_sums, k_multiple=k_multiple, min_free=lowering.ACCEL_MIN_FREE, dot=dot
     )
 
 
@@ -356,7 +357,7 @@ def int8_dot_general(a: jax.Array, b: jax.Array, dimension_numbers, rhs_sums: bo
     (lc, rc), (lb, rb) = dimension_numbers
     dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
     _check_dtypes(a, b)
-    low = _lowering.current()
+    low = lowering.current()
     if AVAILABLE:
         outs = int8_dot_p.bind(
             a,
