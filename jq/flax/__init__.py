@@ -3,8 +3,9 @@
 One module per verb: `calibrate`, `convert`, `apply`, `qat`, `report` (with
 `sites`), `export`, `checkpoint`; `precision` (cast, sensitivity,
 auto_quantize) and `ptq` (gptq, smoothquant). The data types live in `qvars`,
-and the engine they share in `_graph` (tracing, sites, the interpreter),
-`select` (rule matching, specs) and `stream` (batches, observers).
+and the engine they share in `adapter` (linen / nnx as one function, traced),
+`_graph` (sites, the interpreter and its `StateKey` state), `select` (rule
+matching, specs) and `stream` (batches, observers).
 """
 
 from jq.flax.apply import apply

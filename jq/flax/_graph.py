@@ -11,25 +11,27 @@ covers linen and nnx modules alike, parameters used through ``x @ w`` or
 layers stacked with ``nn.scan`` / ``nnx.scan`` (whose stacked weights get one
 scale per layer).
 
-For linen, ``nn.intercept_methods`` labels every module call with a named scope
-so that activation-only sites (attention's qk and av einsums) carry their
-module path.
+Per-site state of the interpreter (observer states, QParams, ranges, ...) is
+keyed by `StateKey` ``(site, kind, operand)``. The model itself reaches this
+module as a jaxpr made by `jq.flax.adapter.trace`; for linen, the adapter's
+``nn.intercept_methods`` labels every module call with a named scope
+(`SCOPE_PREFIX`) so that activation-only sites (attention's qk and av einsums)
+carry their module path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
-import numpy as np
 
 from jq.quantize import QArray, dequantize
 
-_SCOPE_PREFIX = "jq="
+SCOPE_PREFIX = "jq="
 # primitives that only change a parameter's layout or dtype on its way to a dot
 _LAYOUT_OPS = {"convert_element_type", "transpose", "reshape", "squeeze", "expand_dims", "copy", "copy_p"}
 # call-like primitives whose body is evaluated inline
@@ -59,6 +61,19 @@ class LeafInfo:
     dtype: Any
 
 
+class StateKey(NamedTuple):
+    """Key of one entry of the interpreter's state: the site it belongs to and what it holds.
+
+    Entries of a site inside a scan are stacked over the scan's iterations, and
+    `Interpreter` hands the scan body the entries whose `site` lies in it. One
+    (site, kind) pair is either per operand or not, never both.
+    """
+
+    site: str  # `Site.name`
+    kind: str  # "observer", "qparams", "smooth", "range", "lsq", "metrics", "hessian", "absmax"
+    operand: int | None = None  # the activation operand (0: lhs, 1: rhs) of a per-operand entry
+
+
 @dataclasses.dataclass
 class Site:
     """A quantizable equation of the traced model."""
@@ -83,7 +98,13 @@ class Site:
         return (1 - self.operand,)
 
     def act_key(self, operand: int) -> str:
+        """The public key of an activation operand (`CalibrationStats`, `QuantizedVariables`, QAT ranges):
+        the site name, or ``"<name>:lhs"`` / ``"<name>:rhs"`` for a dot between activations."""
         return self.name if self.kind != "act_dot" else f"{self.name}:{'lhs' if operand == 0 else 'rhs'}"
+
+    def key(self, kind: str, operand: int | None = None) -> StateKey:
+        """The interpreter-state key of this site's `kind` entry (of `operand`, if per operand)."""
+        return StateKey(self.name, kind, operand)
 
 
 def scan_counts(params) -> tuple[int, int]:
@@ -100,7 +121,7 @@ def scan_counts(params) -> tuple[int, int]:
         return consts, carry
     raise KeyError(
         f"jq: unrecognised scan parameters {sorted(params)} (this JAX is newer than jq's "
-        "tested versions; see jq._mixed_dot.TESTED_JAX_VERSIONS)"
+        "tested versions; see jq.ops.int8_dot.TESTED_JAX_VERSIONS)"
     )
 
 
@@ -117,10 +138,10 @@ def inner_jaxpr(eqn):
 
 def scope_path(eqn, default: str) -> str:
     ns = str(eqn.source_info.name_stack)
-    found = [seg for seg in ns.split("/") if seg.startswith(_SCOPE_PREFIX)]
+    found = [seg for seg in ns.split("/") if seg.startswith(SCOPE_PREFIX)]
     if not found:
         return default
-    return found[-1][len(_SCOPE_PREFIX) :].replace(":", "/")
+    return found[-1][len(SCOPE_PREFIX) :].replace(":", "/")
 
 
 @dataclasses.dataclass
@@ -137,6 +158,7 @@ class SiteFinder:
         self.leaves = leaves
         self.sites: list[Site] = []
         self.by_eqn: dict[int, Site] = {}
+        self.by_name: dict[str, Site] = {}
         self._counts: dict[str, int] = {}
         self.scan_sites: dict[int, list[Site]] = {}  # scan eqn id -> sites inside it
         self.float_uses: dict[int, set[str]] = {}  # leaf index -> primitives using it as float
@@ -154,6 +176,7 @@ class SiteFinder:
     def _add(self, site: Site):
         self.sites.append(site)
         self.by_eqn[id(site.eqn)] = site
+        self.by_name[site.name] = site
         for s in site.scans:
             self.scan_sites.setdefault(s, []).append(site)
 
@@ -285,6 +308,17 @@ def materialize(v):
     return dequantize(v) if isinstance(v, QArray) else v
 
 
+def keyed_by_site(finder: SiteFinder, by_act_key: Mapping[str, Any], kind: str) -> dict[StateKey, Any]:
+    """Interpreter state from a dict keyed by `Site.act_key`: the entries of the traced sites."""
+    return {s.key(kind, op): by_act_key[s.act_key(op)]
+            for s in finder.sites for op in s.act_operands if s.act_key(op) in by_act_key}
+
+
+def keyed_by_act_key(finder: SiteFinder, states: Mapping[StateKey, Any], kind: str) -> dict[str, Any]:
+    """The per-operand `kind` entries of interpreter state, keyed by `Site.act_key` again."""
+    return {finder.by_name[k.site].act_key(k.operand): v for k, v in states.items() if k.kind == kind}
+
+
 # ---------------------------------------------------------------------------------------
 # the interpreter
 # ---------------------------------------------------------------------------------------
@@ -295,9 +329,10 @@ class Interpreter:
     """Evaluates a jaxpr, sending each selected site to `handler`.
 
     `states` is a dict of per-site pytrees (observer states, activation QParams,
-    EMA ranges, metrics). Sites inside a scan have their entries stacked along a
-    leading axis, one slice per iteration; the interpreter slices them into the
-    scan body and stacks the updated slices back.
+    EMA ranges, metrics) keyed by `StateKey`. Sites inside a scan have their
+    entries stacked along a leading axis, one slice per iteration; the
+    interpreter slices the entries of the sites in the scan body into it and
+    stacks the updated slices back.
     """
 
     def __init__(self, finder: SiteFinder, selected: set[str], handler: SiteHandler):
@@ -362,10 +397,8 @@ class Interpreter:
         closed = p["jaxpr"]
         nc, nk = scan_counts(p)
         consts, carry, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
-        inner_keys = sorted(
-            k for k in states if any(k == s.name or k.startswith(s.name + ":")
-                                     for s in self.finder.scan_sites.get(id(eqn), ()))
-        )
+        inner = {s.name for s in self.finder.scan_sites.get(id(eqn), ())}
+        inner_keys = [k for k in states if k.site in inner]
         # a stacked QArray's static shape would be wrong after slicing: pass its leaves
         xs_packed = []
         for x in xs:
@@ -395,185 +428,3 @@ class Interpreter:
         )
         states.update(st_ys)
         return list(new_carry) + list(ys)
-
-
-# ---------------------------------------------------------------------------------------
-# model adapters: linen and nnx behind one functional signature
-# ---------------------------------------------------------------------------------------
-def _key_name(k) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-class ModelAdapter:
-    """A linen or nnx model as ``fn(leaves, *args, **kwargs)`` with named leaves."""
-
-    def __init__(self, model, variables, method=None):
-        import flax.linen as nn
-        from flax import nnx
-
-        self.model = model
-        self.method = method
-        if isinstance(model, nn.Module):
-            self.kind = "linen"
-            if variables is None:
-                raise ValueError("jq: a linen model needs its `variables` (the dict from model.init)")
-            variables = nn.meta.unbox(_unfreeze(variables))  # drop nn.Partitioned boxes
-            flat, self.treedef = jax.tree_util.tree_flatten_with_path(variables)
-            infos = []
-            for i, (path, leaf) in enumerate(flat):
-                keys = [_key_name(k) for k in path]
-                infos.append(
-                    LeafInfo(i, "/".join(keys), "/".join(keys[1:-1]), keys[-1], keys[0] == "params",
-                             tuple(np.shape(leaf)), jnp.result_type(leaf))
-                )
-            self.values = [leaf for _, leaf in flat]
-        elif isinstance(model, nnx.Module):
-            self.kind = "nnx"
-            if variables is not None:
-                raise ValueError(
-                    "jq: an nnx model carries its own state; pass variables=None "
-                    f"(got {type(variables).__name__})"
-                )
-            self.graphdef, state = nnx.split(model)
-            types = {tuple(str(p) for p in path): type(v) for path, v in state.flat_state()}
-            flat, self.treedef = jax.tree_util.tree_flatten_with_path(state)
-            infos = []
-            for i, (path, leaf) in enumerate(flat):
-                keys = [_key_name(k) for k in path]
-                if keys and keys[-1] == "value":
-                    keys = keys[:-1]
-                vt = types.get(tuple(keys))
-                is_param = vt is not None and issubclass(vt, nnx.Param)
-                infos.append(
-                    LeafInfo(i, "/".join(keys), "/".join(keys[:-1]), keys[-1], is_param,
-                             tuple(np.shape(leaf)), jnp.result_type(leaf) if hasattr(leaf, "dtype") else None)
-                )
-            self.values = [leaf for _, leaf in flat]
-        else:
-            raise TypeError(
-                f"jq: model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
-            )
-        self.leaves = infos
-        self.by_path = {li.path: li for li in infos}
-        # nnx: when True, `fn` returns ``(out, new_leaves)``, the module's state after the
-        # call (RNG counts, BatchNorm statistics), so that jq can hand it back instead of
-        # dropping it (which would freeze one dropout mask for every call)
-        self.with_state = False
-
-    def override(self, values: dict) -> ModelAdapter:
-        """Replaces leaf values by path (nnx: trained parameters kept outside the module)."""
-        self.values = [values.get(li.path, v) for li, v in zip(self.leaves, self.values)]
-        return self
-
-    def signature(self) -> tuple:
-        return tuple((li.path, li.shape) for li in self.leaves)
-
-    def fn(self, leaves, *args, **kwargs):
-        if self.kind == "linen":
-            import flax.linen as nn
-
-            variables = jax.tree_util.tree_unflatten(self.treedef, leaves)
-
-            def label(next_fun, a, kw, context):
-                path = ":".join(context.module.path)
-                with jax.named_scope(_SCOPE_PREFIX + path):
-                    return next_fun(*a, **kw)
-
-            with nn.intercept_methods(label):
-                return self.model.apply(variables, *args, method=self.method, **kwargs)
-        from flax import nnx
-
-        state = jax.tree_util.tree_unflatten(self.treedef, leaves)
-        module = nnx.merge(self.graphdef, state)
-        f = module if self.method is None else (
-            getattr(module, self.method) if isinstance(self.method, str) else
-            (lambda *a, **k: self.method(module, *a, **k)))
-        out = f(*args, **kwargs)
-        if not self.with_state:
-            return out
-        new_leaves, new_tree = jax.tree_util.tree_flatten(nnx.split(module)[1])
-        if new_tree != self.treedef:
-            raise ValueError(
-                "jq: the nnx model added or removed variables while running; jq needs a module "
-                "whose state keeps its structure from call to call (create variables in __init__)"
-            )
-        return out, new_leaves
-
-
-def _unfreeze(v):
-    try:
-        from flax.core import unfreeze
-
-        return unfreeze(v)
-    except Exception:  # pragma: no cover - plain dicts
-        return v
-
-
-def is_dynamic(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)) or hasattr(x, "aval")
-
-
-@dataclasses.dataclass
-class Traced:
-    jaxpr: Any
-    consts: list
-    finder: SiteFinder
-    out_tree: Any
-    dyn_args: list
-    n_leaves: int
-
-
-def trace(adapter: ModelAdapter, leaf_avals: list, args: tuple, kwargs: dict) -> Traced:
-    """Traces the model with the variables and array arguments as jaxpr inputs."""
-    flat, in_tree = jax.tree_util.tree_flatten((args, kwargs))
-    dyn_idx = [i for i, x in enumerate(flat) if is_dynamic(x)]
-    dyn_args = [flat[i] for i in dyn_idx]
-
-    def f(leaves, dyn):
-        full = list(flat)
-        for i, d in zip(dyn_idx, dyn):
-            full[i] = d
-        a, kw = jax.tree_util.tree_unflatten(in_tree, full)
-        return adapter.fn(leaves, *a, **kw)
-
-    dyn_avals = [d if isinstance(d, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(d), jnp.result_type(d))
-                 for d in dyn_args]
-    closed, out_shape = jax.make_jaxpr(f, return_shape=True)(leaf_avals, dyn_avals)
-    finder = SiteFinder(adapter.leaves)
-    finder.run(closed.jaxpr, len(leaf_avals))
-    return Traced(closed.jaxpr, list(closed.consts), finder, jax.tree_util.tree_structure(out_shape),
-                  dyn_args, len(leaf_avals))
-
-
-def leaf_aval(li: LeafInfo, value) -> Any:
-    if isinstance(value, QArray) or value is None:
-        return jax.ShapeDtypeStruct(li.shape, li.dtype)
-    return value
-
-
-def sqnr_db(x, y) -> jax.Array:
-    """Signal-to-quantization-noise ratio of approximation `y` of `x`, in dB."""
-    x = x.astype(jnp.float32)
-    noise = jnp.sum(jnp.square(x - y.astype(jnp.float32)))
-    sig = jnp.sum(jnp.square(x))
-    return 10.0 * jnp.log10(jnp.maximum(sig, 1e-30) / jnp.maximum(noise, 1e-30))
-
-
-def state_changes(t: Traced, adapter: ModelAdapter) -> list[str]:
-    """Paths of the nnx variables the traced call updates (traced with ``with_state``).
-
-    The model's state after the call is the last ``len(adapter.leaves)`` outputs
-    of the jaxpr; a variable the call leaves alone comes out as its own input.
-    """
-    n = len(adapter.leaves)
-    outs, ins = t.jaxpr.outvars[len(t.jaxpr.outvars) - n:], t.jaxpr.invars[:n]
-    return [li.path for li, o, i in zip(adapter.leaves, outs, ins) if o is not i]
-
-
-def fmt_paths(paths, k: int = 4) -> str:
-    """The first `k` paths, quoted, and how many more."""
-    more = f" and {len(paths) - k} more" if len(paths) > k else ""
-    return ", ".join(repr(p) for p in paths[:k]) + more

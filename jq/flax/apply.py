@@ -17,16 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq import ops
-from jq.flax._graph import (
-    Interpreter,
-    ModelAdapter,
-    Site,
-    bind_eqn,
-    fmt_paths,
-    leaf_aval,
-    state_changes,
-    trace,
-)
+from jq.flax._graph import Interpreter, Site, bind_eqn, keyed_by_site
+from jq.flax.adapter import ModelAdapter, fmt_paths, leaf_aval, state_changes, trace
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule, check_rules
 from jq.qparams import QuantSpec
@@ -106,18 +98,12 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
     def handler(site, eqn, invals, sts):
         sp = plan.get(site.name)
         mode = None if sp is None else sp.mode
-        qps = {op: sts[site.act_key(op)] for op in site.act_operands} if mode == "static" else {}
+        qps = {op: sts[site.key("qparams", op)] for op in site.act_operands} if mode == "static" else {}
         return run_site(site, eqn, invals, mode, None if sp is None else sp.activation, qps,
-                        sts.get(site.name + ":smooth"), check_finite)
+                        sts.get(site.key("smooth")), check_finite)
 
-    states = {}
-    for s in t.finder.sites:
-        for op in s.act_operands:
-            k = s.act_key(op)
-            if k in qvars.activations:
-                states[k] = qvars.activations[k]
-        if s.name in qvars.smooth:
-            states[s.name + ":smooth"] = qvars.smooth[s.name]
+    states = keyed_by_site(t.finder, qvars.activations, "qparams")
+    states.update({s.key("smooth"): qvars.smooth[s.name] for s in t.finder.sites if s.name in qvars.smooth})
     outs = Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, leaves + t.dyn_args, states)
     out = jax.tree_util.tree_unflatten(t.out_tree, outs)
     if adapter.kind == "nnx":

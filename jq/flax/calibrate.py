@@ -5,13 +5,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 
-from jq.flax._graph import ModelAdapter, fmt_paths, state_changes, trace
+from jq.flax.adapter import ModelAdapter, fmt_paths, state_changes, trace
 from jq.flax.qvars import CalibrationStats
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import choose
 from jq.flax.stream import (
     Stream,
     abstract,
+    calibration_stats,
     init_observers,
     observe_site,
     peek,
@@ -80,4 +81,4 @@ def calibrate(
 
     stream = Stream(adapter, kwargs, site_body(selected, observe))
     states, n = stream.run(batches, adapter.values, states, desc="calibrate", progress=progress)
-    return CalibrationStats(states, observers, n, (abstract(args), kwargs), tuple(chosen), lengths)
+    return calibration_stats(t.finder, observers, states, lengths, n, (abstract(args), kwargs), tuple(chosen))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq.flax._graph import ModelAdapter, trace
+from jq.flax.adapter import ModelAdapter, trace
 from jq.flax.apply import apply
 from jq.flax.qat import (
     is_qat_vars,
@@ -19,10 +19,16 @@ from jq.flax.qat import (
     recorded_kwargs,
     variables_example,
 )
-from jq.flax.qvars import CalibrationStats, Plan, QuantizedVariables, SitePlan
+from jq.flax.qvars import (
+    CalibrationStats,
+    Plan,
+    QuantizedVariables,
+    SitePlan,
+    observed_range,
+    warn_zero_width,
+)
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import activation_spec, choose, leaf_specs, scan_lengths
-from jq.flax.stream import observed_range, warn_zero_width
 from jq.qparams import qparams_from_range
 from jq.quantize import QArray, quantize
 

@@ -30,24 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq import numerics
-from jq.flax._graph import (
-    Interpreter,
-    ModelAdapter,
-    bind_eqn,
-    inner_jaxpr,
-    is_dynamic,
-    scan_counts,
-    scope_path,
-    trace,
-)
+from jq.flax._graph import Interpreter, bind_eqn, inner_jaxpr, scan_counts, scope_path
+from jq.flax.adapter import ModelAdapter, is_dynamic, trace
 from jq.flax.apply import apply, run_site
 from jq.flax.calibrate import calibrate
 from jq.flax.convert import convert
-from jq.flax.qvars import CalibrationStats
+from jq.flax.qvars import CalibrationStats, observed_range
 from jq.flax.report import format_table
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import choose, leaf_specs, scan_lengths
-from jq.flax.stream import Stream, observed_range, peek, split_batch
+from jq.flax.stream import Stream, peek, split_batch
 from jq.qparams import QuantSpec, qparams_from_range
 from jq.quantize import quantize
 
@@ -816,7 +808,7 @@ class _QuantEval:
                 lo, hi = observed_range(stats.observers[key], stats.states[key],
                                          scan_lengths(c.site, t.finder))
                 spec = c.rule.activation.replace(calibration=None)
-                self._act_qps[key] = qparams_from_range(lo, hi, spec)
+                self._act_qps[c.site.key("qparams", op)] = qparams_from_range(lo, hi, spec)
         self._fns: dict = {}
 
     def fn(self, names: frozenset):
@@ -825,12 +817,12 @@ class _QuantEval:
         chosen = {n: c for n, c in self.chosen.items() if n in names}
         specs = leaf_specs(chosen)
         adapter, kwargs = self.adapter, self.kwargs
-        act_qps = {k: v for k, v in self._act_qps.items() if k in chosen or k.rsplit(":", 1)[0] in chosen}
+        act_qps = {k: v for k, v in self._act_qps.items() if k.site in chosen}
 
         def handler(site, eqn, invals, sts):
             c = chosen[site.name]
             act = None if c.rule.activation is None else c.rule.activation.replace(calibration=None)
-            qps = {op: sts[site.act_key(op)] for op in site.act_operands} if c.mode == "static" else {}
+            qps = {op: sts[site.key("qparams", op)] for op in site.act_operands} if c.mode == "static" else {}
             return run_site(site, eqn, invals, c.mode, act, qps)
 
         @jax.jit

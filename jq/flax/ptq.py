@@ -23,13 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jq.flax._graph import (
-    ModelAdapter,
-    Site,
-    inner_jaxpr,
-    scan_counts,
-    trace,
-)
+from jq.flax._graph import Site, StateKey, inner_jaxpr, scan_counts
+from jq.flax.adapter import ModelAdapter, trace
 from jq.flax.calibrate import calibrate
 from jq.flax.convert import convert
 from jq.flax.qvars import CalibrationStats, QuantizedVariables
@@ -38,6 +33,7 @@ from jq.flax.select import choose, leaf_specs, scan_lengths, stack_tree
 from jq.flax.stream import (
     Stream,
     abstract,
+    calibration_stats,
     init_observers,
     observe_site,
     site_body,
@@ -354,7 +350,8 @@ def gptq(
             return {"h": st["h"] + 2.0 * xtx, "n": st["n"] + jnp.float32(xm.shape[0])}
 
         # only the current stage's Hessians are accumulated (the step is compiled once)
-        sts[site.name] = jax.lax.cond(enabled[site.name], add, lambda st: st, sts[site.name])
+        key = site.key("hessian")
+        sts[key] = jax.lax.cond(enabled[site.name], add, lambda st: st, sts[key])
 
     init = {}
     for name in targets:
@@ -382,8 +379,9 @@ def gptq(
                 }
         else:
             enabled = {name: jnp.asarray(name in stage) for name in targets}
-            hs, _ = stream.run(batches, leaves, init, enabled, desc="hessians", progress=progress,
-                               leave=False)
+            out, _ = stream.run(batches, leaves, {StateKey(n, "hessian"): h for n, h in init.items()},
+                                enabled, desc="hessians", progress=progress, leave=False)
+            hs = {n: out[StateKey(n, "hessian")] for n in init}
         for name in stage:
             idx, lspec, wc, _, per_layer = targets[name]
             t0 = time.perf_counter()
@@ -738,18 +736,20 @@ def smoothquant(
         _, wc, ac, per_layer, _ = targets[site.name]
         k = int(np.prod(per_layer[: len(wc)]))
         xm = _x_matrix(invals[1 - site.operand], ac, k)
-        sts[site.name] = jnp.maximum(sts[site.name], jnp.max(jnp.abs(xm), axis=0))
+        key = site.key("absmax")
+        sts[key] = jnp.maximum(sts[key], jnp.max(jnp.abs(xm), axis=0))
 
     init = {
-        n: stack_tree(
+        StateKey(n, "absmax"): stack_tree(
             jnp.zeros((int(np.prod(v[3][: len(v[1])])),), jnp.float32),
             scan_lengths(v[4], t.finder),
         )
         for n, v in targets.items()
     }
-    amax, _ = Stream(adapter, kwargs, site_body(set(targets), absmax_fn)).run(
+    out, _ = Stream(adapter, kwargs, site_body(set(targets), absmax_fn)).run(
         batches, adapter.values, init, desc="smoothquant", progress=progress, leave=False
     )
+    amax = {n: out[StateKey(n, "absmax")] for n in targets}
 
     leaves = list(adapter.values)
     groups = _fold_groups(t, targets) if fold else []
@@ -787,27 +787,26 @@ def smoothquant(
 
     def observe_fn(site, eqn, invals, sts, enabled):
         vals = list(invals)
-        if site.name + ":smooth" in sts:
+        if site.key("smooth") in sts:
             op = site.act_operands[0]
-            vals[op] = vals[op] * (1.0 / sts[site.name + ":smooth"]).astype(vals[op].dtype)
+            vals[op] = vals[op] * (1.0 / sts[site.key("smooth")]).astype(vals[op].dtype)
         observe_site(site, vals, sts, observers)
         return vals
 
-    sts0 = dict(states)
-    for name, sv in smooth.items():
-        sts0[name + ":smooth"] = sv
+    sts0 = {**states, **{StateKey(name, "smooth"): sv for name, sv in smooth.items()}}
     # smoothed sites run as (x / s) @ (diag(s) W) so that later sites see the right inputs
     selected = {c.site.name for c in chosen.values() if c.mode == "static"} | set(smooth)
     sts, _ = Stream(adapter, kwargs, site_body(selected, observe_fn)).run(
         batches, leaves, sts0, desc="calibrate", progress=progress, leave=False
     )
-    stats = CalibrationStats(
-        {k: sts[k] for k in states},
+    stats = calibration_stats(
+        t.finder,
         observers,
+        {k: sts[k] for k in states},
+        lengths,
         len(batches),
         (abstract(args), kwargs),
         tuple(chosen),
-        lengths,
     )
     new_model, new_vars = _new_variables(adapter, leaves)
     qvars = convert(new_model, new_vars, rules, stats, args=args, kwargs=kwargs, method=method)

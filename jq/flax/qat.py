@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq.flax._graph import Interpreter, ModelAdapter, bind_eqn, fmt_paths, state_changes, trace
-from jq.flax.qvars import CalibrationStats
+from jq.flax._graph import Interpreter, bind_eqn, keyed_by_act_key, keyed_by_site
+from jq.flax.adapter import ModelAdapter, fmt_paths, state_changes, trace
+from jq.flax.qvars import CalibrationStats, observed_range, warn_zero_width
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import activation_spec, choose, leaf_specs, scan_lengths, stack_tree
-from jq.flax.stream import observed_range, warn_zero_width
 from jq.qparams import QParams, qparams_from_array, qparams_from_range, reduce_range
 from jq.quantize import fake_quant, lsq_fake_quant
 
@@ -221,12 +221,12 @@ class QAT:
             if ch.mode != "weight_only":
                 spec = ch.rule.activation
                 for op in site.act_operands:
-                    key = site.act_key(op)
+                    key = site.key("range", op)
                     x = vals[op]
                     if ch.mode == "dynamic":
                         vals[op] = fake_quant(x, None, spec)
-                    elif lsq and key in quant.get("activations", {}):
-                        a = sts["quant:" + key]
+                    elif lsq and site.key("lsq", op) in sts:
+                        a = sts[site.key("lsq", op)]
                         vals[op] = lsq_fake_quant(x, QParams(a["scale"], a["zero_point"]), spec)
                     else:
                         r = sts[key]
@@ -242,9 +242,9 @@ class QAT:
                         vals[op] = fake_quant(x, qp, spec)
             return bind_eqn(eqn, vals)
 
-        sts = dict(state["ranges"])
-        for k, a in quant.get("activations", {}).items():
-            sts["quant:" + k] = a
+        # interpreter state: the tracked ranges, and the learned activation parameters (LSQ)
+        sts = keyed_by_site(t.finder, state["ranges"], "range")
+        sts.update(keyed_by_site(t.finder, quant.get("activations", {}), "lsq"))
         selected = {n for n, c in chosen.items() if c.site.kind != "embed"}
         outs = Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, leaves + t.dyn_args, sts)
         out = jax.tree_util.tree_unflatten(t.out_tree, outs)
@@ -266,7 +266,8 @@ class QAT:
             return out
         new_state = dict(state)
         new_state["variables"] = new_vars
-        new_state["ranges"] = {k: sts[k] for k in state["ranges"]}
+        new_ranges = keyed_by_act_key(t.finder, sts, "range")
+        new_state["ranges"] = {k: new_ranges.get(k, r) for k, r in state["ranges"].items()}
         return out, new_state
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jq.flax.stream import observed_range
 from jq.qparams import QuantSpec
 from jq.quantize import QArray
 
@@ -28,6 +29,8 @@ __all__ = [
     "Plan",
     "QuantizedVariables",
     "SitePlan",
+    "observed_range",
+    "warn_zero_width",
 ]
 
 
@@ -151,3 +154,56 @@ class QuantizedVariables:
             f"{b['float']:,} -> {b['quantized']:,} bytes ({b['ratio']:.3f}x); "
             f"model {b['total_before']:,} -> {b['total_after']:,} bytes"
         )
+
+
+# ---------------------------------------------------------------------------------------
+# calibrated ranges
+# ---------------------------------------------------------------------------------------
+def observed_range(obs, state, lengths: tuple[int, ...], key: str | None = None):
+    """`obs.range` for a state stacked over scan iterations: one call per layer, on the host.
+
+    With `key`, an observer's error (no data, non-finite values) names the site.
+    """
+    if key is not None:
+        try:
+            return observed_range(obs, state, lengths)
+        except ValueError as e:
+            raise ValueError(f"jq: static site {key!r}: {e}") from e
+    if not lengths:
+        return obs.range(state)
+    los, his = [], []
+    for idx in np.ndindex(*lengths):
+        lo, hi = obs.range(jax.tree_util.tree_map(lambda a, idx=idx: a[idx], state))
+        los.append(jnp.asarray(lo))
+        his.append(jnp.asarray(hi))
+    shape = lengths + los[0].shape
+    return jnp.stack(los).reshape(shape), jnp.stack(his).reshape(shape)
+
+
+def warn_zero_width(key: str, lo, hi) -> None:
+    """Warns, naming the site, when a calibrated range has zero width (constant activations).
+
+    Such a range is exact for the constant itself (0.0 at an all-zero site), but
+    `qparams_from_range` can only make a placeholder grid from it: scale 1 for
+    all-zero data, ``[0, c]`` for a constant ``c``. Any other value the site
+    sees at inference is then clipped or rounded to whole units, silently; this
+    is what a degenerate calibration batch (all zeros, one repeated sample)
+    does to a converted model.
+    """
+    if isinstance(lo, jax.core.Tracer) or isinstance(hi, jax.core.Tracer):
+        return
+    lo_np, hi_np = np.asarray(lo, np.float64).reshape(-1), np.asarray(hi, np.float64).reshape(-1)
+    flat = lo_np == hi_np
+    if not flat.any():
+        return
+    vals = np.unique(lo_np[flat])
+    shown = ", ".join(f"{v:.4g}" for v in vals[:3]) + (", ..." if vals.size > 3 else "")
+    where = "" if flat.size == 1 else f" in {int(flat.sum())} of {flat.size} channels / layers"
+    warnings.warn(
+        f"jq.convert: static site {key!r} was calibrated on constant activations{where} (every value "
+        f"{shown}): a zero-width range, whose grid holds only 0 and that value (all zeros: a placeholder "
+        "scale of 1). Other values at inference will be clipped or rounded to whole units. Calibrate on "
+        "representative batches, or make this site dynamic (drop `calibration` from its rule)",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 
-from jq.flax._graph import Interpreter, ModelAdapter, bind_eqn, sqnr_db, trace
+from jq.flax._graph import Interpreter, bind_eqn, keyed_by_site
+from jq.flax.adapter import ModelAdapter, trace
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import choose, scan_lengths, stack_tree
@@ -98,8 +100,8 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
         if sp.mode != "weight_only":
             for op in site.act_operands:
                 x = invals[op].astype(jnp.float32)
-                key = site.act_key(op)
-                qp = qvars.activations.get(key) if sp.mode == "static" else None
+                # static QParams come through the state: inside a scan, one slice per layer
+                qp = sts.get(site.key("qparams", op)) if sp.mode == "static" else None
                 q = quantize(x, qp, sp.activation)
                 xh = dequantize(q)
                 if qp is not None:
@@ -109,7 +111,7 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
                     clip = jnp.mean(((v < sp.activation.qmin) | (v > sp.activation.qmax)).astype(jnp.float32))
                 else:
                     clip = jnp.zeros((), jnp.float32)
-                sts[key] = {"sqnr": sqnr_db(x, xh), "clip": clip}
+                sts[site.key("metrics", op)] = {"sqnr": _sqnr_db(x, xh), "clip": clip}
         return bind_eqn(eqn, invals)
 
     for s in t.finder.sites:
@@ -117,20 +119,21 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
         if sp is None or sp.mode == "weight_only":
             continue
         for op in s.act_operands:
-            metrics[s.act_key(op)] = stack_tree(
+            metrics[s.key("metrics", op)] = stack_tree(
                 {"sqnr": jnp.zeros((), jnp.float32), "clip": jnp.zeros((), jnp.float32)},
                 scan_lengths(s, t.finder))
-    Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, list(adapter.values) + t.dyn_args, metrics)
+    states = {**keyed_by_site(t.finder, qvars.activations, "qparams"), **metrics}
+    Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, list(adapter.values) + t.dyn_args, states)
     rows = []
     by_path = {li.path: v for li, v in zip(adapter.leaves, adapter.values)}
     for sp in qvars.plan.sites:
         wq = qvars.variables.get(sp.leaf) if sp.leaf else None
         wsq = None
         if isinstance(wq, QArray):
-            wsq = float(sqnr_db(jnp.asarray(by_path[sp.leaf]), dequantize(wq)))
-        keys = [k for k in metrics if k == sp.name or k.startswith(sp.name + ":")]
-        asq = [float(jnp.mean(metrics[k]["sqnr"])) for k in keys]
-        acl = [float(jnp.mean(metrics[k]["clip"])) for k in keys]
+            wsq = float(_sqnr_db(jnp.asarray(by_path[sp.leaf]), dequantize(wq)))
+        keys = [k for k in metrics if k.site == sp.name]
+        asq = [float(jnp.mean(states[k]["sqnr"])) for k in keys]
+        acl = [float(jnp.mean(states[k]["clip"])) for k in keys]
         rows.append({
             "site": sp.name, "kind": sp.kind, "mode": sp.mode,
             "weight_sqnr_db": wsq,
@@ -138,3 +141,11 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
             "act_clip_frac": max(acl) if acl else None,
         })
     return rows
+
+
+def _sqnr_db(x, y) -> jax.Array:
+    """Signal-to-quantization-noise ratio of approximation `y` of `x`, in dB."""
+    x = x.astype(jnp.float32)
+    noise = jnp.sum(jnp.square(x - y.astype(jnp.float32)))
+    sig = jnp.sum(jnp.square(x))
+    return 10.0 * jnp.log10(jnp.maximum(sig, 1e-30) / jnp.maximum(noise, 1e-30))

@@ -11,14 +11,13 @@ selected site.
 
 Static activation sites observe their operands with the rule's observer:
 `init_observers` makes one observer state per static operand (stacked over
-the scans around the site), `observe_site` updates them, and `observed_range`
-reads a range back, one call per scanned layer.
+the scans around the site), `observe_site` updates them, `calibration_stats`
+collects them (`jq.flax.qvars.observed_range` reads a range back).
 """
 
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -27,21 +26,22 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jq.flax._graph import Interpreter, ModelAdapter, Site, SiteFinder, Traced, bind_eqn, trace
+from jq.flax._graph import Interpreter, Site, SiteFinder, bind_eqn, keyed_by_act_key
+from jq.flax.adapter import ModelAdapter, Traced, trace
+from jq.flax.qvars import CalibrationStats
 from jq.flax.select import Choice, activation_spec, scan_lengths, stack_tree
 
 __all__ = [
     "Stream",
     "abstract",
+    "calibration_stats",
     "init_observers",
     "is_array",
     "observe_site",
-    "observed_range",
     "peek",
     "shape_dtype",
     "site_body",
     "split_batch",
-    "warn_zero_width",
     "with_dyn",
 ]
 
@@ -161,10 +161,12 @@ def site_body(selected: set[str], site_fn: SiteFn) -> StepBody:
 # observers of static activation sites
 # ---------------------------------------------------------------------------------------
 def init_observers(chosen: dict[str, Choice], finder: SiteFinder) -> tuple[dict, dict, dict]:
-    """``(observers, states, lengths)``, keyed by `Site.act_key`, for every static activation operand.
+    """``(observers, states, lengths)`` for every static activation operand, keyed by
+    ``site.key("observer", operand)`` (`StateKey`).
 
     Each state is the rule's observer initialised for the operand's shape and
     stacked over the scans around the site (`lengths`, outermost first).
+    `calibration_stats` turns the three into `CalibrationStats`.
     """
     observers, states, lengths = {}, {}, {}
     for c in chosen.values():
@@ -174,7 +176,7 @@ def init_observers(chosen: dict[str, Choice], finder: SiteFinder) -> tuple[dict,
             activation_spec(c, op)
             aval = c.site.in_avals[op]
             obs = c.rule.activation.calibration
-            key = c.site.act_key(op)
+            key = c.site.key("observer", op)
             observers[key] = obs
             lengths[key] = scan_lengths(c.site, finder)
             states[key] = stack_tree(obs.init(jnp.zeros(aval.shape, aval.dtype)), lengths[key])
@@ -184,56 +186,19 @@ def init_observers(chosen: dict[str, Choice], finder: SiteFinder) -> tuple[dict,
 def observe_site(site: Site, vals: list, states: dict, observers: dict) -> None:
     """Feeds the site's activation operands to their observers (the ones in `states`)."""
     for op in site.act_operands:
-        key = site.act_key(op)
+        key = site.key("observer", op)
         if key in states:
             states[key] = observers[key].update(states[key], vals[op])
 
 
-def observed_range(obs, state, lengths: tuple[int, ...], key: str | None = None):
-    """`obs.range` for a state stacked over scan iterations: one call per layer, on the host.
-
-    With `key`, an observer's error (no data, non-finite values) names the site.
-    """
-    if key is not None:
-        try:
-            return observed_range(obs, state, lengths)
-        except ValueError as e:
-            raise ValueError(f"jq: static site {key!r}: {e}") from e
-    if not lengths:
-        return obs.range(state)
-    los, his = [], []
-    for idx in np.ndindex(*lengths):
-        lo, hi = obs.range(jax.tree_util.tree_map(lambda a, idx=idx: a[idx], state))
-        los.append(jnp.asarray(lo))
-        his.append(jnp.asarray(hi))
-    shape = lengths + los[0].shape
-    return jnp.stack(los).reshape(shape), jnp.stack(his).reshape(shape)
-
-
-def warn_zero_width(key: str, lo, hi) -> None:
-    """Warns, naming the site, when a calibrated range has zero width (constant activations).
-
-    Such a range is exact for the constant itself (0.0 at an all-zero site), but
-    `qparams_from_range` can only make a placeholder grid from it: scale 1 for
-    all-zero data, ``[0, c]`` for a constant ``c``. Any other value the site
-    sees at inference is then clipped or rounded to whole units, silently; this
-    is what a degenerate calibration batch (all zeros, one repeated sample)
-    does to a converted model.
-    """
-    if isinstance(lo, jax.core.Tracer) or isinstance(hi, jax.core.Tracer):
-        return
-    lo_np, hi_np = np.asarray(lo, np.float64).reshape(-1), np.asarray(hi, np.float64).reshape(-1)
-    flat = lo_np == hi_np
-    if not flat.any():
-        return
-    vals = np.unique(lo_np[flat])
-    shown = ", ".join(f"{v:.4g}" for v in vals[:3]) + (", ..." if vals.size > 3 else "")
-    where = "" if flat.size == 1 else f" in {int(flat.sum())} of {flat.size} channels / layers"
-    warnings.warn(
-        f"jq.convert: static site {key!r} was calibrated on constant activations{where} (every value "
-        f"{shown}): a zero-width range, whose grid holds only 0 and that value (all zeros: a placeholder "
-        "scale of 1). Other values at inference will be clipped or rounded to whole units. Calibrate on "
-        "representative batches, or make this site dynamic (drop `calibration` from its rule)",
-        RuntimeWarning,
-        stacklevel=3,
+def calibration_stats(finder: SiteFinder, observers: dict, states: dict, lengths: dict, num_batches: int,
+                      example, site_names) -> CalibrationStats:
+    """`CalibrationStats` from the typed-key results of `init_observers` and a `Stream` run."""
+    return CalibrationStats(
+        keyed_by_act_key(finder, states, "observer"),
+        keyed_by_act_key(finder, observers, "observer"),
+        num_batches,
+        example,
+        site_names,
+        keyed_by_act_key(finder, lengths, "observer"),
     )

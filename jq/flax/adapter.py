@@ -1,0 +1,201 @@
+"""A linen or nnx model as one function of its variables, and its trace to a jaxpr.
+
+`ModelAdapter` puts linen (``model.apply(variables, ...)``) and nnx (the
+module's split state) behind one signature, ``fn(leaves, *args, **kwargs)``,
+with every variable leaf named (`LeafInfo`). `trace` turns that function into
+a jaxpr whose inputs are the leaves and the array arguments, and finds its
+sites (`SiteFinder`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jq.flax._graph import SCOPE_PREFIX, LeafInfo, SiteFinder
+from jq.quantize import QArray
+
+__all__ = [
+    "ModelAdapter",
+    "Traced",
+    "fmt_paths",
+    "is_dynamic",
+    "leaf_aval",
+    "state_changes",
+    "trace",
+]
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+class ModelAdapter:
+    """A linen or nnx model as ``fn(leaves, *args, **kwargs)`` with named leaves."""
+
+    def __init__(self, model, variables, method=None):
+        import flax.linen as nn
+        from flax import nnx
+
+        self.model = model
+        self.method = method
+        if isinstance(model, nn.Module):
+            self.kind = "linen"
+            if variables is None:
+                raise ValueError("jq: a linen model needs its `variables` (the dict from model.init)")
+            variables = nn.meta.unbox(_unfreeze(variables))  # drop nn.Partitioned boxes
+            flat, self.treedef = jax.tree_util.tree_flatten_with_path(variables)
+            infos = []
+            for i, (path, leaf) in enumerate(flat):
+                keys = [_key_name(k) for k in path]
+                infos.append(
+                    LeafInfo(i, "/".join(keys), "/".join(keys[1:-1]), keys[-1], keys[0] == "params",
+                             tuple(np.shape(leaf)), jnp.result_type(leaf))
+                )
+            self.values = [leaf for _, leaf in flat]
+        elif isinstance(model, nnx.Module):
+            self.kind = "nnx"
+            if variables is not None:
+                raise ValueError(
+                    "jq: an nnx model carries its own state; pass variables=None "
+                    f"(got {type(variables).__name__})"
+                )
+            self.graphdef, state = nnx.split(model)
+            types = {tuple(str(p) for p in path): type(v) for path, v in state.flat_state()}
+            flat, self.treedef = jax.tree_util.tree_flatten_with_path(state)
+            infos = []
+            for i, (path, leaf) in enumerate(flat):
+                keys = [_key_name(k) for k in path]
+                if keys and keys[-1] == "value":
+                    keys = keys[:-1]
+                vt = types.get(tuple(keys))
+                is_param = vt is not None and issubclass(vt, nnx.Param)
+                infos.append(
+                    LeafInfo(i, "/".join(keys), "/".join(keys[:-1]), keys[-1], is_param,
+                             tuple(np.shape(leaf)), jnp.result_type(leaf) if hasattr(leaf, "dtype") else None)
+                )
+            self.values = [leaf for _, leaf in flat]
+        else:
+            raise TypeError(
+                f"jq: model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
+            )
+        self.leaves = infos
+        self.by_path = {li.path: li for li in infos}
+        # nnx: when True, `fn` returns ``(out, new_leaves)``, the module's state after the
+        # call (RNG counts, BatchNorm statistics), so that jq can hand it back instead of
+        # dropping it (which would freeze one dropout mask for every call)
+        self.with_state = False
+
+    def override(self, values: dict) -> ModelAdapter:
+        """Replaces leaf values by path (nnx: trained parameters kept outside the module)."""
+        self.values = [values.get(li.path, v) for li, v in zip(self.leaves, self.values)]
+        return self
+
+    def signature(self) -> tuple:
+        return tuple((li.path, li.shape) for li in self.leaves)
+
+    def fn(self, leaves, *args, **kwargs):
+        if self.kind == "linen":
+            import flax.linen as nn
+
+            variables = jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+            def label(next_fun, a, kw, context):
+                path = ":".join(context.module.path)
+                with jax.named_scope(SCOPE_PREFIX + path):
+                    return next_fun(*a, **kw)
+
+            with nn.intercept_methods(label):
+                return self.model.apply(variables, *args, method=self.method, **kwargs)
+        from flax import nnx
+
+        state = jax.tree_util.tree_unflatten(self.treedef, leaves)
+        module = nnx.merge(self.graphdef, state)
+        f = module if self.method is None else (
+            getattr(module, self.method) if isinstance(self.method, str) else
+            (lambda *a, **k: self.method(module, *a, **k)))
+        out = f(*args, **kwargs)
+        if not self.with_state:
+            return out
+        new_leaves, new_tree = jax.tree_util.tree_flatten(nnx.split(module)[1])
+        if new_tree != self.treedef:
+            raise ValueError(
+                "jq: the nnx model added or removed variables while running; jq needs a module "
+                "whose state keeps its structure from call to call (create variables in __init__)"
+            )
+        return out, new_leaves
+
+
+def _unfreeze(v):
+    try:
+        from flax.core import unfreeze
+
+        return unfreeze(v)
+    except Exception:  # pragma: no cover - plain dicts
+        return v
+
+
+def is_dynamic(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)) or hasattr(x, "aval")
+
+
+@dataclasses.dataclass
+class Traced:
+    jaxpr: Any
+    consts: list
+    finder: SiteFinder
+    out_tree: Any
+    dyn_args: list
+    n_leaves: int
+
+
+def trace(adapter: ModelAdapter, leaf_avals: list, args: tuple, kwargs: dict) -> Traced:
+    """Traces the model with the variables and array arguments as jaxpr inputs."""
+    flat, in_tree = jax.tree_util.tree_flatten((args, kwargs))
+    dyn_idx = [i for i, x in enumerate(flat) if is_dynamic(x)]
+    dyn_args = [flat[i] for i in dyn_idx]
+
+    def f(leaves, dyn):
+        full = list(flat)
+        for i, d in zip(dyn_idx, dyn):
+            full[i] = d
+        a, kw = jax.tree_util.tree_unflatten(in_tree, full)
+        return adapter.fn(leaves, *a, **kw)
+
+    dyn_avals = [d if isinstance(d, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(d), jnp.result_type(d))
+                 for d in dyn_args]
+    closed, out_shape = jax.make_jaxpr(f, return_shape=True)(leaf_avals, dyn_avals)
+    finder = SiteFinder(adapter.leaves)
+    finder.run(closed.jaxpr, len(leaf_avals))
+    return Traced(closed.jaxpr, list(closed.consts), finder, jax.tree_util.tree_structure(out_shape),
+                  dyn_args, len(leaf_avals))
+
+
+def leaf_aval(li: LeafInfo, value) -> Any:
+    if isinstance(value, QArray) or value is None:
+        return jax.ShapeDtypeStruct(li.shape, li.dtype)
+    return value
+
+
+def state_changes(t: Traced, adapter: ModelAdapter) -> list[str]:
+    """Paths of the nnx variables the traced call updates (traced with ``with_state``).
+
+    The model's state after the call is the last ``len(adapter.leaves)`` outputs
+    of the jaxpr; a variable the call leaves alone comes out as its own input.
+    """
+    n = len(adapter.leaves)
+    outs, ins = t.jaxpr.outvars[len(t.jaxpr.outvars) - n:], t.jaxpr.invars[:n]
+    return [li.path for li, o, i in zip(adapter.leaves, outs, ins) if o is not i]
+
+
+def fmt_paths(paths, k: int = 4) -> str:
+    """The first `k` paths, quoted, and how many more."""
+    more = f" and {len(paths) - k} more" if len(paths) > k else ""
+    return ", ".join(repr(p) for p in paths[:k]) + more
