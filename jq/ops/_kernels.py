@@ -201,7 +201,7 @@ def int_core(vl, zl, vr, zr, dn) -> jax.Array:
     """``sum_k (vl - zl)(vr - zr)`` in the output layout (int32 or float32).
 
     ``= sum_k vl vr - Z_r sum_k vl - Z_l sum_k (vr - Z_r)``. The weight sums come
-    out of the same dot (`jq._mixed_dot`); with no split and a result bounded
+    out of the same dot (`jq.ops.int8_dot`); with no split and a result bounded
     by ``max|vl - zl| max|vr - zr| K < 2**31`` the whole sum stays int32 (exact:
     two's complement intermediates wrap back), otherwise it is float32.
     """
