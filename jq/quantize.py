@@ -235,7 +235,7 @@ def _check_qparams(qp: QParams, spec: QuantSpec, fn: str) -> None:
             _checks.debug_check(jnp.all(zp == jnp.round(zp)), f"{fn}: `qp.zero_point` must hold whole numbers")
 
 
-def _expand_blocks(p: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def expand_blocks(p: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Repeats block parameters so they broadcast against `shape` (axes aligned at the end)."""
     off = len(shape) - p.ndim
     for a in range(max(0, -off), p.ndim):
@@ -278,14 +278,23 @@ def quantize(x: jax.Array, qp: QParams | None, spec: QuantSpec) -> QArray:
     else:
         _check_qparams(qp, spec, "quantize")
         _check_no_nan(x, "quantize")
+    return encode(x, qp, spec)
+
+
+def encode(x: jax.Array, qp: QParams, spec: QuantSpec) -> QArray:
+    """`quantize`'s map itself, for callers that handle non-finite values themselves.
+
+    No value checks: a NaN in `x` gets an arbitrary code (0). `jq.ops` uses it
+    for float operands whose non-finite rows it sets to NaN in the output.
+    """
     qp = broadcast_qparams(qp, x.shape, spec)
     fmt = spec.fmt
-    inv = _expand_blocks(1.0 / qp.scale.astype(jnp.float32), x.shape)
+    inv = expand_blocks(1.0 / qp.scale.astype(jnp.float32), x.shape)
     xf = x.astype(jnp.float32)
     if fmt.is_integer:
         v = jnp.round(xf * inv)
         if qp.zero_point is not None:
-            v = v + _expand_blocks(qp.zero_point, x.shape).astype(jnp.float32)
+            v = v + expand_blocks(qp.zero_point, x.shape).astype(jnp.float32)
         v = jnp.clip(v, spec.qmin, spec.qmax).astype(fmt.dtype)
     else:
         v = jnp.clip(xf * inv, fmt.qmin, fmt.qmax).astype(fmt.dtype)
@@ -320,8 +329,8 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     v = q.int_value().astype(jnp.float32)
     # v.shape rather than q.shape: equal, except for leading axes added by vmap
     if q.zero_point is not None:
-        v = v - _expand_blocks(q.zero_point, v.shape).astype(jnp.float32)
-    out = v * _expand_blocks(q.scale, v.shape)
+        v = v - expand_blocks(q.zero_point, v.shape).astype(jnp.float32)
+    out = v * expand_blocks(q.scale, v.shape)
     return out.astype(dtype or q.scale.dtype)
 
 
@@ -346,11 +355,11 @@ def _fq_forward(x, scale, zp, spec):
 
 def _expanded(qp: QParams, shape) -> tuple[jax.Array, jax.Array]:
     """Scale and zero point (0 when None) as float32, repeated to broadcast against `shape`."""
-    scale = _expand_blocks(qp.scale.astype(jnp.float32), shape)
+    scale = expand_blocks(qp.scale.astype(jnp.float32), shape)
     zp = (
         jnp.zeros((), jnp.float32)
         if qp.zero_point is None
-        else _expand_blocks(qp.zero_point, shape).astype(jnp.float32)
+        else expand_blocks(qp.zero_point, shape).astype(jnp.float32)
     )
     return scale, zp
 
@@ -455,11 +464,11 @@ def lsq_fake_quant(
         raise ValueError(f"lsq_fake_quant: needs an integer format, got {spec.format!r}")
     qp = broadcast_qparams(qp, x.shape, spec)
     g = grad_scale if grad_scale is not None else 1.0 / math.sqrt(x.size * spec.qmax)
-    scale = _expand_blocks(_grad_scale(qp.scale.astype(jnp.float32), g), x.shape)
+    scale = expand_blocks(_grad_scale(qp.scale.astype(jnp.float32), g), x.shape)
     if qp.zero_point is None:
         zp = jnp.zeros((), jnp.float32)
     else:
-        zp = _round_ste(_expand_blocks(_grad_scale(qp.zero_point.astype(jnp.float32), g), x.shape))
+        zp = _round_ste(expand_blocks(_grad_scale(qp.zero_point.astype(jnp.float32), g), x.shape))
     v = _round_ste(x.astype(jnp.float32) * (1.0 / scale) + zp)
     # an explicit mask, not jnp.clip: clip's gradient is 1/2 where v == qmin or qmax
     # exactly, which every value rounding to the grid's ends would hit

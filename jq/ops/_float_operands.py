@@ -24,7 +24,7 @@ from jax.experimental import checkify
 
 from jq.ops._operands import as_qarray_params, check_operand, finite_rows, operand_qparams
 from jq.qparams import QuantSpec
-from jq.quantize import QArray, dequantize, fake_quant_with_mask, quantize
+from jq.quantize import QArray, dequantize, encode, fake_quant_with_mask
 
 
 class Geometry(NamedTuple):
@@ -141,7 +141,7 @@ def _run_float_operands(fn, geometry, a: dict, sides: tuple[str, ...], check: bo
             rest[f"{s}_qparams"] = None
 
     def quantized(s, x, qp):
-        return as_qarray_params(quantize(x, qp, specs[s])) if s in specs else x
+        return as_qarray_params(encode(x, qp, specs[s])) if s in specs else x
 
     def impl(lhs, rhs, lqp, rqp):
         return fn(quantized("lhs", lhs, lqp), quantized("rhs", rhs, rqp), **rest)
