@@ -49,7 +49,8 @@ import numpy as np
 
 import jq
 import jq.calibration as cal
-from jq.flax.ptq import gptq, smoothquant
+from jq.flax.gptq import gptq
+from jq.flax.smoothquant import smoothquant
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import charlm  # noqa: E402

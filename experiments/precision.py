@@ -42,7 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jq
-from jq.flax import precision as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import charlm  # noqa: E402
@@ -62,8 +61,8 @@ def _tree_bytes(v):
 
 
 def _cast_rows(model, variables, calib_inputs, test_metric, fmt):
-    cm = P.cast(model, variables, fmt, batches=calib_inputs)
-    naive = P.cast(model, variables, fmt, keep=())
+    cm = jq.cast(model, variables, fmt, batches=calib_inputs)
+    naive = jq.cast(model, variables, fmt, keep=())
     rows = cm.report()
     cats: dict = {}
     for r in rows:
@@ -88,10 +87,10 @@ def study(name, model, variables, sel_batches, inputs, metric_fn, test_metric, m
     out["float"] = {"metric": test_metric(lambda x: fwd(variables, x)), "bytes": _tree_bytes(variables)}
     calib = [inputs(b) for b in sel_batches]
     out["cast"] = [_cast_rows(model, variables, calib, test_metric, f) for f in ("float16", "bfloat16")]
-    sens = P.sensitivity(model, variables, [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1))], sel_batches,
+    sens = jq.sensitivity(model, variables, [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1))], sel_batches,
                          metric_fn, inputs=inputs)
     out["sensitivity"] = {"float_metric": sens.float_metric, "rows": list(sens.rows), "table": sens.table()}
-    res = P.auto_quantize(model, variables, sel_batches, metric_fn, max_drop=max_drop, candidates=CANDIDATES,
+    res = jq.auto_quantize(model, variables, sel_batches, metric_fn, max_drop=max_drop, candidates=CANDIDATES,
                           inputs=inputs)
     run = jax.jit(lambda q, x: jq.apply(model, q, x))
     uni = {}
@@ -188,13 +187,13 @@ def example() -> str:
     x = jax.random.normal(jax.random.key(1), (8, 16))
     m = Small()
     v = m.init(jax.random.key(0), x)
-    cm = P.cast(m, v, "float16", batches=[x])
+    cm = jq.cast(m, v, "float16", batches=[x])
     y = m.apply(v, x)
     lines += ["cm = jq.cast(model, variables, 'float16', batches=[x])", "print(jq.format_table(cm.report()))",
               jq.format_table(cm.report(), ["path", "primitive", "module", "category", "reason"]),
               "print(cm.summary())", cm.summary(),
               f"max |cm.apply(x) - float32| = {float(jnp.max(jnp.abs(cm.apply(x) - y))):.3g}; "
-              f"naive cast (keep=()): finite = {bool(jnp.all(jnp.isfinite(P.cast(m, v, 'float16', keep=()).apply(x))))}",
+              f"naive cast (keep=()): finite = {bool(jnp.all(jnp.isfinite(jq.cast(m, v, 'float16', keep=()).apply(x))))}",
               ""]
     m = Outlier()
     xs = [jax.random.normal(jax.random.key(10 + i), (64, 16)).at[:, 0].set(0.0) for i in range(3)]
@@ -206,9 +205,9 @@ def example() -> str:
     def agreement(out, b):
         return jnp.mean(jnp.argmax(out, -1) == b[1])
 
-    s = P.sensitivity(m, v, [jq.Rule(".*", weight=jq.QuantSpec("int8", axis=-1))], batches, agreement,
+    s = jq.sensitivity(m, v, [jq.Rule(".*", weight=jq.QuantSpec("int8", axis=-1))], batches, agreement,
                       inputs=lambda b: b[0])
-    r = P.auto_quantize(m, v, batches, agreement, max_drop=0.02, inputs=lambda b: b[0])
+    r = jq.auto_quantize(m, v, batches, agreement, max_drop=0.02, inputs=lambda b: b[0])
     lines += ["s = jq.sensitivity(model, variables, [jq.Rule('.*', weight=jq.QuantSpec('int8', axis=-1))],",
               "                   batches, agreement, inputs=lambda b: b[0])", "print(s)", str(s), "",
               "r = jq.auto_quantize(model, variables, batches, agreement, max_drop=0.02, inputs=lambda b: b[0])",

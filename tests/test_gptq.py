@@ -11,7 +11,7 @@ from flax import nnx
 
 import jq
 from jq import calibration as cal
-from jq.flax.ptq import gptq
+from jq.flax.gptq import gptq
 from jq.gptq_core import gptq_quantize, gptq_with_params, rtn_quantize
 
 K, N, ROWS = 64, 24, 512

@@ -9,7 +9,6 @@ from flax import nnx
 
 import jq
 from jq import calibration as cal
-from jq.flax import precision as P
 
 KEY = jax.random.key(0)
 
@@ -124,9 +123,9 @@ def test_float16_norm_epsilon_underflows_without_policy(fragile_norm):
     y = jax.jit(m.apply)(v, x)
     # the trap, by hand: 1e-12 and (1e-4)**2 are zero in float16
     assert np.float16(1e-12) == 0 and np.float16(1e-4) ** 2 == 0
-    naive = jq.flax.precision.cast(m, v, "float16", keep=())
+    naive = jq.cast(m, v, "float16", keep=())
     assert not bool(jnp.all(jnp.isfinite(naive.apply(x))))
-    cm = P.cast(m, v, "float16", args=(x,))
+    cm = jq.cast(m, v, "float16", args=(x,))
     yc = cm.apply(x)
     assert yc.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(yc)))
@@ -147,7 +146,7 @@ def test_plain_mlp_runs_wholly_in_float16_with_float32_accumulation():
     m = Mlp()
     x = jax.random.normal(jax.random.key(1), (16, 8))
     v = jax.jit(m.init)(KEY, x)
-    cm = P.cast(m, v, "float16")
+    cm = jq.cast(m, v, "float16")
     y = np.asarray(cm.apply(x))
     # numpy reference: float16 storage, float32 dot accumulation rounded once to float16, float16 bias add
     p = jax.tree_util.tree_map(np.asarray, v["params"])
@@ -167,7 +166,7 @@ def test_plain_mlp_runs_wholly_in_float16_with_float32_accumulation():
 
 def test_float16_report_names_the_norm_and_its_epsilon(fragile_norm):
     m, v, x = fragile_norm
-    cm = P.cast(m, v, "float16", args=(x,))
+    cm = jq.cast(m, v, "float16", args=(x,))
     rows = cm.report()
     norm = [r for r in rows if r["module"] == "RMSNorm_0"]
     by_prim = {r["primitive"]: r for r in norm}
@@ -189,23 +188,23 @@ def test_float16_report_names_the_norm_and_its_epsilon(fragile_norm):
 def test_bfloat16_holds_the_epsilon(fragile_norm):
     m, v, x = fragile_norm
     y = jax.jit(m.apply)(v, x)
-    cm = P.cast(m, v, "bf16", args=(x,))
+    cm = jq.cast(m, v, "bf16", args=(x,))
     add = [r for r in cm.report() if r["module"] == "RMSNorm_0" and r["primitive"] == "add"][0]
     assert "normal in bfloat16" in add["reason"]
     assert rel_err(cm.apply(x), y) < 3e-2
     # bfloat16 has float32's exponent range: even the naive cast stays finite
-    assert bool(jnp.all(jnp.isfinite(P.cast(m, v, "bfloat16", keep=()).apply(x))))
+    assert bool(jnp.all(jnp.isfinite(jq.cast(m, v, "bfloat16", keep=()).apply(x))))
 
 
 def test_each_category_can_be_switched_off(fragile_norm):
     m, v, x = fragile_norm
-    cm = P.cast(m, v, "float16", args=(x,), keep=("softmax", "loss"))
+    cm = jq.cast(m, v, "float16", args=(x,), keep=("softmax", "loss"))
     cats = {r["category"] for r in cm.report()}
     assert cats == {"softmax", "loss"}
     # the norm in float16 again: x**2 underflows, eps underflows, rsqrt(0) = inf
     assert not bool(jnp.all(jnp.isfinite(cm.apply(x))))
     # keep_modules brings it back whole
-    cm = P.cast(m, v, "float16", keep=("softmax", "loss"), keep_modules=("RMSNorm_0",))
+    cm = jq.cast(m, v, "float16", keep=("softmax", "loss"), keep_modules=("RMSNorm_0",))
     assert bool(jnp.all(jnp.isfinite(cm.apply(x))))
     assert {r["category"] for r in cm.report()} == {"softmax", "loss", "user"}
 
@@ -220,13 +219,13 @@ def test_literal_that_underflows_is_kept():
     m = Clamp()
     x = jnp.zeros((2, 4))
     v = jax.jit(m.init)(KEY, x)
-    cm = P.cast(m, v, "float16", args=(x,))
+    cm = jq.cast(m, v, "float16", args=(x,))
     rows = {r["primitive"]: r for r in cm.report()}
     assert rows["max"]["category"] == "literal" and "1e-09" in rows["max"]["reason"]
     assert rows["log"]["category"] == "loss"
     # a zero input: float32 gives log(1e-9); float16 would give log(0) = -inf
     np.testing.assert_allclose(cm.apply(x), np.full((2, 8), np.log(np.float32(1e-9))), rtol=1e-6)
-    assert float(P.cast(m, v, "float16", keep=()).apply(x)[0, 0]) == -np.inf
+    assert float(jq.cast(m, v, "float16", keep=()).apply(x)[0, 0]) == -np.inf
 
 
 def test_calibration_flags_overflow_and_keeps_it_in_float32():
@@ -235,8 +234,8 @@ def test_calibration_flags_overflow_and_keeps_it_in_float32():
     v = jax.jit(m.init)(KEY, x)
     y = jax.jit(m.apply)(v, x)
     # without calibration the first layer overflows float16
-    assert not bool(jnp.all(jnp.isfinite(P.cast(m, v, "float16").apply(x))))
-    cm = P.cast(m, v, "float16", batches=[x[:4], x[4:]])
+    assert not bool(jnp.all(jnp.isfinite(jq.cast(m, v, "float16").apply(x))))
+    cm = jq.cast(m, v, "float16", batches=[x[:4], x[4:]])
     w = np.asarray(v["params"]["Dense_0"]["kernel"])
     want = float(np.max(np.abs(np.asarray(x, np.float64) @ w)))  # |x @ W| before the bias
     assert want > 65504
@@ -251,10 +250,10 @@ def test_calibration_flags_overflow_and_keeps_it_in_float32():
     assert bool(jnp.all(jnp.isfinite(cm.apply(x))))
     assert rel_err(cm.apply(x), y) < 1e-2
     # bfloat16 does not overflow
-    cb = P.cast(m, v, "bfloat16", batches=[x])
+    cb = jq.cast(m, v, "bfloat16", batches=[x])
     assert cb.overflow == {} and not [r for r in cb.report() if r["category"] == "overflow"]
     # headroom: flags values within a factor of the max
-    ch = P.cast(m, v, "float16", batches=[x], headroom=1e6)
+    ch = jq.cast(m, v, "float16", batches=[x], headroom=1e6)
     assert len(ch.overflow) > len(cm.overflow)
 
 
@@ -264,11 +263,11 @@ def test_attention_block_softmax_and_jit():
     mask = nn.make_causal_mask(jnp.ones((2, 5)))
     v = jax.jit(m.init)(KEY, x, mask)
     y = jax.jit(m.apply)(v, x, mask)
-    plain = P.cast(m, v, "float16", args=(x,))
+    plain = jq.cast(m, v, "float16", args=(x,))
     soft = {r["primitive"]: r["category"] for r in plain.report() if r["module"] == "MultiHeadDotProductAttention_0"}
     assert soft == {"reduce_max": "reduction", "exp": "softmax", "reduce_sum": "softmax", "div": "softmax"}
     # with the mask, flax fills masked logits with float32's min (-3.4e38): calibration flags it
-    cm = P.cast(m, v, "float16", batches=[(x, mask)])
+    cm = jq.cast(m, v, "float16", batches=[(x, mask)])
     over = {r["primitive"] for r in cm.report() if r["category"] == "overflow"}
     assert {"select_n", "reduce_max"} <= over
     yc = cm.apply(x, mask)
@@ -281,7 +280,7 @@ def test_scan():
     m = Scanned()
     x = jax.random.normal(jax.random.key(2), (2, 5, 16))
     v = jax.jit(m.init)(KEY, x)
-    cm = P.cast(m, v, "float16", batches=[x])  # calibration observes inside the scan body
+    cm = jq.cast(m, v, "float16", batches=[x])  # calibration observes inside the scan body
     assert cm.overflow == {}
     assert rel_err(cm.apply(x), jax.jit(m.apply)(v, x)) < 5e-3
     assert any(r["primitive"] == "rsqrt" and r["path"].count(".") >= 1 for r in cm.report())  # inside the scan
@@ -290,28 +289,28 @@ def test_scan():
 def test_nnx():
     nm = NnxFragile(nnx.Rngs(0))
     xx = jax.random.normal(jax.random.key(3), (8, 16))
-    cn = P.cast(nm, None, "float16", args=(xx,))
+    cn = jq.cast(nm, None, "float16", args=(xx,))
     assert rel_err(cn.apply(xx), jax.jit(lambda a: nm(a))(xx)) < 5e-3
-    assert not bool(jnp.all(jnp.isfinite(P.cast(nm, None, "float16", keep=()).apply(xx))))
+    assert not bool(jnp.all(jnp.isfinite(jq.cast(nm, None, "float16", keep=()).apply(xx))))
     assert any("1e-12" in r["reason"] for r in cn.report())
 
 
 def test_cast_bad_input(fragile_norm):
     m, v, x = fragile_norm
     with pytest.raises(ValueError, match="dtype"):
-        P.cast(m, v, "int8")
+        jq.cast(m, v, "int8")
     with pytest.raises(ValueError, match="dtype"):
-        P.cast(m, v, "float64")
+        jq.cast(m, v, "float64")
     with pytest.raises(ValueError, match="keep"):
-        P.cast(m, v, "float16", keep=("norms",))
+        jq.cast(m, v, "float16", keep=("norms",))
     with pytest.raises(ValueError, match="keep_modules"):
-        P.cast(m, v, "float16", keep_modules=("(",))
+        jq.cast(m, v, "float16", keep_modules=("(",))
     with pytest.raises(ValueError, match="headroom"):
-        P.cast(m, v, "float16", headroom=0.5)
+        jq.cast(m, v, "float16", headroom=0.5)
     with pytest.raises(ValueError, match="batches"):
-        P.cast(m, v, "float16", batches=[])
+        jq.cast(m, v, "float16", batches=[])
     with pytest.raises(ValueError, match="example"):
-        P.cast(m, v, "float16").report()
+        jq.cast(m, v, "float16").report()
 
 
 # ----------------------------------------------------------------------------- sensitivity
@@ -329,7 +328,7 @@ def _np_forward(p, x):
 def test_sensitivity_ranks_the_fragile_layer_first(outlier):
     m, v, batches = outlier
     rules = [jq.Rule(".*", weight=jq.QuantSpec("int8", axis=-1))]
-    res = P.sensitivity(m, v, rules, batches, agreement, inputs=first)
+    res = jq.sensitivity(m, v, rules, batches, agreement, inputs=first)
     assert res.float_metric == 1.0
     assert [r["site"] for r in res.rows][0] == "fragile/kernel"
     drops = [r["drop"] for r in res.rows]
@@ -356,7 +355,7 @@ def test_sensitivity_static_rules_and_no_metric(outlier):
     m, v, batches = outlier
     rules = [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1),
                      activation=jq.QuantSpec("int8", calibration=cal.MinMax()))]
-    res = P.sensitivity(m, v, rules, batches, inputs=first)
+    res = jq.sensitivity(m, v, rules, batches, inputs=first)
     assert res.float_metric is None and "drop" not in res.rows[0]
     sq = [r["sqnr_db"] for r in res.rows]
     assert sq == sorted(sq) and res.rows[0]["site"] == "fragile/kernel"
@@ -364,7 +363,7 @@ def test_sensitivity_static_rules_and_no_metric(outlier):
     assert sq[0] < 3.0 and sq[-1] > 10.0
     # calibration statistics passed in give the same numbers
     stats = jq.calibrate(m, v, [b[0] for b in batches], rules, progress=False)
-    again = P.sensitivity(m, v, rules, batches, inputs=first, stats=stats)
+    again = jq.sensitivity(m, v, rules, batches, inputs=first, stats=stats)
     assert [r["sqnr_db"] for r in again.rows] == pytest.approx(sq, abs=1e-6)
 
 
@@ -378,24 +377,24 @@ def test_sensitivity_tied_embedding_is_one_row():
     ids = jax.random.randint(jax.random.key(1), (4, 6), 0, 50)
     m = TiedLM()
     v = jax.jit(m.init)(KEY, ids)
-    res = P.sensitivity(m, v, [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1))], [ids])
+    res = jq.sensitivity(m, v, [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1))], [ids])
     assert sorted(r["site"] for r in res.rows) == ["Dense_0/kernel", "Embed_0/embedding + Embed_0/embedding[1]"]
 
 
 def test_sensitivity_bad_input(outlier):
     m, v, batches = outlier
     with pytest.raises(ValueError, match="batches"):
-        P.sensitivity(m, v, [jq.Rule()], [])
+        jq.sensitivity(m, v, [jq.Rule()], [])
     with pytest.raises(ValueError, match="no site"):
-        P.sensitivity(m, v, [jq.Rule("nothing")], batches, inputs=first)
+        jq.sensitivity(m, v, [jq.Rule("nothing")], batches, inputs=first)
     with pytest.raises(TypeError, match="rules"):
-        P.sensitivity(m, v, ["int8"], batches, inputs=first)
+        jq.sensitivity(m, v, ["int8"], batches, inputs=first)
 
 
 # ----------------------------------------------------------------------------- auto_quantize
 def test_auto_quantize_keeps_the_fragile_layer_high(outlier):
     m, v, batches = outlier
-    res = P.auto_quantize(m, v, batches, agreement, max_drop=0.02, inputs=first)
+    res = jq.auto_quantize(m, v, batches, agreement, max_drop=0.02, inputs=first)
     fmt = {r["modules"]: r["format"] for r in res.plan}
     assert fmt["fragile"] in ("bfloat16", "float32")
     assert fmt["mid"] in ("int4", "int8") and fmt["head"] in ("int4", "int8")
@@ -416,14 +415,14 @@ def test_auto_quantize_keeps_the_fragile_layer_high(outlier):
 def test_auto_quantize_budget_extremes(outlier):
     m, v, batches = outlier
     # any drop allowed: every layer at the cheapest candidate
-    res = P.auto_quantize(m, v, batches, agreement, max_drop=1.0, inputs=first, candidates=("int8", "float32"))
+    res = jq.auto_quantize(m, v, batches, agreement, max_drop=1.0, inputs=first, candidates=("int8", "float32"))
     assert {r["format"] for r in res.plan} == {"int8"}
     # int8 weights (1 byte) + float32 per-channel scales (4 bytes per output) + float32 biases
     p = v["params"]
     want = sum(p[k]["kernel"].size + 4 * p[k]["kernel"].shape[1] + 4 * p[k]["bias"].size for k in p)
     assert res.size_bytes == want
     # no drop allowed and only int4: only what costs nothing is lowered
-    res = P.auto_quantize(m, v, batches, agreement, max_drop=0.0, inputs=first, candidates=("int4",))
+    res = jq.auto_quantize(m, v, batches, agreement, max_drop=0.0, inputs=first, candidates=("int4",))
     assert res.metric == res.float_metric
     assert "fragile" not in [r.path_regex for r in res.rules]
 
@@ -431,7 +430,7 @@ def test_auto_quantize_budget_extremes(outlier):
 def test_auto_quantize_with_static_activations(outlier):
     m, v, batches = outlier
     act = jq.QuantSpec("int8", calibration=cal.MinMax())
-    res = P.auto_quantize(m, v, batches, agreement, max_drop=0.05, inputs=first, activation=act,
+    res = jq.auto_quantize(m, v, batches, agreement, max_drop=0.05, inputs=first, activation=act,
                           candidates=("int8", "float32"))
     assert all(r.activation == act for r in res.rules)
     assert "fragile" not in [r.path_regex for r in res.rules]
@@ -445,12 +444,12 @@ def test_auto_quantize_with_static_activations(outlier):
 def test_auto_quantize_bad_input(outlier):
     m, v, batches = outlier
     with pytest.raises(ValueError, match="batches"):
-        P.auto_quantize(m, v, [], agreement)
+        jq.auto_quantize(m, v, [], agreement)
     with pytest.raises(ValueError, match="max_drop"):
-        P.auto_quantize(m, v, batches, agreement, max_drop=-0.1, inputs=first)
+        jq.auto_quantize(m, v, batches, agreement, max_drop=-0.1, inputs=first)
     with pytest.raises(ValueError, match="unknown format|candidate"):
-        P.auto_quantize(m, v, batches, agreement, candidates=("int3",), inputs=first)
+        jq.auto_quantize(m, v, batches, agreement, candidates=("int3",), inputs=first)
     with pytest.raises(TypeError, match="metric_fn"):
-        P.auto_quantize(m, v, batches, None, inputs=first)
+        jq.auto_quantize(m, v, batches, None, inputs=first)
     with pytest.raises(ValueError, match="no site"):
-        P.auto_quantize(m, v, batches, agreement, ops=("conv",), inputs=first)
+        jq.auto_quantize(m, v, batches, agreement, ops=("conv",), inputs=first)

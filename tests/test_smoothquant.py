@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import jq
 from jq import calibration as cal
 from jq.flax import checkpoint
-from jq.flax.ptq import smoothquant
+from jq.flax.smoothquant import smoothquant
 from jq.smoothing import channel_absmax, smooth_activation, smooth_weight, smoothing_factors
 
 

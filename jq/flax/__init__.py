@@ -1,29 +1,26 @@
 """Flax integration: rules, calibrate, convert, apply, QAT and reports for linen and nnx.
 
 One module per verb: `calibrate`, `convert`, `apply`, `qat`, `report` (with
-`sites`), `export`, `checkpoint`; `precision` (cast, sensitivity,
-auto_quantize) and `ptq` (gptq, smoothquant). The data types live in `qvars`,
-and the engine they share in `adapter` (linen / nnx as one function, traced),
-`_graph` (sites, the interpreter and its `StateKey` state), `select` (rule
-matching, specs) and `stream` (batches, observers).
+`sites`), `export`, `checkpoint`, `cast` (its policy in `cast_policy`),
+`sensitivity`, `auto_quantize`, `gptq` and `smoothquant`. The data types live
+in `qvars`, and the engine the verbs share in `adapter` (linen / nnx as one
+function, traced), `_graph` (sites, the interpreter and its `StateKey`
+state), `select` (rule matching, specs) and `stream` (batches, observers).
 """
 
 from jq.flax.apply import apply
+from jq.flax.auto_quantize import (
+    AutoQuantResult,
+    auto_quantize,
+)
 from jq.flax.calibrate import calibrate
+from jq.flax.cast import (
+    CastModel,
+    cast,
+)
 from jq.flax.convert import convert
 from jq.flax.export import export
-from jq.flax.precision import (
-    AutoQuantResult,
-    CastModel,
-    SensitivityResult,
-    auto_quantize,
-    cast,
-    sensitivity,
-)
-from jq.flax.ptq import (
-    gptq,
-    smoothquant,
-)
+from jq.flax.gptq import gptq
 from jq.flax.qat import (
     QAT,
     qat,
@@ -42,6 +39,11 @@ from jq.flax.rules import (
     OP_KINDS,
     Rule,
 )
+from jq.flax.sensitivity import (
+    SensitivityResult,
+    sensitivity,
+)
+from jq.flax.smoothquant import smoothquant
 
 __all__ = [
     "OP_KINDS",

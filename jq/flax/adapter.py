@@ -98,6 +98,15 @@ class ModelAdapter:
         self.values = [values.get(li.path, v) for li, v in zip(self.leaves, self.values)]
         return self
 
+    def rebuilt(self, leaves: list):
+        """``(model, variables)`` with `leaves`: linen's variables, or a new nnx module (and None)."""
+        tree = jax.tree_util.tree_unflatten(self.treedef, leaves)
+        if self.kind == "linen":
+            return self.model, tree
+        from flax import nnx
+
+        return nnx.merge(self.graphdef, tree), None
+
     def signature(self) -> tuple:
         return tuple((li.path, li.shape) for li in self.leaves)
 

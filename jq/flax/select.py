@@ -11,7 +11,9 @@ Every verb (`calibrate`, `convert`, `apply`, `qat`, `report`, `cast`,
 * `activation_spec` checks a rule's activation spec against the operand it
   quantizes;
 * `scan_lengths` / `stack_tree` stack per-site state over the scans around a
-  site (one slice per layer of an ``nn.scan`` / ``nnx.scan``).
+  site (one slice per layer of an ``nn.scan`` / ``nnx.scan``);
+* `dot_geometry` / `activation_matrix` give the ``(K, N)`` view of a
+  parameter dot that GPTQ and SmoothQuant work on.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from jq.qparams import QuantSpec
 
 __all__ = [
     "Choice",
+    "activation_matrix",
     "activation_spec",
     "check_weight_fit",
     "choose",
+    "dot_geometry",
     "leaf_specs",
     "scan_lengths",
     "stack_tree",
@@ -180,3 +184,32 @@ def leaf_specs(chosen: dict[str, Choice]) -> dict[int, tuple[QuantSpec, Choice]]
             )
         out.setdefault(s.leaf.index, (spec, c))
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# the (K, N) view of a parameter dot (GPTQ, SmoothQuant)
+# ---------------------------------------------------------------------------------------
+# primitives a weight may pass through on its way to a dot and keep its (K, N) view
+_PASSTHROUGH = {"convert_element_type", "copy", "copy_p"}
+
+
+def dot_geometry(site: Site):
+    """``(weight contracting dims, activation contracting dims)`` of a parameter dot, or a reason."""
+    if site.kind != "dot":
+        return f"{site.kind} site"
+    if any(op not in _PASSTHROUGH for op in site.chain):
+        return f"weight reaches the dot through {site.chain}"
+    (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
+    if lb or rb:
+        return "dot with batch dimensions on the weight"
+    wc, ac = (tuple(rc), tuple(lc)) if site.operand == 1 else (tuple(lc), tuple(rc))
+    if wc != tuple(range(len(wc))):
+        return f"weight contracting dims {wc} are not its leading axes"
+    return wc, ac
+
+
+def activation_matrix(x, ac, k):
+    """The activation as ``(rows, K)``, K flattened in the order of the weight's leading axes."""
+    nd = x.ndim
+    x = jnp.moveaxis(x, ac, tuple(range(nd - len(ac), nd)))
+    return x.reshape(-1, k).astype(jnp.float32)

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from jq.flax._graph import Interpreter, Site, SiteFinder, bind_eqn, keyed_by_act_key
 from jq.flax.adapter import ModelAdapter, Traced, trace
 from jq.flax.qvars import CalibrationStats
-from jq.flax.select import Choice, activation_spec, scan_lengths, stack_tree
+from jq.flax.rules import check_rules
+from jq.flax.select import Choice, activation_spec, choose, scan_lengths, stack_tree
 
 __all__ = [
     "Stream",
@@ -39,6 +40,7 @@ __all__ = [
     "is_array",
     "observe_site",
     "peek",
+    "prepare",
     "shape_dtype",
     "site_body",
     "split_batch",
@@ -88,6 +90,30 @@ def peek(batches: Iterable, empty_error: str) -> tuple[Any, Iterator]:
     except StopIteration:
         raise ValueError(empty_error) from None
     return first, itertools.chain([first], it)
+
+
+def prepare(model, variables, batches: Iterable, rules, method, kwargs: dict | None, name: str):
+    """What a verb over a list of calibration batches starts with (`gptq`, `smoothquant`).
+
+    Returns ``(rules, kwargs, batches, adapter, args, traced, chosen)``: the
+    checked rules, the batches as a list, the model traced on the first one and
+    the sites the rules select.
+
+    Raises:
+      ValueError: `batches` is empty (the message names ``jq.<name>``).
+    """
+    rules = check_rules(rules)
+    kwargs = dict(kwargs or {})
+    batches = list(batches)
+    if not batches:
+        raise ValueError(
+            f"jq.{name}: `batches` is empty; {name} needs at least one calibration batch"
+        )
+    adapter = ModelAdapter(model, variables, method)
+    args = split_batch(batches[0])
+    t = trace(adapter, adapter.values, args, kwargs)
+    chosen = choose(t.finder, rules)
+    return rules, kwargs, batches, adapter, args, t, chosen
 
 
 # ---------------------------------------------------------------------------------------
