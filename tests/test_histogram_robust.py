@@ -24,7 +24,7 @@ import pytest
 
 import jq
 import jq.calibration as cal
-from jq.calibration import histogram as hist_mod
+from jq.calibration import search as hist_mod
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -224,7 +224,7 @@ def test_entropy_point_mass_at_the_maximum_is_inside_the_last_window():
 )
 def test_one_sided_levels_are_the_grids(dtype, symmetric, positive, want):
     """The levels the one-sided search uses are those of the grid on the data's side."""
-    assert hist_mod._side_levels(dtype, symmetric, positive) == want
+    assert hist_mod.side_levels(dtype, symmetric, positive) == want
 
 
 # -- against ORT's ranges on the shared fixtures ----------------------------------------------
