@@ -318,7 +318,8 @@ def main():
         notes.append(
             f"batch {batch}: max |y - y_f32| / max |y_f32|: "
             + ", ".join(
-                f"{re.sub(r' [(][^)]*[)]', '', k)} {v:.4f}" for k, v in errs.items()
+                f"{re.sub(r' [(][^)]*[)]', '', k)} {v:.4f}"
+                for k, v in errs.items()
                 if "float32" not in k
             )
         )
@@ -342,8 +343,18 @@ def main():
         )
     table = "\n".join(lines)
     text = "\n".join(
-        ["# jq.ops CPU benchmark", "", head, "", _lowering_line(), "", table, "",
-         "Accuracy (same inputs):", ""]
+        [
+            "# jq.ops CPU benchmark",
+            "",
+            head,
+            "",
+            _lowering_line(),
+            "",
+            table,
+            "",
+            "Accuracy (same inputs):",
+            "",
+        ]
         + [f"- {n}" for n in notes]
         + ["", NOTES]
     )

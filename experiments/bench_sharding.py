@@ -67,7 +67,7 @@ def _time(cases: dict, repeats: int, calls: int) -> dict[str, list[float]]:
     names = list(cases)
     samples = {n: [] for n in names}
     for r in range(repeats):
-        for n in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
+        for n in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
             f, args = cases[n]
             t0 = time.perf_counter()
             for _ in range(calls):
@@ -94,31 +94,54 @@ def main():
     model = MLP()
     x = jax.random.normal(jax.random.key(1), (a.batch, SIZES[0]))
     v = model.init(jax.random.key(0), x[:2])
-    rules = [jq.Rule(".*", weight=jq.QuantSpec("int8", axis=-1),
-                     activation=jq.QuantSpec("int8", calibration=cal.MinMax()))]
-    stats = jq.calibrate(model, v, [x[i:i + 64] for i in range(0, a.batch, 64)], rules, progress=False)
+    rules = [
+        jq.Rule(
+            ".*",
+            weight=jq.QuantSpec("int8", axis=-1),
+            activation=jq.QuantSpec("int8", calibration=cal.MinMax()),
+        )
+    ]
+    stats = jq.calibrate(
+        model, v, [x[i : i + 64] for i in range(0, a.batch, 64)], rules, progress=False
+    )
     qv = jq.convert(model, v, rules, stats)
 
     dev0 = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     dp = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     tp = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
-    megatron = {"params/Dense_0/kernel": P(None, "model"), "params/Dense_0/bias": P("model"),
-                "params/Dense_1/kernel": P("model", None)}
+    megatron = {
+        "params/Dense_0/kernel": P(None, "model"),
+        "params/Dense_0/bias": P("model"),
+        "params/Dense_1/kernel": P("model", None),
+    }
     f_float = jax.jit(lambda v, x: model.apply(v, x))
     f_int8 = jax.jit(lambda q, x: jq.apply(model, q, x))
 
     x1 = _place(x, dev0)
     x_dp = _place(x, NamedSharding(dp, P("data")))
     x_tp = _place(x, NamedSharding(tp, P()))
-    v_tp = {"params": {layer: {k: _place(arr, NamedSharding(tp, megatron.get(f"params/{layer}/{k}", P())))
-                               for k, arr in p.items()} for layer, p in v["params"].items()}}
+    v_tp = {
+        "params": {
+            layer: {
+                k: _place(arr, NamedSharding(tp, megatron.get(f"params/{layer}/{k}", P())))
+                for k, arr in p.items()
+            }
+            for layer, p in v["params"].items()
+        }
+    }
     cases = {
         ("float32", "1 device"): (f_float, (_place(v, dev0), x1)),
-        ("float32", "8 devices, data parallel"): (f_float, (_place(v, NamedSharding(dp, P())), x_dp)),
+        ("float32", "8 devices, data parallel"): (
+            f_float,
+            (_place(v, NamedSharding(dp, P())), x_dp),
+        ),
         ("float32", "8 devices, tensor parallel"): (f_float, (v_tp, x_tp)),
         ("int8", "1 device"): (f_int8, (_place(qv, dev0), x1)),
         ("int8", "8 devices, data parallel"): (f_int8, (js.shard_qvars(qv, mesh=dp), x_dp)),
-        ("int8", "8 devices, tensor parallel"): (f_int8, (js.shard_qvars(qv, megatron, mesh=tp), x_tp)),
+        ("int8", "8 devices, tensor parallel"): (
+            f_int8,
+            (js.shard_qvars(qv, megatron, mesh=tp), x_tp),
+        ),
     }
     max_err = {}
     for (dt, name), (f, args) in cases.items():
@@ -130,20 +153,27 @@ def main():
     samples = _time(keyed, a.repeats, a.calls)
 
     rows = []
-    for (dt, name) in cases:
+    for dt, name in cases:
         s = samples[f"{dt} / {name}"]
         base = float(np.median(samples[f"{dt} / 1 device"]))
         med = float(np.median(s))
-        rows.append({
-            "dtype": dt, "case": name, "median_ms": med * 1e3, "min_ms": min(s) * 1e3,
-            "max_ms": max(s) * 1e3, "samples_per_s": a.batch / med, "vs_1_device": base / med,
-            "max_abs_diff_vs_1_device": max_err[f"{dt} / {name}"],
-        })
+        rows.append(
+            {
+                "dtype": dt,
+                "case": name,
+                "median_ms": med * 1e3,
+                "min_ms": min(s) * 1e3,
+                "max_ms": max(s) * 1e3,
+                "samples_per_s": a.batch / med,
+                "vs_1_device": base / med,
+                "max_abs_diff_vs_1_device": max_err[f"{dt} / {name}"],
+            }
+        )
     lines = [
         f"MLP {'-'.join(map(str, SIZES))}, batch {a.batch}, median of {a.repeats} interleaved "
         f"repeats x {a.calls} calls; {os.cpu_count()} CPU cores shared by all 8 simulated devices.",
         "",
-        "| dtype | case | median ms / batch (min - max) | samples / s | throughput vs 1 device | max abs diff vs 1 device |",
+        "| dtype | case | median ms / batch (min - max) | samples / s | throughput vs 1 device | max abs diff vs 1 device |",  # noqa: E501
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -153,15 +183,26 @@ def main():
         )
     i1 = next(r for r in rows if r["dtype"] == "int8" and r["case"] == "1 device")
     f1 = next(r for r in rows if r["dtype"] == "float32" and r["case"] == "1 device")
-    lines += ["", f"int8 vs float32 on 1 device: {f1['median_ms'] / i1['median_ms']:.2f}x throughput."]
+    lines += [
+        "",
+        f"int8 vs float32 on 1 device: {f1['median_ms'] / i1['median_ms']:.2f}x throughput.",
+    ]
     table = "\n".join(lines)
     print(table)
     out = {
-        "rows": rows, "table": table, "batch": a.batch, "repeats": a.repeats, "calls": a.calls,
-        "jax": jax.__version__, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "rows": rows,
+        "table": table,
+        "batch": a.batch,
+        "repeats": a.repeats,
+        "calls": a.calls,
+        "jax": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
         "devices": "8 simulated CPU devices (--xla_force_host_platform_device_count=8)",
     }
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"sharding_bench_b{a.batch}.json")
+    path = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"sharding_bench_b{a.batch}.json"
+    )
     with open(path, "w") as fh:
         json.dump(out, fh, indent=2)
     print(f"wrote {path}")

@@ -153,8 +153,9 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, mask):
         h = nn.LayerNorm()(x)
-        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.width,
-                                                deterministic=True)(h, mask=mask)
+        x = x + nn.MultiHeadDotProductAttention(
+            num_heads=self.heads, qkv_features=self.width, deterministic=True
+        )(h, mask=mask)
         h = nn.LayerNorm()(x)
         return x + nn.Dense(self.width)(nn.gelu(nn.Dense(4 * self.width)(h)))
 
@@ -191,21 +192,27 @@ def _windows(ids, rng, batch, ctx):
 
 
 def _schedule(lr, steps, warmup):
-    return optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps // 2), max(steps, 1), lr * 0.05)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, min(warmup, steps // 2), max(steps, 1), lr * 0.05
+    )
 
 
 def train_float(model, ids, cfg, desc="train"):
     """AdamW with warm-up and cosine decay on random windows; returns float32 variables."""
     x0 = jnp.zeros((1, cfg.ctx), jnp.int32)
     variables = model.init(jax.random.key(cfg.seed), x0)
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(_schedule(cfg.lr, cfg.steps, cfg.warmup), weight_decay=0.01))
+    opt = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(_schedule(cfg.lr, cfg.steps, cfg.warmup), weight_decay=0.01),
+    )
     params = variables["params"]
     opt_state = opt.init(params)
 
     @jax.jit
     def step(params, opt_state, xb, yb):
-        loss, g = jax.value_and_grad(lambda p: _nll(model.apply({"params": p}, xb), yb).mean())(params)
+        loss, g = jax.value_and_grad(lambda p: _nll(model.apply({"params": p}, xb), yb).mean())(
+            params
+        )
         updates, opt_state = opt.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -225,8 +232,10 @@ def train_qat(model, variables, rules, ids, cfg, stats, desc="qat"):
     rng = np.random.default_rng(cfg.seed + 1)
     xb, _ = _windows(ids, rng, cfg.batch, cfg.ctx)
     qv = q.init(variables, xb, stats=stats)
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(_schedule(cfg.qat_lr, cfg.qat_steps, cfg.qat_steps // 10), weight_decay=0.0))
+    opt = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(_schedule(cfg.qat_lr, cfg.qat_steps, cfg.qat_steps // 10), weight_decay=0.0),
+    )
     trainable = {"params": qv["params"], "quant": qv["quant"]}
     opt_state = opt.init(trainable)
 
@@ -254,7 +263,7 @@ def eval_windows(ids, ctx):
     """All non-overlapping windows: inputs ``(n, ctx)`` and next-character targets."""
     n = (len(ids) - 1) // ctx
     x = ids[: n * ctx].reshape(n, ctx)
-    y = ids[1: n * ctx + 1].reshape(n, ctx)
+    y = ids[1 : n * ctx + 1].reshape(n, ctx)
     return x, y
 
 
@@ -266,7 +275,7 @@ def bits_per_char(fn, variables, x, y, batch: int = 64) -> float:
     yp = np.concatenate([y, np.zeros((pad, y.shape[1]), y.dtype)])
     total = 0.0
     for i in range(0, len(xp), batch):
-        nll = np.asarray(_nll(fn(variables, xp[i:i + batch]), yp[i:i + batch]), np.float64)
+        nll = np.asarray(_nll(fn(variables, xp[i : i + batch]), yp[i : i + batch]), np.float64)
         keep = min(batch, n - i)
         total += nll[:keep].sum()
     return total / (n * x.shape[1]) / math.log(2)
@@ -297,18 +306,34 @@ def _rules(weight, act):
 
 def methods() -> list[Method]:
     a8 = lambda obs=None: jq.QuantSpec("int8", calibration=obs)
-    out = [Method("float32", "float", group="float"),
-           Method("dynamic int8", "dynamic", _rules(_w(), a8()), "int8")]
+    out = [
+        Method("float32", "float", group="float"),
+        Method("dynamic int8", "dynamic", _rules(_w(), a8()), "int8"),
+    ]
     for cname, obs in CALIBRATORS.items():
         out.append(Method(f"static int8, {cname}", "static", _rules(_w(), a8(obs)), "int8"))
     # control for the entropy row: min-max at the attention einsums (the workaround from before
     # the one-sided KL search, when entropy clipped the softmax probabilities to [0, 0.126])
-    out.append(Method("static int8, entropy, min-max at attention einsums", "static",
-                      (jq.Rule(".*", ops=("dot", "embed"), weight=_w(), activation=a8(CALIBRATORS["entropy"])),
-                       jq.Rule(".*", ops=("act_dot",), weight=None, activation=a8(cal.MinMax()))), "int8"))
+    out.append(
+        Method(
+            "static int8, entropy, min-max at attention einsums",
+            "static",
+            (
+                jq.Rule(
+                    ".*", ops=("dot", "embed"), weight=_w(), activation=a8(CALIBRATORS["entropy"])
+                ),
+                jq.Rule(".*", ops=("act_dot",), weight=None, activation=a8(cal.MinMax())),
+            ),
+            "int8",
+        )
+    )
     out += [
-        Method("static int8, min-max, per-tensor weights", "static",
-               _rules(_w(per_channel=False), a8(cal.MinMax())), "int8"),
+        Method(
+            "static int8, min-max, per-tensor weights",
+            "static",
+            _rules(_w(per_channel=False), a8(cal.MinMax())),
+            "int8",
+        ),
         Method("weight-only int8", "weight_only", _rules(_w("int8"), None), "weight-only"),
         Method("weight-only int4", "weight_only", _rules(_w("int4"), None), "weight-only"),
         Method("QAT int8", "qat", _rules(_w("int8"), a8(cal.MinMax())), "qat"),
@@ -327,12 +352,16 @@ def _predict_fn(model, is_float):
 
 def run_rows(cfg, data, sw: Stopwatch) -> dict:
     train_ids, test_ids, vocab, info = data
-    model = CharLM(vocab=len(vocab), width=cfg.width, layers=cfg.layers, heads=cfg.heads, ctx=cfg.ctx)
+    model = CharLM(
+        vocab=len(vocab), width=cfg.width, layers=cfg.layers, heads=cfg.heads, ctx=cfg.ctx
+    )
     with sw("train"):
         variables = train_float(model, train_ids, cfg)
     xte, yte = eval_windows(test_ids, cfg.ctx)
     rng = np.random.default_rng(cfg.seed + 2)
-    calib = [_windows(train_ids, rng, cfg.calib_batch, cfg.ctx)[0] for _ in range(cfg.calib_batches)]
+    calib = [
+        _windows(train_ids, rng, cfg.calib_batch, cfg.ctx)[0] for _ in range(cfg.calib_batches)
+    ]
     n_weights = sum(int(np.size(w)) for w in jax.tree_util.tree_leaves(variables["params"]))
     f32_bytes = tree_nbytes(variables)
     rows, fns, ranges, stats_by_observer = [], {}, {}, {}
@@ -353,9 +382,13 @@ def run_rows(cfg, data, sw: Stopwatch) -> dict:
                 obs = tuple(r.activation.calibration for r in rules if r.activation is not None)
                 if obs not in stats_by_observer:
                     with sw("calibrate"):
-                        stats_by_observer[obs] = jq.calibrate(model, variables, calib, rules, progress=False)
-                    ranges[m.name] = {k: (float(np.min(lo)), float(np.max(hi)))
-                                      for k, (lo, hi) in stats_by_observer[obs].ranges().items()}
+                        stats_by_observer[obs] = jq.calibrate(
+                            model, variables, calib, rules, progress=False
+                        )
+                    ranges[m.name] = {
+                        k: (float(np.min(lo)), float(np.max(hi)))
+                        for k, (lo, hi) in stats_by_observer[obs].ranges().items()
+                    }
                 stats = stats_by_observer[obs]
             if m.kind == "qat":
                 with sw("qat"):
@@ -366,7 +399,9 @@ def run_rows(cfg, data, sw: Stopwatch) -> dict:
             else:
                 qv = jq.convert(model, variables, rules, args=(calib[0][:1],))
             nb = qv.nbytes()
-            row.update(bytes=nb["total_after"], bits_per_weight=8.0 * nb["quantized"] / (nb["float"] / 4.0))
+            row.update(
+                bytes=nb["total_after"], bits_per_weight=8.0 * nb["quantized"] / (nb["float"] / 4.0)
+            )
             fn = _predict_fn(model, False)
         with sw("evaluate"):
             row["bpc"] = float(bits_per_char(fn, qv, xte, yte))
@@ -402,23 +437,41 @@ def target_checks(rows):
         if r["kind"] == "static" and "per-tensor" not in r["method"]:
             lim = TARGETS["static_int8_pct"]
             name = r["method"].replace("static int8, ", "")
-            out.append({"check": f"static int8 ({name}) bpc <= +{lim}%", "value": r["bpc_increase_pct"],
-                        "met": r["bpc_increase_pct"] <= lim})
+            out.append(
+                {
+                    "check": f"static int8 ({name}) bpc <= +{lim}%",
+                    "value": r["bpc_increase_pct"],
+                    "met": r["bpc_increase_pct"] <= lim,
+                }
+            )
     r = rs.get("QAT int8")
     if r is not None:
         lim = TARGETS["qat_int8_pct"]
-        out.append({"check": f"QAT int8 bpc <= +{lim}%", "value": r["bpc_increase_pct"],
-                    "met": r["bpc_increase_pct"] <= lim})
+        out.append(
+            {
+                "check": f"QAT int8 bpc <= +{lim}%",
+                "value": r["bpc_increase_pct"],
+                "met": r["bpc_increase_pct"] <= lim,
+            }
+        )
     return out
 
 
 def render_markdown(result):
     cfg, mi, c = result["config"], result["machine"], result["corpus"]
-    cols = [("method", "method", None), ("bpc", "held-out bpc", ".4f"),
-            ("bpc_increase", "Δ bpc", "+.4f"), ("bpc_increase_pct", "Δ bpc (%)", "+.2f"),
-            ("bytes", "model bytes", ","), ("bits_per_weight", "bits / weight", ".2f")]
+    cols = [
+        ("method", "method", None),
+        ("bpc", "held-out bpc", ".4f"),
+        ("bpc_increase", "Δ bpc", "+.4f"),
+        ("bpc_increase_pct", "Δ bpc (%)", "+.2f"),
+        ("bytes", "model bytes", ","),
+        ("bits_per_weight", "bits / weight", ".2f"),
+    ]
     for b in cfg["latency_batches"]:
-        cols += [(f"latency_b{b}_ms", f"b={b} latency (ms)", ".2f"), (f"speedup_b{b}", f"b={b} speed-up", ".2f")]
+        cols += [
+            (f"latency_b{b}_ms", f"b={b} latency (ms)", ".2f"),
+            (f"speedup_b{b}", f"b={b} speed-up", ".2f"),
+        ]
     parts = [
         f"# charlm: {'quick' if cfg['quick'] else 'full'} run",
         "",
@@ -440,8 +493,14 @@ def render_markdown(result):
         "",
         "## Targets",
         "",
-        markdown_table(result["targets"], [("check", "target", None), ("value", "Δ bpc (%)", "+.2f"),
-                                           ("met", "met", lambda v: "yes" if v else "**no**")]),
+        markdown_table(
+            result["targets"],
+            [
+                ("check", "target", None),
+                ("value", "Δ bpc (%)", "+.2f"),
+                ("met", "met", lambda v: "yes" if v else "**no**"),
+            ],
+        ),
         "",
         f"Files: {', '.join(c['files'])}.",
         "",
@@ -478,7 +537,9 @@ class Config:
 
 def parse_args(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smaller model, fewer steps (a few minutes)")
+    p.add_argument(
+        "--quick", action="store_true", help="smaller model, fewer steps (a few minutes)"
+    )
     for k in ("width", "layers", "heads", "ctx", "batch", "steps", "qat_steps", "repeats", "seed"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     for k in ("lr", "qat_lr"):
@@ -491,8 +552,19 @@ def parse_args(argv=None) -> Config:
     if a.quick:
         cfg.width, cfg.layers, cfg.steps, cfg.qat_steps, cfg.repeats = 64, 2, 200, 20, 3
         cfg.latency_batches = (1, 64)
-    for k in ("width", "layers", "heads", "ctx", "batch", "steps", "qat_steps", "repeats", "seed", "lr",
-              "qat_lr"):
+    for k in (
+        "width",
+        "layers",
+        "heads",
+        "ctx",
+        "batch",
+        "steps",
+        "qat_steps",
+        "repeats",
+        "seed",
+        "lr",
+        "qat_lr",
+    ):
         v = getattr(a, k)
         if v is not None:
             setattr(cfg, k, v)
@@ -507,8 +579,12 @@ def run(cfg: Config) -> dict:
     data = load_corpus()
     result = {"config": dataclasses.asdict(cfg), "machine": machine_info()}
     out = run_rows(cfg, data, sw)
-    result.update(rows=out["rows"], n_weights=out["n_weights"], corpus=out["corpus"],
-                  calibrated_ranges=out["ranges"])
+    result.update(
+        rows=out["rows"],
+        n_weights=out["n_weights"],
+        corpus=out["corpus"],
+        calibrated_ranges=out["ranges"],
+    )
     result["targets"] = target_checks(result["rows"])
     result["phases_s"] = sw.times
     result["wall_s"] = sw.total()

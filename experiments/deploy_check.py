@@ -42,16 +42,32 @@ def _child(artifact: str, io_path: str) -> int:
     if same_shape and got.ndim >= 2:
         agree = float(np.mean(np.argmax(got, -1) == np.argmax(want, -1)))
     flax_imported = any(m == "flax" or m.startswith("flax.") for m in sys.modules)
-    rep = {"ok": bit and not flax_imported, "bit_identical": bit, "max_abs_diff": diff,
-           "pred_agreement": agree, "n": int(got.shape[0]) if got.ndim else 1,
-           "flax_imported": flax_imported, "backend": jax.default_backend(),
-           "platforms": list(f.platforms), "weights_mode": f.manifest["weights_mode"]}
+    rep = {
+        "ok": bit and not flax_imported,
+        "bit_identical": bit,
+        "max_abs_diff": diff,
+        "pred_agreement": agree,
+        "n": int(got.shape[0]) if got.ndim else 1,
+        "flax_imported": flax_imported,
+        "backend": jax.default_backend(),
+        "platforms": list(f.platforms),
+        "weights_mode": f.manifest["weights_mode"],
+    }
     print(json.dumps(rep))
     return 0 if rep["ok"] else 1
 
 
-def round_trip(model, qvars, x, path: str, *, weights: str = "embedded", platforms=("cpu",), rules=None,
-               timeout: float = 600.0) -> dict:
+def round_trip(
+    model,
+    qvars,
+    x,
+    path: str,
+    *,
+    weights: str = "embedded",
+    platforms=("cpu",),
+    rules=None,
+    timeout: float = 600.0,
+) -> dict:
     """Exports `model`/`qvars`, reloads the artifact in a fresh process and checks its outputs.
 
     Args:
@@ -78,8 +94,15 @@ def round_trip(model, qvars, x, path: str, *, weights: str = "embedded", platfor
     from jq.flax.export import export
 
     xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-    blob = export(model, qvars, tuple(a[:1] for a in xs), rules=rules, platforms=platforms, weights=weights,
-                  path=path)
+    blob = export(
+        model,
+        qvars,
+        tuple(a[:1] for a in xs),
+        rules=rules,
+        platforms=platforms,
+        weights=weights,
+        path=path,
+    )
     if weights == "embedded":  # constants, as in a jit closing over the variables
         ref = jax.jit(lambda *a: jq.apply(model, qvars, *a))
     else:  # arguments
@@ -88,12 +111,18 @@ def round_trip(model, qvars, x, path: str, *, weights: str = "embedded", platfor
     io_path = os.fspath(path) + ".io.npz"
     np.savez(io_path, y=y, **{f"x{i}": np.asarray(a) for i, a in enumerate(xs)})
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), os.fspath(path), io_path],
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), os.fspath(path), io_path],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     secs = time.perf_counter() - t
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        raise RuntimeError(f"deploy_check: the fresh process failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+        raise RuntimeError(
+            f"deploy_check: the fresh process failed (exit {r.returncode}):\n{r.stderr[-3000:]}"
+        )
     rep = json.loads(lines[-1])
     rep.update(artifact_bytes=len(blob), path=os.fspath(path), seconds=round(secs, 2))
     return rep
@@ -127,23 +156,36 @@ def measure_sizes(out: str | None = None) -> list[dict]:
         m = MLP(width)
         x = jax.random.normal(jax.random.key(0), (32, width))
         v = m.init(jax.random.key(1), x)
-        rules = [jq.Rule(".*", weight=jq.QuantSpec(fmt, axis=-1),
-                         activation=jq.QuantSpec("int8", calibration=cal.MinMax()))]
+        rules = [
+            jq.Rule(
+                ".*",
+                weight=jq.QuantSpec(fmt, axis=-1),
+                activation=jq.QuantSpec("int8", calibration=cal.MinMax()),
+            )
+        ]
         qv = jq.convert(m, v, rules, jq.calibrate(m, v, [x], rules, progress=False))
         nb = qv.nbytes()
         float_blob = jax.export.export(jax.jit(lambda a, m=m, v=v: m.apply(v, a)))(
-            *jax.export.symbolic_args_specs((x,), "b, ...")).serialize()
+            *jax.export.symbolic_args_specs((x,), "b, ...")
+        ).serialize()
         for platforms in [("cpu",), ("cpu", "cuda", "tpu")]:
             for mode in ("embedded", "separate"):
                 blob = export(m, qv, x[:1], platforms=platforms, weights=mode)
                 art = read_artifact(blob)
                 w = sum(a.nbytes for a in art.weights)
-                rows.append({
-                    "model": f"MLP {width}x{m.depth} ({nb['total_before'] // 4:,} float params)",
-                    "weights": fmt, "platforms": "+".join(platforms), "mode": mode,
-                    "artifact_bytes": len(blob), "module_bytes": len(art.module), "weight_bytes": w,
-                    "qvars_bytes": nb["total_after"], "float_export_bytes": len(float_blob),
-                })
+                rows.append(
+                    {
+                        "model": f"MLP {width}x{m.depth} ({nb['total_before'] // 4:,} float params)",
+                        "weights": fmt,
+                        "platforms": "+".join(platforms),
+                        "mode": mode,
+                        "artifact_bytes": len(blob),
+                        "module_bytes": len(art.module),
+                        "weight_bytes": w,
+                        "qvars_bytes": nb["total_after"],
+                        "float_export_bytes": len(float_blob),
+                    }
+                )
                 print(json.dumps(rows[-1]))
     if out:
         with open(out, "w") as f:
@@ -172,8 +214,13 @@ def measure_load(out: str | None = None, repeats: int = 5) -> list[dict]:
     m = MLP()
     x = jax.random.normal(jax.random.key(0), (32, 1024))
     v = m.init(jax.random.key(1), x)
-    rules = [jq.Rule(".*", weight=jq.QuantSpec("int8", axis=-1),
-                     activation=jq.QuantSpec("int8", calibration=cal.MinMax()))]
+    rules = [
+        jq.Rule(
+            ".*",
+            weight=jq.QuantSpec("int8", axis=-1),
+            activation=jq.QuantSpec("int8", calibration=cal.MinMax()),
+        )
+    ]
     qv = jq.convert(m, v, rules, jq.calibrate(m, v, [x], rules, progress=False))
     blobs = {mode: export(m, qv, x[:1], weights=mode) for mode in ("embedded", "separate")}
     times = {mode: {"load_and_first_call": [], "call_batch32": []} for mode in blobs}
@@ -189,8 +236,10 @@ def measure_load(out: str | None = None, repeats: int = 5) -> list[dict]:
             for _ in range(20):
                 f(x).block_until_ready()
             times[mode]["call_batch32"].append((time.perf_counter() - t) / 20)
-    rows = [{"mode": mode, **{k: float(np.median(v)) for k, v in d.items()}, "repeats": repeats}
-            for mode, d in times.items()]
+    rows = [
+        {"mode": mode, **{k: float(np.median(v)) for k, v in d.items()}, "repeats": repeats}
+        for mode, d in times.items()
+    ]
     for r in rows:
         print(json.dumps(r))
     if out:

@@ -63,8 +63,10 @@ def stage_sweep() -> dict:
     from jq.ops import int8_dot
 
     rng = np.random.default_rng(0)
-    plain = jax.jit(lambda a, b, dn: jax.lax.dot_general(a, b, dn, preferred_element_type=jnp.int32),
-                    static_argnums=2)
+    plain = jax.jit(
+        lambda a, b, dn: jax.lax.dot_general(a, b, dn, preferred_element_type=jnp.int32),
+        static_argnums=2,
+    )
     ours = jax.jit(lambda a, b, dn: int8_dot.int8_dot_general(a, b, dn), static_argnums=2)
     rows = []
     for m in (1, 2, 6, 12):
@@ -89,17 +91,28 @@ def stage_sweep() -> dict:
         w = rng.normal(size=(3, 3, 4 // groups, 8)).astype(np.float32)
         qx = jq.quantize(jnp.asarray(x), None, jq.QuantSpec("uint8", scheme="affine"))
         qw = jq.quantize(jnp.asarray(w), None, jq.QuantSpec("int8", axis=-1))
-        kw = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), lhs_dilation=ldil,
-                  dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+        kw = dict(
+            window_strides=(1, 1),
+            padding=((1, 1), (1, 1)),
+            lhs_dilation=ldil,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
+        )
         row = {"groups": groups, "lhs_dilation": list(ldil)}
         try:
             out = np.asarray(jax.jit(functools.partial(ops.conv_general_dilated, **kw))(qx, qw))
             xv = np.asarray(qx.int_value()).astype(np.float64) - np.asarray(qx.zero_point)
             wv = np.asarray(qw.int_value()).astype(np.float64)
             # integer values, |sums| < 2**24: exact in float32 at precision "highest"
-            acc = np.asarray(jax.lax.conv_general_dilated(
-                jnp.asarray(xv, jnp.float32), jnp.asarray(wv, jnp.float32),
-                precision="highest", **kw), np.float64)
+            acc = np.asarray(
+                jax.lax.conv_general_dilated(
+                    jnp.asarray(xv, jnp.float32),
+                    jnp.asarray(wv, jnp.float32),
+                    precision="highest",
+                    **kw,
+                ),
+                np.float64,
+            )
             ref = acc * float(np.asarray(qx.scale).reshape(())) * np.asarray(qw.scale).reshape(-1)
             err = float(np.abs(out - ref).max() / np.abs(ref).max())
             row["rel_err"] = err
@@ -129,8 +142,9 @@ def _run(cmd, log, timeout, env=None) -> tuple[int, float]:
     t0 = time.time()
     with open(log, "w") as fh:
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                timeout=timeout, env=env).returncode
+            rc = subprocess.run(
+                cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, env=env
+            ).returncode
         except subprocess.TimeoutExpired:
             fh.write(f"\n[device_check] timed out after {timeout} s\n")
             rc = 124
@@ -141,8 +155,18 @@ def stage_tests(out: str, timeout: int, workers: int) -> dict:
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several workers share one GPU
     junit = os.path.join(out, "junit.xml")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests",
-           "--ignore=tests/sharded", f"--junitxml={junit}", "-rs"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "tests",
+        "--ignore=tests/sharded",
+        f"--junitxml={junit}",
+        "-rs",
+    ]
     if workers > 1 and importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", str(workers)]
     rc, secs = _run(cmd, os.path.join(out, "tests.log"), timeout, env)
@@ -150,7 +174,10 @@ def stage_tests(out: str, timeout: int, workers: int) -> dict:
     if os.path.exists(junit):
         root = ET.parse(junit).getroot()
         suites = [root] if root.tag == "testsuite" else list(root)
-        tot = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+        tot = {
+            k: sum(int(s.get(k, 0)) for s in suites)
+            for k in ("tests", "failures", "errors", "skipped")
+        }
         res.update(tot)
         res["passed"] = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
         failed, skipped = [], {}
@@ -159,7 +186,9 @@ def stage_tests(out: str, timeout: int, workers: int) -> dict:
             for tag in ("failure", "error"):
                 el = case.find(tag)
                 if el is not None:
-                    failed.append({"test": name, "kind": tag, "message": (el.get("message") or "")[:300]})
+                    failed.append(
+                        {"test": name, "kind": tag, "message": (el.get("message") or "")[:300]}
+                    )
             el = case.find("skipped")
             if el is not None:
                 reason = (el.get("message") or "")[:200]
@@ -171,8 +200,17 @@ def stage_tests(out: str, timeout: int, workers: int) -> dict:
 
 def stage_bench(out: str, timeout: int) -> dict:
     md = os.path.join(out, "ops.md")
-    cmd = [sys.executable, "experiments/bench_ops.py", "--quick", "--repeats", "5", "--calls", "10",
-           "--out", md]
+    cmd = [
+        sys.executable,
+        "experiments/bench_ops.py",
+        "--quick",
+        "--repeats",
+        "5",
+        "--calls",
+        "10",
+        "--out",
+        md,
+    ]
     rc, secs = _run(cmd, os.path.join(out, "bench.log"), timeout)
     res = {"returncode": rc, "seconds": round(secs, 1)}
     if os.path.exists(md):
@@ -195,7 +233,9 @@ def _markdown(s: dict) -> str:
     if "totals" in sw:
         t = sw["totals"]
         lines += [
-            "", "## int8 dot exactness sweep", "",
+            "",
+            "## int8 dot exactness sweep",
+            "",
             f"{t['shapes']} shapes: plain lax s8 dot {t['lax_wrong']} wrong, {t['lax_error']} "
             f"failed to compile; jq {t['jq_wrong']} wrong, {t['jq_error']} failed; "
             f"integer convs not exact: {t['conv_not_exact']}",
@@ -203,21 +243,33 @@ def _markdown(s: dict) -> str:
         bad = [r for r in sw["dots"] if r["lax"] != "exact" or r["jq"] != "exact"]
         if bad:
             lines += ["", "| M | K | N | layout | lax | jq |", "|---|---|---|---|---|---|"]
-            lines += [f"| {r['m']} | {r['k']} | {r['n']} | {r['layout']} | {r['lax']} | {r['jq']} |"
-                      for r in bad]
+            lines += [
+                f"| {r['m']} | {r['k']} | {r['n']} | {r['layout']} | {r['lax']} | {r['jq']} |"
+                for r in bad
+            ]
     tests = s.get("tests", {})
     if tests:
-        lines += ["", "## test suite", "",
-                  f"passed {tests.get('passed')}, failed {tests.get('failures')}, errors "
-                  f"{tests.get('errors')}, skipped {tests.get('skipped')} in {tests['seconds']} s "
-                  f"(return code {tests['returncode']})"]
+        lines += [
+            "",
+            "## test suite",
+            "",
+            f"passed {tests.get('passed')}, failed {tests.get('failures')}, errors "
+            f"{tests.get('errors')}, skipped {tests.get('skipped')} in {tests['seconds']} s "
+            f"(return code {tests['returncode']})",
+        ]
         for f in tests.get("failed", []):
             lines.append(f"- FAILED {f['test']}: {f['message']}")
         for reason, n in tests.get("skip_reasons", {}).items():
             lines.append(f"- skipped x{n}: {reason}")
     bench = s.get("bench", {})
     if bench:
-        lines += ["", "## bench_ops --quick", "", f"return code {bench['returncode']}, {bench['seconds']} s", ""]
+        lines += [
+            "",
+            "## bench_ops --quick",
+            "",
+            f"return code {bench['returncode']}, {bench['seconds']} s",
+            "",
+        ]
         lines += bench.get("table", [])
     for k, v in s.items():
         if isinstance(v, dict) and "error" in v:
@@ -250,7 +302,10 @@ def main():
             else:
                 raise ValueError(f"unknown stage {name!r}")
         except Exception as e:
-            summary[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            summary[name] = {
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(),
+            }
         with open(os.path.join(args.out, "summary.json"), "w") as fh:  # after every stage
             json.dump(summary, fh, indent=1, default=str)
     summary["seconds"] = round(time.time() - t0, 1)

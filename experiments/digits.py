@@ -416,7 +416,13 @@ def run_model(model_name: str, cfg, data, sw: Stopwatch) -> dict:
         if model_name == "mlp"
         else None
     )
-    return {"rows": rows, "ranges": ranges, "n_weights": n_weights, "histogram": hist, "deploy": deploy}
+    return {
+        "rows": rows,
+        "ranges": ranges,
+        "n_weights": n_weights,
+        "histogram": hist,
+        "deploy": deploy,
+    }
 
 
 def _histogram_data(model, variables, calib, stats, ranges):
@@ -561,8 +567,14 @@ def make_plots(result: dict, out_dir: str, name: str) -> list[str]:
             # one label per nominal width (4 / 8 / 16 / 32 bits) and accuracy
             key = (round(r["bits_per_weight"]), round(100 * r["accuracy"], 3))
             points.setdefault(key, []).append(r)
-            ax.scatter(r["bits_per_weight"], 100 * r["accuracy"], marker=markers.get(r["group"], "o"),
-                       color=colors.get(r["group"], "C0"), s=40, alpha=0.8)
+            ax.scatter(
+                r["bits_per_weight"],
+                100 * r["accuracy"],
+                marker=markers.get(r["group"], "o"),
+                color=colors.get(r["group"], "C0"),
+                s=40,
+                alpha=0.8,
+            )
         for (_, acc), rs in points.items():
             ax.annotate(
                 "\n".join(_short(r["method"]) for r in rs),
@@ -649,10 +661,18 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--out", default=RESULTS_DIR, help="output directory")
     p.add_argument("--name", default=None, help="output file stem (default digits / digits_full)")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-deploy", action="store_true", help="skip the export / fresh-process reload check")
+    p.add_argument(
+        "--no-deploy", action="store_true", help="skip the export / fresh-process reload check"
+    )
     a = p.parse_args(argv)
-    cfg = Config(full=a.full, seed=a.seed, size=a.size, out_dir=a.out, plots=not a.no_plots,
-                 deploy=not a.no_deploy)
+    cfg = Config(
+        full=a.full,
+        seed=a.seed,
+        size=a.size,
+        out_dir=a.out,
+        plots=not a.no_plots,
+        deploy=not a.no_deploy,
+    )
     cfg.models = tuple(s.strip() for s in a.models.split(",") if s.strip())
     for m in cfg.models:
         make_model(m)  # validates the name

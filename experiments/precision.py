@@ -79,29 +79,66 @@ def _cast_rows(model, variables, calib_inputs, test_metric, fmt):
     }
 
 
-def study(name, model, variables, sel_batches, inputs, metric_fn, test_metric, max_drop, example_args):
+def study(
+    name, model, variables, sel_batches, inputs, metric_fn, test_metric, max_drop, example_args
+):
     """cast, sensitivity and auto_quantize on one trained model."""
     t0 = time.perf_counter()
     out = {"model": name, "max_drop": max_drop}
     fwd = jax.jit(model.apply)
-    out["float"] = {"metric": test_metric(lambda x: fwd(variables, x)), "bytes": _tree_bytes(variables)}
+    out["float"] = {
+        "metric": test_metric(lambda x: fwd(variables, x)),
+        "bytes": _tree_bytes(variables),
+    }
     calib = [inputs(b) for b in sel_batches]
-    out["cast"] = [_cast_rows(model, variables, calib, test_metric, f) for f in ("float16", "bfloat16")]
-    sens = jq.sensitivity(model, variables, [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1))], sel_batches,
-                         metric_fn, inputs=inputs)
-    out["sensitivity"] = {"float_metric": sens.float_metric, "rows": list(sens.rows), "table": sens.table()}
-    res = jq.auto_quantize(model, variables, sel_batches, metric_fn, max_drop=max_drop, candidates=CANDIDATES,
-                          inputs=inputs)
+    out["cast"] = [
+        _cast_rows(model, variables, calib, test_metric, f) for f in ("float16", "bfloat16")
+    ]
+    sens = jq.sensitivity(
+        model,
+        variables,
+        [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1))],
+        sel_batches,
+        metric_fn,
+        inputs=inputs,
+    )
+    out["sensitivity"] = {
+        "float_metric": sens.float_metric,
+        "rows": list(sens.rows),
+        "table": sens.table(),
+    }
+    res = jq.auto_quantize(
+        model,
+        variables,
+        sel_batches,
+        metric_fn,
+        max_drop=max_drop,
+        candidates=CANDIDATES,
+        inputs=inputs,
+    )
     run = jax.jit(lambda q, x: jq.apply(model, q, x))
     uni = {}
     for fmt in ("int8", "int4"):
         qv = _uniform(model, variables, fmt, example_args)
-        uni[fmt] = {"metric": test_metric(lambda x, qv=qv: run(qv, x)), "bytes": int(qv.nbytes()["total_after"])}
-    auto_test = test_metric(lambda x: run(res.qvars, x)) if res.qvars is not None else out["float"]["metric"]
-    out["auto"] = {"plan": list(res.plan), "rules": [r.path_regex + " " + str(r.ops) + " " + r.weight.format
-                                                     for r in res.rules],
-                   "selection_metric": res.metric, "selection_float_metric": res.float_metric,
-                   "bytes": res.size_bytes, "metric": auto_test, "history": list(res.history), "text": str(res)}
+        uni[fmt] = {
+            "metric": test_metric(lambda x, qv=qv: run(qv, x)),
+            "bytes": int(qv.nbytes()["total_after"]),
+        }
+    auto_test = (
+        test_metric(lambda x: run(res.qvars, x))
+        if res.qvars is not None
+        else out["float"]["metric"]
+    )
+    out["auto"] = {
+        "plan": list(res.plan),
+        "rules": [r.path_regex + " " + str(r.ops) + " " + r.weight.format for r in res.rules],
+        "selection_metric": res.metric,
+        "selection_float_metric": res.float_metric,
+        "bytes": res.size_bytes,
+        "metric": auto_test,
+        "history": list(res.history),
+        "text": str(res),
+    }
     out["uniform"] = uni
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -114,7 +151,7 @@ def digits_studies(epochs):
     xtr, ytr, xte, yte = digits.load_data()
     rng = np.random.default_rng(1)
     idx = rng.permutation(len(xtr))[:512]
-    sel = [(xtr[idx[i:i + 128]], ytr[idx[i:i + 128]]) for i in range(0, 512, 128)]
+    sel = [(xtr[idx[i : i + 128]], ytr[idx[i : i + 128]]) for i in range(0, 512, 128)]
 
     def metric_fn(out, b):
         return jnp.mean(jnp.argmax(out, -1) == b[1])
@@ -126,8 +163,19 @@ def digits_studies(epochs):
     for name in ("mlp", "cnn"):
         model = digits.make_model(name)
         variables = digits.train_float(model, xtr, ytr, epochs[name], seed=0, desc=name)
-        res.append(study(f"digits {name}", model, variables, sel, lambda b: b[0], metric_fn, test_metric,
-                         max_drop=0.005, example_args=(xte[:2],)))
+        res.append(
+            study(
+                f"digits {name}",
+                model,
+                variables,
+                sel,
+                lambda b: b[0],
+                metric_fn,
+                test_metric,
+                max_drop=0.005,
+                example_args=(xte[:2],),
+            )
+        )
     return res
 
 
@@ -148,11 +196,27 @@ def charlm_study(steps):
         return -jnp.mean(charlm._nll(out, b[1])) / math.log(2)
 
     def test_metric(fn):
-        return float(np.mean([np.asarray(charlm._nll(fn(xt[i:i + 32]), yt[i:i + 32])).mean()
-                              for i in range(0, len(xt), 32)]) / math.log(2))
+        return float(
+            np.mean(
+                [
+                    np.asarray(charlm._nll(fn(xt[i : i + 32]), yt[i : i + 32])).mean()
+                    for i in range(0, len(xt), 32)
+                ]
+            )
+            / math.log(2)
+        )
 
-    return study("charlm", model, variables, sel, lambda b: b[0], metric_fn, test_metric, max_drop=0.02,
-                 example_args=(xt[:2],))
+    return study(
+        "charlm",
+        model,
+        variables,
+        sel,
+        lambda b: b[0],
+        metric_fn,
+        test_metric,
+        max_drop=0.02,
+        example_args=(xt[:2],),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,7 +236,11 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-        return x * jax.lax.rsqrt(var + self.eps) * self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        return (
+            x
+            * jax.lax.rsqrt(var + self.eps)
+            * self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        )
 
 
 class Small(nn.Module):
@@ -189,29 +257,48 @@ def example() -> str:
     v = m.init(jax.random.key(0), x)
     cm = jq.cast(m, v, "float16", batches=[x])
     y = m.apply(v, x)
-    lines += ["cm = jq.cast(model, variables, 'float16', batches=[x])", "print(jq.format_table(cm.report()))",
-              jq.format_table(cm.report(), ["path", "primitive", "module", "category", "reason"]),
-              "print(cm.summary())", cm.summary(),
-              f"max |cm.apply(x) - float32| = {float(jnp.max(jnp.abs(cm.apply(x) - y))):.3g}; "
-              f"naive cast (keep=()): finite = {bool(jnp.all(jnp.isfinite(jq.cast(m, v, 'float16', keep=()).apply(x))))}",
-              ""]
+    lines += [
+        "cm = jq.cast(model, variables, 'float16', batches=[x])",
+        "print(jq.format_table(cm.report()))",
+        jq.format_table(cm.report(), ["path", "primitive", "module", "category", "reason"]),
+        "print(cm.summary())",
+        cm.summary(),
+        f"max |cm.apply(x) - float32| = {float(jnp.max(jnp.abs(cm.apply(x) - y))):.3g}; "
+        f"naive cast (keep=()): finite = {bool(jnp.all(jnp.isfinite(jq.cast(m, v, 'float16', keep=()).apply(x))))}",
+        "",
+    ]
     m = Outlier()
     xs = [jax.random.normal(jax.random.key(10 + i), (64, 16)).at[:, 0].set(0.0) for i in range(3)]
     v = m.init(jax.random.key(0), xs[0])
     v = {"params": dict(v["params"])}
-    v["params"]["fragile"] = dict(v["params"]["fragile"], kernel=v["params"]["fragile"]["kernel"].at[0].set(100.0))
+    v["params"]["fragile"] = dict(
+        v["params"]["fragile"], kernel=v["params"]["fragile"]["kernel"].at[0].set(100.0)
+    )
     batches = [(x, jnp.argmax(m.apply(v, x), -1)) for x in xs]
 
     def agreement(out, b):
         return jnp.mean(jnp.argmax(out, -1) == b[1])
 
-    s = jq.sensitivity(m, v, [jq.Rule(".*", weight=jq.QuantSpec("int8", axis=-1))], batches, agreement,
-                      inputs=lambda b: b[0])
+    s = jq.sensitivity(
+        m,
+        v,
+        [jq.Rule(".*", weight=jq.QuantSpec("int8", axis=-1))],
+        batches,
+        agreement,
+        inputs=lambda b: b[0],
+    )
     r = jq.auto_quantize(m, v, batches, agreement, max_drop=0.02, inputs=lambda b: b[0])
-    lines += ["s = jq.sensitivity(model, variables, [jq.Rule('.*', weight=jq.QuantSpec('int8', axis=-1))],",
-              "                   batches, agreement, inputs=lambda b: b[0])", "print(s)", str(s), "",
-              "r = jq.auto_quantize(model, variables, batches, agreement, max_drop=0.02, inputs=lambda b: b[0])",
-              "print(r)", str(r), "r.rules:"] + [f"  {rule}" for rule in r.rules]
+    lines += [
+        "s = jq.sensitivity(model, variables, [jq.Rule('.*', weight=jq.QuantSpec('int8', axis=-1))],",
+        "                   batches, agreement, inputs=lambda b: b[0])",
+        "print(s)",
+        str(s),
+        "",
+        "r = jq.auto_quantize(model, variables, batches, agreement, max_drop=0.02, inputs=lambda b: b[0])",
+        "print(r)",
+        str(r),
+        "r.rules:",
+    ] + [f"  {rule}" for rule in r.rules]
     return "\n".join(lines)
 
 
@@ -262,31 +349,68 @@ converted `qvars`, the size in bytes and the metric measured with `jq.apply`.
 
 
 def render(result) -> str:
-    out = [README_SECTION, "# Results: jq.cast, jq.sensitivity, jq.auto_quantize", "",
-           f"{result['machine'].get('cpu', '')}; jax {jax.__version__}; run {result['date']}. "
-           "Selection (calibration, sensitivity, plan search) on training data; metrics on the test set.", ""]
+    out = [
+        README_SECTION,
+        "# Results: jq.cast, jq.sensitivity, jq.auto_quantize",
+        "",
+        f"{result['machine'].get('cpu', '')}; jax {jax.__version__}; run {result['date']}. "
+        "Selection (calibration, sensitivity, plan search) on training data; metrics on the test set.",
+        "",
+    ]
     for st in result["studies"]:
         lower_better = st["model"] == "charlm"
         unit = "test bits/char (lower is better)" if lower_better else "test accuracy (%)"
-        out += [f"## {st['model']}", "", f"Budget: max_drop = {st['max_drop']} "
-                f"({'bits/char' if lower_better else 'accuracy fraction'}) on the selection batches.", ""]
+        out += [
+            f"## {st['model']}",
+            "",
+            f"Budget: max_drop = {st['max_drop']} "
+            f"({'bits/char' if lower_better else 'accuracy fraction'}) on the selection batches.",
+            "",
+        ]
         rows = [["float32", f"{st['float']['metric']:.4f}", f"{st['float']['bytes']:,}", "-"]]
         for fmt in ("int8", "int4"):
             u = st["uniform"][fmt]
-            rows.append([f"uniform {fmt} (weight-only)", f"{u['metric']:.4f}", f"{u['bytes']:,}", "-"])
+            rows.append(
+                [f"uniform {fmt} (weight-only)", f"{u['metric']:.4f}", f"{u['bytes']:,}", "-"]
+            )
         a = st["auto"]
         plan = ", ".join(f"{p['modules']}:{p['format']}" for p in a["plan"])
         rows.append(["auto_quantize", f"{a['metric']:.4f}", f"{a['bytes']:,}", plan])
         for c in st["cast"]:
-            rows.append([f"jq.cast {c['format']} (naive cast: {c['naive_metric']:.4f})", f"{c['metric']:.4f}",
-                         f"{c['bytes']:,}", (", ".join(f"{v} {k}" for k, v in sorted(c["kept"].items())) or "nothing")
-                         + f"; {c['overflow_flags']} overflow flags"])
-        cols = [("method", "method", None), ("metric", unit, None), ("bytes", "bytes", None),
-                ("plan", "plan / kept in float32", None)]
-        table = markdown_table([dict(zip(("method", "metric", "bytes", "plan"), r)) for r in rows], cols)
-        out += [table, "",
-                "Sensitivity (int4 weight-only, one site at a time, selection batches):", "", "```",
-                st["sensitivity"]["table"], "```", "", "auto_quantize:", "", "```", a["text"], "```", ""]
+            rows.append(
+                [
+                    f"jq.cast {c['format']} (naive cast: {c['naive_metric']:.4f})",
+                    f"{c['metric']:.4f}",
+                    f"{c['bytes']:,}",
+                    (", ".join(f"{v} {k}" for k, v in sorted(c["kept"].items())) or "nothing")
+                    + f"; {c['overflow_flags']} overflow flags",
+                ]
+            )
+        cols = [
+            ("method", "method", None),
+            ("metric", unit, None),
+            ("bytes", "bytes", None),
+            ("plan", "plan / kept in float32", None),
+        ]
+        table = markdown_table(
+            [dict(zip(("method", "metric", "bytes", "plan"), r)) for r in rows], cols
+        )
+        out += [
+            table,
+            "",
+            "Sensitivity (int4 weight-only, one site at a time, selection batches):",
+            "",
+            "```",
+            st["sensitivity"]["table"],
+            "```",
+            "",
+            "auto_quantize:",
+            "",
+            "```",
+            a["text"],
+            "```",
+            "",
+        ]
     out += ["## Example (README)", "", "```", result["example"], "```", ""]
     return "\n".join(out)
 
@@ -295,7 +419,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--no-text", action="store_true")
     p.add_argument("--steps", type=int, default=300, help="charlm training steps")
-    p.add_argument("--render", action="store_true", help="re-render precision.md from precision.json")
+    p.add_argument(
+        "--render", action="store_true", help="re-render precision.md from precision.json"
+    )
     a = p.parse_args(argv)
     if a.render:
         import json
@@ -311,8 +437,13 @@ def main(argv=None):
     studies = digits_studies({"mlp": 30, "cnn": 15})
     if not a.no_text:
         studies.append(charlm_study(a.steps))
-    result = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "studies": studies, "example": example(), "wall_s": time.perf_counter() - t0}
+    result = {
+        "machine": machine_info(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "studies": studies,
+        "example": example(),
+        "wall_s": time.perf_counter() - t0,
+    }
     for st in studies:
         for c in st["cast"]:
             c.pop("rows")

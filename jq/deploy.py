@@ -101,7 +101,9 @@ def _weight_bytes(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a).tobytes()
 
 
-def pack_artifact(manifest: Mapping[str, Any], module: bytes, weights: Sequence[np.ndarray] = ()) -> bytes:
+def pack_artifact(
+    manifest: Mapping[str, Any], module: bytes, weights: Sequence[np.ndarray] = ()
+) -> bytes:
     """Packs a manifest, a serialized module and weights into artifact bytes.
 
     Args:
@@ -118,9 +120,13 @@ def pack_artifact(manifest: Mapping[str, Any], module: bytes, weights: Sequence[
     names = [e.get("name", f"w{i}") for i, e in enumerate(manifest.get("weights") or [])]
     names += [f"w{i}" for i in range(len(names), len(weights))]
     manifest["weights"] = [
-        {"name": names[i], "shape": list(w.shape), "dtype": w.dtype.name} for i, w in enumerate(weights)
+        {"name": names[i], "shape": list(w.shape), "dtype": w.dtype.name}
+        for i, w in enumerate(weights)
     ]
-    sections = [("manifest", json.dumps(manifest, sort_keys=True).encode()), ("module", bytes(module))]
+    sections = [
+        ("manifest", json.dumps(manifest, sort_keys=True).encode()),
+        ("module", bytes(module)),
+    ]
     sections += [(f"weight:{i}", _weight_bytes(w)) for i, w in enumerate(weights)]
     buf = io.BytesIO()
     for name, data in sections:
@@ -130,7 +136,10 @@ def pack_artifact(manifest: Mapping[str, Any], module: bytes, weights: Sequence[
         buf.write(_DATA_LEN.pack(len(data)))
         buf.write(data)
     payload = buf.getvalue()
-    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
+    return (
+        _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
+        + payload
+    )
 
 
 def _read_bytes(source) -> bytes:
@@ -156,7 +165,9 @@ def _sections(payload: bytes) -> dict[str, bytes]:
         try:
             name = payload[i : i + ln].decode()
         except UnicodeDecodeError:
-            raise ValueError("jq artifact: corrupted payload (a section name is not UTF-8)") from None
+            raise ValueError(
+                "jq artifact: corrupted payload (a section name is not UTF-8)"
+            ) from None
         i += ln
         (dl,) = _DATA_LEN.unpack_from(payload, i)
         i += _DATA_LEN.size
@@ -188,7 +199,7 @@ def read_artifact(path_or_bytes) -> Artifact:
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
         raise ValueError(
             "jq artifact: not a jq export artifact (the file does not start with the jq magic "
-            f"{MAGIC!r}; got {data[:len(MAGIC)]!r})"
+            f"{MAGIC!r}; got {data[: len(MAGIC)]!r})"
         )
     if len(data) < _HEADER.size:
         raise ValueError(
@@ -201,13 +212,17 @@ def read_artifact(path_or_bytes) -> Artifact:
         )
     got = len(data) - _HEADER.size
     if got < n:
-        raise ValueError(f"jq artifact: truncated: the header announces a {n}-byte payload, but only {got} "
-                         "bytes follow")
+        raise ValueError(
+            f"jq artifact: truncated: the header announces a {n}-byte payload, but only {got} "
+            "bytes follow"
+        )
     if got > n:
         raise ValueError(f"jq artifact: {got - n} unexpected bytes after the {n}-byte payload")
     payload = data[_HEADER.size :]
     if hashlib.sha256(payload).digest() != digest:
-        raise ValueError("jq artifact: corrupted: the SHA-256 of the payload does not match the header")
+        raise ValueError(
+            "jq artifact: corrupted: the SHA-256 of the payload does not match the header"
+        )
     sec = _sections(payload)
     for req in ("manifest", "module"):
         if req not in sec:
@@ -227,7 +242,9 @@ def read_artifact(path_or_bytes) -> Artifact:
             dtype = np.dtype(jax.numpy.dtype(w["dtype"]))
             shape = tuple(int(d) for d in w["shape"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"jq artifact: manifest entry for weight {i} is invalid ({e!r})") from None
+            raise ValueError(
+                f"jq artifact: manifest entry for weight {i} is invalid ({e!r})"
+            ) from None
         size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if len(sec[key]) != size:
             raise ValueError(
@@ -263,7 +280,9 @@ def _check_platforms(platforms) -> tuple[str, ...]:
         raise ValueError("jq.export: `platforms` is empty")
     bad = [p for p in platforms if p not in _KNOWN_PLATFORMS]
     if bad:
-        raise ValueError(f"jq.export: unknown platforms {bad} in `platforms`; choose from {_KNOWN_PLATFORMS}")
+        raise ValueError(
+            f"jq.export: unknown platforms {bad} in `platforms`; choose from {_KNOWN_PLATFORMS}"
+        )
     if len(set(platforms)) != len(platforms):
         raise ValueError(f"jq.export: `platforms` {platforms} has duplicates")
     return platforms
@@ -354,7 +373,7 @@ def export_function(
         "int8_cpu_form": _lowering.current().cpu_form,
         "batch_polymorphic": bool(batch_polymorphic),
         "weights_mode": "separate" if ws else "embedded",
-        "inputs": [_aval_json(a) for a in exp.in_avals[len(ws):]],
+        "inputs": [_aval_json(a) for a in exp.in_avals[len(ws) :]],
         "outputs": [_aval_json(a) for a in exp.out_avals],
         "weights": [{"name": n} for n in names],
         "info": dict(info or {}),
@@ -379,8 +398,9 @@ class Deployed:
         try:
             exp = jax.export.deserialize(bytearray(artifact.module))
         except Exception as e:  # the flatbuffer / bytecode reader raises assorted types
-            raise ValueError(f"jq artifact: the module section cannot be deserialized ({type(e).__name__}: {e})") \
-                from None
+            raise ValueError(
+                f"jq artifact: the module section cannot be deserialized ({type(e).__name__}: {e})"
+            ) from None
         ws = artifact.weights if weights is None else _replacement_weights(artifact, weights)
         n_in = len(exp.in_avals) - len(ws)
         if n_in < 0 or n_in != len(artifact.manifest.get("inputs", [])):
@@ -404,13 +424,19 @@ class Deployed:
     def __call__(self, *inputs):
         """Runs the exported function on `inputs` (the model's positional inputs)."""
         if len(inputs) != self._n_inputs:
-            raise TypeError(f"jq: the exported function takes {self._n_inputs} inputs, got {len(inputs)}")
+            raise TypeError(
+                f"jq: the exported function takes {self._n_inputs} inputs, got {len(inputs)}"
+            )
         return self._call(*self.weights, *inputs)
 
     def __repr__(self) -> str:
-        ins = ", ".join(f"{tuple(i['shape'])} {i['dtype']}" for i in self.manifest.get("inputs", []))
-        return (f"Deployed(platforms={self.platforms}, inputs=[{ins}], "
-                f"weights={self.manifest.get('weights_mode')}, {len(self.weights)} arrays)")
+        ins = ", ".join(
+            f"{tuple(i['shape'])} {i['dtype']}" for i in self.manifest.get("inputs", [])
+        )
+        return (
+            f"Deployed(platforms={self.platforms}, inputs=[{ins}], "
+            f"weights={self.manifest.get('weights_mode')}, {len(self.weights)} arrays)"
+        )
 
 
 def _replacement_weights(artifact: Artifact, weights):

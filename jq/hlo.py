@@ -24,7 +24,9 @@ __all__ = [
     "integer_ops_by_platform",
 ]
 
-_OP = re.compile(r"stablehlo\.(dot_general|convolution)\b.*?:\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->\s*(tensor<[^>]*>)")
+_OP = re.compile(
+    r"stablehlo\.(dot_general|convolution)\b.*?:\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->\s*(tensor<[^>]*>)"
+)
 
 
 def _elem(t: str) -> str:
@@ -40,13 +42,20 @@ def _ops(text: str):
 
 def integer_ops(text: str) -> list[str]:
     """dot_general / convolution lines with 8-bit (or 4-bit) integer operands producing i32."""
-    return [ln for _, a, b, out, ln in _ops(text)
-            if a in ("i8", "ui8", "i4", "ui4") and b in ("i8", "ui8", "i4", "ui4") and out == "i32"]
+    return [
+        ln
+        for _, a, b, out, ln in _ops(text)
+        if a in ("i8", "ui8", "i4", "ui4") and b in ("i8", "ui8", "i4", "ui4") and out == "i32"
+    ]
 
 
 def float_ops(text: str) -> list[str]:
     """dot_general / convolution lines with a floating-point operand."""
-    return [ln for _, a, b, _, ln in _ops(text) if a.startswith(("f", "bf")) or b.startswith(("f", "bf"))]
+    return [
+        ln
+        for _, a, b, _, ln in _ops(text)
+        if a.startswith(("f", "bf")) or b.startswith(("f", "bf"))
+    ]
 
 
 def case_branches(text: str) -> list[list[str]]:

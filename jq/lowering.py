@@ -266,8 +266,9 @@ def current() -> Lowering:
         return Lowering(ov["cpu"], k, "override", "set by jq.ops.int8_lowering")
     env = os.environ.get(ENV_VAR, "").strip().lower()
     if env and env != "auto":
-        return Lowering(_check_form(env, f"environment variable {ENV_VAR}"), k, "env",
-                        f"set by {ENV_VAR}={env}")
+        return Lowering(
+            _check_form(env, f"environment variable {ENV_VAR}"), k, "env", f"set by {ENV_VAR}={env}"
+        )
     form, reason = _auto_cpu_form(cpu_features())
     return Lowering(form, k, "auto", reason)
 

@@ -209,7 +209,9 @@ def _check_qparams(qp: QParams, spec: QuantSpec, fn: str) -> None:
     if not spec.fmt.scaled:
         return
     if qp.zero_point is not None and not spec.fmt.is_integer:
-        raise ValueError(f"{fn}: format {spec.format!r} has no zero point, but `qp.zero_point` is set")
+        raise ValueError(
+            f"{fn}: format {spec.format!r} has no zero point, but `qp.zero_point` is set"
+        )
     scale, zp = qp.scale, qp.zero_point
     if not isinstance(scale, jax.core.Tracer):
         s = np.asarray(scale, np.float64)
@@ -221,7 +223,8 @@ def _check_qparams(qp: QParams, spec: QuantSpec, fn: str) -> None:
             )
     else:
         _checks.debug_check(
-            jnp.all(jnp.isfinite(scale) & (scale != 0)), f"{fn}: `qp.scale` must be finite and non-zero"
+            jnp.all(jnp.isfinite(scale) & (scale != 0)),
+            f"{fn}: `qp.scale` must be finite and non-zero",
         )
     if zp is not None and jnp.issubdtype(jnp.result_type(zp), jnp.floating):
         if not isinstance(zp, jax.core.Tracer):
@@ -232,7 +235,9 @@ def _check_qparams(qp: QParams, spec: QuantSpec, fn: str) -> None:
                     f"{z[z != np.round(z)].reshape(-1)[:3].tolist()}; round it first"
                 )
         else:
-            _checks.debug_check(jnp.all(zp == jnp.round(zp)), f"{fn}: `qp.zero_point` must hold whole numbers")
+            _checks.debug_check(
+                jnp.all(zp == jnp.round(zp)), f"{fn}: `qp.zero_point` must hold whole numbers"
+            )
 
 
 def expand_blocks(p: jax.Array, shape: tuple[int, ...]) -> jax.Array:

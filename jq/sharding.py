@@ -121,7 +121,9 @@ def qarray_partition_specs(q: QArray, spec: PartitionSpec, mesh: Mesh) -> QArray
         odd length.
     """
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"qarray_partition_specs: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        raise TypeError(
+            f"qarray_partition_specs: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}"
+        )
     return _qarray_specs(q, spec, dict(mesh.shape))
 
 
@@ -141,7 +143,9 @@ def _qarray_specs(q: QArray, spec: PartitionSpec, sizes: Mapping[str, int] | Non
     for a, e in enumerate(ent):
         n, k = q.shape[a], _num_shards(e, sizes, what)
         if n % k:
-            raise ValueError(f"{what}: axis {a} of size {n} does not split evenly into {k} shards ({e!r})")
+            raise ValueError(
+                f"{what}: axis {a} of size {n} does not split evenly into {k} shards ({e!r})"
+            )
         if a == pack and k > 1 and n % (2 * k):
             raise ValueError(
                 f"{what}: the int4 values are packed two per byte along axis {a} (size {n}); "
@@ -159,8 +163,9 @@ def _qarray_specs(q: QArray, spec: PartitionSpec, sizes: Mapping[str, int] | Non
             scale_ent.append(e if (n // k) % bs == 0 else None)
     vspec = PartitionSpec(*ent)
     sspec = PartitionSpec(*scale_ent)
-    return QArray(vspec, sspec, None if q.zero_point is None else sspec, q.format, q.shape,
-                  q.pack_axis)
+    return QArray(
+        vspec, sspec, None if q.zero_point is None else sspec, q.format, q.shape, q.pack_axis
+    )
 
 
 def qarray_shardings(q: QArray, sharding: NamedSharding) -> QArray:
@@ -403,8 +408,9 @@ def _local_extrema(x, axis, ndim):
     return lo, hi
 
 
-def sharded_update(observer, state, x: jax.Array, mesh: Mesh, axis_name: str | tuple = "data",
-                   batch_axis: int = 0):
+def sharded_update(
+    observer, state, x: jax.Array, mesh: Mesh, axis_name: str | tuple = "data", batch_axis: int = 0
+):
     """``observer.update(state, x)`` with `x` split over `axis_name` and observed per shard.
 
     Each device observes only its slice of the batch (inside `jax.shard_map`),
@@ -463,20 +469,27 @@ def _sharded_step(observer, mesh, axis_name, batch_axis, nd):
     xspec[batch_axis] = axis_name
     hist = _is_histogram(observer)
 
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(*xspec)),
-                       out_specs=PartitionSpec(), check_vma=False)
+    @functools.partial(
+        jax.shard_map,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec(*xspec)),
+        out_specs=PartitionSpec(),
+        check_vma=False,
+    )
     def step(st, xs):
         if hist:
             lo, hi = _local_extrema(xs, ch, nd)
-            st0 = with_common_range(observer, st, jax.lax.pmin(lo, axis_name),
-                                    jax.lax.pmax(hi, axis_name))
+            st0 = with_common_range(
+                observer, st, jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
+            )
             # the earlier counts are re-binned identically everywhere: keep them on one shard
             first = jax.lax.axis_index(axis_name) == 0
             st0 = st0._replace(counts=jnp.where(first, st0.counts, 0))
             new = observer.update(st0, xs)
-            return new._replace(counts=jax.lax.psum(new.counts, axis_name),
-                                nonfinite=st.nonfinite + jax.lax.psum(new.nonfinite - st.nonfinite,
-                                                                       axis_name))
+            return new._replace(
+                counts=jax.lax.psum(new.counts, axis_name),
+                nonfinite=st.nonfinite + jax.lax.psum(new.nonfinite - st.nonfinite, axis_name),
+            )
         new = observer.update(st, xs)
         gathered = jax.tree_util.tree_map(lambda a: jax.lax.all_gather(a, axis_name), new)
         merged = merge_states(observer, gathered)

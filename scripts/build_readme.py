@@ -108,9 +108,14 @@ def main():
         read(D, "checks.md"),
         demote(section_until(read(R, "calibration.md"), "### Agreement"), 0).strip()
         + "\n\n"
-        + "\n".join(read(R, "calibration.md").split("### Agreement with ONNX Runtime and PyTorch")[1]
-                    .split("Deliberate differences:")[0].splitlines()).strip().join(
-            ["### Agreement with ONNX Runtime and PyTorch\n\n", "\n"])
+        + "\n".join(
+            read(R, "calibration.md")
+            .split("### Agreement with ONNX Runtime and PyTorch")[1]
+            .split("Deliberate differences:")[0]
+            .splitlines()
+        )
+        .strip()
+        .join(["### Agreement with ONNX Runtime and PyTorch\n\n", "\n"])
         + "\nDeliberate differences (symmetric int8 scale `amax/127` like ONNX Runtime, not torch's "
         "`amax/127.5`; the exact entropy variant; streaming re-binning) are listed in "
         "[experiments/results/calibration.md](experiments/results/calibration.md).\n\n### Speed\n"
@@ -138,7 +143,11 @@ def main():
         "were measured before folding existed, with the runtime multiply on every site "
         "(`fold=False` reproduces them); `python experiments/bench_gptq.py` reruns them.\n\n"
         + demote(read(R, "gptq.md").split("\n", 1)[1].split("Warm `")[0], 1).strip(),
-        between(read(R, "deploy.md"), "---8<--- README section starts here", "---8<--- README section ends here").strip(),
+        between(
+            read(R, "deploy.md"),
+            "---8<--- README section starts here",
+            "---8<--- README section ends here",
+        ).strip(),
         demote(read(R, "sharding.md"), 0).strip(),
         read(D, "tail.md"),
     ]

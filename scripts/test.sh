@@ -6,6 +6,9 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
+# lint: the same ruff checks and formatting everywhere
+.venv/bin/ruff check jq tests experiments scripts
+.venv/bin/ruff format --check jq tests experiments scripts
 # the main suite keeps one device; the sharded tests need 8 simulated CPU devices and so
 # run in a second process (tests/sharded/conftest.py fails clearly if they get fewer)
 .venv/bin/python -m pytest -q -n 2 tests --ignore=tests/sharded

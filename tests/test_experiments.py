@@ -14,7 +14,9 @@ pytest.importorskip("sklearn", reason="experiments/digits.py needs scikit-learn 
 pytest.importorskip("matplotlib", reason="experiments/digits.py draws its plots with matplotlib")
 pytest.importorskip("flatbuffers", reason="the digits deploy round trip serializes a jax.export")
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+)
 import digits  # noqa: E402
 
 WIDTH = 32  # MLP 64 -> 32 -> 32 -> 10
@@ -23,8 +25,24 @@ WIDTH = 32  # MLP 64 -> 32 -> 32 -> 10
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
-    cfg = digits.parse_args(["--models", "mlp", "--epochs", "6", "--qat-epochs", "1", "--repeats", "3",
-                             "--size", str(WIDTH), "--out", str(out), "--name", "tiny"])
+    cfg = digits.parse_args(
+        [
+            "--models",
+            "mlp",
+            "--epochs",
+            "6",
+            "--qat-epochs",
+            "1",
+            "--repeats",
+            "3",
+            "--size",
+            str(WIDTH),
+            "--out",
+            str(out),
+            "--name",
+            "tiny",
+        ]
+    )
     cfg.calib_batches = 2
     return digits.run(cfg), out
 
@@ -53,7 +71,9 @@ def test_files_hold_every_row_in_order(result):
     md = (out / "tiny.md").read_text()
     for n in names:
         assert f"| {n} |" in md
-    assert (out / "tiny_bits.png").stat().st_size > 0 and (out / "tiny_calibration.png").stat().st_size > 0
+    assert (out / "tiny_bits.png").stat().st_size > 0 and (
+        out / "tiny_calibration.png"
+    ).stat().st_size > 0
 
 
 def test_accuracy_and_drop(result):
@@ -79,7 +99,10 @@ def test_bytes_match_hand_count(result):
     assert rows["weight-only int8"]["bytes"] == int8
     assert rows["dynamic int8"]["bytes"] == int8
     assert rows["static int8, min-max"]["bytes"] == int8 + 3 * 4  # one activation scale per layer
-    assert rows["static int8, min-max, per-tensor weights"]["bytes"] == n_kernel + 3 * 4 + 4 * n_out + 3 * 4
+    assert (
+        rows["static int8, min-max, per-tensor weights"]["bytes"]
+        == n_kernel + 3 * 4 + 4 * n_out + 3 * 4
+    )
     # int4 packs two values per byte along the output axis (rounded up: 10 -> 5 bytes per row)
     int4 = sum(k * math.ceil(n / 2) for k, n in w) + 4 * n_out + 4 * n_out
     assert rows["weight-only int4"]["bytes"] == int4

@@ -67,8 +67,13 @@ class NnxMLP(nnx.Module):
 
 
 def static_rules(weight_fmt="int8"):
-    return [jq.Rule(".*", weight=jq.QuantSpec(weight_fmt, axis=-1),
-                    activation=jq.QuantSpec("int8", calibration=cal.MinMax()))]
+    return [
+        jq.Rule(
+            ".*",
+            weight=jq.QuantSpec(weight_fmt, axis=-1),
+            activation=jq.QuantSpec("int8", calibration=cal.MinMax()),
+        )
+    ]
 
 
 def inputs(n, shape=(8,), seed=1):
@@ -88,7 +93,10 @@ def mlp():
 @pytest.fixture(scope="module")
 def blobs(mlp):
     m, _, qv, rules, x = mlp
-    return {w: export(m, qv, x[:2], rules=rules, platforms=ALL, weights=w) for w in ("embedded", "separate")}
+    return {
+        w: export(m, qv, x[:2], rules=rules, platforms=ALL, weights=w)
+        for w in ("embedded", "separate")
+    }
 
 
 def parse_header(blob):
@@ -151,13 +159,19 @@ def _convert(kind):
         m = CNN()
         x = inputs(4, (6, 6, 1))
         v = m.init(KEY, x)
-        rules = [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1), activation=jq.QuantSpec("int8"))]
+        rules = [
+            jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1), activation=jq.QuantSpec("int8"))
+        ]
         return m, jq.convert(m, v, rules, args=(x,)), (x,)
     if kind == "nnx_static":
         m = NnxMLP(nnx.Rngs(0))
         x = inputs(8)
         rules = static_rules()
-        return m, jq.convert(m, None, rules, jq.calibrate(m, None, [x], rules, progress=False)), (x,)
+        return (
+            m,
+            jq.convert(m, None, rules, jq.calibrate(m, None, [x], rules, progress=False)),
+            (x,),
+        )
     m = TwoInputs()
     xs = (inputs(4), inputs(4, (3,), seed=7))
     v = m.init(KEY, *xs)
@@ -184,7 +198,9 @@ def test_static_batch_export_and_file_output(tmp_path, mlp):
     assert p.read_bytes() == blob
     f = load_exported(p)
     assert f.manifest["inputs"] == [{"shape": [3, 8], "dtype": "float32"}]
-    np.testing.assert_array_equal(np.asarray(f(x[3:6])), np.asarray(jax.jit(lambda x: jq.apply(m, qv, x))(x[3:6])))
+    np.testing.assert_array_equal(
+        np.asarray(f(x[3:6])), np.asarray(jax.jit(lambda x: jq.apply(m, qv, x))(x[3:6]))
+    )
     with pytest.raises(ValueError):
         f(x[:4])  # the batch is fixed at 3
 
@@ -196,7 +212,9 @@ def test_separate_weights_can_be_replaced(mlp, blobs):
     names = [w["name"] for w in read_artifact(blobs["separate"]).manifest["weights"]]
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(qv2)[0]}
     f = load_exported(blobs["separate"], weights={n: flat[n] for n in names})
-    np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(jax.jit(lambda x: jq.apply(m, qv2, x))(x)))
+    np.testing.assert_array_equal(
+        np.asarray(f(x)), np.asarray(jax.jit(lambda x: jq.apply(m, qv2, x))(x))
+    )
     bad = {n: flat[n] for n in names}
     bad[names[1]] = np.zeros((3, 3), np.int8)
     with pytest.raises(ValueError, match="weight 1"):
@@ -216,7 +234,9 @@ def test_header_magic_version_and_hash(blobs):
     sep = read_artifact(blobs["separate"])
     k = next(w for w in sep.weights if w.dtype == np.int8)
     assert k.tobytes() in blobs["separate"]
-    assert sep.manifest["weights_mode"] == "separate" and len(sep.weights) == len(sep.manifest["weights"])
+    assert sep.manifest["weights_mode"] == "separate" and len(sep.weights) == len(
+        sep.manifest["weights"]
+    )
 
 
 @pytest.mark.parametrize("cut", [0, 3, 8, 20, 51, 52, 60, -100, -1])
@@ -248,7 +268,9 @@ def test_corrupted_artifacts_raise_value_error(blobs):
 
 def _repack(payload: bytes) -> bytes:
     """A well-formed header (right length and hash) around an arbitrary payload."""
-    return struct.pack("<8sIQ32s", MAGIC, 1, len(payload), hashlib.sha256(payload).digest()) + payload
+    return (
+        struct.pack("<8sIQ32s", MAGIC, 1, len(payload), hashlib.sha256(payload).digest()) + payload
+    )
 
 
 def _section(name: str, data: bytes) -> bytes:
@@ -268,17 +290,30 @@ class _Marker:
 def test_valid_hash_but_bad_contents_raise_value_error_and_run_nothing(tmp_path, blobs):
     marker = str(tmp_path / "pwned")
     evil = pickle.dumps(_Marker(marker))
-    manifest = json.dumps({"weights": [], "inputs": [{"shape": ["b", 8], "dtype": "float32"}]}).encode()
+    manifest = json.dumps(
+        {"weights": [], "inputs": [{"shape": ["b", 8], "dtype": "float32"}]}
+    ).encode()
     cases = {
-        "pickle module": (_section("manifest", manifest) + _section("module", evil), "cannot be deserialized"),
+        "pickle module": (
+            _section("manifest", manifest) + _section("module", evil),
+            "cannot be deserialized",
+        ),
         "pickle manifest": (_section("manifest", evil) + _section("module", b""), "not valid JSON"),
         "no module": (_section("manifest", manifest), "missing section 'module'"),
         "section overrun": (_section("manifest", manifest)[:-3], "runs past the end"),
-        "weight size": (_section("manifest", json.dumps({"weights": [{"name": "w", "shape": [4],
-                                                                         "dtype": "float32"}]}).encode())
-                        + _section("module", b"") + _section("weight:0", b"\0" * 15), "has 15 bytes"),
-        "extra section": (_section("manifest", manifest) + _section("module", b"") + _section("x", b""),
-                          "unexpected sections"),
+        "weight size": (
+            _section(
+                "manifest",
+                json.dumps({"weights": [{"name": "w", "shape": [4], "dtype": "float32"}]}).encode(),
+            )
+            + _section("module", b"")
+            + _section("weight:0", b"\0" * 15),
+            "has 15 bytes",
+        ),
+        "extra section": (
+            _section("manifest", manifest) + _section("module", b"") + _section("x", b""),
+            "unexpected sections",
+        ),
     }
     for payload, msg in cases.values():
         with pytest.raises(ValueError, match=msg):
@@ -301,7 +336,9 @@ def test_loading_and_calling_use_no_pickle(monkeypatch, mlp, blobs):
     for blob in blobs.values():
         y = load_exported(blob)(x)
     monkeypatch.undo()
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.jit(lambda x: jq.apply(m, qv, x))(x)))
+    np.testing.assert_array_equal(
+        np.asarray(y), np.asarray(jax.jit(lambda x: jq.apply(m, qv, x))(x))
+    )
 
 
 # ----------------------------------------------------------------------------- fresh process
@@ -331,9 +368,17 @@ def test_fresh_process_with_only_jax_and_jq(tmp_path, mlp, blobs):
     """)
     # the child runs on this process's platform, so that its outputs can be bit-identical to the
     # reference computed here; on a GPU it allocates on demand, next to this process's memory
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "JAX_PLATFORMS": default_platform(),
-                            "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "JAX_PLATFORMS": default_platform(),
+            "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+        },
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == f"ok {jax.default_backend()}"
 

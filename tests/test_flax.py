@@ -21,8 +21,14 @@ KEY = jax.random.key(0)
 
 
 def static_rules(fmt="int8", ops=("dot", "conv", "embed")):
-    return [jq.Rule(".*", ops=ops, weight=jq.QuantSpec(fmt, axis=-1),
-                    activation=jq.QuantSpec("int8", calibration=cal.MinMax()))]
+    return [
+        jq.Rule(
+            ".*",
+            ops=ops,
+            weight=jq.QuantSpec(fmt, axis=-1),
+            activation=jq.QuantSpec("int8", calibration=cal.MinMax()),
+        )
+    ]
 
 
 def rel_err(a, b):
@@ -66,7 +72,9 @@ class NnxMLP(nnx.Module):
 class NnxBlock(nnx.Module):
     def __init__(self, rngs):
         self.ln = nnx.LayerNorm(16, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=16, qkv_features=16, decode=False, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=2, in_features=16, qkv_features=16, decode=False, rngs=rngs
+        )
         self.l1 = nnx.Linear(16, 32, rngs=rngs)
         self.l2 = nnx.Linear(32, 16, rngs=rngs)
 
@@ -94,7 +102,9 @@ class ScanBlk(nn.Module):
 class TiedLM(nn.Module):
     def setup(self):
         self.emb = nn.Embed(20, 16)
-        self.blocks = nn.scan(ScanBlk, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()
+        self.blocks = nn.scan(
+            ScanBlk, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )()
 
     def __call__(self, tokens):
         h, _ = self.blocks(self.emb(tokens), None)
@@ -142,7 +152,10 @@ def test_sites_first_match_wins_and_unmatched_warns(mlp):
     assert by["Dense_0/kernel"]["inputs"] == ((16, 8), (8, 32))
     # unmatched sites stay float
     rows = jq.sites(m, v, [jq.Rule("Dense_0")], x)
-    assert {r["site"]: r["mode"] for r in rows} == {"Dense_0/kernel": "weight_only", "Dense_1/kernel": "float"}
+    assert {r["site"]: r["mode"] for r in rows} == {
+        "Dense_0/kernel": "weight_only",
+        "Dense_1/kernel": "float",
+    }
     assert "Dense_0/kernel" in jq.format_table(rows)
 
 
@@ -194,7 +207,11 @@ def test_convert_sizes_int8_and_int4(mlp):
 def test_dynamic_and_weight_only_close_to_float(mlp):
     m, v, x = mlp
     yf = m.apply(v, x)
-    for act in (jq.QuantSpec("int8"), jq.QuantSpec("int8", axis=0), None):  # per tensor, per row, weight-only
+    for act in (
+        jq.QuantSpec("int8"),
+        jq.QuantSpec("int8", axis=0),
+        None,
+    ):  # per tensor, per row, weight-only
         rules = [jq.Rule(".*", weight=jq.QuantSpec("int8", axis=-1), activation=act)]
         qv = jq.convert(m, v, rules, args=(x,))
         assert rel_err(jq.apply(m, qv, x, rules=rules), yf) < 0.02
@@ -267,7 +284,9 @@ def test_nnx_transformer_block():
     x = jax.random.normal(KEY, (2, 5, 16))
     mask = nnx.make_causal_mask(jnp.ones((2, 5)))
     rules = static_rules(ops=("dot", "act_dot"))
-    qv = jq.convert(m, None, rules, jq.calibrate(m, None, [x], rules, kwargs={"mask": mask}, progress=False))
+    qv = jq.convert(
+        m, None, rules, jq.calibrate(m, None, [x], rules, kwargs={"mask": mask}, progress=False)
+    )
     y = jax.jit(lambda q, x, mk: jq.apply(m, q, x, mask=mk))(qv, x, mask)
     assert rel_err(y, m(x, mask=mask)) < 0.05
 
@@ -279,9 +298,13 @@ def test_custom_matmul_and_einsum_weights_are_found():
     rows = jq.sites(m, v, static_rules(), x)
     assert {(r["site"], r["kind"]) for r in rows} == {("w", "dot"), ("v", "dot")}
     qv = jq.convert(m, v, static_rules(), jq.calibrate(m, v, [x], static_rules(), progress=False))
-    assert isinstance(qv.variables["params/w"], jq.QArray) and isinstance(qv.variables["params/v"], jq.QArray)
+    assert isinstance(qv.variables["params/w"], jq.QArray) and isinstance(
+        qv.variables["params/v"], jq.QArray
+    )
     assert rel_err(jq.apply(m, qv, x), m.apply(v, x)) < 0.03
-    assert len(jq.hlo.integer_ops(jax.jit(lambda q, x: jq.apply(m, q, x)).lower(qv, x).as_text())) == 2
+    assert (
+        len(jq.hlo.integer_ops(jax.jit(lambda q, x: jq.apply(m, q, x)).lower(qv, x).as_text())) == 2
+    )
 
 
 def test_scan_layers_get_per_layer_scales_and_tied_embedding():
@@ -332,7 +355,9 @@ def test_static_int8_lowering_on_cpu_cuda_tpu(kind):
 
 # ----------------------------------------------------------------------------- QAT
 def _train(q, qv, x, y, steps=20):
-    opt = optax.adamw(1e-2, mask=lambda t: {"params": True, "quant": False} if isinstance(t, dict) else t)
+    opt = optax.adamw(
+        1e-2, mask=lambda t: {"params": True, "quant": False} if isinstance(t, dict) else t
+    )
     tr = {"params": qv["params"], "quant": qv["quant"]}
     opt_state = opt.init(tr)
 
@@ -367,13 +392,17 @@ def test_qat_trains_and_converts_to_matching_inference(kind, activations, weight
     q = jq.qat(m, rules, activations=activations, weights=weights)
     qv = q.init(v, x)
     r0 = qv["state"]["ranges"]["Dense_0/kernel" if kind == "linen" else "l1/kernel"]
-    np.testing.assert_allclose(r0["hi"].reshape(()), np.asarray(x).max(), rtol=1e-6)  # first batch sets the range
+    np.testing.assert_allclose(
+        r0["hi"].reshape(()), np.asarray(x).max(), rtol=1e-6
+    )  # first batch sets the range
     trained, losses, g = _train(q, qv, x, y)
     assert losses[-1] < losses[0]
     if activations == "lsq":
         assert all(float(jnp.abs(a["scale"]).sum()) > 0 for a in g["quant"]["activations"].values())
     qvi = jq.convert(m, trained, rules)
-    np.testing.assert_allclose(np.asarray(jq.apply(m, qvi, x)), np.asarray(q.apply(trained, x)), atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(jq.apply(m, qvi, x)), np.asarray(q.apply(trained, x)), atol=2e-5
+    )
 
 
 def test_qat_block_from_calibration_stats():
@@ -387,14 +416,18 @@ def test_qat_block_from_calibration_stats():
     lo, hi = stats.ranges()["Dense_0/kernel"]
     np.testing.assert_allclose(qv["state"]["ranges"]["Dense_0/kernel"]["hi"].reshape(()), hi)
     qvi = jq.convert(m, qv, rules)
-    np.testing.assert_allclose(np.asarray(jq.apply(m, qvi, x)), np.asarray(q.apply(qv, x)), atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(jq.apply(m, qvi, x)), np.asarray(q.apply(qv, x)), atol=2e-5
+    )
 
 
 class ScanMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = nn.Dense(16)(x)
-        h, _ = nn.scan(ScanBlk, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()(h, None)
+        h, _ = nn.scan(
+            ScanBlk, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )()(h, None)
         return nn.Dense(10)(h)
 
 
@@ -420,8 +453,12 @@ def test_qat_lsq_activations_inside_nn_scan_train_and_convert(weights):
         assert not np.allclose(trained["quant"]["activations"][k]["scale"], acts[k]["scale"])
     qvi = jq.convert(m, trained, rules)
     for k in scanned:  # the learned scales become the per-layer activation QParams
-        np.testing.assert_array_equal(qvi.activations[k].scale, trained["quant"]["activations"][k]["scale"])
-    np.testing.assert_allclose(np.asarray(jq.apply(m, qvi, x)), np.asarray(q.apply(trained, x)), atol=2e-5)
+        np.testing.assert_array_equal(
+            qvi.activations[k].scale, trained["quant"]["activations"][k]["scale"]
+        )
+    np.testing.assert_allclose(
+        np.asarray(jq.apply(m, qvi, x)), np.asarray(q.apply(trained, x)), atol=2e-5
+    )
 
 
 def test_report_static_sites_inside_nn_scan():
@@ -432,8 +469,12 @@ def test_report_static_sites_inside_nn_scan():
     rules = static_rules()
     qv = jq.convert(m, v, rules, jq.calibrate(m, v, [x], rules, progress=False))
     rows = {r["site"]: r for r in jq.report(m, v, qv, x)}
-    assert set(rows) == {"Dense_0/kernel", "Dense_1/kernel", "ScanScanBlk_0/Dense_0/kernel",
-                         "ScanScanBlk_0/Dense_1/kernel"}
+    assert set(rows) == {
+        "Dense_0/kernel",
+        "Dense_1/kernel",
+        "ScanScanBlk_0/Dense_0/kernel",
+        "ScanScanBlk_0/Dense_1/kernel",
+    }
     for r in rows.values():  # calibrated on this batch: nothing clips, int8 keeps > 30 dB
         assert r["act_clip_frac"] == 0.0 and r["act_sqnr_db"] > 30 and r["weight_sqnr_db"] > 30, r
 
@@ -458,6 +499,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path, mlp, fmt):
 
 def test_checkpoint_nnx_with_rng_state(tmp_path):
     pytest.importorskip("orbax.checkpoint", reason="jq checkpoints need orbax-checkpoint")
+
     class WithDropout(NnxMLP):
         def __init__(self, rngs):
             super().__init__(rngs)
@@ -470,7 +512,9 @@ def test_checkpoint_nnx_with_rng_state(tmp_path):
     x = jax.random.normal(KEY, (4, 8))
     qv = jq.convert(m, None, [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1))], args=(x,))
     checkpoint.save(tmp_path / "n", qv)
-    np.testing.assert_array_equal(jq.apply(m, checkpoint.restore(tmp_path / "n"), x), jq.apply(m, qv, x))
+    np.testing.assert_array_equal(
+        jq.apply(m, checkpoint.restore(tmp_path / "n"), x), jq.apply(m, qv, x)
+    )
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -506,7 +550,12 @@ def test_rule_spec_that_does_not_fit(mlp):
     with pytest.raises(ValueError, match="contract"):  # per-channel scale on the contracting axis
         jq.convert(m, v, [jq.Rule(".*", weight=jq.QuantSpec("int8", axis=0))], args=(x,))
     with pytest.raises(ValueError, match="block_size"):
-        jq.convert(m, v, [jq.Rule(".*", weight=jq.QuantSpec("int8", block_size=3, block_axis=0))], args=(x,))
+        jq.convert(
+            m,
+            v,
+            [jq.Rule(".*", weight=jq.QuantSpec("int8", block_size=3, block_axis=0))],
+            args=(x,),
+        )
 
 
 def test_apply_rules_consistency(mlp):

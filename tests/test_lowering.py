@@ -118,7 +118,9 @@ class EveryFormIsExactTest(parameterized.TestCase):
         a, b = _ints(rng, (4, 3, 5), np.uint8), _ints(rng, (4, 5, 2), np.int8)
         with int8_lowering(cpu=form):
             out = jax.vmap(lambda a, b: int8_dot.int8_dot_general(a, b, DENSE))(a, b)
-        np.testing.assert_array_equal(np.asarray(out), np.einsum("bmk,bkn->bmn", a.astype(np.int64), b.astype(np.int64)))
+        np.testing.assert_array_equal(
+            np.asarray(out), np.einsum("bmk,bkn->bmn", a.astype(np.int64), b.astype(np.int64))
+        )
 
     @parameterized.parameters(*FORMS)
     def test_export_with_symbolic_batch(self, form):
@@ -206,8 +208,7 @@ class OpsExactInEveryFormTest(parameterized.TestCase):
             vr = np.asarray(qr.int_value()).astype(np.int64)
             rs = np.asarray(qr.scale, np.float64)  # (3, 7): one scale per block of 8 rows
             ref = sum(
-                (vl[:, i * 8 : (i + 1) * 8] @ vr[i * 8 : (i + 1) * 8]) * rs[i]
-                for i in range(3)
+                (vl[:, i * 8 : (i + 1) * 8] @ vr[i * 8 : (i + 1) * 8]) * rs[i] for i in range(3)
             ) * float(ql.scale.reshape(()))
         else:
             acc, scale = _int_ref(ql, qr, sub)
@@ -248,7 +249,10 @@ class ConvInEveryFormTest(parameterized.TestCase):
         # integer values below 2**24 and sums of at most 12 products: exact in float32
         acc = np.asarray(
             jax.lax.conv_general_dilated(
-                jnp.asarray(xv, jnp.float32), jnp.asarray(wv, jnp.float32), precision="highest", **kw
+                jnp.asarray(xv, jnp.float32),
+                jnp.asarray(wv, jnp.float32),
+                precision="highest",
+                **kw,
             ),
             np.float64,
         )
@@ -261,8 +265,11 @@ class ConvNonFiniteReachTest(parameterized.TestCase):
     """A NaN pixel makes exactly the outputs NaN that a float conv makes NaN."""
 
     @parameterized.product(
-        lhs_dilation=((1, 1), (2, 1)), rhs_dilation=((1, 1), (1, 2)), stride=((1, 1), (2, 1)),
-        groups=(1, 2), layout=(("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NHWC")),
+        lhs_dilation=((1, 1), (2, 1)),
+        rhs_dilation=((1, 1), (1, 2)),
+        stride=((1, 1), (2, 1)),
+        groups=(1, 2),
+        layout=(("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NHWC")),
     )
     def test_nan_pattern(self, lhs_dilation, rhs_dilation, stride, groups, layout):
         rng = np.random.default_rng(3)
@@ -275,10 +282,19 @@ class ConvNonFiniteReachTest(parameterized.TestCase):
             w = w.transpose(3, 2, 0, 1)
         qw = _q(w, "int8", axis=0 if layout[1] == "OIHW" else -1)
         spec = jq.QuantSpec("int8")
-        kw = dict(window_strides=stride, padding=((1, 1), (0, 1)), lhs_dilation=lhs_dilation,
-                  rhs_dilation=rhs_dilation, dimension_numbers=layout, feature_group_count=groups)
+        kw = dict(
+            window_strides=stride,
+            padding=((1, 1), (0, 1)),
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=layout,
+            feature_group_count=groups,
+        )
         out = ops.conv_general_dilated(
-            jnp.asarray(x), qw, lhs_spec=spec, lhs_qparams=jq.qparams_from_range(-3.0, 3.0, spec),
+            jnp.asarray(x),
+            qw,
+            lhs_spec=spec,
+            lhs_qparams=jq.qparams_from_range(-3.0, 3.0, spec),
             **kw,
         )
         ref = jax.lax.conv_general_dilated(jnp.asarray(x), jq.dequantize(qw), **kw)
@@ -436,8 +452,14 @@ class AcceleratorExportTest(chex.TestCase):
 
         def conv(x, qw):
             return ops.conv_general_dilated(
-                x, qw, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                feature_group_count=2, lhs_spec=spec, lhs_qparams=qp,
+                x,
+                qw,
+                (1, 1),
+                "SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=2,
+                lhs_spec=spec,
+                lhs_qparams=qp,
             )
 
         views = self._branches(conv, jax.ShapeDtypeStruct((2, 6, 6, 4), jnp.float32), qw)

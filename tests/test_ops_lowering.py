@@ -281,9 +281,7 @@ class PrimitiveTest(chex.TestCase):
         a = jax.ShapeDtypeStruct((2, 5, 7), dt)
         b = jax.ShapeDtypeStruct((2, 3, 7), jnp.int8)
         dn = (((2,), (2,)), ((0,), (0,)))
-        out = jax.eval_shape(
-            lambda a, b: int8_dot.int8_dot_general(a, b, dn, rhs_sums=True), a, b
-        )
+        out = jax.eval_shape(lambda a, b: int8_dot.int8_dot_general(a, b, dn, rhs_sums=True), a, b)
         self.assertEqual((out[0].shape, out[0].dtype), ((2, 5, 3), jnp.int32))
         self.assertEqual((out[1].shape, out[1].dtype), ((2, 3), jnp.int32))
 

@@ -26,7 +26,11 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-        return x * jax.lax.rsqrt(var + self.eps) * self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        return (
+            x
+            * jax.lax.rsqrt(var + self.eps)
+            * self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        )
 
 
 class FragileNorm(nn.Module):
@@ -62,8 +66,12 @@ class Block(nn.Module):
 class Scanned(nn.Module):
     @nn.compact
     def __call__(self, x):
-        blk = nn.scan(lambda mdl, c, _: (mdl(c), None), variable_axes={"params": 0},
-                      split_rngs={"params": True}, length=2)
+        blk = nn.scan(
+            lambda mdl, c, _: (mdl(c), None),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=2,
+        )
         x, _ = blk(Block(), x, None)
         return x
 
@@ -155,7 +163,9 @@ def test_plain_mlp_runs_wholly_in_float16_with_float32_accumulation():
         acc = a.astype(np.float32) @ d["kernel"].astype(np.float16).astype(np.float32)
         return acc.astype(np.float16) + d["bias"].astype(np.float16)
 
-    ref = dense(np.maximum(dense(np.asarray(x).astype(np.float16), p["a"]), 0), p["b"]).astype(np.float32)
+    ref = dense(np.maximum(dense(np.asarray(x).astype(np.float16), p["a"]), 0), p["b"]).astype(
+        np.float32
+    )
     if jax.default_backend() == "cpu":
         np.testing.assert_array_equal(y, ref)
     else:  # the backend's float32 summation order (cuBLAS) may move a float16 rounding by one ulp
@@ -171,18 +181,31 @@ def test_float16_report_names_the_norm_and_its_epsilon(fragile_norm):
     norm = [r for r in rows if r["module"] == "RMSNorm_0"]
     by_prim = {r["primitive"]: r for r in norm}
     assert by_prim["add"]["category"] == "norm"
-    assert "1e-12" in by_prim["add"]["reason"] and "underflows to 0 in float16" in by_prim["add"]["reason"]
+    assert (
+        "1e-12" in by_prim["add"]["reason"]
+        and "underflows to 0 in float16" in by_prim["add"]["reason"]
+    )
     assert by_prim["rsqrt"]["category"] == "norm"
-    assert by_prim["square"]["category"] == "reduction" and by_prim["reduce_sum"]["category"] == "reduction"
+    assert (
+        by_prim["square"]["category"] == "reduction"
+        and by_prim["reduce_sum"]["category"] == "reduction"
+    )
     assert by_prim["mul"]["category"] == "norm"  # x * rsqrt(var + eps)
     # log_softmax: max shift, exp, sum, log
     loss = {r["primitive"]: r["category"] for r in rows if r["module"] == "-"}
-    assert loss == {"reduce_max": "reduction", "exp": "softmax", "reduce_sum": "softmax", "log": "loss"}
+    assert loss == {
+        "reduce_max": "reduction",
+        "exp": "softmax",
+        "reduce_sum": "softmax",
+        "log": "loss",
+    }
     # no dot is kept: they run in float16 with float32 accumulation
     assert not [r for r in rows if r["primitive"] == "dot_general"]
     text = cm.summary()
     assert text.startswith("jq.cast(float16):") and "norm" in text
-    assert "rsqrt" in jq.format_table(rows) and cm.table() == jq.format_table(rows, ["path", "primitive", "module", "category", "reason"])
+    assert "rsqrt" in jq.format_table(rows) and cm.table() == jq.format_table(
+        rows, ["path", "primitive", "module", "category", "reason"]
+    )
 
 
 def test_bfloat16_holds_the_epsilon(fragile_norm):
@@ -239,14 +262,24 @@ def test_calibration_flags_overflow_and_keeps_it_in_float32():
     w = np.asarray(v["params"]["Dense_0"]["kernel"])
     want = float(np.max(np.abs(np.asarray(x, np.float64) @ w)))  # |x @ W| before the bias
     assert want > 65504
-    dot_path = [r["path"] for r in cm.report() if r["primitive"] == "dot_general" and r["module"] == "Dense_0"]
+    dot_path = [
+        r["path"]
+        for r in cm.report()
+        if r["primitive"] == "dot_general" and r["module"] == "Dense_0"
+    ]
     assert len(dot_path) == 1 and cm.overflow[dot_path[0]] == pytest.approx(want, rel=1e-5)
     rows = cm.report()
     param = [r for r in rows if r["primitive"] == "parameter"]
-    assert [r["path"] for r in param] == ["params/Dense_0/kernel"]  # max |w| > 65504: stored float32
+    assert [r["path"] for r in param] == [
+        "params/Dense_0/kernel"
+    ]  # max |w| > 65504: stored float32
     assert float(np.max(np.abs(w))) > 65504
-    assert cm.leaves[[li.path for li in cm._static.adapter.leaves].index("params/Dense_0/kernel")].dtype == \
-        jnp.float32
+    assert (
+        cm.leaves[
+            [li.path for li in cm._static.adapter.leaves].index("params/Dense_0/kernel")
+        ].dtype
+        == jnp.float32
+    )
     assert bool(jnp.all(jnp.isfinite(cm.apply(x))))
     assert rel_err(cm.apply(x), y) < 1e-2
     # bfloat16 does not overflow
@@ -264,8 +297,17 @@ def test_attention_block_softmax_and_jit():
     v = jax.jit(m.init)(KEY, x, mask)
     y = jax.jit(m.apply)(v, x, mask)
     plain = jq.cast(m, v, "float16", args=(x,))
-    soft = {r["primitive"]: r["category"] for r in plain.report() if r["module"] == "MultiHeadDotProductAttention_0"}
-    assert soft == {"reduce_max": "reduction", "exp": "softmax", "reduce_sum": "softmax", "div": "softmax"}
+    soft = {
+        r["primitive"]: r["category"]
+        for r in plain.report()
+        if r["module"] == "MultiHeadDotProductAttention_0"
+    }
+    assert soft == {
+        "reduce_max": "reduction",
+        "exp": "softmax",
+        "reduce_sum": "softmax",
+        "div": "softmax",
+    }
     # with the mask, flax fills masked logits with float32's min (-3.4e38): calibration flags it
     cm = jq.cast(m, v, "float16", batches=[(x, mask)])
     over = {r["primitive"] for r in cm.report() if r["category"] == "overflow"}
@@ -283,7 +325,9 @@ def test_scan():
     cm = jq.cast(m, v, "float16", batches=[x])  # calibration observes inside the scan body
     assert cm.overflow == {}
     assert rel_err(cm.apply(x), jax.jit(m.apply)(v, x)) < 5e-3
-    assert any(r["primitive"] == "rsqrt" and r["path"].count(".") >= 1 for r in cm.report())  # inside the scan
+    assert any(
+        r["primitive"] == "rsqrt" and r["path"].count(".") >= 1 for r in cm.report()
+    )  # inside the scan
 
 
 def test_nnx():
@@ -342,7 +386,7 @@ def test_sensitivity_ranks_the_fragile_layer_first(outlier):
         ref = [_np_forward(p, np.asarray(b[0], np.float64)) for b in batches]
         out = [_np_forward(q, np.asarray(b[0], np.float64)) for b in batches]
         se = sum(np.sum((o - r) ** 2) for o, r in zip(out, ref))
-        sig = sum(np.sum(r ** 2) for r in ref)
+        sig = sum(np.sum(r**2) for r in ref)
         assert row["mse"] == pytest.approx(se / sum(r.size for r in ref), rel=1e-3)
         assert row["sqnr_db"] == pytest.approx(10 * np.log10(sig / se), abs=0.01)
         acc = np.mean([np.mean(np.argmax(o, -1) == np.asarray(b[1])) for o, b in zip(out, batches)])
@@ -353,8 +397,13 @@ def test_sensitivity_ranks_the_fragile_layer_first(outlier):
 
 def test_sensitivity_static_rules_and_no_metric(outlier):
     m, v, batches = outlier
-    rules = [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1),
-                     activation=jq.QuantSpec("int8", calibration=cal.MinMax()))]
+    rules = [
+        jq.Rule(
+            ".*",
+            weight=jq.QuantSpec("int4", axis=-1),
+            activation=jq.QuantSpec("int8", calibration=cal.MinMax()),
+        )
+    ]
     res = jq.sensitivity(m, v, rules, batches, inputs=first)
     assert res.float_metric is None and "drop" not in res.rows[0]
     sq = [r["sqnr_db"] for r in res.rows]
@@ -378,7 +427,10 @@ def test_sensitivity_tied_embedding_is_one_row():
     m = TiedLM()
     v = jax.jit(m.init)(KEY, ids)
     res = jq.sensitivity(m, v, [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1))], [ids])
-    assert sorted(r["site"] for r in res.rows) == ["Dense_0/kernel", "Embed_0/embedding + Embed_0/embedding[1]"]
+    assert sorted(r["site"] for r in res.rows) == [
+        "Dense_0/kernel",
+        "Embed_0/embedding + Embed_0/embedding[1]",
+    ]
 
 
 def test_sensitivity_bad_input(outlier):
@@ -415,14 +467,18 @@ def test_auto_quantize_keeps_the_fragile_layer_high(outlier):
 def test_auto_quantize_budget_extremes(outlier):
     m, v, batches = outlier
     # any drop allowed: every layer at the cheapest candidate
-    res = jq.auto_quantize(m, v, batches, agreement, max_drop=1.0, inputs=first, candidates=("int8", "float32"))
+    res = jq.auto_quantize(
+        m, v, batches, agreement, max_drop=1.0, inputs=first, candidates=("int8", "float32")
+    )
     assert {r["format"] for r in res.plan} == {"int8"}
     # int8 weights (1 byte) + float32 per-channel scales (4 bytes per output) + float32 biases
     p = v["params"]
     want = sum(p[k]["kernel"].size + 4 * p[k]["kernel"].shape[1] + 4 * p[k]["bias"].size for k in p)
     assert res.size_bytes == want
     # no drop allowed and only int4: only what costs nothing is lowered
-    res = jq.auto_quantize(m, v, batches, agreement, max_drop=0.0, inputs=first, candidates=("int4",))
+    res = jq.auto_quantize(
+        m, v, batches, agreement, max_drop=0.0, inputs=first, candidates=("int4",)
+    )
     assert res.metric == res.float_metric
     assert "fragile" not in [r.path_regex for r in res.rules]
 
@@ -430,8 +486,16 @@ def test_auto_quantize_budget_extremes(outlier):
 def test_auto_quantize_with_static_activations(outlier):
     m, v, batches = outlier
     act = jq.QuantSpec("int8", calibration=cal.MinMax())
-    res = jq.auto_quantize(m, v, batches, agreement, max_drop=0.05, inputs=first, activation=act,
-                          candidates=("int8", "float32"))
+    res = jq.auto_quantize(
+        m,
+        v,
+        batches,
+        agreement,
+        max_drop=0.05,
+        inputs=first,
+        activation=act,
+        candidates=("int8", "float32"),
+    )
     assert all(r.activation == act for r in res.rules)
     assert "fragile" not in [r.path_regex for r in res.rules]
     stats = jq.calibrate(m, v, [b[0] for b in batches], list(res.rules), progress=False)

@@ -22,7 +22,10 @@ def test_quickstart_runs_and_quantizes():
     exec(compile(_quickstart(), "README.md:quickstart", "exec"), ns)  # noqa: S102
     qvars, y, x, model, variables = ns["qvars"], ns["y"], ns["x"], ns["model"], ns["variables"]
     assert isinstance(qvars, jq.QuantizedVariables)
-    assert all(isinstance(qvars.variables[p], jq.QArray) for p in ("params/Dense_0/kernel", "params/Dense_1/kernel"))
+    assert all(
+        isinstance(qvars.variables[p], jq.QArray)
+        for p in ("params/Dense_0/kernel", "params/Dense_1/kernel")
+    )
     yf = model.apply(variables, x)
     assert float(jnp.linalg.norm(y - yf) / jnp.linalg.norm(yf)) < 0.05
     assert set(ns["qv"]) == {"params", "quant", "state"}

@@ -203,7 +203,9 @@ def test_fold_single_site_matches_runtime_multiply(outlier_model):
     w0 = float(jnp.max(jnp.abs(jq.dequantize(qr))))
     w1 = float(jnp.max(jnp.abs(jq.dequantize(runtime.variables["params/Dense_1/kernel"]))))
     a1 = float(runtime.activations["Dense_1/kernel"].scale)
-    np.testing.assert_allclose(np.asarray(yf), np.asarray(yr), rtol=0, atol=(a_scale * w0 + a1) * w1)
+    np.testing.assert_allclose(
+        np.asarray(yf), np.asarray(yr), rtol=0, atol=(a_scale * w0 + a1) * w1
+    )
     # the lowered program has one multiply fewer: the smoothing is gone from inference
     assert _n_multiplies(m, folded, x) == _n_multiplies(m, runtime, x) - 1
 
@@ -229,7 +231,9 @@ def test_fold_qkv_shares_one_factor_vector():
     assert set(runtime.smooth) == {"q/kernel", "k/kernel", "v/kernel"}
     # independent SmoothQuant factors: max|X_j| of the LayerNorm output, max over the q|k|v rows
     ln = nn.LayerNorm()
-    h = np.concatenate([np.asarray(ln.apply({"params": v["params"]["LayerNorm_0"]}, b)) for b in batches])
+    h = np.concatenate(
+        [np.asarray(ln.apply({"params": v["params"]["LayerNorm_0"]}, b)) for b in batches]
+    )
     w_cat = np.concatenate([np.asarray(v["params"][n]["kernel"]) for n in "qkv"], axis=1)
     s = np.sqrt(np.abs(h).max(0) / np.abs(w_cat).max(1))
     for name in ("scale", "bias"):
@@ -321,13 +325,16 @@ def test_fold_nnx_layernorm():
     s = np.asarray(runtime.smooth["fc/kernel"]).reshape(-1)
     np.testing.assert_allclose(np.asarray(folded.variables["ln/scale"]), scale / s, rtol=1e-6)
     np.testing.assert_array_equal(
-        np.asarray(folded.variables["fc/kernel"].value), np.asarray(runtime.variables["fc/kernel"].value)
+        np.asarray(folded.variables["fc/kernel"].value),
+        np.asarray(runtime.variables["fc/kernel"].value),
     )
     x = jax.random.normal(jax.random.key(9), (32, 32))
     a_scale = float(runtime.activations["fc/kernel"].scale)
     w = float(jnp.max(jnp.abs(jq.dequantize(runtime.variables["fc/kernel"]))))
     np.testing.assert_allclose(
-        np.asarray(jq.apply(model, folded, x)), np.asarray(jq.apply(model, runtime, x)), atol=2 * a_scale * w
+        np.asarray(jq.apply(model, folded, x)),
+        np.asarray(jq.apply(model, runtime, x)),
+        atol=2 * a_scale * w,
     )
 
 
@@ -348,10 +355,15 @@ def test_fold_rmsnorm_scale_only():
     runtime = smoothquant(m, v, batches, RULES, fold=False, progress=False)
     assert folded.smooth == {} and set(runtime.smooth) == {"Dense_0/kernel"}
     s = np.asarray(runtime.smooth["Dense_0/kernel"]).reshape(-1)
-    np.testing.assert_allclose(np.asarray(folded.variables["params/RMSNorm_0/scale"]), scale / s, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(folded.variables["params/RMSNorm_0/scale"]), scale / s, rtol=1e-6
+    )
     x = jax.random.normal(jax.random.key(3), (32, 32))
     a_scale = float(runtime.activations["Dense_0/kernel"].scale)
     w = float(jnp.max(jnp.abs(jq.dequantize(runtime.variables["params/Dense_0/kernel"]))))
     np.testing.assert_allclose(
-        np.asarray(jq.apply(m, folded, x)), np.asarray(jq.apply(m, runtime, x)), rtol=0, atol=2 * a_scale * w
+        np.asarray(jq.apply(m, folded, x)),
+        np.asarray(jq.apply(m, runtime, x)),
+        rtol=0,
+        atol=2 * a_scale * w,
     )

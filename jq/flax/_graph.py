@@ -33,7 +33,15 @@ from jq.quantize import QArray, dequantize
 
 SCOPE_PREFIX = "jq="
 # primitives that only change a parameter's layout or dtype on its way to a dot
-_LAYOUT_OPS = {"convert_element_type", "transpose", "reshape", "squeeze", "expand_dims", "copy", "copy_p"}
+_LAYOUT_OPS = {
+    "convert_element_type",
+    "transpose",
+    "reshape",
+    "squeeze",
+    "expand_dims",
+    "copy",
+    "copy_p",
+}
 # call-like primitives whose body is evaluated inline
 _CALL_PARAM = {
     "jit": "jaxpr",
@@ -100,7 +108,11 @@ class Site:
     def act_key(self, operand: int) -> str:
         """The public key of an activation operand (`CalibrationStats`, `QuantizedVariables`, QAT ranges):
         the site name, or ``"<name>:lhs"`` / ``"<name>:rhs"`` for a dot between activations."""
-        return self.name if self.kind != "act_dot" else f"{self.name}:{'lhs' if operand == 0 else 'rhs'}"
+        return (
+            self.name
+            if self.kind != "act_dot"
+            else f"{self.name}:{'lhs' if operand == 0 else 'rhs'}"
+        )
 
     def key(self, kind: str, operand: int | None = None) -> StateKey:
         """The interpreter-state key of this site's `kind` entry (of `operand`, if per operand)."""
@@ -170,7 +182,9 @@ class SiteFinder:
         return base if k == 0 else f"{base}[{k}]"
 
     def run(self, jaxpr, n_leaves: int):
-        origins = {v: _Origin(self.leaves[i], (), ()) for i, v in enumerate(jaxpr.invars[:n_leaves])}
+        origins = {
+            v: _Origin(self.leaves[i], (), ()) for i, v in enumerate(jaxpr.invars[:n_leaves])
+        }
         self._walk(jaxpr, origins, (), "")
 
     def _add(self, site: Site):
@@ -191,7 +205,9 @@ class SiteFinder:
                 origins[eqn.outvars[0]] = _Origin(o.leaf, o.chain + (prim,), o.stack)
                 continue
             if prim in ("dot_general", "conv_general_dilated", "gather"):
-                kind = {"dot_general": "dot", "conv_general_dilated": "conv", "gather": "embed"}[prim]
+                kind = {"dot_general": "dot", "conv_general_dilated": "conv", "gather": "embed"}[
+                    prim
+                ]
                 pos = [i for i in range(2) if ins[i] is not None and ins[i].leaf.is_param]
                 if kind == "embed":
                     pos = [0] if 0 in pos else []
@@ -201,11 +217,28 @@ class SiteFinder:
                     o = ins[pos[0]]
                     mp = o.leaf.module_path
                     base = (mp + "/" if mp else "") + o.leaf.name
-                    self._add(Site(self._name(base), kind, mp, eqn, o.leaf, pos[0], o.chain, scans, o.stack, avals))
+                    self._add(
+                        Site(
+                            self._name(base),
+                            kind,
+                            mp,
+                            eqn,
+                            o.leaf,
+                            pos[0],
+                            o.chain,
+                            scans,
+                            o.stack,
+                            avals,
+                        )
+                    )
                     continue
                 if kind == "dot" and not pos and all(i is None for i in ins[:2]):
                     base = (here + "/" if here else "") + "act_dot"
-                    self._add(Site(self._name(base), "act_dot", here, eqn, None, None, (), scans, (), avals))
+                    self._add(
+                        Site(
+                            self._name(base), "act_dot", here, eqn, None, None, (), scans, (), avals
+                        )
+                    )
                     continue
             inner = inner_jaxpr(eqn)
             if inner is not None:
@@ -274,7 +307,9 @@ def qarray_layout_op(prim: str, q: QArray, eqn) -> QArray | None:
     if prim == "transpose":
         perm = eqn.params["permutation"]
         t = lambda a: None if a is None else jnp.transpose(a, perm)  # noqa: E731
-        return QArray(t(q.value), t(q.scale), t(zp), q.format, tuple(q.shape[p] for p in perm), None)
+        return QArray(
+            t(q.value), t(q.scale), t(zp), q.format, tuple(q.shape[p] for p in perm), None
+        )
     if prim in ("reshape", "squeeze", "expand_dims"):
         new = tuple(eqn.outvars[0].aval.shape)
         groups = _reshape_groups(q.shape, new)
@@ -295,8 +330,10 @@ def qarray_layout_op(prim: str, q: QArray, eqn) -> QArray | None:
 
 def bind_eqn(eqn, invals, **overrides) -> list:
     """Binds `eqn`'s primitive on `invals` (QArrays dequantized), as `jax.core.eval_jaxpr` does."""
-    invals = [materialize(v).astype(iv.aval.dtype) if isinstance(v, QArray) else v
-              for v, iv in zip(invals, eqn.invars)]
+    invals = [
+        materialize(v).astype(iv.aval.dtype) if isinstance(v, QArray) else v
+        for v, iv in zip(invals, eqn.invars)
+    ]
     params = dict(eqn.primitive.get_bind_params(eqn.params))
     params.update(overrides)
     with eqn.ctx.manager:
@@ -308,15 +345,25 @@ def materialize(v):
     return dequantize(v) if isinstance(v, QArray) else v
 
 
-def keyed_by_site(finder: SiteFinder, by_act_key: Mapping[str, Any], kind: str) -> dict[StateKey, Any]:
+def keyed_by_site(
+    finder: SiteFinder, by_act_key: Mapping[str, Any], kind: str
+) -> dict[StateKey, Any]:
     """Interpreter state from a dict keyed by `Site.act_key`: the entries of the traced sites."""
-    return {s.key(kind, op): by_act_key[s.act_key(op)]
-            for s in finder.sites for op in s.act_operands if s.act_key(op) in by_act_key}
+    return {
+        s.key(kind, op): by_act_key[s.act_key(op)]
+        for s in finder.sites
+        for op in s.act_operands
+        if s.act_key(op) in by_act_key
+    }
 
 
-def keyed_by_act_key(finder: SiteFinder, states: Mapping[StateKey, Any], kind: str) -> dict[str, Any]:
+def keyed_by_act_key(
+    finder: SiteFinder, states: Mapping[StateKey, Any], kind: str
+) -> dict[str, Any]:
     """The per-operand `kind` entries of interpreter state, keyed by `Site.act_key` again."""
-    return {finder.by_name[k.site].act_key(k.operand): v for k, v in states.items() if k.kind == kind}
+    return {
+        finder.by_name[k.site].act_key(k.operand): v for k, v in states.items() if k.kind == kind
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -404,7 +451,9 @@ class Interpreter:
         for x in xs:
             if isinstance(x, QArray):
                 pa = None if x.pack_axis is None else x.pack_axis - 1
-                xs_packed.append(("q", (x.value, x.scale, x.zero_point), (x.format, x.shape[1:], pa)))
+                xs_packed.append(
+                    ("q", (x.value, x.scale, x.zero_point), (x.format, x.shape[1:], pa))
+                )
             else:
                 xs_packed.append(("a", x, None))
         dyn_xs = [x[1] for x in xs_packed]
@@ -420,11 +469,18 @@ class Interpreter:
                 else:
                     rebuilt.append(v)
             inner_states = dict(st_sl)
-            outs = self.run(closed.jaxpr, closed.consts, list(consts) + list(c) + rebuilt, inner_states)
+            outs = self.run(
+                closed.jaxpr, closed.consts, list(consts) + list(c) + rebuilt, inner_states
+            )
             return list(outs[:nk]), (list(outs[nk:]), {k: inner_states[k] for k in inner_keys})
 
         new_carry, (ys, st_ys) = jax.lax.scan(
-            body, list(carry), (dyn_xs, st_xs), length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+            body,
+            list(carry),
+            (dyn_xs, st_xs),
+            length=p["length"],
+            reverse=p["reverse"],
+            unroll=p["unroll"],
         )
         states.update(st_ys)
         return list(new_carry) + list(ys)

@@ -49,15 +49,24 @@ class ModelAdapter:
         if isinstance(model, nn.Module):
             self.kind = "linen"
             if variables is None:
-                raise ValueError("jq: a linen model needs its `variables` (the dict from model.init)")
+                raise ValueError(
+                    "jq: a linen model needs its `variables` (the dict from model.init)"
+                )
             variables = nn.meta.unbox(_unfreeze(variables))  # drop nn.Partitioned boxes
             flat, self.treedef = jax.tree_util.tree_flatten_with_path(variables)
             infos = []
             for i, (path, leaf) in enumerate(flat):
                 keys = [_key_name(k) for k in path]
                 infos.append(
-                    LeafInfo(i, "/".join(keys), "/".join(keys[1:-1]), keys[-1], keys[0] == "params",
-                             tuple(np.shape(leaf)), jnp.result_type(leaf))
+                    LeafInfo(
+                        i,
+                        "/".join(keys),
+                        "/".join(keys[1:-1]),
+                        keys[-1],
+                        keys[0] == "params",
+                        tuple(np.shape(leaf)),
+                        jnp.result_type(leaf),
+                    )
                 )
             self.values = [leaf for _, leaf in flat]
         elif isinstance(model, nnx.Module):
@@ -78,8 +87,15 @@ class ModelAdapter:
                 vt = types.get(tuple(keys))
                 is_param = vt is not None and issubclass(vt, nnx.Param)
                 infos.append(
-                    LeafInfo(i, "/".join(keys), "/".join(keys[:-1]), keys[-1], is_param,
-                             tuple(np.shape(leaf)), jnp.result_type(leaf) if hasattr(leaf, "dtype") else None)
+                    LeafInfo(
+                        i,
+                        "/".join(keys),
+                        "/".join(keys[:-1]),
+                        keys[-1],
+                        is_param,
+                        tuple(np.shape(leaf)),
+                        jnp.result_type(leaf) if hasattr(leaf, "dtype") else None,
+                    )
                 )
             self.values = [leaf for _, leaf in flat]
         else:
@@ -127,9 +143,15 @@ class ModelAdapter:
 
         state = jax.tree_util.tree_unflatten(self.treedef, leaves)
         module = nnx.merge(self.graphdef, state)
-        f = module if self.method is None else (
-            getattr(module, self.method) if isinstance(self.method, str) else
-            (lambda *a, **k: self.method(module, *a, **k)))
+        f = (
+            module
+            if self.method is None
+            else (
+                getattr(module, self.method)
+                if isinstance(self.method, str)
+                else (lambda *a, **k: self.method(module, *a, **k))
+            )
+        )
         out = f(*args, **kwargs)
         if not self.with_state:
             return out
@@ -152,7 +174,9 @@ def _unfreeze(v):
 
 
 def is_dynamic(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)) or hasattr(x, "aval")
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)) or hasattr(
+        x, "aval"
+    )
 
 
 @dataclasses.dataclass
@@ -178,13 +202,23 @@ def trace(adapter: ModelAdapter, leaf_avals: list, args: tuple, kwargs: dict) ->
         a, kw = jax.tree_util.tree_unflatten(in_tree, full)
         return adapter.fn(leaves, *a, **kw)
 
-    dyn_avals = [d if isinstance(d, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(d), jnp.result_type(d))
-                 for d in dyn_args]
+    dyn_avals = [
+        d
+        if isinstance(d, jax.ShapeDtypeStruct)
+        else jax.ShapeDtypeStruct(np.shape(d), jnp.result_type(d))
+        for d in dyn_args
+    ]
     closed, out_shape = jax.make_jaxpr(f, return_shape=True)(leaf_avals, dyn_avals)
     finder = SiteFinder(adapter.leaves)
     finder.run(closed.jaxpr, len(leaf_avals))
-    return Traced(closed.jaxpr, list(closed.consts), finder, jax.tree_util.tree_structure(out_shape),
-                  dyn_args, len(leaf_avals))
+    return Traced(
+        closed.jaxpr,
+        list(closed.consts),
+        finder,
+        jax.tree_util.tree_structure(out_shape),
+        dyn_args,
+        len(leaf_avals),
+    )
 
 
 def leaf_aval(li: LeafInfo, value) -> Any:
@@ -200,7 +234,7 @@ def state_changes(t: Traced, adapter: ModelAdapter) -> list[str]:
     of the jaxpr; a variable the call leaves alone comes out as its own input.
     """
     n = len(adapter.leaves)
-    outs, ins = t.jaxpr.outvars[len(t.jaxpr.outvars) - n:], t.jaxpr.invars[:n]
+    outs, ins = t.jaxpr.outvars[len(t.jaxpr.outvars) - n :], t.jaxpr.invars[:n]
     return [li.path for li, o, i in zip(adapter.leaves, outs, ins) if o is not i]
 
 

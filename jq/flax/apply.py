@@ -32,8 +32,15 @@ __all__ = [
 ]
 
 
-def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None = None, method=None,
-          check_finite: bool = False, **kwargs):
+def apply(
+    model,
+    qvars: QuantizedVariables,
+    *args,
+    rules: Sequence[Rule] | None = None,
+    method=None,
+    check_finite: bool = False,
+    **kwargs,
+):
     """Runs the model with quantized variables: integer dots / convs at every quantized site.
 
     Inputs and keyword arguments (masks, ``train=``, ...) are forwarded to the
@@ -62,7 +69,9 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
         mode) without ``mutable=True`` (call ``model.eval()`` for inference).
     """
     if not isinstance(qvars, QuantizedVariables):
-        raise TypeError(f"jq.apply: expected QuantizedVariables from jq.convert, got {type(qvars).__name__}")
+        raise TypeError(
+            f"jq.apply: expected QuantizedVariables from jq.convert, got {type(qvars).__name__}"
+        )
     adapter = _adapter_for(model, qvars, method)
     nnx_mutable = False
     if adapter.kind == "nnx":
@@ -75,7 +84,9 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
         if not isinstance(model, nn.Module):
             raise TypeError(f"jq.apply: model must be a Flax Module, got {type(model).__name__}")
         model_sig = _linen_signature(model, args, kwargs, method)
-    _check_signature(adapter, qvars, model_sig, partial=method is not None, inputs=_describe_inputs(args, kwargs))
+    _check_signature(
+        adapter, qvars, model_sig, partial=method is not None, inputs=_describe_inputs(args, kwargs)
+    )
     if rules is not None:
         _check_rules_consistent(check_rules(rules), qvars)
     leaves = [qvars.variables[li.path] for li in adapter.leaves]
@@ -98,21 +109,45 @@ def apply(model, qvars: QuantizedVariables, *args, rules: Sequence[Rule] | None 
     def handler(site, eqn, invals, sts):
         sp = plan.get(site.name)
         mode = None if sp is None else sp.mode
-        qps = {op: sts[site.key("qparams", op)] for op in site.act_operands} if mode == "static" else {}
-        return run_site(site, eqn, invals, mode, None if sp is None else sp.activation, qps,
-                        sts.get(site.key("smooth")), check_finite)
+        qps = (
+            {op: sts[site.key("qparams", op)] for op in site.act_operands}
+            if mode == "static"
+            else {}
+        )
+        return run_site(
+            site,
+            eqn,
+            invals,
+            mode,
+            None if sp is None else sp.activation,
+            qps,
+            sts.get(site.key("smooth")),
+            check_finite,
+        )
 
     states = keyed_by_site(t.finder, qvars.activations, "qparams")
-    states.update({s.key("smooth"): qvars.smooth[s.name] for s in t.finder.sites if s.name in qvars.smooth})
-    outs = Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, leaves + t.dyn_args, states)
+    states.update(
+        {s.key("smooth"): qvars.smooth[s.name] for s in t.finder.sites if s.name in qvars.smooth}
+    )
+    outs = Interpreter(t.finder, selected, handler).run(
+        t.jaxpr, t.consts, leaves + t.dyn_args, states
+    )
     out = jax.tree_util.tree_unflatten(t.out_tree, outs)
     if adapter.kind == "nnx":
         return _nnx_result(t, adapter, qvars, out, nnx_mutable)
     return out
 
 
-def run_site(site: Site, eqn, invals, mode: str | None, activation: QuantSpec | None, act_qps: dict,
-             smooth=None, check_finite: bool = False) -> list:
+def run_site(
+    site: Site,
+    eqn,
+    invals,
+    mode: str | None,
+    activation: QuantSpec | None,
+    act_qps: dict,
+    smooth=None,
+    check_finite: bool = False,
+) -> list:
     """One selected site of a quantized model, as `jq.apply` evaluates it.
 
     `mode` is the site's ``static`` / ``dynamic`` / ``weight_only`` mode, or
@@ -131,8 +166,9 @@ def run_site(site: Site, eqn, invals, mode: str | None, activation: QuantSpec | 
     return run_dot_like(site, eqn, invals, specs, act_qps, mode, smooth, check_finite)
 
 
-def run_dot_like(site: Site, eqn, invals, act_specs, act_qps, mode, smooth=None,
-                  check_finite: bool = False):
+def run_dot_like(
+    site: Site, eqn, invals, act_specs, act_qps, mode, smooth=None, check_finite: bool = False
+):
     """One quantized site: weight (QArray) and activation(s) through jq.ops.
 
     `smooth`: SmoothQuant factors; the activation operand becomes ``x * (1 / s)``.
@@ -155,13 +191,28 @@ def run_dot_like(site: Site, eqn, invals, act_specs, act_qps, mode, smooth=None,
             side = "lhs" if op == 0 else "rhs"
             q[f"{side}_spec"], q[f"{side}_qparams"] = act_specs[op], act_qps.get(op)
     if site.kind in ("dot", "act_dot"):
-        out = ops.dot_general(vals[0], vals[1], p["dimension_numbers"], precision=p.get("precision"),
-                              preferred_element_type=pet, **q)
+        out = ops.dot_general(
+            vals[0],
+            vals[1],
+            p["dimension_numbers"],
+            precision=p.get("precision"),
+            preferred_element_type=pet,
+            **q,
+        )
     elif site.kind == "conv":  # the weight is the rhs: only lhs_spec / lhs_qparams
         out = ops.conv_general_dilated(
-            vals[0], vals[1], p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
-            p["dimension_numbers"], p["feature_group_count"], p["batch_group_count"],
-            precision=p.get("precision"), preferred_element_type=pet, **q,
+            vals[0],
+            vals[1],
+            p["window_strides"],
+            p["padding"],
+            p["lhs_dilation"],
+            p["rhs_dilation"],
+            p["dimension_numbers"],
+            p["feature_group_count"],
+            p["batch_group_count"],
+            precision=p.get("precision"),
+            preferred_element_type=pet,
+            **q,
         )
     else:
         raise AssertionError(site.kind)
@@ -180,8 +231,13 @@ def run_embed(eqn, invals):
         and tuple(p["slice_sizes"]) == (1, table.shape[1])
     ):
         # gather int rows and their scales, dequantize only the gathered rows
-        g = functools.partial(jax.lax.gather, dimension_numbers=dn, indices_are_sorted=p["indices_are_sorted"],
-                              unique_indices=p["unique_indices"], mode=p["mode"])
+        g = functools.partial(
+            jax.lax.gather,
+            dimension_numbers=dn,
+            indices_are_sorted=p["indices_are_sorted"],
+            unique_indices=p["unique_indices"],
+            mode=p["mode"],
+        )
         rows = g(table.int_value(), idx, slice_sizes=(1, table.shape[1]), fill_value=0)
         scale = jnp.broadcast_to(table.scale, (table.shape[0], 1))
         srows = g(scale, idx, slice_sizes=(1, 1), fill_value=0)
@@ -222,7 +278,9 @@ def _adapter_for(model, qvars: QuantizedVariables, method):
 def _linen_signature(model, args, kwargs, method):
     """The variable paths and shapes `model.init` would create, traced abstractly (None if it can't)."""
     try:
-        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, method=method, **kwargs))
+        shapes = jax.eval_shape(
+            lambda: model.init(jax.random.key(0), *args, method=method, **kwargs)
+        )
         import flax.linen as nn
 
         shapes = nn.meta.unbox(shapes)  # logical-partitioning boxes (nn.with_logical_partitioning)
@@ -250,8 +308,13 @@ def _is_dynamic_input(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
-def _check_signature(adapter: ModelAdapter, qvars: QuantizedVariables, model_sig: dict | None = None,
-                     partial: bool = False, inputs: str | None = None):
+def _check_signature(
+    adapter: ModelAdapter,
+    qvars: QuantizedVariables,
+    model_sig: dict | None = None,
+    partial: bool = False,
+    inputs: str | None = None,
+):
     """Checks variable names and shapes (not values) against the model.
 
     `model_sig` (linen) comes from ``model.init`` on the caller's inputs, so a
@@ -296,7 +359,9 @@ def _nnx_result(t, adapter: ModelAdapter, qvars: QuantizedVariables, out, mutabl
     """`apply`'s result for an nnx model traced with its state: the output, or (output, new qvars)."""
     out, new_leaves = out
     if mutable is not True and mutable is not False:
-        raise TypeError(f"jq.apply: for an nnx model, mutable must be True or False, got {mutable!r}")
+        raise TypeError(
+            f"jq.apply: for an nnx model, mutable must be True or False, got {mutable!r}"
+        )
     if not mutable:
         changed = state_changes(t, adapter)
         if changed:
@@ -308,8 +373,10 @@ def _nnx_result(t, adapter: ModelAdapter, qvars: QuantizedVariables, out, mutabl
             )
         return out
     old = qvars.variables
-    new = {li.path: (old[li.path] if li.is_param or isinstance(old[li.path], QArray) else v)
-           for li, v in zip(adapter.leaves, new_leaves)}
+    new = {
+        li.path: (old[li.path] if li.is_param or isinstance(old[li.path], QArray) else v)
+        for li, v in zip(adapter.leaves, new_leaves)
+    }
     return out, dataclasses.replace(qvars, variables=new)
 
 

@@ -28,8 +28,15 @@ __all__ = [
     "auto_quantize",
 ]
 
-_BITS = {"int4": 4, "int8": 8, "bfloat16": 16, "float16": 16, "float8_e4m3fn": 8, "float8_e5m2": 8,
-         "float32": 32}
+_BITS = {
+    "int4": 4,
+    "int8": 8,
+    "bfloat16": 16,
+    "float16": 16,
+    "float8_e4m3fn": 8,
+    "float8_e5m2": 8,
+    "float32": 32,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +71,17 @@ class AutoQuantResult:
         return self.float_metric - self.metric
 
     def __str__(self):
-        return (f"auto_quantize: metric {self.metric:.4g} (float {self.float_metric:.4g}, drop {self.drop:.4g}); "
-                f"size {self.size_bytes:,} bytes (float {self.float_size_bytes:,}, "
-                f"{self.size_bytes / max(self.float_size_bytes, 1):.3f}x)\n"
-                + format_table(list(self.plan), ["modules", "kinds", "format", "bytes", "drop_alone"]))
+        return (
+            f"auto_quantize: metric {self.metric:.4g} (float {self.float_metric:.4g}, drop {self.drop:.4g}); "
+            f"size {self.size_bytes:,} bytes (float {self.float_size_bytes:,}, "
+            f"{self.size_bytes / max(self.float_size_bytes, 1):.3f}x)\n"
+            + format_table(list(self.plan), ["modules", "kinds", "format", "bytes", "drop_alone"])
+        )
 
 
-def _candidate_rule(fmt: str, module: str, kind: str, activation: QuantSpec | None, weight_axis) -> Rule | None:
+def _candidate_rule(
+    fmt: str, module: str, kind: str, activation: QuantSpec | None, weight_axis
+) -> Rule | None:
     if fmt == "float32":
         return None
     f = numerics.get_format(fmt)
@@ -168,7 +179,9 @@ def auto_quantize(
         no site of the kinds `ops`.
     """
     if not callable(metric_fn):
-        raise TypeError(f"jq.auto_quantize: metric_fn must be callable, got {type(metric_fn).__name__}")
+        raise TypeError(
+            f"jq.auto_quantize: metric_fn must be callable, got {type(metric_fn).__name__}"
+        )
     if not max_drop >= 0:
         raise ValueError(f"jq.auto_quantize: max_drop must be >= 0, got {max_drop}")
     cands = _candidates(candidates)
@@ -185,8 +198,20 @@ def auto_quantize(
     if not sites:
         raise ValueError(f"jq.auto_quantize: the model has no site of kinds {tuple(ops)}")
     units, unit_leaves = _units(sites)
-    search = _Search(model, variables, units, cands, activation, weight_axis, batches, metric_fn, inputs, method,
-                     kwargs, args0)
+    search = _Search(
+        model,
+        variables,
+        units,
+        cands,
+        activation,
+        weight_axis,
+        batches,
+        metric_fn,
+        inputs,
+        method,
+        kwargs,
+        args0,
+    )
     alone = search.drops_alone()
     plan, history = _descend(search, alone, unit_leaves, max_drop)
     return _result(search, plan, alone, history, unit_leaves, adapter)
@@ -198,7 +223,9 @@ def _candidates(candidates: Sequence[str]) -> list[str]:
     for c in candidates:
         name = "float32" if c in ("float32", "f32", "fp32") else numerics.canonical_name(c)
         if name not in _BITS:
-            raise ValueError(f"jq.auto_quantize: candidate {c!r} is not supported; use {tuple(_BITS)}")
+            raise ValueError(
+                f"jq.auto_quantize: candidate {c!r} is not supported; use {tuple(_BITS)}"
+            )
         cands.append(name)
     if "float32" not in cands:
         cands.append("float32")
@@ -240,25 +267,64 @@ class _Search:
     function is compiled per distinct rule set and reused.
     """
 
-    def __init__(self, model, variables, units, cands, activation, weight_axis, batches, metric_fn, inputs,
-                 method, kwargs, args0):
-        self.model, self.variables, self.method, self.kwargs, self.args0 = model, variables, method, kwargs, args0
-        self.units, self.cands, self.activation, self.weight_axis = units, cands, activation, weight_axis
+    def __init__(
+        self,
+        model,
+        variables,
+        units,
+        cands,
+        activation,
+        weight_axis,
+        batches,
+        metric_fn,
+        inputs,
+        method,
+        kwargs,
+        args0,
+    ):
+        self.model, self.variables, self.method, self.kwargs, self.args0 = (
+            model,
+            variables,
+            method,
+            kwargs,
+            args0,
+        )
+        self.units, self.cands, self.activation, self.weight_axis = (
+            units,
+            cands,
+            activation,
+            weight_axis,
+        )
         self.batches, self.metric_fn, self.inputs = batches, metric_fn, inputs
         self.top = len(cands) - 1
         self.stats = None
         if activation is not None and activation.is_static:
             # one calibration for every unit and candidate: sites are selected by name
-            all_rules = [_candidate_rule("int8", mod, kind, activation, weight_axis) for u in units for mod, kind in u]
-            self.stats = calibrate(model, variables, [batch_inputs(b, inputs) for b in batches], all_rules,
-                                   method=method, kwargs=kwargs, progress=False)
+            all_rules = [
+                _candidate_rule("int8", mod, kind, activation, weight_axis)
+                for u in units
+                for mod, kind in u
+            ]
+            self.stats = calibrate(
+                model,
+                variables,
+                [batch_inputs(b, inputs) for b in batches],
+                all_rules,
+                method=method,
+                kwargs=kwargs,
+                progress=False,
+            )
         self._fns: dict = {}
         base = QuantEval(model, variables, (), method, kwargs, args0, None).fn(frozenset())
         self.float_metric = self.mean_metric(base)
 
     def mean_metric(self, fn) -> float:
         """The metric of ``fn(inputs)`` averaged over the batches."""
-        return float(np.mean([float(self.metric_fn(fn(batch_inputs(b, self.inputs)), b)) for b in self.batches]))
+        return float(
+            np.mean(
+                [float(self.metric_fn(fn(batch_inputs(b, self.inputs)), b)) for b in self.batches]
+            )
+        )
 
     def rules_for(self, plan) -> tuple:
         out = []
@@ -274,7 +340,9 @@ class _Search:
         if not rules:
             return self.float_metric
         if rules not in self._fns:
-            ev = QuantEval(self.model, self.variables, rules, self.method, self.kwargs, self.args0, self.stats)
+            ev = QuantEval(
+                self.model, self.variables, rules, self.method, self.kwargs, self.args0, self.stats
+            )
             self._fns[rules] = ev.fn(frozenset(ev.chosen))
         return self.mean_metric(self._fns[rules])
 
@@ -305,8 +373,9 @@ def _descend(search: _Search, alone: dict, unit_leaves: list, max_drop: float) -
             f = plan[ui] - 1
             if alone[(ui, f)] > max_drop:
                 continue
-            saved = _unit_bytes(cands[plan[ui]], unit_leaves[ui], weight_axis) - \
-                _unit_bytes(cands[f], unit_leaves[ui], weight_axis)
+            saved = _unit_bytes(cands[plan[ui]], unit_leaves[ui], weight_axis) - _unit_bytes(
+                cands[f], unit_leaves[ui], weight_axis
+            )
             cost = max(alone[(ui, f)] - alone[(ui, plan[ui])], 0.0)
             moves.append((-saved / (cost + 1e-6), ui, f))
         if not moves:
@@ -317,8 +386,14 @@ def _descend(search: _Search, alone: dict, unit_leaves: list, max_drop: float) -
         trial[ui] = f
         m = search.metric_of(trial)
         ok = search.float_metric - m <= max_drop
-        history.append({"unit": "+".join(f"{mod or '<root>'}:{k}" for mod, k in search.units[ui]),
-                        "format": cands[f], "metric": m, "accepted": ok})
+        history.append(
+            {
+                "unit": "+".join(f"{mod or '<root>'}:{k}" for mod, k in search.units[ui]),
+                "format": cands[f],
+                "metric": m,
+                "accepted": ok,
+            }
+        )
         if ok:
             plan = trial
         else:
@@ -326,28 +401,59 @@ def _descend(search: _Search, alone: dict, unit_leaves: list, max_drop: float) -
     return plan, history
 
 
-def _result(search: _Search, plan: list, alone: dict, history: list, unit_leaves: list,
-            adapter: ModelAdapter) -> AutoQuantResult:
+def _result(
+    search: _Search,
+    plan: list,
+    alone: dict,
+    history: list,
+    unit_leaves: list,
+    adapter: ModelAdapter,
+) -> AutoQuantResult:
     """Step 4: convert the plan, measure it with `jq.apply`, and report."""
     model, method, kwargs, inputs = search.model, search.method, search.kwargs, search.inputs
     cands, weight_axis = search.cands, search.weight_axis
     rules = search.rules_for(plan)
-    float_size = int(sum(np.size(v) * jnp.dtype(jnp.result_type(v)).itemsize for v in adapter.values
-                         if hasattr(v, "dtype") and not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)))
+    float_size = int(
+        sum(
+            np.size(v) * jnp.dtype(jnp.result_type(v)).itemsize
+            for v in adapter.values
+            if hasattr(v, "dtype") and not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+        )
+    )
     qvars = None
     if rules:
-        qvars = convert(model, search.variables, rules, stats=search.stats, args=search.args0, kwargs=kwargs,
-                        method=method)
+        qvars = convert(
+            model,
+            search.variables,
+            rules,
+            stats=search.stats,
+            args=search.args0,
+            kwargs=kwargs,
+            method=method,
+        )
         size = int(qvars.nbytes()["total_after"])
         fn = jax.jit(lambda qv, a: apply(model, qv, *a, method=method, **kwargs))
-        metric = float(np.mean([float(search.metric_fn(fn(qvars, batch_inputs(b, inputs)), b))
-                                for b in search.batches]))
+        metric = float(
+            np.mean(
+                [
+                    float(search.metric_fn(fn(qvars, batch_inputs(b, inputs)), b))
+                    for b in search.batches
+                ]
+            )
+        )
     else:
         size, metric = float_size, search.float_metric
     rows = []
     for ui, u in enumerate(search.units):
-        rows.append({"modules": ",".join(sorted({mod or "<root>" for mod, _ in u})),
-                     "kinds": ",".join(sorted({k for _, k in u})), "format": cands[plan[ui]],
-                     "bytes": _unit_bytes(cands[plan[ui]], unit_leaves[ui], weight_axis),
-                     "drop_alone": alone[(ui, plan[ui])]})
-    return AutoQuantResult(rules, tuple(rows), size, float_size, metric, search.float_metric, tuple(history), qvars)
+        rows.append(
+            {
+                "modules": ",".join(sorted({mod or "<root>" for mod, _ in u})),
+                "kinds": ",".join(sorted({k for _, k in u})),
+                "format": cands[plan[ui]],
+                "bytes": _unit_bytes(cands[plan[ui]], unit_leaves[ui], weight_axis),
+                "drop_alone": alone[(ui, plan[ui])],
+            }
+        )
+    return AutoQuantResult(
+        rules, tuple(rows), size, float_size, metric, search.float_metric, tuple(history), qvars
+    )

@@ -59,7 +59,9 @@ def calibrate(
     rules = check_rules(rules)
     kwargs = dict(kwargs or {})
     adapter = ModelAdapter(model, variables, method)
-    first, batches = peek(batches, "jq.calibrate: `batches` is empty; calibration needs at least one batch")
+    first, batches = peek(
+        batches, "jq.calibrate: `batches` is empty; calibration needs at least one batch"
+    )
     args = split_batch(first)
     adapter.with_state = adapter.kind == "nnx"
     t = trace(adapter, adapter.values, args, kwargs)
@@ -81,4 +83,6 @@ def calibrate(
 
     stream = Stream(adapter, kwargs, site_body(selected, observe))
     states, n = stream.run(batches, adapter.values, states, desc="calibrate", progress=progress)
-    return calibration_stats(t.finder, observers, states, lengths, n, (abstract(args), kwargs), tuple(chosen))
+    return calibration_stats(
+        t.finder, observers, states, lengths, n, (abstract(args), kwargs), tuple(chosen)
+    )

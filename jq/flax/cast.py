@@ -87,8 +87,11 @@ class _CastRun:
         if not self.observe:
             return
         path = _pkey(path)
-        m = [jnp.max(jnp.abs(o)).astype(jnp.float32) for o, v in zip(outs, eqn.outvars)
-             if is_float(v.aval.dtype) and np.size(o) > 0]
+        m = [
+            jnp.max(jnp.abs(o)).astype(jnp.float32)
+            for o, v in zip(outs, eqn.outvars)
+            if is_float(v.aval.dtype) and np.size(o) > 0
+        ]
         if m and path in self.obs:
             self.obs[path] = jnp.maximum(self.obs[path], functools.reduce(jnp.maximum, m))
 
@@ -105,8 +108,10 @@ class _CastRun:
         if mode == "low":
             outs = self._bind_low(eqn, invals)
         else:
-            vals = [v if _weak(v) or not is_float(iv.aval.dtype) else v.astype(iv.aval.dtype)
-                    for v, iv in zip(invals, eqn.invars)]
+            vals = [
+                v if _weak(v) or not is_float(iv.aval.dtype) else v.astype(iv.aval.dtype)
+                for v, iv in zip(invals, eqn.invars)
+            ]
             outs = bind_eqn(eqn, vals)
         self._record(path, outs, eqn)
         return outs
@@ -114,7 +119,9 @@ class _CastRun:
     def _mode(self, eqn, invals, path) -> str:
         if self.observe or path in self.keep:
             return "float32"
-        strong = [v for v, iv in zip(invals, eqn.invars) if is_float(iv.aval.dtype) and not _weak(v)]
+        strong = [
+            v for v, iv in zip(invals, eqn.invars) if is_float(iv.aval.dtype) and not _weak(v)
+        ]
         if not strong:
             return "orig"
         if not any(castable(iv.aval.dtype) for iv in eqn.invars):
@@ -125,7 +132,10 @@ class _CastRun:
 
     def _bind_low(self, eqn, invals):
         low = self.low
-        vals = [jnp.asarray(v, low) if castable(iv.aval.dtype) else v for v, iv in zip(invals, eqn.invars)]
+        vals = [
+            jnp.asarray(v, low) if castable(iv.aval.dtype) else v
+            for v, iv in zip(invals, eqn.invars)
+        ]
         prim = eqn.primitive.name
         over = {}
         acc = False
@@ -143,7 +153,7 @@ class _CastRun:
         p = eqn.params
         closed = p["jaxpr"]
         nc, nk = scan_counts(p)
-        consts, carry, xs = invals[:nc], invals[nc: nc + nk], invals[nc + nk:]
+        consts, carry, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
         carry = [jnp.asarray(c) for c in carry]
         dts = [c.dtype for c in carry]
         keys = sorted(k for k in self.obs if k.startswith(_pkey(path) + "."))
@@ -158,8 +168,13 @@ class _CastRun:
             return ([o.astype(d) for o, d in zip(outs[:nk], dts)], new_obs), list(outs[nk:])
 
         (new_carry, new_obs), ys = jax.lax.scan(
-            body, (carry, [self.obs[k] for k in keys]), list(xs), length=p["length"], reverse=p["reverse"],
-            unroll=p["unroll"])
+            body,
+            (carry, [self.obs[k] for k in keys]),
+            list(xs),
+            length=p["length"],
+            reverse=p["reverse"],
+            unroll=p["unroll"],
+        )
         self.obs.update(zip(keys, new_obs))
         outs = list(new_carry) + list(ys)
         self.modes[path] = "scan"
@@ -177,7 +192,9 @@ class _CastStatic:
     keep_modules: tuple
     overflow: dict = dataclasses.field(compare=False, hash=False)
     kept_params: tuple = ()  # ((leaf path, module, max |w|), ...) stored float32 because they overflow
-    jitted: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # signature -> jitted apply
+    jitted: dict = dataclasses.field(
+        default_factory=dict, compare=False, hash=False
+    )  # signature -> jitted apply
 
     def __hash__(self):
         return id(self)
@@ -244,9 +261,19 @@ class CastModel:
         static.
         """
         if self._example is None:  # what report() traces when called without an input
-            self._example = (tuple(jax.tree_util.tree_map(
-                lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) if is_dynamic(a) else a, args)),
-                kwargs)
+            self._example = (
+                tuple(
+                    jax.tree_util.tree_map(
+                        lambda a: (
+                            jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+                            if is_dynamic(a)
+                            else a
+                        ),
+                        args,
+                    )
+                ),
+                kwargs,
+            )
         flat, tree = jax.tree_util.tree_flatten((args, kwargs))
         dyn_idx = tuple(i for i, x in enumerate(flat) if is_dynamic(x))
         static = tuple((i, x) for i, x in enumerate(flat) if i not in dyn_idx)
@@ -257,6 +284,7 @@ class CastModel:
             return self._apply(*args, **kwargs)
         cache = self._static.jitted
         if key not in cache:
+
             def run(cm, dyn):
                 full = list(flat)
                 for i, d in zip(dyn_idx, dyn):
@@ -270,7 +298,10 @@ class CastModel:
     def _apply(self, *args, **kwargs):
         s = self._static
         low = LOW_DTYPES[s.fmt]
-        avals = [jax.ShapeDtypeStruct(jnp.shape(v), li.dtype) for v, li in zip(self.leaves, s.adapter.leaves)]
+        avals = [
+            jax.ShapeDtypeStruct(jnp.shape(v), li.dtype)
+            for v, li in zip(self.leaves, s.adapter.leaves)
+        ]
         t = trace(s.adapter, avals, args, kwargs)
         graph = EqnGraph(t.jaxpr)
         keep = self._keep_for(graph)
@@ -282,7 +313,10 @@ class CastModel:
                 d = d.astype(low)
             dyn.append(d)
         outs = run.run(t.jaxpr, t.consts, list(self.leaves) + dyn)
-        outs = [o.astype(v.aval.dtype) if is_float(v.aval.dtype) else o for o, v in zip(outs, t.jaxpr.outvars)]
+        outs = [
+            o.astype(v.aval.dtype) if is_float(v.aval.dtype) else o
+            for o, v in zip(outs, t.jaxpr.outvars)
+        ]
         self._last = (graph, keep, dict(run.modes))
         return jax.tree_util.tree_unflatten(t.out_tree, outs)
 
@@ -301,14 +335,23 @@ class CastModel:
         if args or kwargs or self._last is None:
             if not args:
                 if self._example is None:
-                    raise ValueError("jq.CastModel.report: pass an example input, or call the model first")
+                    raise ValueError(
+                        "jq.CastModel.report: pass an example input, or call the model first"
+                    )
                 args, kwargs = self._example
             jax.eval_shape(lambda a: self._apply(*a, **kwargs), tuple(args))
         graph, keep, modes = self._last
         info = numerics.format_info(self.dtype)
-        rows = [{"path": path, "primitive": "parameter", "module": mod or "-", "category": "overflow",
-                 "reason": f"stored float32: max |w| = {m:.4g} overflows {self.dtype} (max {info.max:.6g})"}
-                for path, mod, m in self._static.kept_params]
+        rows = [
+            {
+                "path": path,
+                "primitive": "parameter",
+                "module": mod or "-",
+                "category": "overflow",
+                "reason": f"stored float32: max |w| = {m:.4g} overflows {self.dtype} (max {info.max:.6g})",
+            }
+            for path, mod, m in self._static.kept_params
+        ]
         for n in graph.nodes:
             if n.path in keep:
                 cat, why = keep[n.path]
@@ -316,15 +359,24 @@ class CastModel:
                 cat, why = "follow", "all float inputs are float32 (statistics or constants)"
             else:
                 continue
-            rows.append({"path": _pkey(n.path), "primitive": n.prim, "module": n.module or "-",
-                         "category": cat, "reason": why})
+            rows.append(
+                {
+                    "path": _pkey(n.path),
+                    "primitive": n.prim,
+                    "module": n.module or "-",
+                    "category": cat,
+                    "reason": why,
+                }
+            )
         return rows
 
     _example = None
 
     def table(self, *args, **kwargs) -> str:
         """`report` as a printable fixed-width table."""
-        return format_table(self.report(*args, **kwargs), ["path", "primitive", "module", "category", "reason"])
+        return format_table(
+            self.report(*args, **kwargs), ["path", "primitive", "module", "category", "reason"]
+        )
 
     def summary(self) -> str:
         """Counts of the equations by precision, and the kept ones by reason."""
@@ -338,14 +390,20 @@ class CastModel:
             cats[r["category"]] = cats.get(r["category"], 0) + 1
         low = counts.get("low", 0)
         f32 = counts.get("float32", 0) + counts.get("follow", 0)
-        return (f"jq.cast({self.dtype}): {low} equations in {self.dtype}, {f32} in float32 "
-                f"({', '.join(f'{v} {k}' for k, v in sorted(cats.items())) or 'none kept'}; "
-                f"{counts.get('follow', 0)} follow float32 inputs); "
-                f"{len(self._static.overflow)} overflow flags")
+        return (
+            f"jq.cast({self.dtype}): {low} equations in {self.dtype}, {f32} in float32 "
+            f"({', '.join(f'{v} {k}' for k, v in sorted(cats.items())) or 'none kept'}; "
+            f"{counts.get('follow', 0)} follow float32 inputs); "
+            f"{len(self._static.overflow)} overflow flags"
+        )
 
     def nbytes(self) -> int:
         """Bytes of the stored variables."""
-        return int(sum(np.size(v) * jnp.dtype(v.dtype).itemsize for v in self.leaves if hasattr(v, "dtype")))
+        return int(
+            sum(
+                np.size(v) * jnp.dtype(v.dtype).itemsize for v in self.leaves if hasattr(v, "dtype")
+            )
+        )
 
     def __repr__(self):
         return f"CastModel({self.dtype}, {len(self.leaves)} variables, {len(self._static.overflow)} overflow flags)"
@@ -426,7 +484,11 @@ def cast(
     low = LOW_DTYPES[fmt]
     info = numerics.format_info(fmt)
     overflow: dict = {}
-    example = None if args is None else (tuple(args) if isinstance(args, (tuple, list)) else (args,), kwargs)
+    example = (
+        None
+        if args is None
+        else (tuple(args) if isinstance(args, (tuple, list)) else (args,), kwargs)
+    )
     if batches is not None:
         obs_max = _observe_max(adapter, batches, kwargs)
         if example is None:
@@ -443,7 +505,9 @@ def cast(
             else:
                 v = jnp.asarray(np.asarray(v).astype(low))
         leaves.append(v)
-    static = _CastStatic(adapter, fmt, frozenset(keep), tuple(keep_modules), overflow, tuple(kept_params))
+    static = _CastStatic(
+        adapter, fmt, frozenset(keep), tuple(keep_modules), overflow, tuple(kept_params)
+    )
     cm = CastModel(leaves, static)
     if example is not None:
         cm._example = example

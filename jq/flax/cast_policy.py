@@ -49,8 +49,18 @@ KEEP_CATEGORIES = ("norm", "softmax", "reduction", "loss", "transcendental", "li
 LOW_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16}
 _SUM_REDUCTIONS = {"reduce_sum", "cumsum", "reduce_prod", "cumprod", "cumlogsumexp"}
 _REDUCTIONS = _SUM_REDUCTIONS | {"reduce_max", "reduce_min", "cummax", "cummin"}
-_TRANSPARENT = {"convert_element_type", "broadcast_in_dim", "reshape", "squeeze", "expand_dims",
-                "copy", "copy_p", "transpose", "stop_gradient", "reduce_precision"}
+_TRANSPARENT = {
+    "convert_element_type",
+    "broadcast_in_dim",
+    "reshape",
+    "squeeze",
+    "expand_dims",
+    "copy",
+    "copy_p",
+    "transpose",
+    "stop_gradient",
+    "reduce_precision",
+}
 _CONTROL = {"while", "cond"}
 # primitives that need their original float dtype (bit-level or dtype-typed)
 _DTYPE_BOUND = {"bitcast_convert_type", "reduce_precision", "nextafter"}
@@ -123,7 +133,13 @@ class EqnGraph:
                 closed = eqn.params["jaxpr"]
                 nc, _ = scan_counts(eqn.params)
                 body_in = ins[:nc] + [self._fresh() for _ in ins[nc:]]
-                self._walk(closed.jaxpr, body_in, [self._fresh() for _ in closed.jaxpr.constvars], path, here)
+                self._walk(
+                    closed.jaxpr,
+                    body_in,
+                    [self._fresh() for _ in closed.jaxpr.constvars],
+                    path,
+                    here,
+                )
                 outs = [self._fresh() for _ in eqn.outvars]
                 self.nodes.append(EqnNode(path, eqn, ins, outs, here))
             else:
@@ -211,12 +227,23 @@ def _epsilon_behind(g: EqnGraph, r, depth: int = 4):
     return None
 
 
-def keep_reasons(g: EqnGraph, fmt: str, keep: frozenset, keep_modules: tuple, overflow: dict) -> dict:
+def keep_reasons(
+    g: EqnGraph, fmt: str, keep: frozenset, keep_modules: tuple, overflow: dict
+) -> dict:
     """{path: (category, reason)} of the equations to keep in float32."""
     info = numerics.format_info(fmt)
     reasons: dict = {}
-    order = ("user", "overflow", "control_flow", "norm", "softmax", "loss", "reduction", "transcendental",
-             "literal")
+    order = (
+        "user",
+        "overflow",
+        "control_flow",
+        "norm",
+        "softmax",
+        "loss",
+        "reduction",
+        "transcendental",
+        "literal",
+    )
 
     def add(n, cat, why):
         if cat not in ("user", "control_flow") and cat not in keep:
@@ -235,14 +262,21 @@ def keep_reasons(g: EqnGraph, fmt: str, keep: frozenset, keep_modules: tuple, ov
             add(n, "control_flow", f"{p} depends on the exact float32 bits")
         for r in n.ins:
             if r[0] == "v" and r in overflow and "overflow" in keep:
-                add(n, "overflow", f"model input max |x| = {overflow[r]:.4g} overflows {fmt} "
-                                   f"(max {info.max:.6g})")
+                add(
+                    n,
+                    "overflow",
+                    f"model input max |x| = {overflow[r]:.4g} overflows {fmt} (max {info.max:.6g})",
+                )
         if n.path in overflow:
             m = overflow[n.path]
             add(n, "overflow", f"max |x| = {m:.4g} overflows {fmt} (max {info.max:.6g})")
             for r in n.outs:
                 for u in g.users(r):
-                    add(u, "overflow", f"input max |x| = {m:.4g} overflows {fmt} (max {info.max:.6g})")
+                    add(
+                        u,
+                        "overflow",
+                        f"input max |x| = {m:.4g} overflows {fmt} (max {info.max:.6g})",
+                    )
         if p in _REDUCTIONS:
             s = g.src(n.ins[0])
             if s is not None and s.prim == "exp" and p in _SUM_REDUCTIONS:
@@ -252,8 +286,12 @@ def keep_reasons(g: EqnGraph, fmt: str, keep: frozenset, keep_modules: tuple, ov
             else:
                 add(n, "reduction", f"{p}: reduction in float32")
         elif _is_square(g, n) and any(u.prim in _SUM_REDUCTIONS for u in g.users(n.outs[0])):
-            add(n, "reduction", f"square feeding a sum (x**2 overflows {fmt} above |x| = "
-                                f"{math.sqrt(info.max):.4g})")
+            add(
+                n,
+                "reduction",
+                f"square feeding a sum (x**2 overflows {fmt} above |x| = "
+                f"{math.sqrt(info.max):.4g})",
+            )
         elif p == "exp":
             if any(u.prim in _SUM_REDUCTIONS for u in g.users(n.outs[0])):
                 add(n, "softmax", "softmax: exp")
@@ -269,8 +307,12 @@ def keep_reasons(g: EqnGraph, fmt: str, keep: frozenset, keep_modules: tuple, ov
                 add(n, "loss", f"{p} (losses, log-probabilities)")
         elif p == "div":
             s = g.src(n.ins[1])
-            if s is not None and s.prim in _SUM_REDUCTIONS and (e := g.src(s.ins[0])) is not None \
-                    and e.prim == "exp":
+            if (
+                s is not None
+                and s.prim in _SUM_REDUCTIONS
+                and (e := g.src(s.ins[0])) is not None
+                and e.prim == "exp"
+            ):
                 add(n, "softmax", "softmax: division by the sum of exp")
         if p in ("rsqrt", "sqrt") and _reduction_behind(g, n.ins[0]):
             found = _epsilon_behind(g, n.ins[0])
@@ -288,6 +330,11 @@ def keep_reasons(g: EqnGraph, fmt: str, keep: frozenset, keep_modules: tuple, ov
             if r[0] != "lit":
                 continue
             v = np.asarray(r[1])
-            if v.ndim == 0 and is_float(v.dtype) and np.isfinite(v) and not info.representable(float(v)):
+            if (
+                v.ndim == 0
+                and is_float(v.dtype)
+                and np.isfinite(v)
+                and not info.representable(float(v))
+            ):
                 add(n, "literal", f"literal {float(v):.3g} {info.check(float(v))}")
     return reasons

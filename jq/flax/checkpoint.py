@@ -43,22 +43,32 @@ def _spec_from_json(d):
     if d is None:
         return None
     axis = tuple(d["axis"]) if d["axis"] is not None else None
-    return QuantSpec(d["format"], scheme=d["scheme"], axis=axis, block_size=d["block_size"],
-                     block_axis=d["block_axis"], narrow_range=d["narrow_range"])
+    return QuantSpec(
+        d["format"],
+        scheme=d["scheme"],
+        axis=axis,
+        block_size=d["block_size"],
+        block_axis=d["block_axis"],
+        narrow_range=d["narrow_range"],
+    )
 
 
 def _ocp():
     try:
         import orbax.checkpoint as ocp
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("jq checkpoints need orbax-checkpoint: pip install 'jq-quant[checkpoint]'") from e
+        raise ImportError(
+            "jq checkpoints need orbax-checkpoint: pip install 'jq-quant[checkpoint]'"
+        ) from e
     return ocp
 
 
 def save(path: str | os.PathLike, qvars: QuantizedVariables) -> None:
     """Saves `qvars` to the directory `path` (created; must not exist yet)."""
     if not isinstance(qvars, QuantizedVariables):
-        raise TypeError(f"jq.flax.checkpoint.save: expected QuantizedVariables, got {type(qvars).__name__}")
+        raise TypeError(
+            f"jq.flax.checkpoint.save: expected QuantizedVariables, got {type(qvars).__name__}"
+        )
     path = os.path.abspath(os.fspath(path))
     arrays, leaves = {}, {}
     for i, (name, v) in enumerate(qvars.variables.items()):
@@ -68,8 +78,15 @@ def save(path: str | os.PathLike, qvars: QuantizedVariables) -> None:
             arrays[k + ".scale"] = v.scale
             if v.zero_point is not None:
                 arrays[k + ".zero_point"] = v.zero_point
-            leaves[name] = {"key": k, "qarray": {"format": v.format, "shape": list(v.shape),
-                                                 "pack_axis": v.pack_axis, "zero_point": v.zero_point is not None}}
+            leaves[name] = {
+                "key": k,
+                "qarray": {
+                    "format": v.format,
+                    "shape": list(v.shape),
+                    "pack_axis": v.pack_axis,
+                    "zero_point": v.zero_point is not None,
+                },
+            }
         else:
             if hasattr(v, "dtype") and jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
                 leaves[name] = {"key": k, "prng_impl": str(jax.random.key_impl(v))}
@@ -95,8 +112,14 @@ def save(path: str | os.PathLike, qvars: QuantizedVariables) -> None:
         "signature": [[path_, list(shape)] for path_, shape in p.signature],
         "float_leaves": [[a, list(b), c] for a, b, c in p.float_leaves],
         "sites": [
-            {"name": s.name, "kind": s.kind, "leaf": s.leaf, "mode": s.mode,
-             "activation": _spec_to_json(s.activation), "rule_index": s.rule_index}
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "leaf": s.leaf,
+                "mode": s.mode,
+                "activation": _spec_to_json(s.activation),
+                "rule_index": s.rule_index,
+            }
             for s in p.sites
         ],
         "variables": leaves,
@@ -116,7 +139,9 @@ def restore(path: str | os.PathLike) -> QuantizedVariables:
     path = os.path.abspath(os.fspath(path))
     meta_path = os.path.join(path, _META)
     if not os.path.exists(meta_path):
-        raise ValueError(f"jq.flax.checkpoint.restore: {path!r} is not a jq checkpoint (no {_META})")
+        raise ValueError(
+            f"jq.flax.checkpoint.restore: {path!r} is not a jq checkpoint (no {_META})"
+        )
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("jq_checkpoint_version") != _FORMAT_VERSION:
@@ -133,8 +158,14 @@ def restore(path: str | os.PathLike) -> QuantizedVariables:
         if "qarray" in d:
             q = d["qarray"]
             zp = arrays[k + ".zero_point"] if q["zero_point"] else None
-            variables[name] = QArray(arrays[k + ".value"], arrays[k + ".scale"], zp, q["format"],
-                                     tuple(q["shape"]), q["pack_axis"])
+            variables[name] = QArray(
+                arrays[k + ".value"],
+                arrays[k + ".scale"],
+                zp,
+                q["format"],
+                tuple(q["shape"]),
+                q["pack_axis"],
+            )
         elif "prng_impl" in d:
             variables[name] = jax.random.wrap_key_data(np.asarray(arrays[k]), impl=d["prng_impl"])
         else:
@@ -142,12 +173,23 @@ def restore(path: str | os.PathLike) -> QuantizedVariables:
     acts = {}
     for name, d in meta["activations"].items():
         k = d["key"]
-        acts[name] = QParams(arrays[k + ".scale"], arrays[k + ".zero_point"] if d["zero_point"] else None)
+        acts[name] = QParams(
+            arrays[k + ".scale"], arrays[k + ".zero_point"] if d["zero_point"] else None
+        )
     plan = Plan(
         meta["model_kind"],
         tuple((p, tuple(s)) for p, s in meta["signature"]),
-        tuple(SitePlan(s["name"], s["kind"], s["leaf"], s["mode"], _spec_from_json(s["activation"]),
-                       s["rule_index"]) for s in meta["sites"]),
+        tuple(
+            SitePlan(
+                s["name"],
+                s["kind"],
+                s["leaf"],
+                s["mode"],
+                _spec_from_json(s["activation"]),
+                s["rule_index"],
+            )
+            for s in meta["sites"]
+        ),
         tuple((a, tuple(b), c) for a, b, c in meta["float_leaves"]),
     )
     smooth = {name: arrays[k] for name, k in meta.get("smooth", {}).items()}

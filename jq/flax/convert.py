@@ -130,20 +130,31 @@ def convert(
                             "names a calibration observer) but no statistics; run jq.calibrate with these "
                             "rules and pass stats=, or drop `calibration` for dynamic quantization"
                         )
-                    lo, hi = observed_range(stats.observers[key], stats.states[key],
-                                             scan_lengths(s, t.finder), key)
+                    lo, hi = observed_range(
+                        stats.observers[key], stats.states[key], scan_lengths(s, t.finder), key
+                    )
                     warn_zero_width(key, lo, hi)
                     qp = qparams_from_range(lo, hi, spec)
                 acts[key] = qp
         elif c.mode == "dynamic":
             for op in s.act_operands:
                 activation_spec(c, op)
-        plans.append(SitePlan(name, s.kind, None if s.leaf is None else s.leaf.path, c.mode,
-                              act if c.mode != "weight_only" else None, c.rule_index))
+        plans.append(
+            SitePlan(
+                name,
+                s.kind,
+                None if s.leaf is None else s.leaf.path,
+                c.mode,
+                act if c.mode != "weight_only" else None,
+                c.rule_index,
+            )
+        )
     plan = Plan(adapter.kind, adapter.signature(), tuple(plans), tuple(float_leaves))
     qvars = QuantizedVariables(new_vars, acts, plan)
     # a dry run surfaces every spec that does not fit its op (e.g. a scale on a contracting axis)
-    dry_kw = {**kwargs, "mutable": True} if adapter.kind == "nnx" else kwargs  # train-mode nnx is fine here
+    dry_kw = (
+        {**kwargs, "mutable": True} if adapter.kind == "nnx" else kwargs
+    )  # train-mode nnx is fine here
     jax.eval_shape(lambda qv, a: apply(model, qv, *a, method=method, **dry_kw), qvars, args)
     if verbose:
         print(qvars.summary())
@@ -155,12 +166,18 @@ def _keep_sharding(q: QArray, value):
     from jax.sharding import NamedSharding
 
     s = getattr(value, "sharding", None)
-    if not isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer) or not isinstance(s, NamedSharding):
+    if (
+        not isinstance(value, jax.Array)
+        or isinstance(value, jax.core.Tracer)
+        or not isinstance(s, NamedSharding)
+    ):
         return q
     from jq.sharding import qarray_shardings
 
     try:
         return jax.device_put(q, qarray_shardings(q, s))
     except ValueError as e:  # e.g. int4 bytes would straddle two devices: leave XLA's layout
-        warnings.warn(f"jq.convert: the quantized weight cannot follow its float sharding: {e}", stacklevel=3)
+        warnings.warn(
+            f"jq.convert: the quantized weight cannot follow its float sharding: {e}", stacklevel=3
+        )
         return q

@@ -110,10 +110,14 @@ def export(
         `model`; an input has no batch axis while `batch_polymorphic` is True.
     """
     if not isinstance(qvars, QuantizedVariables):
-        raise TypeError(f"jq.export: `qvars` must be QuantizedVariables from jq.convert, got {type(qvars).__name__}")
+        raise TypeError(
+            f"jq.export: `qvars` must be QuantizedVariables from jq.convert, got {type(qvars).__name__}"
+        )
     if weights not in ("embedded", "separate"):
         raise ValueError(f"jq.export: `weights` must be 'embedded' or 'separate', got {weights!r}")
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    inputs = (
+        tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    )
     for i, x in enumerate(inputs):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"jq.export: example input {i} is a {type(x).__name__}, not an array")
@@ -128,8 +132,13 @@ def export(
         "summary": qvars.summary(),
     }
     if weights == "embedded":
-        blob = export_function(lambda *xs: run(qvars, xs), inputs, platforms=platforms,
-                               batch_polymorphic=batch_polymorphic, info=info)
+        blob = export_function(
+            lambda *xs: run(qvars, xs),
+            inputs,
+            platforms=platforms,
+            batch_polymorphic=batch_polymorphic,
+            info=info,
+        )
     else:
         flat, treedef = jax.tree_util.tree_flatten_with_path(qvars)
         is_arg = [_is_plain(v) for _, v in flat]
@@ -143,8 +152,15 @@ def export(
             leaves = [next(it_w) if arg else next(it_c) for arg in is_arg]
             return run(jax.tree_util.tree_unflatten(treedef, leaves), a[n:])
 
-        blob = export_function(fn, inputs, weights=args, weight_names=names, platforms=platforms,
-                               batch_polymorphic=batch_polymorphic, info=info)
+        blob = export_function(
+            fn,
+            inputs,
+            weights=args,
+            weight_names=names,
+            platforms=platforms,
+            batch_polymorphic=batch_polymorphic,
+            info=info,
+        )
     if path is not None:
         _write(path, blob)
     return blob

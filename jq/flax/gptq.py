@@ -335,8 +335,15 @@ def gptq(
                 }
         else:
             enabled = {name: jnp.asarray(name in stage) for name in targets}
-            out, _ = stream.run(batches, leaves, {StateKey(n, "hessian"): h for n, h in init.items()},
-                                enabled, desc="hessians", progress=progress, leave=False)
+            out, _ = stream.run(
+                batches,
+                leaves,
+                {StateKey(n, "hessian"): h for n, h in init.items()},
+                enabled,
+                desc="hessians",
+                progress=progress,
+                leave=False,
+            )
             hs = {n: out[StateKey(n, "hessian")] for n in init}
         for name in stage:
             tg = targets[name]

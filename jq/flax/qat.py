@@ -66,14 +66,24 @@ class QAT:
       averaging_constant: EMA constant c in ``m <- m + c * (batch - m)``.
     """
 
-    def __init__(self, model, rules, *, activations: str = "ema", weights: str = "minmax",
-                 averaging_constant: float = 0.01, method=None):
+    def __init__(
+        self,
+        model,
+        rules,
+        *,
+        activations: str = "ema",
+        weights: str = "minmax",
+        averaging_constant: float = 0.01,
+        method=None,
+    ):
         if activations not in ("ema", "lsq"):
             raise ValueError(f"jq.qat: activations must be 'ema' or 'lsq', got {activations!r}")
         if weights not in ("minmax", "lsq"):
             raise ValueError(f"jq.qat: weights must be 'minmax' or 'lsq', got {weights!r}")
         if not 0.0 < averaging_constant <= 1.0:
-            raise ValueError(f"jq.qat: averaging_constant must lie in (0, 1], got {averaging_constant}")
+            raise ValueError(
+                f"jq.qat: averaging_constant must lie in (0, 1], got {averaging_constant}"
+            )
         self.model = model
         self.rules = check_rules(rules)
         self.activations = activations
@@ -118,10 +128,15 @@ class QAT:
             rest = {li.path: v for li, v in zip(adapter.leaves, adapter.values) if not li.is_param}
         # a one-row example input, kept so that `convert` can re-trace the model
         example = tuple(
-            jnp.zeros((1,) + tuple(np.shape(a))[1:] if np.ndim(a) else (), jnp.result_type(a)) for a in args
+            jnp.zeros((1,) + tuple(np.shape(a))[1:] if np.ndim(a) else (), jnp.result_type(a))
+            for a in args
         )
-        state = {"variables": rest, "ranges": {}, "example": example,
-                 "example_kwargs": _StaticKwargs.record(kwargs)}
+        state = {
+            "variables": rest,
+            "ranges": {},
+            "example": example,
+            "example_kwargs": _StaticKwargs.record(kwargs),
+        }
         adapter = self._adapter(params, state)
         t = trace(adapter, self._leaves(adapter, params, state), args, kwargs)
         chosen = choose(t.finder, self.rules)
@@ -138,8 +153,10 @@ class QAT:
                 lengths = scan_lengths(c.site, t.finder)
                 if stats is not None and key in stats.states:
                     lo, hi = observed_range(stats.observers[key], stats.states[key], lengths, key)
-                    lo, hi = lo.reshape(lengths + spec.param_shape(tuple(c.site.in_avals[op].shape))), \
-                        hi.reshape(lengths + spec.param_shape(tuple(c.site.in_avals[op].shape)))
+                    lo, hi = (
+                        lo.reshape(lengths + spec.param_shape(tuple(c.site.in_avals[op].shape))),
+                        hi.reshape(lengths + spec.param_shape(tuple(c.site.in_avals[op].shape))),
+                    )
                     cnt = jnp.ones(lengths, jnp.int32)
                 else:
                     shape = spec.param_shape(tuple(c.site.in_avals[op].shape))
@@ -147,8 +164,11 @@ class QAT:
                     hi = jnp.zeros(shape, jnp.float32)
                     cnt = jnp.zeros((), jnp.int32)
                     lo, hi, cnt = (stack_tree(a, lengths) for a in (lo, hi, cnt))
-                ranges[key] = {"lo": jnp.asarray(lo, jnp.float32), "hi": jnp.asarray(hi, jnp.float32),
-                               "count": cnt}
+                ranges[key] = {
+                    "lo": jnp.asarray(lo, jnp.float32),
+                    "hi": jnp.asarray(hi, jnp.float32),
+                    "count": cnt,
+                }
         state["ranges"] = ranges
         qv = {"params": params, "quant": quant, "state": state}
         if any(int(np.min(r["count"])) == 0 for r in ranges.values()):
@@ -160,7 +180,9 @@ class QAT:
                 qp = qparams_from_range(r["lo"], r["hi"], key_choice[key].rule.activation)
                 quant["activations"][key] = {
                     "scale": qp.scale,
-                    "zero_point": None if qp.zero_point is None else qp.zero_point.astype(jnp.float32),
+                    "zero_point": None
+                    if qp.zero_point is None
+                    else qp.zero_point.astype(jnp.float32),
                 }
         if self.weights == "lsq":
             all_leaves = self._leaves(adapter, params, state)
@@ -170,7 +192,9 @@ class QAT:
                 qp = _minmax_qp(all_leaves[idx], spec)
                 quant["weights"][c.site.name] = {
                     "scale": qp.scale,
-                    "zero_point": None if qp.zero_point is None else qp.zero_point.astype(jnp.float32),
+                    "zero_point": None
+                    if qp.zero_point is None
+                    else qp.zero_point.astype(jnp.float32),
                 }
         return qv
 
@@ -246,7 +270,9 @@ class QAT:
         sts = keyed_by_site(t.finder, state["ranges"], "range")
         sts.update(keyed_by_site(t.finder, quant.get("activations", {}), "lsq"))
         selected = {n for n, c in chosen.items() if c.site.kind != "embed"}
-        outs = Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, leaves + t.dyn_args, sts)
+        outs = Interpreter(t.finder, selected, handler).run(
+            t.jaxpr, t.consts, leaves + t.dyn_args, sts
+        )
         out = jax.tree_util.tree_unflatten(t.out_tree, outs)
         new_vars = state["variables"]
         if adapter.kind == "nnx":
@@ -259,7 +285,9 @@ class QAT:
                     "repeating one dropout mask on every call; pass update_stats=True and keep the "
                     "returned state, or call model.eval() to evaluate"
                 )
-            new_vars = {li.path: v for li, v in zip(adapter.leaves, new_leaves) if li.path in new_vars}
+            new_vars = {
+                li.path: v for li, v in zip(adapter.leaves, new_leaves) if li.path in new_vars
+            }
         elif kwargs.get("mutable", False) is not False:
             new_vars = _merge_linen_updates(new_vars, out)
         if not update_stats:

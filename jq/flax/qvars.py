@@ -62,7 +62,10 @@ class CalibrationStats:
         A site inside a scan gets ranges stacked over its scan axes: ``lo`` has
         shape ``scan_lengths[key] + range shape`` (one range per layer).
         """
-        return {k: observed_range(self.observers[k], st, self._lengths(k), k) for k, st in self.states.items()}
+        return {
+            k: observed_range(self.observers[k], st, self._lengths(k), k)
+            for k, st in self.states.items()
+        }
 
     def _lengths(self, key) -> tuple[int, ...]:
         if key in self.scan_lengths:
@@ -98,7 +101,9 @@ class Plan:
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["variables", "activations", "smooth"], meta_fields=["plan"]
+    jax.tree_util.register_dataclass,
+    data_fields=["variables", "activations", "smooth"],
+    meta_fields=["plan"],
 )
 @dataclasses.dataclass(frozen=True)
 class QuantizedVariables:
@@ -130,11 +135,17 @@ class QuantizedVariables:
         "total_before", "total_after", "ratio"}``."""
         fl = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in self.plan.float_leaves)
         q = sum(v.nbytes for v in self.variables.values() if isinstance(v, QArray))
-        other = sum(int(np.size(v)) * np.dtype(v.dtype).itemsize for v in self.variables.values()
-                    if not isinstance(v, QArray) and hasattr(v, "dtype") and not jax.dtypes.issubdtype(
-                        v.dtype, jax.dtypes.prng_key))
-        acts = sum(int(x.size) * x.dtype.itemsize
-                   for x in jax.tree_util.tree_leaves((self.activations, self.smooth)))
+        other = sum(
+            int(np.size(v)) * np.dtype(v.dtype).itemsize
+            for v in self.variables.values()
+            if not isinstance(v, QArray)
+            and hasattr(v, "dtype")
+            and not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+        )
+        acts = sum(
+            int(x.size) * x.dtype.itemsize
+            for x in jax.tree_util.tree_leaves((self.activations, self.smooth))
+        )
         return {
             "float": fl,
             "quantized": q,

@@ -108,7 +108,9 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
                     b = broadcast_qparams(qp, x.shape, sp.activation)
                     zp = 0.0 if b.zero_point is None else b.zero_point.astype(jnp.float32)
                     v = jnp.round(x * (1.0 / b.scale)) + zp  # as jq.quantize rounds
-                    clip = jnp.mean(((v < sp.activation.qmin) | (v > sp.activation.qmax)).astype(jnp.float32))
+                    clip = jnp.mean(
+                        ((v < sp.activation.qmin) | (v > sp.activation.qmax)).astype(jnp.float32)
+                    )
                 else:
                     clip = jnp.zeros((), jnp.float32)
                 sts[site.key("metrics", op)] = {"sqnr": _sqnr_db(x, xh), "clip": clip}
@@ -121,9 +123,12 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
         for op in s.act_operands:
             metrics[s.key("metrics", op)] = stack_tree(
                 {"sqnr": jnp.zeros((), jnp.float32), "clip": jnp.zeros((), jnp.float32)},
-                scan_lengths(s, t.finder))
+                scan_lengths(s, t.finder),
+            )
     states = {**keyed_by_site(t.finder, qvars.activations, "qparams"), **metrics}
-    Interpreter(t.finder, selected, handler).run(t.jaxpr, t.consts, list(adapter.values) + t.dyn_args, states)
+    Interpreter(t.finder, selected, handler).run(
+        t.jaxpr, t.consts, list(adapter.values) + t.dyn_args, states
+    )
     rows = []
     by_path = {li.path: v for li, v in zip(adapter.leaves, adapter.values)}
     for sp in qvars.plan.sites:
@@ -134,12 +139,16 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
         keys = [k for k in metrics if k.site == sp.name]
         asq = [float(jnp.mean(states[k]["sqnr"])) for k in keys]
         acl = [float(jnp.mean(states[k]["clip"])) for k in keys]
-        rows.append({
-            "site": sp.name, "kind": sp.kind, "mode": sp.mode,
-            "weight_sqnr_db": wsq,
-            "act_sqnr_db": min(asq) if asq else None,
-            "act_clip_frac": max(acl) if acl else None,
-        })
+        rows.append(
+            {
+                "site": sp.name,
+                "kind": sp.kind,
+                "mode": sp.mode,
+                "weight_sqnr_db": wsq,
+                "act_sqnr_db": min(asq) if asq else None,
+                "act_clip_frac": max(acl) if acl else None,
+            }
+        )
     return rows
 
 

@@ -49,7 +49,9 @@ class Rule:
         try:
             re.compile(self.path_regex)
         except re.error as e:
-            raise ValueError(f"Rule.path_regex={self.path_regex!r} is not a valid regex: {e}") from e
+            raise ValueError(
+                f"Rule.path_regex={self.path_regex!r} is not a valid regex: {e}"
+            ) from e
         ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)
         bad = [o for o in ops if o not in OP_KINDS]
         if bad:
@@ -58,13 +60,21 @@ class Rule:
         for name in ("weight", "activation"):
             spec = getattr(self, name)
             if spec is not None and not isinstance(spec, QuantSpec):
-                raise TypeError(f"Rule.{name} must be a jq.QuantSpec or None, got {type(spec).__name__}")
+                raise TypeError(
+                    f"Rule.{name} must be a jq.QuantSpec or None, got {type(spec).__name__}"
+                )
         if self.weight is not None and self.weight.calibration is not None:
-            raise ValueError("Rule.weight: weights are quantized from their own values; drop `calibration`")
+            raise ValueError(
+                "Rule.weight: weights are quantized from their own values; drop `calibration`"
+            )
         if self.weight is None and self.activation is None:
-            raise ValueError("Rule: weight and activation are both None; such a rule quantizes nothing")
+            raise ValueError(
+                "Rule: weight and activation are both None; such a rule quantizes nothing"
+            )
         if self.activation is not None and self.activation.calibration is not None:
-            object.__setattr__(self, "activation", observer_for_spec(self.activation, "Rule.activation"))
+            object.__setattr__(
+                self, "activation", observer_for_spec(self.activation, "Rule.activation")
+            )
 
     @property
     def mode(self) -> str:

@@ -123,7 +123,9 @@ def check_weight_fit(choice: Choice, spec: QuantSpec, shape) -> None:
     try:
         spec.param_shape(tuple(shape), choice.site.name)
     except ValueError as e:
-        raise ValueError(f"jq: rules[{choice.rule_index}] does not fit site {choice.site.name!r}: {e}") from e
+        raise ValueError(
+            f"jq: rules[{choice.rule_index}] does not fit site {choice.site.name!r}: {e}"
+        ) from e
 
 
 def activation_spec(choice: Choice, operand: int) -> QuantSpec:
@@ -138,7 +140,9 @@ def activation_spec(choice: Choice, operand: int) -> QuantSpec:
     try:
         spec.param_shape(tuple(aval.shape), f"{choice.site.name} activation")
     except ValueError as e:
-        raise ValueError(f"jq: rules[{choice.rule_index}] does not fit site {choice.site.name!r}: {e}") from e
+        raise ValueError(
+            f"jq: rules[{choice.rule_index}] does not fit site {choice.site.name!r}: {e}"
+        ) from e
     o_axis = getattr(spec.calibration, "axis", None)
     if o_axis is not None and spec.axis is not None:
         nd = len(aval.shape)

@@ -50,8 +50,9 @@ class SensitivityResult:
     float_metric: float | None
 
     def table(self) -> str:
-        cols = ["site", "kind", "format", "mse", "sqnr_db"] + (["metric", "drop"] if self.float_metric is not None
-                                                                  else [])
+        cols = ["site", "kind", "format", "mse", "sqnr_db"] + (
+            ["metric", "drop"] if self.float_metric is not None else []
+        )
         return format_table(list(self.rows), cols)
 
     def __str__(self):
@@ -85,9 +86,12 @@ class QuantEval:
             for op in c.site.act_operands:
                 key = c.site.act_key(op)
                 if stats is None or key not in stats.states:
-                    raise ValueError(f"jq.sensitivity: static site {key!r} has no calibration statistics")
-                lo, hi = observed_range(stats.observers[key], stats.states[key],
-                                         scan_lengths(c.site, t.finder))
+                    raise ValueError(
+                        f"jq.sensitivity: static site {key!r} has no calibration statistics"
+                    )
+                lo, hi = observed_range(
+                    stats.observers[key], stats.states[key], scan_lengths(c.site, t.finder)
+                )
                 spec = c.rule.activation.replace(calibration=None)
                 self._act_qps[c.site.key("qparams", op)] = qparams_from_range(lo, hi, spec)
         self._fns: dict = {}
@@ -103,7 +107,11 @@ class QuantEval:
         def handler(site, eqn, invals, sts):
             c = chosen[site.name]
             act = None if c.rule.activation is None else c.rule.activation.replace(calibration=None)
-            qps = {op: sts[site.key("qparams", op)] for op in site.act_operands} if c.mode == "static" else {}
+            qps = (
+                {op: sts[site.key("qparams", op)] for op in site.act_operands}
+                if c.mode == "static"
+                else {}
+            )
             return run_site(site, eqn, invals, c.mode, act, qps)
 
         @jax.jit
@@ -111,12 +119,15 @@ class QuantEval:
             leaves = list(leaves)
             for idx, (spec, _) in specs.items():
                 leaves[idx] = quantize(leaves[idx], None, spec)
-            avals = [jax.ShapeDtypeStruct(jnp.shape(v), li.dtype) for v, li in zip(self.adapter.values,
-                                                                                   adapter.leaves)]
+            avals = [
+                jax.ShapeDtypeStruct(jnp.shape(v), li.dtype)
+                for v, li in zip(self.adapter.values, adapter.leaves)
+            ]
             a, kw = dyn
             t = trace(adapter, avals, a, {**kwargs, **kw})
-            outs = Interpreter(t.finder, set(chosen), handler).run(t.jaxpr, t.consts, leaves + t.dyn_args,
-                                                                   dict(qps))
+            outs = Interpreter(t.finder, set(chosen), handler).run(
+                t.jaxpr, t.consts, leaves + t.dyn_args, dict(qps)
+            )
             return jax.tree_util.tree_unflatten(t.out_tree, outs)
 
         g = lambda args: f(self.adapter.values, act_qps, (args, {}))  # noqa: E731
@@ -125,7 +136,9 @@ class QuantEval:
 
 
 def _flat_out(y):
-    return jnp.concatenate([jnp.ravel(jnp.asarray(v, jnp.float32)) for v in jax.tree_util.tree_leaves(y)])
+    return jnp.concatenate(
+        [jnp.ravel(jnp.asarray(v, jnp.float32)) for v in jax.tree_util.tree_leaves(y)]
+    )
 
 
 def _measure(fn, batches, inputs, refs, metric_fn):
@@ -207,14 +220,27 @@ def sensitivity(
         if name in done:
             continue
         # a parameter shared by several sites (tied embedding) is quantized at all of them together
-        group = [n for n, o in ev.chosen.items()
-                 if n == name or (c.site.leaf is not None and o.site.leaf is not None
-                                  and o.site.leaf.index == c.site.leaf.index)]
+        group = [
+            n
+            for n, o in ev.chosen.items()
+            if n == name
+            or (
+                c.site.leaf is not None
+                and o.site.leaf is not None
+                and o.site.leaf.index == c.site.leaf.index
+            )
+        ]
         done.update(group)
         mse, sq, m = _measure(ev.fn(frozenset(group)), batches, inputs, refs, metric_fn)
         spec = c.rule.weight if c.site.kind != "act_dot" else c.rule.activation
-        row = {"site": " + ".join(group), "kind": ",".join(ev.chosen[n].site.kind for n in group),
-               "module": c.site.module_path, "format": spec.format, "mse": mse, "sqnr_db": sq}
+        row = {
+            "site": " + ".join(group),
+            "kind": ",".join(ev.chosen[n].site.kind for n in group),
+            "module": c.site.module_path,
+            "format": spec.format,
+            "mse": mse,
+            "sqnr_db": sq,
+        }
         if metric_fn is not None:
             row["metric"] = m
             row["drop"] = float_metric - m
@@ -231,6 +257,13 @@ def _make_eval(model, variables, rules, batches, inputs, stats, method, kwargs, 
     t = trace(adapter, adapter.values, args0, kwargs)
     chosen = choose(t.finder, rules, warn=False)
     if stats is None and any(c.mode == "static" for c in chosen.values()):
-        stats = calibrate(model, variables, [batch_inputs(b, inputs) for b in batches], rules, method=method,
-                          kwargs=kwargs, progress=False)
+        stats = calibrate(
+            model,
+            variables,
+            [batch_inputs(b, inputs) for b in batches],
+            rules,
+            method=method,
+            kwargs=kwargs,
+            progress=False,
+        )
     return QuantEval(model, variables, rules, method, kwargs, args0, stats)

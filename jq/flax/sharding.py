@@ -25,7 +25,13 @@ from jax.sharding import Mesh, PartitionSpec
 from jq import sharding as _sharding
 from jq.quantize import QArray
 
-__all__ = ["float_logical_specs", "logical_shardings", "logical_specs", "merge_stats", "shard_logical"]
+__all__ = [
+    "float_logical_specs",
+    "logical_shardings",
+    "logical_specs",
+    "merge_stats",
+    "shard_logical",
+]
 
 
 def float_logical_specs(variables_or_model) -> dict[str, PartitionSpec]:
@@ -92,8 +98,9 @@ def _to_mesh(spec: PartitionSpec, rules) -> PartitionSpec:
     return nn.logical_to_mesh_axes(tuple(spec), rules)
 
 
-def logical_shardings(qvars, variables_or_model, mesh: Mesh,
-                      rules: Sequence[tuple[str, str | None]] | None = None):
+def logical_shardings(
+    qvars, variables_or_model, mesh: Mesh, rules: Sequence[tuple[str, str | None]] | None = None
+):
     """`NamedSharding`s for `qvars` from the float variables' logical annotations.
 
     Args:
@@ -113,8 +120,9 @@ def logical_shardings(qvars, variables_or_model, mesh: Mesh,
     return _sharding.qvars_shardings(qvars, mesh_specs, mesh=mesh)
 
 
-def shard_logical(qvars, variables_or_model, mesh: Mesh,
-                  rules: Sequence[tuple[str, str | None]] | None = None):
+def shard_logical(
+    qvars, variables_or_model, mesh: Mesh, rules: Sequence[tuple[str, str | None]] | None = None
+):
     """`jax.device_put` of `qvars` onto `logical_shardings(...)`."""
     return jax.device_put(qvars, logical_shardings(qvars, variables_or_model, mesh, rules))
 
@@ -156,5 +164,10 @@ def merge_stats(*stats):
         for s in stats[1:]:
             st = merge(st, s.states[k])
         states[k] = st
-    return CalibrationStats(states, dict(first.observers), sum(s.num_batches for s in stats),
-                            first.example, first.site_names)
+    return CalibrationStats(
+        states,
+        dict(first.observers),
+        sum(s.num_batches for s in stats),
+        first.example,
+        first.site_names,
+    )

@@ -125,14 +125,22 @@ class _Dataflow:
             if eqn is None or eqn.primitive.name not in _PARAM_OPS or self.n_uses(v) != 1:
                 return None
             shape = eqn.outvars[0].aval.shape
-            if not shape or shape[-1] != k or int(np.prod(shape[:-1])) != 1 and (
-                eqn.primitive.name != "broadcast_in_dim"
+            if (
+                not shape
+                or shape[-1] != k
+                or int(np.prod(shape[:-1])) != 1
+                and (eqn.primitive.name != "broadcast_in_dim")
             ):
                 return None
             if eqn.primitive.name == "broadcast_in_dim":
                 src = eqn.invars[0].aval.shape
                 dims = eqn.params["broadcast_dimensions"]
-                if not src or src[-1] != k or int(np.prod(src[:-1])) != 1 or dims[-1] != len(shape) - 1:
+                if (
+                    not src
+                    or src[-1] != k
+                    or int(np.prod(src[:-1])) != 1
+                    or dims[-1] != len(shape) - 1
+                ):
                     return None
             v = self.canon(eqn.invars[0])
         return self.leaf_of[v] if self.n_uses(v) == 1 else None
@@ -367,7 +375,9 @@ def smoothquant(
         sts[key] = jnp.maximum(sts[key], jnp.max(jnp.abs(xm), axis=0))
 
     init = {
-        StateKey(n, "absmax"): stack_tree(jnp.zeros((tg.k,), jnp.float32), scan_lengths(tg.site, t.finder))
+        StateKey(n, "absmax"): stack_tree(
+            jnp.zeros((tg.k,), jnp.float32), scan_lengths(tg.site, t.finder)
+        )
         for n, tg in targets.items()
     }
     out, _ = Stream(adapter, kwargs, site_body(set(targets), absmax_fn)).run(
@@ -380,7 +390,9 @@ def smoothquant(
     group_s = {}  # site name -> the factors shared by its group (folded into the norm)
     for sites, g, b in groups:
         a_max = jnp.max(jnp.stack([amax[n] for n in sites]), axis=0)
-        w_max = jnp.max(jnp.stack([_weight_rowmax(leaves[targets[n].leaf], targets[n]) for n in sites]), axis=0)
+        w_max = jnp.max(
+            jnp.stack([_weight_rowmax(leaves[targets[n].leaf], targets[n]) for n in sites]), axis=0
+        )
         s = smoothing_factors(a_max, w_max, alpha, power_of_two=power_of_two)
         for leaf in (g, b):
             if leaf is not None:

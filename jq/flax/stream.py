@@ -78,7 +78,10 @@ def with_dyn(struct, dyn):
     """Puts the array leaves `dyn` (tracers) back into the argument structure (as avals)."""
     leaves, tree = jax.tree_util.tree_flatten(struct)
     it = iter(dyn)
-    out = [shape_dtype(next(it)) if is_array(x) or isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves]
+    out = [
+        shape_dtype(next(it)) if is_array(x) or isinstance(x, jax.ShapeDtypeStruct) else x
+        for x in leaves
+    ]
     return jax.tree_util.tree_unflatten(tree, out)
 
 
@@ -146,8 +149,17 @@ class Stream:
 
         self._step = jax.jit(step)
 
-    def run(self, batches: Iterable, leaves, states, extra=None, *, desc: str = "calibrate",
-            progress: bool = False, leave: bool = True) -> tuple[Any, int]:
+    def run(
+        self,
+        batches: Iterable,
+        leaves,
+        states,
+        extra=None,
+        *,
+        desc: str = "calibrate",
+        progress: bool = False,
+        leave: bool = True,
+    ) -> tuple[Any, int]:
         """``(states after every batch, number of batches)``."""
         n = 0
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=leave):
@@ -217,8 +229,15 @@ def observe_site(site: Site, vals: list, states: dict, observers: dict) -> None:
             states[key] = observers[key].update(states[key], vals[op])
 
 
-def calibration_stats(finder: SiteFinder, observers: dict, states: dict, lengths: dict, num_batches: int,
-                      example, site_names) -> CalibrationStats:
+def calibration_stats(
+    finder: SiteFinder,
+    observers: dict,
+    states: dict,
+    lengths: dict,
+    num_batches: int,
+    example,
+    site_names,
+) -> CalibrationStats:
     """`CalibrationStats` from the typed-key results of `init_observers` and a `Stream` run."""
     return CalibrationStats(
         keyed_by_act_key(finder, states, "observer"),

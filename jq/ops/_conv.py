@@ -79,8 +79,13 @@ def _conv_geometry(a: dict, lhs, rhs) -> Geometry:
             pads = jax.lax.padtype_to_pads(
                 tuple(lhs.shape[ax] for ax in lsp[2:]), eff, strides, pads
             )
-        win, st, pad, bdil, wdil = ([1] * out_nd, [1] * out_nd, [(0, 0)] * out_nd,
-                                    [1] * out_nd, [1] * out_nd)
+        win, st, pad, bdil, wdil = (
+            [1] * out_nd,
+            [1] * out_nd,
+            [(0, 0)] * out_nd,
+            [1] * out_nd,
+            [1] * out_nd,
+        )
         for i, ax in enumerate(lsp[2:]):
             win[ax], st[ax], pad[ax] = ksize[i], strides[i], tuple(pads[i])
             bdil[ax], wdil[ax] = ldil[i], rdil[i]
@@ -273,9 +278,11 @@ def _conv_patches(vl, zl, vr, zr, cdn, kw, groups: int, want) -> jax.Array:
     pads = kw["padding"]
     if isinstance(pads, str):  # as jax.lax.conv_general_dilated resolves it
         pads = jax.lax.padtype_to_pads(x.shape[1:-1], eff, strides, pads)
-    cfg = [(0, 0, 0)] + [
-        (lo, hi, d - 1) for (lo, hi), d in zip(pads, ldil, strict=True)
-    ] + [(0, 0, 0)]
+    cfg = (
+        [(0, 0, 0)]
+        + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, ldil, strict=True)]
+        + [(0, 0, 0)]
+    )
     if zl is None or zl.size == 1:
         padval = jnp.zeros((), x.dtype) if zl is None else zl.reshape(()).astype(x.dtype)
         x = jax.lax.pad(x, padval, cfg)
@@ -319,4 +326,3 @@ def _conv_patches(vl, zl, vr, zr, cdn, kw, groups: int, want) -> jax.Array:
     # to the requested output layout
     cur = (ospec[0], *ospec[2:], ospec[1])
     return jnp.transpose(acc, np.argsort(cur))
-

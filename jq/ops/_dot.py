@@ -165,4 +165,3 @@ def dot_general(
     if rq:
         return _weight_only(lhs, rhs, dn, precision, out_dtype, q_is_rhs=True)
     return _weight_only(rhs, lhs, dn, precision, out_dtype, q_is_rhs=False)
-

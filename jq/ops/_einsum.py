@@ -125,4 +125,3 @@ def einsum(
     if perm != tuple(range(len(perm))):
         out = jnp.transpose(out, perm)
     return out
-

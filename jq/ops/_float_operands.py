@@ -190,4 +190,3 @@ def _run_float_operands(fn, geometry, a: dict, sides: tuple[str, ...], check: bo
         b = geo.reach(s, ok[s])
         bad = b if bad is None else bad | b
     return jnp.where(bad, jnp.asarray(jnp.nan, out.dtype), out)
-

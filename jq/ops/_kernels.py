@@ -174,7 +174,9 @@ def _int_raw_dot(vl, vr, dn, want_sums: bool):
         perm = tuple(range(nb)) + tuple(range(nb + nr, nb + nr + nl)) + tuple(range(nb, nb + nr))
         out = jnp.transpose(swapped, perm)
         sums = (
-            _sums_to_out(rhs_sums_of(vr.astype(jnp.float32), dn), dn, vl.ndim) if want_sums else None
+            _sums_to_out(rhs_sums_of(vr.astype(jnp.float32), dn), dn, vl.ndim)
+            if want_sums
+            else None
         )
         return out, sums
     if vr.dtype == jnp.uint8:
@@ -292,6 +294,7 @@ def int_dot(ql: QArray, qr: QArray, dn, out_dtype) -> jax.Array:
         acc = acc * to_output_layout(sr, "rhs", dn, vl.shape, vr.shape)
         return jnp.sum(acc, axis=0).astype(out_dtype)
     acc = int_core(vl, zl, vr, zr, dn).astype(jnp.float32)
-    scale = to_output_layout(sl, "lhs", dn, vl.shape, vr.shape) * to_output_layout(sr, "rhs", dn, vl.shape, vr.shape)
+    scale = to_output_layout(sl, "lhs", dn, vl.shape, vr.shape) * to_output_layout(
+        sr, "rhs", dn, vl.shape, vr.shape
+    )
     return (acc * scale).astype(out_dtype)
-

@@ -114,7 +114,9 @@ def check_spec_args(side: str, x, spec, qp) -> None:
     """
     if spec is None:
         if qp is not None:
-            raise ValueError(f"{side}_qparams was given without {side}_spec; pass the QuantSpec too")
+            raise ValueError(
+                f"{side}_qparams was given without {side}_spec; pass the QuantSpec too"
+            )
         return
     if isinstance(x, QArray):
         applies = "lhs_spec / lhs_qparams apply" if side == "lhs" else "rhs_spec applies"
@@ -124,7 +126,9 @@ def check_spec_args(side: str, x, spec, qp) -> None:
     raise AssertionError(f"a float {side} with {side}_spec reached the op unquantized")
 
 
-def operand_qparams(x, spec: QuantSpec, qp: QParams | None, contract, name: str, rows, ok) -> QParams:
+def operand_qparams(
+    x, spec: QuantSpec, qp: QParams | None, contract, name: str, rows, ok
+) -> QParams:
     """Keepdims `QParams` for a float operand: `qp` broadcast (static), or dynamic.
 
     The dynamic range comes from the finite rows only: `ok` is `finite_rows`
@@ -244,4 +248,3 @@ def check_operand(x, name):
             f"`{name}` must be a float array or a jq.QArray, got an array of dtype {x.dtype}"
         )
     return x
-

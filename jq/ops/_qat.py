@@ -207,4 +207,3 @@ def qat_conv_general_dilated(
     return _qat(
         float_op, int_op, lhs, rhs, lhs_spec, lhs_qparams, rhs_spec, rhs_qparams, int_forward
     )
-

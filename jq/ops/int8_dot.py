@@ -322,6 +322,7 @@ _warned = False
 
 def _fallback(a, b, dn, rhs_sums, k_multiple):
     """Without the lowering API: the signed forms through `jax.lax.dot_general`."""
+
     def cpu(a, b):
         return tuple(_form(a, b, dn, rhs_sums, "s8s8", k_multiple, _lax_dot))
 

@@ -23,8 +23,11 @@ from jq import calibration as cal
 from jq.flax import sharding as jfs
 
 # with fewer devices conftest.py fails every test with a message that says how to run them
-MESH = (jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
-        if jax.device_count() == 8 else None)
+MESH = (
+    jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+    if jax.device_count() == 8
+    else None
+)
 X = jax.random.normal(jax.random.key(1), (16, 32))
 
 
@@ -49,14 +52,20 @@ class LogicalMLP(nn.Module):
     def __call__(self, x):
         init = nn.initializers.lecun_normal()
         h = nn.Dense(64, kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")))(x)
-        return nn.Dense(16, kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")))(nn.relu(h))
+        return nn.Dense(16, kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")))(
+            nn.relu(h)
+        )
 
 
 class NnxMLP(nnx.Module):
     def __init__(self, rngs):
         init = nnx.initializers.lecun_normal()
-        self.l1 = nnx.Linear(32, 64, kernel_init=nnx.with_partitioning(init, (None, "model")), rngs=rngs)
-        self.l2 = nnx.Linear(64, 16, kernel_init=nnx.with_partitioning(init, ("model", None)), rngs=rngs)
+        self.l1 = nnx.Linear(
+            32, 64, kernel_init=nnx.with_partitioning(init, (None, "model")), rngs=rngs
+        )
+        self.l2 = nnx.Linear(
+            64, 16, kernel_init=nnx.with_partitioning(init, ("model", None)), rngs=rngs
+        )
 
     def __call__(self, x):
         return self.l2(nnx.relu(self.l1(x)))
@@ -66,10 +75,17 @@ class NnxMLP(nnx.Module):
 # second on its input features; "column" splits both on output features, "dp" replicates.
 LAYOUTS = {
     "dp": {},
-    "column": {"params/Dense_0/kernel": P(None, "model"), "params/Dense_0/bias": P("model"),
-               "params/Dense_1/kernel": P(None, "model"), "params/Dense_1/bias": P("model")},
-    "megatron": {"params/Dense_0/kernel": P(None, "model"), "params/Dense_0/bias": P("model"),
-                 "params/Dense_1/kernel": P("model", None)},
+    "column": {
+        "params/Dense_0/kernel": P(None, "model"),
+        "params/Dense_0/bias": P("model"),
+        "params/Dense_1/kernel": P(None, "model"),
+        "params/Dense_1/bias": P("model"),
+    },
+    "megatron": {
+        "params/Dense_0/kernel": P(None, "model"),
+        "params/Dense_0/bias": P("model"),
+        "params/Dense_1/kernel": P("model", None),
+    },
 }
 
 
@@ -111,19 +127,52 @@ def float_index(sharding, shape):
 @pytest.mark.parametrize(
     "fmt,spec,wspec,want_value,want_scale",
     [
-        ("int8", jq.QuantSpec("int8", axis=-1), P(None, "model"), P(None, "model"), P(None, "model")),
+        (
+            "int8",
+            jq.QuantSpec("int8", axis=-1),
+            P(None, "model"),
+            P(None, "model"),
+            P(None, "model"),
+        ),
         ("int8", jq.QuantSpec("int8", axis=-1), P("model", None), P("model", None), P(None, None)),
-        ("int8", jq.QuantSpec("int8", axis=-1), P("data", "model"), P("data", "model"), P(None, "model")),
-        ("uint8", jq.QuantSpec("uint8", scheme="affine", axis=-1), P(None, "model"), P(None, "model"),
-         P(None, "model")),
-        ("int4", jq.QuantSpec("int4", axis=-1), P(None, "model"), P(None, "model"), P(None, "model")),
+        (
+            "int8",
+            jq.QuantSpec("int8", axis=-1),
+            P("data", "model"),
+            P("data", "model"),
+            P(None, "model"),
+        ),
+        (
+            "uint8",
+            jq.QuantSpec("uint8", scheme="affine", axis=-1),
+            P(None, "model"),
+            P(None, "model"),
+            P(None, "model"),
+        ),
+        (
+            "int4",
+            jq.QuantSpec("int4", axis=-1),
+            P(None, "model"),
+            P(None, "model"),
+            P(None, "model"),
+        ),
         ("int4", jq.QuantSpec("int4", axis=-1), P("model", None), P("model", None), P(None, None)),
         # blocks of 8 rows: a shard of 16 rows holds whole blocks, so the block scales split too
-        ("int4", jq.QuantSpec("int4", axis=-1, block_axis=0, block_size=8), P("model", None),
-         P("model", None), P("model", None)),
+        (
+            "int4",
+            jq.QuantSpec("int4", axis=-1, block_axis=0, block_size=8),
+            P("model", None),
+            P("model", None),
+            P("model", None),
+        ),
         # blocks of 32 rows straddle the 16-row shards: the block scales stay replicated
-        ("int8", jq.QuantSpec("int8", axis=-1, block_axis=0, block_size=32), P("model", None),
-         P("model", None), P(None, None)),
+        (
+            "int8",
+            jq.QuantSpec("int8", axis=-1, block_axis=0, block_size=32),
+            P("model", None),
+            P("model", None),
+            P(None, None),
+        ),
         ("int8", jq.QuantSpec("int8"), P(None, "model"), P(None, "model"), P(None, None)),
     ],
 )
@@ -137,8 +186,12 @@ def test_qarray_parts_are_the_float_weights_shards(fmt, spec, wspec, want_value,
     assert specs.zero_point == (None if q.zero_point is None else want_scale)
     qs = jax.device_put(q, js.qarray_shardings(q, wsh))
     ints = np.asarray(q.int_value())
-    scale = np.broadcast_to(np.repeat(np.asarray(q.scale), 64 // q.scale.shape[0], 0)
-                            if q.scale.shape[0] not in (1, 64) else np.asarray(q.scale), (64, 32))
+    scale = np.broadcast_to(
+        np.repeat(np.asarray(q.scale), 64 // q.scale.shape[0], 0)
+        if q.scale.shape[0] not in (1, 64)
+        else np.asarray(q.scale),
+        (64, 32),
+    )
     for dev, idx in float_index(wsh, w.shape).items():
         v = local_shards(qs.value)[dev]
         if q.pack_axis is not None:  # each device's bytes unpack to its slice of the int4 values
@@ -149,8 +202,10 @@ def test_qarray_parts_are_the_float_weights_shards(fmt, spec, wspec, want_value,
         if s.shape == q.scale.shape:  # replicated: every device holds all the scales
             np.testing.assert_array_equal(s, np.asarray(q.scale))
             continue
-        loc = np.broadcast_to(np.repeat(s, v.shape[0] // s.shape[0], 0) if s.shape[0] not in (1, v.shape[0])
-                              else s, v.shape)
+        loc = np.broadcast_to(
+            np.repeat(s, v.shape[0] // s.shape[0], 0) if s.shape[0] not in (1, v.shape[0]) else s,
+            v.shape,
+        )
         np.testing.assert_array_equal(loc, scale[idx])
 
 
@@ -206,7 +261,10 @@ def test_convert_keeps_float_shardings(linen, wfmt):
     # shard_qvars from the float arrays themselves gives the same layout
     qs = js.shard_qvars(jq.convert(m, v, rules(wfmt), stats), fv)
     for path in qv.variables:
-        a, b = jax.tree_util.tree_leaves(qv.variables[path]), jax.tree_util.tree_leaves(qs.variables[path])
+        a, b = (
+            jax.tree_util.tree_leaves(qv.variables[path]),
+            jax.tree_util.tree_leaves(qs.variables[path]),
+        )
         assert [x.sharding.spec for x in a] == [x.sharding.spec for x in b], path
     for qp in jax.tree_util.tree_leaves(qs.activations):
         assert qp.sharding.is_fully_replicated
@@ -240,8 +298,9 @@ def hlo_dots(hlo: str):
     return out
 
 
-@pytest.mark.parametrize("wfmt,layout", [("int8", "dp"), ("int8", "column"), ("int8", "megatron"),
-                                         ("int4", "megatron")])
+@pytest.mark.parametrize(
+    "wfmt,layout", [("int8", "dp"), ("int8", "column"), ("int8", "megatron"), ("int4", "megatron")]
+)
 def test_apply_on_mesh_equals_one_device(linen, layout, wfmt):
     m, v = linen
     stats = jq.calibrate(m, v, [X], rules(wfmt), progress=False)
@@ -259,8 +318,12 @@ def test_apply_on_mesh_equals_one_device(linen, layout, wfmt):
         # ones for the weight sums), output features split over "model" where the layout says
         k1, n1 = 32, 64 if layout == "dp" else 16
         k2, n2 = {"dp": (64, 16), "column": (64, 4), "megatron": (16, 16)}[layout]
-        assert sorted(dots) == sorted([(f"u8[9,{k1}]", f"s8[{k1},{n1}]", f"s32[9,{n1}]"),
-                                       (f"u8[9,{k2}]", f"s8[{k2},{n2}]", f"s32[9,{n2}]")]), dots
+        assert sorted(dots) == sorted(
+            [
+                (f"u8[9,{k1}]", f"s8[{k1},{n1}]", f"s32[9,{n1}]"),
+                (f"u8[9,{k2}]", f"s8[{k2},{n2}]", f"s32[9,{n2}]"),
+            ]
+        ), dots
 
 
 def test_row_parallel_sums_int32_partials_across_devices(linen):
@@ -271,8 +334,9 @@ def test_row_parallel_sums_int32_partials_across_devices(linen):
     qs = js.shard_qvars(qv, LAYOUTS["megatron"], mesh=MESH)
     hlo = f.lower(qs, jax.device_put(X, ns("data"))).compile().as_text()
     assert re.search(r"= s32\[9,16\]\S* all-reduce\(", hlo), "no s32 all-reduce of the partial dots"
-    np.testing.assert_allclose(np.asarray(f(qs, jax.device_put(X, ns("data")))),
-                               np.asarray(f(qv, X)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(f(qs, jax.device_put(X, ns("data")))), np.asarray(f(qv, X)), rtol=1e-6, atol=1e-6
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -292,7 +356,11 @@ def test_qat_train_step_on_mesh_equals_one_device(linen):
 
         (loss, state), g = jax.value_and_grad(loss_fn, has_aux=True)(qv["params"])
         upd, opt_state = opt.update(g, opt_state, qv["params"])
-        return {**qv, "params": optax.apply_updates(qv["params"], upd), "state": state}, opt_state, loss
+        return (
+            {**qv, "params": optax.apply_updates(qv["params"], upd), "state": state},
+            opt_state,
+            loss,
+        )
 
     f = jax.jit(step)
     ref_qv, ref_os, ref_loss = qv, opt.init(qv["params"]), []
@@ -309,15 +377,18 @@ def test_qat_train_step_on_mesh_equals_one_device(linen):
         sqv, s_os, loss = f(sqv, s_os, xs, ys)
         losses.append(float(loss))
     np.testing.assert_allclose(losses, ref_loss, rtol=1e-5)
-    chex_close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    chex_close = lambda a, b: np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6
+    )
     jax.tree_util.tree_map(chex_close, sqv["params"], ref_qv["params"])
     jax.tree_util.tree_map(chex_close, sqv["state"]["ranges"], ref_qv["state"]["ranges"])
     assert sqv["params"]["Dense_0"]["kernel"].sharding.spec == P(None, "model")
     # the trained variables convert to a sharded int8 model equal to the one-device one
     a = jq.convert(m, sqv, rules())
     b = jq.convert(m, ref_qv, rules())
-    np.testing.assert_allclose(np.asarray(jq.apply(m, a, xs)), np.asarray(jq.apply(m, b, X)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(jq.apply(m, a, xs)), np.asarray(jq.apply(m, b, X)), rtol=1e-5, atol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -335,8 +406,10 @@ OBSERVERS = [
     ("ema", cal.MovingAverageMinMax(averaging_constant=0.3)),
     ("hist_entropy", cal.Histogram(num_bins=128, method="entropy")),
     ("hist_mse_channel", cal.Histogram(num_bins=64, method="mse", axis=-1)),
-    ("hist_percentile_sym", cal.Histogram(num_bins=256, method="percentile", percentile=99.0,
-                                          symmetric=True)),
+    (
+        "hist_percentile_sym",
+        cal.Histogram(num_bins=256, method="percentile", percentile=99.0, symmetric=True),
+    ),
 ]
 
 
@@ -352,8 +425,9 @@ def test_sharded_update_equals_full_batch(name, obs):
     shard = obs.init(x1)
     for x in (x1, x2):
         full = jax.jit(obs.update)(full, x)
-        shard = js.sharded_update(obs, shard, jax.device_put(x, ns(("data", "model"))), MESH,
-                                  axis_name=("data", "model"))
+        shard = js.sharded_update(
+            obs, shard, jax.device_put(x, ns(("data", "model"))), MESH, axis_name=("data", "model")
+        )
     _assert_states_equal(shard, full)
     for a, b in zip(obs.range(shard), obs.range(full)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -407,16 +481,29 @@ def test_sharded_update_bad_input():
         js.merge_states(cal.MinMax(), cal.MinMax().init(jnp.ones(())))
 
 
-@pytest.mark.parametrize("obs", [cal.MinMax(), cal.Histogram(num_bins=128, method="entropy")],
-                         ids=["minmax", "histogram"])
+@pytest.mark.parametrize(
+    "obs",
+    [cal.MinMax(), cal.Histogram(num_bins=128, method="entropy")],
+    ids=["minmax", "histogram"],
+)
 def test_model_calibration_on_sharded_batches_equals_one_device(linen, obs):
     m, v = linen
-    r = [jq.Rule(".*", weight=jq.QuantSpec("int8", axis=-1),
-                 activation=jq.QuantSpec("int8", calibration=obs))]
+    r = [
+        jq.Rule(
+            ".*",
+            weight=jq.QuantSpec("int8", axis=-1),
+            activation=jq.QuantSpec("int8", calibration=obs),
+        )
+    ]
     batches = [_data(s, (16, 32)) for s in range(3)]
     ref = jq.calibrate(m, v, batches, r, progress=False)
-    got = jq.calibrate(m, jax.device_put(v, ns()), [jax.device_put(b, ns("data")) for b in batches],
-                       r, progress=False)
+    got = jq.calibrate(
+        m,
+        jax.device_put(v, ns()),
+        [jax.device_put(b, ns("data")) for b in batches],
+        r,
+        progress=False,
+    )
     for k in ref.states:
         _assert_states_equal(got.states[k], ref.states[k])
         # replicated, so `range` can read them on every host
@@ -446,8 +533,9 @@ def test_linen_logical_partitioning_carries_to_quantized_variables():
     float_sh = nn.logical_to_mesh_sharding(nn.get_partition_spec(v), MESH, logical_rules)
     assert float_sh["params"]["Dense_1"]["kernel"].spec == P("model", None)
     f = jax.jit(lambda q, x: jq.apply(m, q, x))
-    np.testing.assert_allclose(np.asarray(f(qs, jax.device_put(X, ns("data")))), np.asarray(f(qv, X)),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(f(qs, jax.device_put(X, ns("data")))), np.asarray(f(qv, X)), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_nnx_sharding_annotations_carry_to_quantized_variables():
@@ -464,8 +552,9 @@ def test_nnx_sharding_annotations_carry_to_quantized_variables():
     # the module's own (sharded) state works as the float shardings too
     qs2 = js.shard_qvars(jax.device_get(qv), nnx.state(model))
     for path in qv.variables:
-        assert ([a.sharding.spec for a in jax.tree_util.tree_leaves(qs2.variables[path])]
-                == [a.sharding.spec for a in jax.tree_util.tree_leaves(qs.variables[path])]), path
+        assert [a.sharding.spec for a in jax.tree_util.tree_leaves(qs2.variables[path])] == [
+            a.sharding.spec for a in jax.tree_util.tree_leaves(qs.variables[path])
+        ], path
     y = jax.jit(lambda q, x: jq.apply(model, q, x))(qs, jax.device_put(X, ns("data")))
     ref = jq.apply(model, jax.device_get(qv), X)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6, atol=1e-6)
@@ -489,12 +578,16 @@ def test_exported_tpu_and_cuda_modules_keep_sharded_int8_dots(linen):
     sh = js.qvars_shardings(qv, LAYOUTS["megatron"], mesh=MESH)
     f = jax.jit(lambda q, x: jq.apply(m, q, x), in_shardings=(sh, ns("data")))
     for platform in ("tpu", "cuda"):
-        exp = jax.export.export(f, platforms=(platform,))(jax.device_put(qv, sh), jax.device_put(X, ns("data")))
+        exp = jax.export.export(f, platforms=(platform,))(
+            jax.device_put(qv, sh), jax.device_put(X, ns("data"))
+        )
         txt = exp.mlir_module()
         assert exp.nr_devices == 8
         assert len(jq.hlo.integer_ops(txt)) == 2 and jq.hlo.float_ops(txt) == [], platform
         # the (32, 64) int8 kernel argument is split on "model" along its output features
-        arg = re.search(r"tensor<32x64xi8> \{sdy\.sharding = #sdy\.sharding<@mesh, \[([^\]]*)\]", txt)
+        arg = re.search(
+            r"tensor<32x64xi8> \{sdy\.sharding = #sdy\.sharding<@mesh, \[([^\]]*)\]", txt
+        )
         assert arg is not None and arg.group(1) == '{}, {"model"}', platform
 
 
@@ -511,12 +604,24 @@ def test_merge_stats_of_independent_calibrations(linen):
     for k in full.states:
         _assert_states_equal(merged.states[k], full.states[k])
     y = jq.apply(m, jq.convert(m, v, r, merged), X)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(jq.apply(m, jq.convert(m, v, r, full), X)))
+    np.testing.assert_array_equal(
+        np.asarray(y), np.asarray(jq.apply(m, jq.convert(m, v, r, full), X))
+    )
     with pytest.raises(ValueError, match="two or more CalibrationStats"):
         jfs.merge_stats(a)
-    other = jq.calibrate(m, v, batches[:1], [jq.Rule("Dense_0", weight=jq.QuantSpec("int8", axis=-1),
-                                                     activation=jq.QuantSpec("int8", calibration=cal.MinMax()))],
-                         progress=False)
+    other = jq.calibrate(
+        m,
+        v,
+        batches[:1],
+        [
+            jq.Rule(
+                "Dense_0",
+                weight=jq.QuantSpec("int8", axis=-1),
+                activation=jq.QuantSpec("int8", calibration=cal.MinMax()),
+            )
+        ],
+        progress=False,
+    )
     with pytest.raises(ValueError, match="different sites or observers"):
         jfs.merge_stats(a, other)
 
@@ -537,12 +642,22 @@ def test_explicit_axis_types_mesh_through_auto_axes(linen):
 def test_convert_warns_when_int4_bytes_cannot_follow_the_float_split():
     m = nn.Dense(12)  # 12 output features over 4 devices: 3 each, an odd number of nibbles
     v = m.init(jax.random.key(0), X)
-    fv = {"params": {"kernel": jax.device_put(v["params"]["kernel"], ns(None, "model")),
-                     "bias": jax.device_put(v["params"]["bias"], ns("model"))}}
+    fv = {
+        "params": {
+            "kernel": jax.device_put(v["params"]["kernel"], ns(None, "model")),
+            "bias": jax.device_put(v["params"]["bias"], ns("model")),
+        }
+    }
     with pytest.warns(UserWarning, match="cannot follow its float sharding"):
         qv = jq.convert(m, fv, rules("int4", static=False), args=(X,))
     ref = jq.convert(m, v, rules("int4", static=False), args=(X,))
-    np.testing.assert_array_equal(np.asarray(qv.variables["params/kernel"].value),
-                                  np.asarray(ref.variables["params/kernel"].value))
-    np.testing.assert_allclose(np.asarray(jax.jit(lambda q, x: jq.apply(m, q, x))(qv, X)),
-                               np.asarray(jq.apply(m, ref, X)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(
+        np.asarray(qv.variables["params/kernel"].value),
+        np.asarray(ref.variables["params/kernel"].value),
+    )
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(lambda q, x: jq.apply(m, q, x))(qv, X)),
+        np.asarray(jq.apply(m, ref, X)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
