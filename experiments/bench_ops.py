@@ -270,9 +270,10 @@ Notes:
   need a min and a max (one variadic reduction) and zero-point terms.
 - Weight-only int8 converts the weights to float32 inside every call on CPU,
   so it saves memory, not time; use static or dynamic int8 for speed.
-- Dynamic affine uint8 activations are markedly slower than symmetric int8 at
-  batch 1 on this machine (same kernels in the compiled HLO; not yet explained);
-  symmetric int8 (dynamic or static) is the fast choice.
+- Dynamic affine uint8 activations were markedly slower than symmetric int8 at
+  batch 1 in the previous release: their range went through checks staged
+  under jit (`checkify`), which take a jitted function off JAX's fast dispatch
+  path. Traced checks are now opt-in (`jq.value_checks`).
 - Convolutions: on every platform an int8 conv (grouped and lhs-dilated ones
   too) is lowered as patches (strided slices of the quantized input) times the
   weight through the integer dot: XLA:CPU's own int8 convolution is slower than
