@@ -124,10 +124,10 @@ def qarray_partition_specs(q: QArray, spec: PartitionSpec, mesh: Mesh) -> QArray
         raise TypeError(
             f"qarray_partition_specs: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}"
         )
-    return _qarray_specs(q, spec, dict(mesh.shape))
+    return qarray_specs(q, spec, dict(mesh.shape))
 
 
-def _qarray_specs(q: QArray, spec: PartitionSpec, sizes: Mapping[str, int] | None) -> QArray:
+def qarray_specs(q: QArray, spec: PartitionSpec, sizes: Mapping[str, int] | None) -> QArray:
     if not isinstance(q, QArray):
         raise TypeError(f"qarray_partition_specs: `q` must be a QArray, got {type(q).__name__}")
     what = f"qarray_partition_specs(QArray shape {q.shape})"
@@ -206,7 +206,7 @@ def _is_spec_leaf(x) -> bool:
     return isinstance(x, (Sharding, PartitionSpec, jax.Array, jax.ShapeDtypeStruct))
 
 
-def _flatten_shardings(shardings) -> dict[str, Any]:
+def flatten_shardings(shardings) -> dict[str, Any]:
     """``{"a/b/c": leaf}`` from a flat dict keyed by paths or any nested pytree."""
     if isinstance(shardings, Mapping) and all(isinstance(k, str) and "/" in k for k in shardings):
         return dict(shardings)
@@ -288,7 +288,7 @@ def qvars_shardings(qvars, shardings=None, *, mesh: Mesh | None = None):
         raise TypeError(
             f"qvars_shardings: `qvars` must be jq.QuantizedVariables, got {type(qvars).__name__}"
         )
-    flat = {} if shardings is None else _flatten_shardings(shardings)
+    flat = {} if shardings is None else flatten_shardings(shardings)
     unknown = sorted(set(flat) - set(qvars.variables))
     if unknown:
         raise ValueError(

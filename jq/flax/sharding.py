@@ -57,7 +57,7 @@ def float_logical_specs(variables_or_model) -> dict[str, PartitionSpec]:
             "float_logical_specs: `variables_or_model` must be linen variables or an nnx Module, "
             f"got {type(variables_or_model).__name__}"
         )
-    flat = _sharding._flatten_shardings(specs)
+    flat = _sharding.flatten_shardings(specs)
     return {p: (s if isinstance(s, PartitionSpec) else PartitionSpec()) for p, s in flat.items()}
 
 
@@ -86,7 +86,7 @@ def logical_specs(qvars, variables_or_model) -> dict:
     out = {}
     for path, v in qvars.variables.items():
         spec = flat.get(path, PartitionSpec())
-        out[path] = _sharding._qarray_specs(v, spec, None) if isinstance(v, QArray) else spec
+        out[path] = _sharding.qarray_specs(v, spec, None) if isinstance(v, QArray) else spec
     return out
 
 
