@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from models import MLP
 
 import jq
 import jq.hlo
@@ -36,12 +37,6 @@ pytest.importorskip("flatbuffers", reason="jax.export serialization (jq.export) 
 
 KEY = jax.random.key(0)
 ALL = ("cpu", "cuda", "tpu")
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(10)(nn.relu(nn.Dense(32)(x)))
 
 
 class CNN(nn.Module):

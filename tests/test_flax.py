@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from models import MLP
 
 import jq
 import jq.hlo
@@ -36,13 +37,6 @@ def rel_err(a, b):
 
 
 # ----------------------------------------------------------------------------- models
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = nn.relu(nn.Dense(32)(x))  # Dense_0
-        return nn.Dense(10)(h)  # Dense_1
-
-
 class CNN(nn.Module):
     @nn.compact
     def __call__(self, x):

@@ -1,10 +1,12 @@
 """GPTQ: the jitted algorithm against a plain numpy reference, RTN equivalences, bad input, Flax entry point."""
 
+import functools
 import warnings
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import pytest
 from flax import nnx
@@ -200,13 +202,6 @@ def test_bad_input():
 
 
 # ----------------------------------------------------------------------------- Flax
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = nn.relu(nn.Dense(48)(x))
-        return nn.Dense(16)(h)
-
-
 def _mlp_data():
     m = MLP()
     batches = [jnp.asarray(correlated_inputs(20 + i, rows=128, k=32)) for i in range(3)]
@@ -284,6 +279,9 @@ def test_flax_gptq_act_order_round_trips_and_not_sequential():
         0,
     ) @ np.asarray(jq.dequantize(k1)) + np.asarray(p["Dense_1"]["bias"])
     np.testing.assert_allclose(np.asarray(jq.apply(m, qv, xt)), manual, rtol=1e-4, atol=1e-4)
+
+
+MLP = functools.partial(models.MLP, hidden=48, out=16)
 
 
 class Tower(nn.Module):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
+from models import MLP
 
 import jq
 from jq import calibration as cal
@@ -167,13 +168,6 @@ class OpsGradTest(chex.TestCase):
 # ---------------------------------------------------------------------------------------
 # jq.apply: gradients with respect to the input, against the float model
 # ---------------------------------------------------------------------------------------
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = nn.relu(nn.Dense(32)(x))
-        return nn.Dense(10)(h)
-
-
 class CNN(nn.Module):
     # gelu, not relu: a relu whose input the quantization error moves across 0 changes a
     # small CNN's input gradient by about 1% (cosine 0.986-0.996 measured with relu), which

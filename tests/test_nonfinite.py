@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 from jax.experimental import checkify
+from models import MLP
 
 import jq
 from jq import calibration as cal
@@ -271,12 +272,6 @@ class ConvTest(parameterized.TestCase):
 # ---------------------------------------------------------------------------------------
 # jq.apply
 # ---------------------------------------------------------------------------------------
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(10)(nn.relu(nn.Dense(32)(x)))
-
-
 class CNN(nn.Module):
     @nn.compact
     def __call__(self, x):

@@ -5,12 +5,14 @@ float model run directly (its dropout masks, BatchNorm statistics, activations),
 or from an observer run by hand, never from jq itself.
 """
 
+import functools
 import os
 import warnings
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,6 +20,8 @@ from flax import nnx
 import jq
 from jq import calibration as cal
 from jq.flax import checkpoint
+
+MLP = functools.partial(models.MLP, bias_init=nn.initializers.normal(0.5))
 
 KEY = jax.random.key(0)
 
@@ -80,13 +84,6 @@ class Stack(nn.Module):
             ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
         )(name="layers")(x, None)
         return h
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = nn.relu(nn.Dense(32, bias_init=nn.initializers.normal(0.5))(x))
-        return nn.Dense(10, bias_init=nn.initializers.normal(0.5))(h)
 
 
 class NnxMLP(nnx.Module):

@@ -1,0 +1,18 @@
+"""The shared model zoo of the tests (one definition each; variants by attributes)."""
+
+from collections.abc import Callable
+
+import flax.linen as nn
+
+
+class MLP(nn.Module):
+    """Dense(hidden) -> relu -> Dense(out): parameters ``Dense_0`` and ``Dense_1``."""
+
+    hidden: int = 32
+    out: int = 10
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(self.hidden, bias_init=self.bias_init)(x))  # Dense_0
+        return nn.Dense(self.out, bias_init=self.bias_init)(h)  # Dense_1
