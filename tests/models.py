@@ -3,6 +3,7 @@
 from collections.abc import Callable
 
 import flax.linen as nn
+from flax import nnx
 
 
 class MLP(nn.Module):
@@ -16,3 +17,14 @@ class MLP(nn.Module):
     def __call__(self, x):
         h = nn.relu(nn.Dense(self.hidden, bias_init=self.bias_init)(x))  # Dense_0
         return nn.Dense(self.out, bias_init=self.bias_init)(h)  # Dense_1
+
+
+class NnxMLP(nnx.Module):
+    """nnx.Linear(din, hidden) -> relu -> nnx.Linear(hidden, out): attributes ``l1``, ``l2``."""
+
+    def __init__(self, rngs, din: int = 8, hidden: int = 32, out: int = 10):
+        self.l1 = nnx.Linear(din, hidden, rngs=rngs)
+        self.l2 = nnx.Linear(hidden, out, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(nnx.relu(self.l1(x)))

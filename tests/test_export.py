@@ -14,6 +14,7 @@ import textwrap
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import pytest
 from flax import nnx
@@ -50,15 +51,6 @@ class TwoInputs(nn.Module):
     @nn.compact
     def __call__(self, x, y):
         return nn.Dense(4)(x) * nn.Dense(4)(y)
-
-
-class NnxMLP(nnx.Module):
-    def __init__(self, rngs):
-        self.l1 = nnx.Linear(8, 16, rngs=rngs)
-        self.l2 = nnx.Linear(16, 3, rngs=rngs)
-
-    def __call__(self, x):
-        return self.l2(nnx.relu(self.l1(x)))
 
 
 def static_rules(weight_fmt="int8"):
@@ -159,7 +151,7 @@ def _convert(kind):
         ]
         return m, jq.convert(m, v, rules, args=(x,)), (x,)
     if kind == "nnx_static":
-        m = NnxMLP(nnx.Rngs(0))
+        m = models.NnxMLP(nnx.Rngs(0), hidden=16, out=3)
         x = inputs(8)
         rules = static_rules()
         return (

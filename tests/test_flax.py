@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from models import MLP
+from models import MLP, NnxMLP
 
 import jq
 import jq.hlo
@@ -52,15 +52,6 @@ class Block(nn.Module):
         x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16)(h, mask=mask)
         h = nn.LayerNorm()(x)
         return x + nn.Dense(16)(nn.gelu(nn.Dense(32)(h)))
-
-
-class NnxMLP(nnx.Module):
-    def __init__(self, rngs):
-        self.l1 = nnx.Linear(8, 32, rngs=rngs)
-        self.l2 = nnx.Linear(32, 10, rngs=rngs)
-
-    def __call__(self, x):
-        return self.l2(nnx.relu(self.l1(x)))
 
 
 class NnxBlock(nnx.Module):

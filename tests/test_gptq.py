@@ -327,15 +327,7 @@ def test_flax_gptq_stages_fallbacks_static_activations_and_nnx():
     y, yq = m.apply(v, batches[0]), jq.apply(m, qv, batches[0])
     assert float(jnp.linalg.norm(yq - y) / jnp.linalg.norm(y)) < 0.05
 
-    class NnxMLP(nnx.Module):
-        def __init__(self, rngs):
-            self.l1 = nnx.Linear(32, 48, rngs=rngs)
-            self.l2 = nnx.Linear(48, 16, rngs=rngs)
-
-        def __call__(self, x):
-            return self.l2(nnx.relu(self.l1(x)))
-
-    nm = NnxMLP(nnx.Rngs(0))
+    nm = models.NnxMLP(nnx.Rngs(0), din=32, hidden=48, out=16)
     _, _, xb = _mlp_data()
     before = np.asarray(nm.l1.kernel.value)
     qn = gptq(nm, None, xb, G_RULES, progress=False)

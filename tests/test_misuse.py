@@ -20,6 +20,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from models import NnxMLP
 
 import jq
 from jq import calibration as cal
@@ -314,15 +315,6 @@ class TinyMLP(nn.Module):
         return nn.Dense(4)(nn.relu(nn.Dense(16)(x)))
 
 
-class TinyNnx(nnx.Module):
-    def __init__(self, rngs):
-        self.l1 = nnx.Linear(8, 16, rngs=rngs)
-        self.l2 = nnx.Linear(16, 4, rngs=rngs)
-
-    def __call__(self, x):
-        return self.l2(nnx.relu(self.l1(x)))
-
-
 def _static():
     return [
         jq.Rule(
@@ -387,7 +379,7 @@ WRONG_CALLS = {
         r"flax\.linen\.Module",
     ),
     "nnx_model_linen_vars": (
-        lambda m, v, qv, x: jq.apply(TinyNnx(nnx.Rngs(0)), qv, x),
+        lambda m, v, qv, x: jq.apply(NnxMLP(nnx.Rngs(0), hidden=16, out=4), qv, x),
         ValueError,
         "linen model",
     ),
@@ -419,7 +411,7 @@ WRONG_CALLS = {
         "activations",
     ),
     "qat_nnx_with_variables": (
-        lambda m, v, qv, x: jq.qat(TinyNnx(nnx.Rngs(0)), _static()).init(v, x),
+        lambda m, v, qv, x: jq.qat(NnxMLP(nnx.Rngs(0), hidden=16, out=4), _static()).init(v, x),
         ValueError,
         "variables=None",
     ),

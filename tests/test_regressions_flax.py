@@ -16,6 +16,7 @@ import models
 import numpy as np
 import pytest
 from flax import nnx
+from models import NnxMLP
 
 import jq
 from jq import calibration as cal
@@ -84,15 +85,6 @@ class Stack(nn.Module):
             ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
         )(name="layers")(x, None)
         return h
-
-
-class NnxMLP(nnx.Module):
-    def __init__(self, rngs):
-        self.l1 = nnx.Linear(8, 32, rngs=rngs)
-        self.l2 = nnx.Linear(32, 10, rngs=rngs)
-
-    def __call__(self, x):
-        return self.l2(nnx.relu(self.l1(x)))
 
 
 def _x(shape=(8, 8), seed=1):
