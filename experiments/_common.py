@@ -170,6 +170,17 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
+    from jq import lowering
+
+    feats = lowering.cpu_features().flags & {
+        "avx2",
+        "avx512_vnni",
+        "avx_vnni",
+        "amx_int8",
+        "asimddp",
+        "i8mm",
+    }
+    cpu += f", int8 features {' '.join(sorted(feats)) or 'none'}"
     import flax
     import optax
 
