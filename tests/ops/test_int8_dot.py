@@ -384,7 +384,7 @@ class PrimitiveTest(chex.TestCase):
 
         import tomllib
 
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         with open(os.path.join(root, "pyproject.toml"), "rb") as f:
             deps = tomllib.load(f)["project"]["dependencies"]
         lo_op, lo, hi_op, hi = int8_dot.SUPPORTED_JAX

@@ -26,7 +26,7 @@ import jq
 import jq.calibration as cal
 from jq.calibration import search as hist_mod
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/
 
 
 # -- data and independent measures ------------------------------------------------------------

@@ -22,7 +22,7 @@ import pytest
 import jq
 import jq.calibration as cal
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/
 FIX = os.path.join(HERE, "fixtures", "calibration")
 _spec = importlib.util.spec_from_file_location("cal_datasets", os.path.join(FIX, "datasets.py"))
 datasets = importlib.util.module_from_spec(_spec)
