@@ -142,39 +142,37 @@ def pack_artifact(
     )
 
 
-def _read_bytes(source) -> bytes:
+def _read_bytes(source, caller: str) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
             return f.read()
     raise TypeError(
-        f"jq.load_exported: `path_or_bytes` must be bytes or a file path, got {type(source).__name__}"
+        f"{caller}: `path_or_bytes` must be bytes or a file path, got {type(source).__name__}"
     )
 
 
-def _sections(payload: bytes) -> dict[str, bytes]:
+def _sections(payload: bytes, caller: str) -> dict[str, bytes]:
     out, i, n = {}, 0, len(payload)
     while i < n:
         if i + _NAME_LEN.size > n:
-            raise ValueError("jq artifact: corrupted payload (a section header runs past the end)")
+            raise ValueError(f"{caller}: corrupted payload (a section header runs past the end)")
         (ln,) = _NAME_LEN.unpack_from(payload, i)
         i += _NAME_LEN.size
         if i + ln + _DATA_LEN.size > n:
-            raise ValueError("jq artifact: corrupted payload (a section name runs past the end)")
+            raise ValueError(f"{caller}: corrupted payload (a section name runs past the end)")
         try:
             name = payload[i : i + ln].decode()
         except UnicodeDecodeError:
-            raise ValueError(
-                "jq artifact: corrupted payload (a section name is not UTF-8)"
-            ) from None
+            raise ValueError(f"{caller}: corrupted payload (a section name is not UTF-8)") from None
         i += ln
         (dl,) = _DATA_LEN.unpack_from(payload, i)
         i += _DATA_LEN.size
         if i + dl > n:
-            raise ValueError(f"jq artifact: corrupted payload (section {name!r} runs past the end)")
+            raise ValueError(f"{caller}: corrupted payload (section {name!r} runs past the end)")
         if name in out:
-            raise ValueError(f"jq artifact: corrupted payload (section {name!r} appears twice)")
+            raise ValueError(f"{caller}: corrupted payload (section {name!r} appears twice)")
         out[name] = payload[i : i + dl]
         i += dl
     return out
@@ -195,66 +193,71 @@ def read_artifact(path_or_bytes) -> Artifact:
         SHA-256 mismatch (corrupted), or sections that do not match the manifest.
       TypeError: `path_or_bytes` is neither bytes nor a path.
     """
-    data = _read_bytes(path_or_bytes)
+    return parse_artifact(path_or_bytes, "jq.deploy.read_artifact")
+
+
+def parse_artifact(path_or_bytes, caller: str) -> Artifact:
+    """`read_artifact`, its errors named after `caller` (the public function the user called)."""
+    data = _read_bytes(path_or_bytes, caller)
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
         raise ValueError(
-            "jq artifact: not a jq export artifact (the file does not start with the jq magic "
+            f"{caller}: not a jq export artifact (the file does not start with the jq magic "
             f"{MAGIC!r}; got {data[: len(MAGIC)]!r})"
         )
     if len(data) < _HEADER.size:
         raise ValueError(
-            f"jq artifact: truncated: {len(data)} bytes, shorter than the {_HEADER.size}-byte header"
+            f"{caller}: truncated: {len(data)} bytes, shorter than the {_HEADER.size}-byte header"
         )
     _, version, n, digest = _HEADER.unpack_from(data, 0)
     if version != FORMAT_VERSION:
         raise ValueError(
-            f"jq artifact: format version {version} is not supported (this jq reads version {FORMAT_VERSION})"
+            f"{caller}: format version {version} is not supported (this jq reads version {FORMAT_VERSION})"
         )
     got = len(data) - _HEADER.size
     if got < n:
         raise ValueError(
-            f"jq artifact: truncated: the header announces a {n}-byte payload, but only {got} "
+            f"{caller}: truncated: the header announces a {n}-byte payload, but only {got} "
             "bytes follow"
         )
     if got > n:
-        raise ValueError(f"jq artifact: {got - n} unexpected bytes after the {n}-byte payload")
+        raise ValueError(f"{caller}: {got - n} unexpected bytes after the {n}-byte payload")
     payload = data[_HEADER.size :]
     if hashlib.sha256(payload).digest() != digest:
         raise ValueError(
-            "jq artifact: corrupted: the SHA-256 of the payload does not match the header"
+            f"{caller}: corrupted: the SHA-256 of the payload does not match the header"
         )
-    sec = _sections(payload)
+    sec = _sections(payload, caller)
     for req in ("manifest", "module"):
         if req not in sec:
-            raise ValueError(f"jq artifact: missing section {req!r}")
+            raise ValueError(f"{caller}: missing section {req!r}")
     try:
         manifest = json.loads(sec["manifest"].decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"jq artifact: the manifest is not valid JSON ({e})") from None
+        raise ValueError(f"{caller}: the manifest is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("weights"), list):
-        raise ValueError("jq artifact: the manifest has no `weights` list")
+        raise ValueError(f"{caller}: the manifest has no `weights` list")
     weights = []
     for i, w in enumerate(manifest["weights"]):
         key = f"weight:{i}"
         if key not in sec:
-            raise ValueError(f"jq artifact: missing section {key!r} named in the manifest")
+            raise ValueError(f"{caller}: missing section {key!r} named in the manifest")
         try:
             dtype = np.dtype(jax.numpy.dtype(w["dtype"]))
             shape = tuple(int(d) for d in w["shape"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(
-                f"jq artifact: manifest entry for weight {i} is invalid ({e!r})"
+                f"{caller}: manifest entry for weight {i} is invalid ({e!r})"
             ) from None
         size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if len(sec[key]) != size:
             raise ValueError(
-                f"jq artifact: weight {i} ({w.get('name')!r}) has {len(sec[key])} bytes, expected {size} for "
+                f"{caller}: weight {i} ({w.get('name')!r}) has {len(sec[key])} bytes, expected {size} for "
                 f"shape {shape} {dtype.name}"
             )
         weights.append(np.frombuffer(sec[key], dtype=dtype.newbyteorder("<")).reshape(shape))
     extra = set(sec) - {"manifest", "module"} - {f"weight:{i}" for i in range(len(weights))}
     if extra:
-        raise ValueError(f"jq artifact: unexpected sections {sorted(extra)}")
+        raise ValueError(f"{caller}: unexpected sections {sorted(extra)}")
     return Artifact(manifest, sec["module"], tuple(weights))
 
 
@@ -270,21 +273,21 @@ def default_platform() -> str:
     return "rocm" if "rocm" in version else "cuda"
 
 
-def _check_platforms(platforms) -> tuple[str, ...]:
+def _check_platforms(platforms, caller: str) -> tuple[str, ...]:
     if platforms is None:
         return (default_platform(),)
     if isinstance(platforms, str):
         platforms = (platforms,)
     platforms = tuple(platforms)
     if not platforms:
-        raise ValueError("jq.export: `platforms` is empty")
+        raise ValueError(f"{caller}: `platforms` is empty")
     bad = [p for p in platforms if p not in _KNOWN_PLATFORMS]
     if bad:
         raise ValueError(
-            f"jq.export: unknown platforms {bad} in `platforms`; choose from {_KNOWN_PLATFORMS}"
+            f"{caller}: unknown platforms {bad} in `platforms`; choose from {_KNOWN_PLATFORMS}"
         )
     if len(set(platforms)) != len(platforms):
-        raise ValueError(f"jq.export: `platforms` {platforms} has duplicates")
+        raise ValueError(f"{caller}: `platforms` {platforms} has duplicates")
     return platforms
 
 
@@ -350,19 +353,43 @@ def export_function(
       ValueError: bad platforms, an input without a batch axis, or weight names
         that do not match the weights.
     """
-    platforms = _check_platforms(platforms)
+    return build_artifact(
+        fn,
+        example_inputs,
+        weights=weights,
+        weight_names=weight_names,
+        platforms=platforms,
+        batch_polymorphic=batch_polymorphic,
+        info=info,
+        caller="jq.deploy.export_function",
+    )
+
+
+def build_artifact(
+    fn: Callable,
+    example_inputs: Sequence[Any],
+    *,
+    weights: Sequence[Any],
+    weight_names: Sequence[str] | None,
+    platforms: Sequence[str] | None,
+    batch_polymorphic: bool,
+    info: Mapping[str, Any] | None,
+    caller: str,
+) -> bytes:
+    """`export_function`, its errors named after `caller` (the public function the user called)."""
+    platforms = _check_platforms(platforms, caller)
     inputs = [jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)) for x in example_inputs]
     if batch_polymorphic:
         for i, a in enumerate(inputs):
             if not a.shape:
                 raise ValueError(
-                    f"jq.export: input {i} is a scalar and has no batch axis; pass batch_polymorphic=False"
+                    f"{caller}: input {i} is a scalar and has no batch axis; pass batch_polymorphic=False"
                 )
         inputs = list(jax.export.symbolic_args_specs(inputs, "b, ..."))
     ws = [np.asarray(w) for w in weights]
     names = list(weight_names) if weight_names is not None else [f"w{i}" for i in range(len(ws))]
     if len(names) != len(ws):
-        raise ValueError(f"jq.export: {len(names)} `weight_names` for {len(ws)} weights")
+        raise ValueError(f"{caller}: {len(names)} `weight_names` for {len(ws)} weights")
     w_avals = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in ws]
     exp = jax.export.export(jax.jit(_without_checks(fn)), platforms=platforms)(*w_avals, *inputs)
     module = exp.serialize()
@@ -395,23 +422,24 @@ class Deployed:
     """
 
     def __init__(self, artifact: Artifact, weights=None):
+        caller = "jq.load_exported"  # what constructs a Deployed
         try:
             exp = jax.export.deserialize(bytearray(artifact.module))
         except Exception as e:  # the flatbuffer / bytecode reader raises assorted types
             raise ValueError(
-                f"jq artifact: the module section cannot be deserialized ({type(e).__name__}: {e})"
+                f"{caller}: the module section cannot be deserialized ({type(e).__name__}: {e})"
             ) from None
         ws = artifact.weights if weights is None else _replacement_weights(artifact, weights)
         n_in = len(exp.in_avals) - len(ws)
         if n_in < 0 or n_in != len(artifact.manifest.get("inputs", [])):
             raise ValueError(
-                f"jq artifact: the module takes {len(exp.in_avals)} arguments, but the manifest lists "
+                f"{caller}: the module takes {len(exp.in_avals)} arguments, but the manifest lists "
                 f"{len(ws)} weights and {len(artifact.manifest.get('inputs', []))} inputs"
             )
         for i, (w, a) in enumerate(zip(ws, exp.in_avals)):
             if tuple(w.shape) != tuple(a.shape) or np.dtype(w.dtype) != np.dtype(a.dtype):
                 raise ValueError(
-                    f"jq artifact: weight {i} is {tuple(w.shape)} {np.dtype(w.dtype).name}, but the module expects "
+                    f"{caller}: weight {i} is {tuple(w.shape)} {np.dtype(w.dtype).name}, but the module expects "
                     f"{tuple(a.shape)} {np.dtype(a.dtype).name}"
                 )
         self.manifest = artifact.manifest
@@ -473,4 +501,4 @@ def load_exported(path_or_bytes, *, weights=None) -> Deployed:
       ValueError: a truncated, corrupted or foreign file (see `read_artifact`),
         or replacement weights that do not fit.
     """
-    return Deployed(read_artifact(path_or_bytes), weights)
+    return Deployed(parse_artifact(path_or_bytes, "jq.load_exported"), weights)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jq.deploy import export_function
+from jq.deploy import build_artifact
 from jq.flax.apply import apply
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule
@@ -132,12 +132,15 @@ def export(
         "summary": qvars.summary(),
     }
     if weights == "embedded":
-        blob = export_function(
+        blob = build_artifact(
             lambda *xs: run(qvars, xs),
             inputs,
+            weights=(),
+            weight_names=None,
             platforms=platforms,
             batch_polymorphic=batch_polymorphic,
             info=info,
+            caller="jq.export",
         )
     else:
         flat, treedef = jax.tree_util.tree_flatten_with_path(qvars)
@@ -152,7 +155,7 @@ def export(
             leaves = [next(it_w) if arg else next(it_c) for arg in is_arg]
             return run(jax.tree_util.tree_unflatten(treedef, leaves), a[n:])
 
-        blob = export_function(
+        blob = build_artifact(
             fn,
             inputs,
             weights=args,
@@ -160,6 +163,7 @@ def export(
             platforms=platforms,
             batch_polymorphic=batch_polymorphic,
             info=info,
+            caller="jq.export",
         )
     if path is not None:
         _write(path, blob)
