@@ -13,7 +13,7 @@ calls; the table shows the median over `--repeats` and the min - max):
 
 * ``1 device``: inputs and variables on device 0;
 * ``8 devices, data parallel``: the batch split over a ("data",) mesh of 8,
-  variables replicated (`jq.sharding.shard_qvars` with no shardings);
+  variables replicated (`jq.flax.sharding.shard_qvars` with no shardings);
 * ``8 devices, tensor parallel``: the first kernel split on its output
   features, the second on its input features (Megatron style), batch
   replicated.
@@ -46,7 +46,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jq  # noqa: E402
-import jq.sharding as js  # noqa: E402
+import jq.flax.sharding as jfs  # noqa: E402
 from jq import calibration as cal  # noqa: E402
 
 SIZES = (784, 1024, 1024, 10)
@@ -137,10 +137,10 @@ def main():
         ),
         ("float32", "8 devices, tensor parallel"): (f_float, (v_tp, x_tp)),
         ("int8", "1 device"): (f_int8, (_place(qv, dev0), x1)),
-        ("int8", "8 devices, data parallel"): (f_int8, (js.shard_qvars(qv, mesh=dp), x_dp)),
+        ("int8", "8 devices, data parallel"): (f_int8, (jfs.shard_qvars(qv, mesh=dp), x_dp)),
         ("int8", "8 devices, tensor parallel"): (
             f_int8,
-            (js.shard_qvars(qv, megatron, mesh=tp), x_tp),
+            (jfs.shard_qvars(qv, megatron, mesh=tp), x_tp),
         ),
     }
     max_err = {}

@@ -23,17 +23,18 @@ cannot guess:
    only local values and local scales.
 
 2. **Calibration on data-parallel shards** that equals calibration on the
-   concatenated data. MinMax merges by a min / max reduction. Histograms first
-   agree on a common range (a ``pmin`` / ``pmax`` of the shards' extrema), so
-   that every shard bins on the same lattice, and are then summed bin by bin
-   (``psum`` of int32 counts): the result is bit-identical to one ``update`` on
-   the whole batch.
+   concatenated data: `sharded_update`, `merge_states` and `with_common_range`,
+   which live in `jq.calibration.sharded` and are re-exported here.
+
+The Flax-layer helpers that place a whole `QuantizedVariables`
+(`shard_qvars`, `qvars_shardings`) live in `jq.flax.sharding`; their old names
+here still work, with a DeprecationWarning.
 
 Example (tensor-parallel on output features, data-parallel on the batch)::
 
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     float_shardings = {"params/Dense_0/kernel": NamedSharding(mesh, P(None, "model"))}
-    qvars = jq.sharding.shard_qvars(jq.convert(model, variables, rules, stats),
+    qvars = jq.flax.sharding.shard_qvars(jq.convert(model, variables, rules, stats),
                                     float_shardings, mesh=mesh)
     x = jax.device_put(x, NamedSharding(mesh, P("data")))
     y = jax.jit(lambda qv, x: jq.apply(model, qv, x))(qvars, x)
@@ -41,27 +42,38 @@ Example (tensor-parallel on output features, data-parallel on the batch)::
 
 from __future__ import annotations
 
-import functools
-import math
+import warnings
 from collections.abc import Mapping
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jq.calibration.sharded import merge_states, sharded_update, with_common_range
 from jq.quantize import QArray
 
 __all__ = [
     "merge_states",
     "qarray_partition_specs",
     "qarray_shardings",
-    "qvars_shardings",
-    "shard_qvars",
     "sharded_update",
     "with_common_range",
 ]
+
+# moved to the Flax layer (they build `QuantizedVariables`): jq.flax.sharding
+_MOVED = ("flatten_shardings", "qvars_shardings", "shard_qvars")
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(
+            f"jq.sharding.{name} is deprecated; use jq.flax.sharding.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from jq.flax import sharding as flax_sharding
+
+        return getattr(flax_sharding, name)
+    raise AttributeError(f"module 'jq.sharding' has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,314 +202,3 @@ def qarray_shardings(q: QArray, sharding: NamedSharding) -> QArray:
     return jax.tree_util.tree_map(
         lambda s: NamedSharding(sharding.mesh, s, memory_kind=sharding.memory_kind), specs
     )
-
-
-# ---------------------------------------------------------------------------------------
-# QuantizedVariables
-# ---------------------------------------------------------------------------------------
-def _key(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _is_spec_leaf(x) -> bool:
-    return isinstance(x, (Sharding, PartitionSpec, jax.Array, jax.ShapeDtypeStruct))
-
-
-def flatten_shardings(shardings) -> dict[str, Any]:
-    """``{"a/b/c": leaf}`` from a flat dict keyed by paths or any nested pytree."""
-    if isinstance(shardings, Mapping) and all(isinstance(k, str) and "/" in k for k in shardings):
-        return dict(shardings)
-    flat, _ = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=_is_spec_leaf)
-    out = {}
-    for path, leaf in flat:
-        keys = [_key(k) for k in path]
-        # boxed values (flax metadata, nnx variables) end in a "value" key
-        while len(keys) > 1 and keys[-1] in ("value", ".value", "raw_value"):
-            keys.pop()
-        out["/".join(keys)] = leaf
-    return out
-
-
-def _as_named(leaf, mesh: Mesh | None, path: str) -> NamedSharding | None:
-    if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
-        leaf = getattr(leaf, "sharding", None)
-        if leaf is None:
-            return None
-    if isinstance(leaf, NamedSharding):
-        return leaf
-    if isinstance(leaf, PartitionSpec):
-        if mesh is None:
-            raise ValueError(
-                f"shard_qvars: `shardings[{path!r}]` is a PartitionSpec; pass mesh= to say which mesh"
-            )
-        return NamedSharding(mesh, leaf)
-    if isinstance(leaf, Sharding):
-        if leaf.is_fully_replicated and mesh is not None:
-            return NamedSharding(mesh, PartitionSpec())
-        raise TypeError(
-            f"shard_qvars: `shardings[{path!r}]` is a {type(leaf).__name__}; jq needs a "
-            "NamedSharding (or a PartitionSpec with mesh=) to place the parts of a QArray"
-        )
-    raise TypeError(
-        f"shard_qvars: `shardings[{path!r}]` must be a NamedSharding, a PartitionSpec or a "
-        f"jax.Array, got {type(leaf).__name__}"
-    )
-
-
-def _find_mesh(named: dict) -> Mesh | None:
-    for s in named.values():
-        if isinstance(s, NamedSharding):
-            return s.mesh
-    return None
-
-
-def qvars_shardings(qvars, shardings=None, *, mesh: Mesh | None = None):
-    """Shardings for every leaf of a `jq.QuantizedVariables`, derived from the float ones.
-
-    Args:
-      qvars: `QuantizedVariables` from `jq.convert` (any pytree with
-        ``.variables`` ``{path: array | QArray}`` and ``.activations``).
-      shardings: the float variables' shardings, as
-
-        * a dict keyed by the paths of ``qvars.variables``
-          (``"params/Dense_0/kernel"`` for linen, ``"l1/kernel"`` for nnx), or
-        * a nested pytree with the float variables' structure (the linen
-          variables dict, an nnx `State`, or the output of
-          ``nn.logical_to_mesh_sharding``);
-
-        whose leaves are `NamedSharding`s, `PartitionSpec`s (with `mesh`) or the
-        float arrays themselves (their ``.sharding`` is used: this is how
-        `convert` "preserves" the float shardings). Paths left out, and every
-        activation `QParams`, are replicated. None replicates everything (pure
-        data parallelism).
-      mesh: the `Mesh`; needed for PartitionSpecs and when `shardings` is None.
-
-    Returns:
-      A pytree of NamedShardings with the structure of `qvars` (QArrays map to
-      QArrays of shardings, see `qarray_partition_specs`), usable as
-      ``in_shardings`` / ``out_shardings`` of `jax.jit` or with `jax.device_put`.
-
-    Raises:
-      ValueError: a path in `shardings` is not a variable of `qvars`; no mesh.
-      TypeError: a leaf that is not a sharding.
-    """
-    if not hasattr(qvars, "variables") or not hasattr(qvars, "activations"):
-        raise TypeError(
-            f"qvars_shardings: `qvars` must be jq.QuantizedVariables, got {type(qvars).__name__}"
-        )
-    flat = {} if shardings is None else flatten_shardings(shardings)
-    unknown = sorted(set(flat) - set(qvars.variables))
-    if unknown:
-        raise ValueError(
-            f"qvars_shardings: `shardings` names paths that are not variables of `qvars`: "
-            f"{unknown[:5]} (variables: {sorted(qvars.variables)[:5]}...)"
-        )
-    named = {p: _as_named(v, mesh, p) for p, v in flat.items()}
-    named = {p: s for p, s in named.items() if s is not None}
-    mesh = mesh if mesh is not None else _find_mesh(named)
-    if mesh is None:
-        raise ValueError("qvars_shardings: no mesh; pass mesh= (or NamedShardings in `shardings`)")
-    repl = NamedSharding(mesh, PartitionSpec())
-    out_vars = {}
-    for path, v in qvars.variables.items():
-        s = named.get(path, repl)
-        if isinstance(v, QArray):
-            out_vars[path] = qarray_shardings(v, s)
-        else:
-            out_vars[path] = s
-    acts = jax.tree_util.tree_map(lambda _: repl, qvars.activations)
-    smooth = jax.tree_util.tree_map(lambda _: repl, qvars.smooth)
-    return type(qvars)(out_vars, acts, qvars.plan, smooth)
-
-
-def shard_qvars(qvars, shardings=None, *, mesh: Mesh | None = None):
-    """Places `qvars` on devices consistently with the float variables' shardings.
-
-    ``jax.device_put(qvars, qvars_shardings(qvars, shardings, mesh=mesh))``:
-    each QArray's int values follow the float weight's layout (int4 bytes along
-    the pack axis included), its per-channel scales and zero points are split
-    along the channel axis with it, and activation `QParams` are replicated.
-
-    To keep the shardings of already-sharded float variables, pass them as
-    `shardings` (``shard_qvars(jq.convert(model, v, rules, stats), v)``).
-
-    Args:
-      qvars, shardings, mesh: as in `qvars_shardings`.
-
-    Returns:
-      The same `QuantizedVariables`, with every array committed to its sharding.
-    """
-    return jax.device_put(qvars, qvars_shardings(qvars, shardings, mesh=mesh))
-
-
-# ---------------------------------------------------------------------------------------
-# calibration on data-parallel shards
-# ---------------------------------------------------------------------------------------
-def _is_histogram(obs) -> bool:
-    from jq.calibration import Histogram
-
-    return isinstance(obs, Histogram)
-
-
-def with_common_range(observer, state, lo: jax.Array, hi: jax.Array):
-    """A histogram state whose lattice will cover ``[lo, hi]`` (other observers: unchanged).
-
-    A `Histogram` sets (and widens) its bin lattice from the running extrema
-    and the batch's. Widening the state's extrema to the global range of a
-    batch before each shard's `update` puts every shard on the same lattice, the
-    one that a single `update` on the whole batch would choose, so the shards'
-    counts add up bin by bin, exactly.
-
-    Args:
-      observer: the observer.
-      state: its state.
-      lo, hi: the global batch extrema in the state's keepdims shape (e.g. a
-        ``pmin`` / ``pmax`` of the shards' extrema).
-
-    Returns:
-      The state with ``lo = min(state.lo, lo)``, ``hi = max(state.hi, hi)`` for
-      a Histogram; `state` itself for other observers.
-    """
-    if not _is_histogram(observer):
-        return state
-    lo = jnp.asarray(lo, jnp.float32).reshape(state.lo.shape)
-    hi = jnp.asarray(hi, jnp.float32).reshape(state.hi.shape)
-    return state._replace(lo=jnp.minimum(state.lo, lo), hi=jnp.maximum(state.hi, hi))
-
-
-def merge_states(observer, states):
-    """Folds ``observer.merge`` over the leading (shard) axis of stacked states.
-
-    Use it after computing one state per shard, e.g.
-    ``jax.vmap(obs.update, in_axes=(None, 0))(state, x.reshape(n, -1, *x.shape[1:]))``.
-    MinMax merges exactly; histograms merge exactly when the shards share a
-    lattice (see `with_common_range`), otherwise within half a bin (see
-    ``Histogram.merge``).
-
-    Args:
-      observer: an observer with a ``merge`` method.
-      states: its state with a leading axis of shards.
-
-    Returns:
-      One merged state.
-
-    Raises:
-      TypeError: the observer has no ``merge``.
-      ValueError: `states` has no leading axis.
-    """
-    if not hasattr(observer, "merge"):
-        raise TypeError(f"merge_states: `observer` {type(observer).__name__} has no merge method")
-    leaves = jax.tree_util.tree_leaves(states)
-    if not leaves or any(np.ndim(a) == 0 for a in leaves):
-        raise ValueError("merge_states: `states` must carry a leading axis of shards")
-    n = int(np.shape(leaves[0])[0])
-    out = jax.tree_util.tree_map(lambda a: a[0], states)
-    for i in range(1, n):
-        out = observer.merge(out, jax.tree_util.tree_map(lambda a, i=i: a[i], states))
-    return out
-
-
-def _local_extrema(x, axis, ndim):
-    finite = jnp.isfinite(x)
-    red = tuple(i for i in range(ndim) if axis is None or i != axis % ndim)
-    lo = jnp.min(jnp.where(finite, x, jnp.inf), axis=red, keepdims=True).astype(jnp.float32)
-    hi = jnp.max(jnp.where(finite, x, -jnp.inf), axis=red, keepdims=True).astype(jnp.float32)
-    return lo, hi
-
-
-def sharded_update(
-    observer, state, x: jax.Array, mesh: Mesh, axis_name: str | tuple = "data", batch_axis: int = 0
-):
-    """``observer.update(state, x)`` with `x` split over `axis_name` and observed per shard.
-
-    Each device observes only its slice of the batch (inside `jax.shard_map`),
-    then the shards' statistics are combined: histograms agree on the global
-    range first (`with_common_range`, a ``pmin`` / ``pmax``) and sum their
-    int32 counts (``psum``); other observers are gathered and folded with
-    ``observer.merge`` (MinMax: min of mins, max of maxes; the moving average
-    too, which is exact for one step from a shared state since the average is
-    monotone in the batch extremum). The result equals ``observer.update(state,
-    x)`` on the whole batch: bit for bit for MinMax, MovingAverageMinMax and
-    Histogram.
-
-    Args:
-      observer: a jq.calibration observer.
-      state: its state (replicated).
-      x: the global batch; its `batch_axis` must divide evenly over `axis_name`.
-      mesh: the `Mesh`.
-      axis_name: the data-parallel mesh axis (or axes).
-      batch_axis: the axis of `x` that is split.
-
-    Returns:
-      The updated state, replicated over the mesh.
-
-    Raises:
-      ValueError: `batch_axis` is the observer's channel axis, or does not split
-        evenly.
-    """
-    x = jnp.asarray(x)
-    nd = x.ndim
-    if isinstance(axis_name, list):
-        axis_name = tuple(axis_name)
-    if not -nd <= batch_axis < nd:
-        raise ValueError(f"sharded_update: batch_axis={batch_axis} is out of range for rank {nd}")
-    batch_axis %= nd
-    ch = getattr(observer, "axis", None)
-    if ch is not None and ch % nd == batch_axis:
-        raise ValueError(
-            f"sharded_update: batch_axis={batch_axis} is the observer's channel axis; split the "
-            "batch along another axis"
-        )
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    k = math.prod(mesh.shape[a] for a in names)
-    if x.shape[batch_axis] % k:
-        raise ValueError(
-            f"sharded_update: `x` axis {batch_axis} (size {x.shape[batch_axis]}) does not split "
-            f"into {k} shards over {axis_name!r}"
-        )
-    return _sharded_step(observer, mesh, axis_name, batch_axis, nd)(state, x)
-
-
-@functools.lru_cache(maxsize=64)
-def _sharded_step(observer, mesh, axis_name, batch_axis, nd):
-    """One jitted shard_map step per (observer, mesh, axes, rank): no retracing per batch."""
-    ch = getattr(observer, "axis", None)
-    xspec = [None] * nd
-    xspec[batch_axis] = axis_name
-    hist = _is_histogram(observer)
-
-    @functools.partial(
-        jax.shard_map,
-        mesh=mesh,
-        in_specs=(PartitionSpec(), PartitionSpec(*xspec)),
-        out_specs=PartitionSpec(),
-        check_vma=False,
-    )
-    def step(st, xs):
-        if hist:
-            lo, hi = _local_extrema(xs, ch, nd)
-            st0 = with_common_range(
-                observer, st, jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
-            )
-            # the earlier counts are re-binned identically everywhere: keep them on one shard
-            first = jax.lax.axis_index(axis_name) == 0
-            st0 = st0._replace(counts=jnp.where(first, st0.counts, 0))
-            new = observer.update(st0, xs)
-            return new._replace(
-                counts=jax.lax.psum(new.counts, axis_name),
-                nonfinite=st.nonfinite + jax.lax.psum(new.nonfinite - st.nonfinite, axis_name),
-            )
-        new = observer.update(st, xs)
-        gathered = jax.tree_util.tree_map(lambda a: jax.lax.all_gather(a, axis_name), new)
-        merged = merge_states(observer, gathered)
-        if hasattr(merged, "nonfinite"):
-            bad = jax.tree_util.tree_map(lambda a: a - st.nonfinite, gathered.nonfinite)
-            merged = merged._replace(nonfinite=st.nonfinite + jnp.sum(bad))
-        if hasattr(merged, "count"):
-            merged = merged._replace(count=st.count + 1)
-        return merged
-
-    return jax.jit(step)

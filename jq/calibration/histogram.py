@@ -191,6 +191,39 @@ class Histogram:
             counts, offset, width, lo, hi, state.count + 1, state.nonfinite + n_bad
         )
 
+    def with_range(self, state: HistogramState, lo, hi) -> HistogramState:
+        """The state whose lattice will cover ``[lo, hi]``: ``lo = min(state.lo, lo)``, ``hi = max(state.hi, hi)``.
+
+        `update` sets (and widens) the bin lattice from the running extrema and
+        the batch's. Widening the extrema to a batch's global range before each
+        shard's `update` puts every shard on the lattice one `update` on the
+        whole batch would choose, so the shards' counts add up bin by bin.
+        `lo`, `hi` are in the state's keepdims shape (or broadcast to it).
+        """
+        lo = jnp.asarray(lo, jnp.float32).reshape(state.lo.shape)
+        hi = jnp.asarray(hi, jnp.float32).reshape(state.hi.shape)
+        return state._replace(lo=jnp.minimum(state.lo, lo), hi=jnp.maximum(state.hi, hi))
+
+    def shard_update(self, state: HistogramState, xs: jax.Array, axis_name) -> HistogramState:
+        """`update` on one data-parallel shard `xs` (inside ``jax.shard_map``), combined over `axis_name`.
+
+        The shards agree on the global range (``pmin`` / ``pmax`` of their finite
+        extrema, `with_range`), bin on that common lattice (the earlier counts
+        kept on shard 0 only, since every shard re-bins them identically), and
+        sum their int32 counts (``psum``): bit-identical to one `update` on the
+        concatenated batch.
+        """
+        x = _common.check_float_input(xs, "Histogram", "update")
+        lo, hi = _common.masked_min_max(x, jnp.isfinite(x), self.axis)
+        st0 = self.with_range(state, jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name))
+        first = jax.lax.axis_index(axis_name) == 0
+        st0 = st0._replace(counts=jnp.where(first, st0.counts, 0))
+        new = self.update(st0, xs)
+        return new._replace(
+            counts=jax.lax.psum(new.counts, axis_name),
+            nonfinite=state.nonfinite + jax.lax.psum(new.nonfinite - state.nonfinite, axis_name),
+        )
+
     def merge(self, a: HistogramState, b: HistogramState) -> HistogramState:
         """Combines two shards' histograms; jittable.
 

@@ -23,6 +23,7 @@ from jq.flax.export import export
 from jq.flax.gptq import gptq
 from jq.flax.qat import (
     QAT,
+    QatVariables,
     qat,
 )
 from jq.flax.qvars import (
@@ -48,6 +49,7 @@ from jq.flax.smoothquant import smoothquant
 __all__ = [
     "OP_KINDS",
     "QAT",
+    "QatVariables",
     "AutoQuantResult",
     "CalibrationStats",
     "CastModel",

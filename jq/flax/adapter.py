@@ -21,6 +21,7 @@ from jq.quantize import QArray
 
 __all__ = [
     "ModelAdapter",
+    "model_kind",
     "Traced",
     "fmt_paths",
     "is_dynamic",
@@ -37,6 +38,24 @@ def _key_name(k) -> str:
     return str(k)
 
 
+def model_kind(model, caller: str = "jq") -> str:
+    """``"linen"`` for a `flax.linen.Module`, ``"nnx"`` for a `flax.nnx.Module`.
+
+    The one place jq tells the two kinds apart; anything else raises a TypeError
+    naming `caller`, the public function the user called.
+    """
+    import flax.linen as nn
+    from flax import nnx
+
+    if isinstance(model, nn.Module):
+        return "linen"
+    if isinstance(model, nnx.Module):
+        return "nnx"
+    raise TypeError(
+        f"{caller}: model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
+    )
+
+
 class ModelAdapter:
     """A linen or nnx model as ``fn(leaves, *args, **kwargs)`` with named leaves."""
 
@@ -46,8 +65,8 @@ class ModelAdapter:
 
         self.model = model
         self.method = method
-        if isinstance(model, nn.Module):
-            self.kind = "linen"
+        self.kind = model_kind(model)
+        if self.kind == "linen":
             if variables is None:
                 raise ValueError(
                     "jq: a linen model needs its `variables` (the dict from model.init)"
@@ -69,8 +88,7 @@ class ModelAdapter:
                     )
                 )
             self.values = [leaf for _, leaf in flat]
-        elif isinstance(model, nnx.Module):
-            self.kind = "nnx"
+        else:
             if variables is not None:
                 raise ValueError(
                     "jq: an nnx model carries its own state; pass variables=None "
@@ -98,10 +116,6 @@ class ModelAdapter:
                     )
                 )
             self.values = [leaf for _, leaf in flat]
-        else:
-            raise TypeError(
-                f"jq: model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
-            )
         self.leaves = infos
         self.by_path = {li.path: li for li in infos}
         # nnx: when True, `fn` returns ``(out, new_leaves)``, the module's state after the

@@ -18,7 +18,7 @@ import numpy as np
 
 from jq import ops
 from jq.flax._graph import Interpreter, Site, bind_eqn, keyed_by_site
-from jq.flax.adapter import ModelAdapter, fmt_paths, leaf_aval, state_changes, trace
+from jq.flax.adapter import ModelAdapter, fmt_paths, leaf_aval, model_kind, state_changes, trace
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule, check_rules
 from jq.qparams import QuantSpec
@@ -79,10 +79,6 @@ def apply(
         adapter.with_state = True
     model_sig = None
     if adapter.kind == "linen":
-        import flax.linen as nn
-
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"jq.apply: model must be a Flax Module, got {type(model).__name__}")
         model_sig = _linen_signature(model, args, kwargs, method)
     _check_signature(
         adapter, qvars, model_sig, partial=method is not None, inputs=_describe_inputs(args, kwargs)
@@ -250,14 +246,7 @@ def run_embed(eqn, invals):
 
 
 def _adapter_for(model, qvars: QuantizedVariables, method):
-    import flax.linen as nn
-    from flax import nnx
-
-    if not isinstance(model, (nn.Module, nnx.Module)):
-        raise TypeError(
-            f"jq.apply: model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
-        )
-    kind = "linen" if isinstance(model, nn.Module) else "nnx"
+    kind = model_kind(model, "jq.apply")
     if kind != qvars.plan.model_kind:
         raise ValueError(
             f"jq.apply: the quantized variables belong to another model: they come from a "

@@ -7,14 +7,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jq.flax._graph import Interpreter, bind_eqn, keyed_by_act_key, keyed_by_site
-from jq.flax.adapter import ModelAdapter, fmt_paths, state_changes, trace
+from jq.flax.adapter import ModelAdapter, fmt_paths, model_kind, state_changes, trace
 from jq.flax.qvars import CalibrationStats, observed_range, warn_zero_width
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import activation_spec, choose, leaf_specs, scan_lengths, stack_tree
@@ -23,6 +26,7 @@ from jq.quantize import fake_quant, lsq_fake_quant
 
 __all__ = [
     "QAT",
+    "QatVariables",
     "is_qat_vars",
     "qat",
     "qat_act_qparams",
@@ -33,11 +37,40 @@ __all__ = [
 ]
 
 
+_QAT_FIELDS = ("params", "quant", "state")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class QatVariables(Mapping):
+    """QAT variables: ``params`` (trained), ``quant`` (learned quantization parameters), ``state``.
+
+    A registered pytree dataclass that also reads as the dict it replaces:
+    ``qv["params"]``, ``{**qv, "state": new_state}``, ``set(qv) == {"params",
+    "quant", "state"}``. `QAT.apply` and `jq.convert` take it or such a dict.
+    """
+
+    params: Any
+    quant: Any
+    state: Any
+
+    def __getitem__(self, key: str):
+        if key not in _QAT_FIELDS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_QAT_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_QAT_FIELDS)
+
+
 class QAT:
     """Quantization-aware training of an unmodified model.
 
-    ``qat = jq.qat(model, rules)``; ``qv = qat.init(variables, x)`` returns a
-    dict with three entries:
+    ``qat = jq.qat(model, rules)``; ``qv = qat.init(variables, x)`` returns
+    `QatVariables` (read like a dict) with three entries:
 
     * ``"params"``: the model's float parameters (linen: ``variables["params"]``;
       nnx: ``{path: array}`` of its `nnx.Param` leaves), trained as usual;
@@ -93,9 +126,7 @@ class QAT:
 
     # -- variables <-> adapter ------------------------------------------------------------
     def _adapter(self, params, state):
-        import flax.linen as nn
-
-        if isinstance(self.model, nn.Module):
+        if model_kind(self.model, "jq.qat") == "linen":
             return ModelAdapter(self.model, {"params": params, **state["variables"]}, self.method)
         return ModelAdapter(self.model, None, self.method)
 
@@ -104,15 +135,15 @@ class QAT:
             return list(adapter.values)
         return list(adapter.override({**state["variables"], **params}).values)
 
-    def init(self, variables, *args, stats: CalibrationStats | None = None, **kwargs) -> dict:
+    def init(
+        self, variables, *args, stats: CalibrationStats | None = None, **kwargs
+    ) -> QatVariables:
         """QAT variables from trained float variables (nnx: None) and an example input.
 
         Activation ranges start from `stats` when given, otherwise from the
         example batch's min-max; LSQ scales start from those ranges.
         """
-        import flax.linen as nn
-
-        if isinstance(self.model, nn.Module):
+        if model_kind(self.model, "jq.qat.init") == "linen":
             if variables is None:
                 raise ValueError("jq.qat.init: a linen model needs its trained variables")
             from flax.core import unfreeze
@@ -196,9 +227,9 @@ class QAT:
                     if qp.zero_point is None
                     else qp.zero_point.astype(jnp.float32),
                 }
-        return qv
+        return QatVariables(**qv)
 
-    def apply(self, qat_vars: dict, *args, update_stats: bool = False, **kwargs):
+    def apply(self, qat_vars: Mapping, *args, update_stats: bool = False, **kwargs):
         """Fake-quantized forward pass. Returns the output, or ``(output, new_state)``.
 
         With ``update_stats=True`` the new state holds everything the step
@@ -233,7 +264,15 @@ class QAT:
             w = leaves[idx]
             if self.weights == "lsq" and name in quant.get("weights", {}):
                 lq = quant["weights"][name]
-                leaves[idx] = lsq_fake_quant(w, QParams(lq["scale"], lq["zero_point"]), spec)
+                # LSQ's gradient scale 1 / sqrt(N qmax) counts the N weights of one layer, also
+                # for layers stacked by a scan (which the spec quantizes layer by layer)
+                n = w.size // math.prod(c.site.stack)
+                leaves[idx] = lsq_fake_quant(
+                    w,
+                    QParams(lq["scale"], lq["zero_point"]),
+                    spec,
+                    grad_scale=1.0 / math.sqrt(n * spec.qmax),
+                )
             else:
                 leaves[idx] = fake_quant(w, None, spec)
         c_ema = self.c
@@ -305,13 +344,12 @@ def qat(model, rules: Sequence[Rule], **kw) -> QAT:
 
 
 def is_qat_vars(v) -> bool:
-    return isinstance(v, dict) and set(v) == {"params", "quant", "state"} and "ranges" in v["state"]
+    """`QatVariables`, or a dict with its three entries."""
+    return isinstance(v, Mapping) and set(v) == set(_QAT_FIELDS) and "ranges" in v["state"]
 
 
 def qat_model_variables(model, qat_vars):
-    import flax.linen as nn
-
-    if isinstance(model, nn.Module):
+    if model_kind(model, "jq.convert") == "linen":
         return {"params": qat_vars["params"], **qat_vars["state"]["variables"]}
     return None
 

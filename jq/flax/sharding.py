@@ -17,20 +17,24 @@ are; these helpers carry the annotations over to the `QuantizedVariables`:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from jq import sharding as _sharding
 from jq.quantize import QArray
 
 __all__ = [
+    "flatten_shardings",
     "float_logical_specs",
     "logical_shardings",
     "logical_specs",
     "merge_stats",
+    "qvars_shardings",
     "shard_logical",
+    "shard_qvars",
 ]
 
 
@@ -57,7 +61,7 @@ def float_logical_specs(variables_or_model) -> dict[str, PartitionSpec]:
             "float_logical_specs: `variables_or_model` must be linen variables or an nnx Module, "
             f"got {type(variables_or_model).__name__}"
         )
-    flat = _sharding.flatten_shardings(specs)
+    flat = flatten_shardings(specs)
     return {p: (s if isinstance(s, PartitionSpec) else PartitionSpec()) for p, s in flat.items()}
 
 
@@ -117,7 +121,7 @@ def logical_shardings(
     """
     flat = float_logical_specs(variables_or_model)
     mesh_specs = {p: _to_mesh(s, rules) for p, s in flat.items()}
-    return _sharding.qvars_shardings(qvars, mesh_specs, mesh=mesh)
+    return qvars_shardings(qvars, mesh_specs, mesh=mesh)
 
 
 def shard_logical(
@@ -171,3 +175,144 @@ def merge_stats(*stats):
         first.example,
         first.site_names,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# QuantizedVariables
+# ---------------------------------------------------------------------------------------
+def _key(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _is_spec_leaf(x) -> bool:
+    return isinstance(x, (Sharding, PartitionSpec, jax.Array, jax.ShapeDtypeStruct))
+
+
+def flatten_shardings(shardings) -> dict[str, Any]:
+    """``{"a/b/c": leaf}`` from a flat dict keyed by paths or any nested pytree."""
+    if isinstance(shardings, Mapping) and all(isinstance(k, str) and "/" in k for k in shardings):
+        return dict(shardings)
+    flat, _ = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=_is_spec_leaf)
+    out = {}
+    for path, leaf in flat:
+        keys = [_key(k) for k in path]
+        # boxed values (flax metadata, nnx variables) end in a "value" key
+        while len(keys) > 1 and keys[-1] in ("value", ".value", "raw_value"):
+            keys.pop()
+        out["/".join(keys)] = leaf
+    return out
+
+
+def _as_named(leaf, mesh: Mesh | None, path: str) -> NamedSharding | None:
+    if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+        leaf = getattr(leaf, "sharding", None)
+        if leaf is None:
+            return None
+    if isinstance(leaf, NamedSharding):
+        return leaf
+    if isinstance(leaf, PartitionSpec):
+        if mesh is None:
+            raise ValueError(
+                f"shard_qvars: `shardings[{path!r}]` is a PartitionSpec; pass mesh= to say which mesh"
+            )
+        return NamedSharding(mesh, leaf)
+    if isinstance(leaf, Sharding):
+        if leaf.is_fully_replicated and mesh is not None:
+            return NamedSharding(mesh, PartitionSpec())
+        raise TypeError(
+            f"shard_qvars: `shardings[{path!r}]` is a {type(leaf).__name__}; jq needs a "
+            "NamedSharding (or a PartitionSpec with mesh=) to place the parts of a QArray"
+        )
+    raise TypeError(
+        f"shard_qvars: `shardings[{path!r}]` must be a NamedSharding, a PartitionSpec or a "
+        f"jax.Array, got {type(leaf).__name__}"
+    )
+
+
+def _find_mesh(named: dict) -> Mesh | None:
+    for s in named.values():
+        if isinstance(s, NamedSharding):
+            return s.mesh
+    return None
+
+
+def qvars_shardings(qvars, shardings=None, *, mesh: Mesh | None = None):
+    """Shardings for every leaf of a `jq.QuantizedVariables`, derived from the float ones.
+
+    Args:
+      qvars: `QuantizedVariables` from `jq.convert` (any pytree with
+        ``.variables`` ``{path: array | QArray}`` and ``.activations``).
+      shardings: the float variables' shardings, as
+
+        * a dict keyed by the paths of ``qvars.variables``
+          (``"params/Dense_0/kernel"`` for linen, ``"l1/kernel"`` for nnx), or
+        * a nested pytree with the float variables' structure (the linen
+          variables dict, an nnx `State`, or the output of
+          ``nn.logical_to_mesh_sharding``);
+
+        whose leaves are `NamedSharding`s, `PartitionSpec`s (with `mesh`) or the
+        float arrays themselves (their ``.sharding`` is used: this is how
+        `convert` "preserves" the float shardings). Paths left out, and every
+        activation `QParams`, are replicated. None replicates everything (pure
+        data parallelism).
+      mesh: the `Mesh`; needed for PartitionSpecs and when `shardings` is None.
+
+    Returns:
+      A pytree of NamedShardings with the structure of `qvars` (QArrays map to
+      QArrays of shardings, see `qarray_partition_specs`), usable as
+      ``in_shardings`` / ``out_shardings`` of `jax.jit` or with `jax.device_put`.
+
+    Raises:
+      ValueError: a path in `shardings` is not a variable of `qvars`; no mesh.
+      TypeError: a leaf that is not a sharding.
+    """
+    if not hasattr(qvars, "variables") or not hasattr(qvars, "activations"):
+        raise TypeError(
+            f"qvars_shardings: `qvars` must be jq.QuantizedVariables, got {type(qvars).__name__}"
+        )
+    flat = {} if shardings is None else flatten_shardings(shardings)
+    unknown = sorted(set(flat) - set(qvars.variables))
+    if unknown:
+        raise ValueError(
+            f"qvars_shardings: `shardings` names paths that are not variables of `qvars`: "
+            f"{unknown[:5]} (variables: {sorted(qvars.variables)[:5]}...)"
+        )
+    named = {p: _as_named(v, mesh, p) for p, v in flat.items()}
+    named = {p: s for p, s in named.items() if s is not None}
+    mesh = mesh if mesh is not None else _find_mesh(named)
+    if mesh is None:
+        raise ValueError("qvars_shardings: no mesh; pass mesh= (or NamedShardings in `shardings`)")
+    repl = NamedSharding(mesh, PartitionSpec())
+    out_vars = {}
+    for path, v in qvars.variables.items():
+        s = named.get(path, repl)
+        if isinstance(v, QArray):
+            out_vars[path] = _sharding.qarray_shardings(v, s)
+        else:
+            out_vars[path] = s
+    acts = jax.tree_util.tree_map(lambda _: repl, qvars.activations)
+    smooth = jax.tree_util.tree_map(lambda _: repl, qvars.smooth)
+    return type(qvars)(out_vars, acts, qvars.plan, smooth)
+
+
+def shard_qvars(qvars, shardings=None, *, mesh: Mesh | None = None):
+    """Places `qvars` on devices consistently with the float variables' shardings.
+
+    ``jax.device_put(qvars, qvars_shardings(qvars, shardings, mesh=mesh))``:
+    each QArray's int values follow the float weight's layout (int4 bytes along
+    the pack axis included), its per-channel scales and zero points are split
+    along the channel axis with it, and activation `QParams` are replicated.
+
+    To keep the shardings of already-sharded float variables, pass them as
+    `shardings` (``shard_qvars(jq.convert(model, v, rules, stats), v)``).
+
+    Args:
+      qvars, shardings, mesh: as in `qvars_shardings`.
+
+    Returns:
+      The same `QuantizedVariables`, with every array committed to its sharding.
+    """
+    return jax.device_put(qvars, qvars_shardings(qvars, shardings, mesh=mesh))

@@ -259,7 +259,7 @@ def test_convert_keeps_float_shardings(linen, wfmt):
         else:
             assert got.sharding.spec == want, path
     # shard_qvars from the float arrays themselves gives the same layout
-    qs = js.shard_qvars(jq.convert(m, v, rules(wfmt), stats), fv)
+    qs = jfs.shard_qvars(jq.convert(m, v, rules(wfmt), stats), fv)
     for path in qv.variables:
         a, b = (
             jax.tree_util.tree_leaves(qv.variables[path]),
@@ -274,15 +274,15 @@ def test_qvars_shardings_bad_input(linen):
     m, v = linen
     qv = jq.convert(m, v, rules(static=False), args=(X,))
     with pytest.raises(ValueError, match="not variables of `qvars`"):
-        js.qvars_shardings(qv, {"params/Nope/kernel": ns()})
+        jfs.qvars_shardings(qv, {"params/Nope/kernel": ns()})
     with pytest.raises(ValueError, match="pass mesh="):
-        js.qvars_shardings(qv, {"params/Dense_0/kernel": P(None, "model")})
+        jfs.qvars_shardings(qv, {"params/Dense_0/kernel": P(None, "model")})
     with pytest.raises(ValueError, match="no mesh"):
-        js.qvars_shardings(qv)
+        jfs.qvars_shardings(qv)
     with pytest.raises(TypeError, match="must be a NamedSharding, a PartitionSpec or a jax.Array"):
-        js.qvars_shardings(qv, {"params/Dense_0/kernel": "model"}, mesh=MESH)
+        jfs.qvars_shardings(qv, {"params/Dense_0/kernel": "model"}, mesh=MESH)
     with pytest.raises(TypeError, match="jq.QuantizedVariables"):
-        js.qvars_shardings(v, mesh=MESH)
+        jfs.qvars_shardings(v, mesh=MESH)
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def test_apply_on_mesh_equals_one_device(linen, layout, wfmt):
     qv = jq.convert(m, v, rules(wfmt), stats)
     f = jax.jit(lambda q, x: jq.apply(m, q, x))
     ref = f(qv, X)
-    qs = js.shard_qvars(qv, LAYOUTS[layout], mesh=MESH)
+    qs = jfs.shard_qvars(qv, LAYOUTS[layout], mesh=MESH)
     xs = jax.device_put(X, ns("data"))
     y = f(qs, xs)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6, atol=1e-6)
@@ -331,7 +331,7 @@ def test_row_parallel_sums_int32_partials_across_devices(linen):
     m, v = linen
     qv = jq.convert(m, v, rules(static=False), args=(X,))
     f = jax.jit(lambda q, x: jq.apply(m, q, x))
-    qs = js.shard_qvars(qv, LAYOUTS["megatron"], mesh=MESH)
+    qs = jfs.shard_qvars(qv, LAYOUTS["megatron"], mesh=MESH)
     hlo = f.lower(qs, jax.device_put(X, ns("data"))).compile().as_text()
     assert re.search(r"= s32\[9,16\]\S* all-reduce\(", hlo), "no s32 all-reduce of the partial dots"
     np.testing.assert_allclose(
@@ -550,7 +550,7 @@ def test_nnx_sharding_annotations_carry_to_quantized_variables():
     qs = jfs.shard_logical(qv, model, MESH)
     assert qs.variables["l2/kernel"].scale.sharding.spec == P(None, None)
     # the module's own (sharded) state works as the float shardings too
-    qs2 = js.shard_qvars(jax.device_get(qv), nnx.state(model))
+    qs2 = jfs.shard_qvars(jax.device_get(qv), nnx.state(model))
     for path in qv.variables:
         assert [a.sharding.spec for a in jax.tree_util.tree_leaves(qs2.variables[path])] == [
             a.sharding.spec for a in jax.tree_util.tree_leaves(qs.variables[path])
@@ -575,7 +575,7 @@ def test_exported_tpu_and_cuda_modules_keep_sharded_int8_dots(linen):
     """For pods: the exported module has i8 x i8 -> i32 dots and the int8 kernel's mesh sharding."""
     m, v = linen
     qv = jq.convert(m, v, rules(), jq.calibrate(m, v, [X], rules(), progress=False))
-    sh = js.qvars_shardings(qv, LAYOUTS["megatron"], mesh=MESH)
+    sh = jfs.qvars_shardings(qv, LAYOUTS["megatron"], mesh=MESH)
     f = jax.jit(lambda q, x: jq.apply(m, q, x), in_shardings=(sh, ns("data")))
     for platform in ("tpu", "cuda"):
         exp = jax.export.export(f, platforms=(platform,))(
@@ -632,7 +632,7 @@ def test_explicit_axis_types_mesh_through_auto_axes(linen):
     qv = jq.convert(m, v, rules(), jq.calibrate(m, v, [X], rules(), progress=False))
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
     with jax.set_mesh(mesh):
-        qs = js.shard_qvars(qv, LAYOUTS["megatron"], mesh=mesh)
+        qs = jfs.shard_qvars(qv, LAYOUTS["megatron"], mesh=mesh)
         f = jax.jit(jax.sharding.auto_axes(lambda q, x: jq.apply(m, q, x), out_sharding=P("data")))
         y = f(qs, jax.device_put(X, NamedSharding(mesh, P("data"))))
     assert y.sharding.spec[0] == "data"
