@@ -29,9 +29,9 @@ import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
 
+from jq.flax.dataflow import JaxprView, inner_jaxpr, scan_counts
 from jq.quantize import QArray, dequantize
 
-SCOPE_PREFIX = "jq="
 # primitives that only change a parameter's layout or dtype on its way to a dot
 _LAYOUT_OPS = {
     "convert_element_type",
@@ -41,18 +41,6 @@ _LAYOUT_OPS = {
     "expand_dims",
     "copy",
     "copy_p",
-}
-# call-like primitives whose body is evaluated inline
-_CALL_PARAM = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
 }
 
 
@@ -119,43 +107,6 @@ class Site:
         return StateKey(self.name, kind, operand)
 
 
-def scan_counts(params) -> tuple[int, int]:
-    """``(num_consts, num_carry)`` of a `scan` equation, on every supported JAX.
-
-    Up to jax 0.10 they are the ``num_consts`` / ``num_carry`` parameters; jax
-    0.11 replaced them with ``ft_in``, a flat tree of the three input groups
-    ``(consts, carry, xs)`` whose ``unpack()`` gives the groups.
-    """
-    if "num_consts" in params:
-        return params["num_consts"], params["num_carry"]
-    if "ft_in" in params:
-        consts, carry, _ = (len(g) for g in params["ft_in"].unpack())
-        return consts, carry
-    raise KeyError(
-        f"jq: unrecognised scan parameters {sorted(params)} (this JAX is newer than jq's "
-        "tested versions; see jq.ops.int8_dot.TESTED_JAX_VERSIONS)"
-    )
-
-
-def inner_jaxpr(eqn):
-    name = eqn.primitive.name
-    key = _CALL_PARAM.get(name)
-    if key is None or key not in eqn.params:
-        return None
-    j = eqn.params[key]
-    if isinstance(j, jcore.ClosedJaxpr):
-        return j.jaxpr, j.consts
-    return j, ()
-
-
-def scope_path(eqn, default: str) -> str:
-    ns = str(eqn.source_info.name_stack)
-    found = [seg for seg in ns.split("/") if seg.startswith(SCOPE_PREFIX)]
-    if not found:
-        return default
-    return found[-1][len(SCOPE_PREFIX) :].replace(":", "/")
-
-
 @dataclasses.dataclass
 class _Origin:
     leaf: LeafInfo
@@ -164,7 +115,13 @@ class _Origin:
 
 
 class SiteFinder:
-    """Walks a jaxpr and lists its sites in evaluation order."""
+    """Lists the sites of a jaxpr in evaluation order, reading its `JaxprView`.
+
+    A parameter reaches a site through layout ops (`_LAYOUT_OPS`); its origin
+    is visible in the call or scan body where it was derived and in the ones
+    nested there, not after the call returns. A scan's per-iteration inputs
+    carry their origin with one more stacked axis (one slice per layer).
+    """
 
     def __init__(self, leaves: list[LeafInfo]):
         self.leaves = leaves
@@ -175,17 +132,12 @@ class SiteFinder:
         self.scan_sites: dict[int, list[Site]] = {}  # scan eqn id -> sites inside it
         self.float_uses: dict[int, set[str]] = {}  # leaf index -> primitives using it as float
         self.scan_length: dict[int, int] = {}  # scan eqn id -> its length
+        self.view: JaxprView | None = None
 
     def _name(self, base: str) -> str:
         k = self._counts.get(base, 0)
         self._counts[base] = k + 1
         return base if k == 0 else f"{base}[{k}]"
-
-    def run(self, jaxpr, n_leaves: int):
-        origins = {
-            v: _Origin(self.leaves[i], (), ()) for i, v in enumerate(jaxpr.invars[:n_leaves])
-        }
-        self._walk(jaxpr, origins, (), "")
 
     def _add(self, site: Site):
         self.sites.append(site)
@@ -194,76 +146,91 @@ class SiteFinder:
         for s in site.scans:
             self.scan_sites.setdefault(s, []).append(site)
 
-    def _walk(self, jaxpr, origins: dict, scans: tuple[int, ...], scope: str):
-        for eqn in jaxpr.eqns:
-            prim = eqn.primitive.name
-            ins = [origins.get(v) if isinstance(v, jcore.Var) else None for v in eqn.invars]
-            here = scope_path(eqn, scope)
-            avals = tuple(v.aval for v in eqn.invars)
-            if prim in _LAYOUT_OPS and ins and ins[0] is not None and len(eqn.outvars) == 1:
-                o = ins[0]
-                origins[eqn.outvars[0]] = _Origin(o.leaf, o.chain + (prim,), o.stack)
-                continue
-            if prim in ("dot_general", "conv_general_dilated", "gather"):
-                kind = {"dot_general": "dot", "conv_general_dilated": "conv", "gather": "embed"}[
-                    prim
-                ]
-                pos = [i for i in range(2) if ins[i] is not None and ins[i].leaf.is_param]
-                if kind == "embed":
-                    pos = [0] if 0 in pos else []
-                elif kind == "conv":
-                    pos = [1] if 1 in pos else []
-                if len(pos) == 1:
-                    o = ins[pos[0]]
-                    mp = o.leaf.module_path
-                    base = (mp + "/" if mp else "") + o.leaf.name
-                    self._add(
-                        Site(
-                            self._name(base),
-                            kind,
-                            mp,
-                            eqn,
-                            o.leaf,
-                            pos[0],
-                            o.chain,
-                            scans,
-                            o.stack,
-                            avals,
-                        )
+    def run(self, jaxpr, n_leaves: int):
+        view = self.view = JaxprView(jaxpr)
+        # ref -> (origin, context where it is visible)
+        origins = {
+            r: (_Origin(self.leaves[i], (), ()), ())
+            for i, r in enumerate(view.input_refs[:n_leaves])
+        }
+
+        def origin(r, ctx):
+            got = origins.get(r) if r[0] == "v" else None
+            if got is None or ctx[: len(got[1])] != got[1]:
+                return None
+            return got[0]
+
+        entered: set[int] = set()
+        for node in view.nodes:
+            for s in node.scans:
+                if s not in entered:  # entering a scan body: its xs carry a stacked origin
+                    entered.add(s)
+                    body = view.scans[s]
+                    self.scan_length[s] = body.length
+                    start = body.num_consts + body.num_carry
+                    for r_out, r_in in zip(body.node.ins[start:], body.body_in[start:]):
+                        o = origin(r_out, body.node.context)
+                        if o is not None:
+                            o = _Origin(o.leaf, o.chain, o.stack + (body.length,))
+                            origins[r_in] = (o, body.node.path)
+            self._visit(node, [origin(r, node.context) for r in node.ins], origins)
+
+    def _visit(self, node, ins: list, origins: dict):
+        eqn, prim = node.eqn, node.prim
+        if prim in _LAYOUT_OPS and ins and ins[0] is not None and len(node.outs) == 1:
+            o = ins[0]
+            origins[node.outs[0]] = (_Origin(o.leaf, o.chain + (prim,), o.stack), node.context)
+            return
+        avals = tuple(v.aval for v in eqn.invars)
+        if prim in ("dot_general", "conv_general_dilated", "gather"):
+            kind = {"dot_general": "dot", "conv_general_dilated": "conv", "gather": "embed"}[prim]
+            pos = [i for i in range(2) if ins[i] is not None and ins[i].leaf.is_param]
+            if kind == "embed":
+                pos = [0] if 0 in pos else []
+            elif kind == "conv":
+                pos = [1] if 1 in pos else []
+            if len(pos) == 1:
+                o = ins[pos[0]]
+                mp = o.leaf.module_path
+                base = (mp + "/" if mp else "") + o.leaf.name
+                self._add(
+                    Site(
+                        self._name(base),
+                        kind,
+                        mp,
+                        eqn,
+                        o.leaf,
+                        pos[0],
+                        o.chain,
+                        node.scans,
+                        o.stack,
+                        avals,
                     )
-                    continue
-                if kind == "dot" and not pos and all(i is None for i in ins[:2]):
-                    base = (here + "/" if here else "") + "act_dot"
-                    self._add(
-                        Site(
-                            self._name(base), "act_dot", here, eqn, None, None, (), scans, (), avals
-                        )
+                )
+                return
+            if kind == "dot" and not pos and all(i is None for i in ins[:2]):
+                base = (node.module + "/" if node.module else "") + "act_dot"
+                self._add(
+                    Site(
+                        self._name(base),
+                        "act_dot",
+                        node.module,
+                        eqn,
+                        None,
+                        None,
+                        (),
+                        node.scans,
+                        (),
+                        avals,
                     )
-                    continue
-            inner = inner_jaxpr(eqn)
-            if inner is not None:
-                j, _ = inner
-                sub = {iv: o for iv, o in zip(j.invars, ins) if o is not None}
-                self._walk(j, sub, scans, here)
-                continue
-            if prim == "scan":
-                j = eqn.params["jaxpr"].jaxpr
-                nc, nk = scan_counts(eqn.params)
-                length = eqn.params["length"]
-                self.scan_length[id(eqn)] = length
-                sub = {}
-                for i, (iv, o) in enumerate(zip(j.invars, ins)):
-                    if o is None:
-                        continue
-                    if i < nc:
-                        sub[iv] = o
-                    elif i >= nc + nk:
-                        sub[iv] = _Origin(o.leaf, o.chain, o.stack + (length,))
-                self._walk(j, sub, scans + (id(eqn),), here)
-                continue
-            for o in ins:
-                if o is not None:
-                    self.float_uses.setdefault(o.leaf.index, set()).add(prim)
+                )
+                return
+        if prim == "scan":  # its body's nodes came first
+            self.scan_length[id(eqn)] = eqn.params["length"]
+            return
+        for o in ins:
+            if o is not None:
+                self.float_uses.setdefault(o.leaf.index, set()).add(prim)
 
 
 # ---------------------------------------------------------------------------------------

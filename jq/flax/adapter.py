@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq.flax._graph import SCOPE_PREFIX, LeafInfo, SiteFinder
+from jq.flax._graph import LeafInfo, SiteFinder
+from jq.flax.dataflow import SCOPE_PREFIX
 from jq.quantize import QArray
 
 __all__ = [

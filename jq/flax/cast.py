@@ -21,16 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq import numerics
-from jq.flax._graph import bind_eqn, inner_jaxpr, scan_counts
+from jq.flax._graph import bind_eqn
 from jq.flax.adapter import ModelAdapter, is_dynamic, trace
 from jq.flax.cast_policy import (
     KEEP_CATEGORIES,
     LOW_DTYPES,
-    EqnGraph,
     castable,
     is_float,
     keep_reasons,
 )
+from jq.flax.dataflow import JaxprView, inner_jaxpr, scan_counts
 from jq.flax.report import format_table
 from jq.flax.stream import Stream, peek, split_batch
 
@@ -241,7 +241,7 @@ class CastModel:
     def overflow(self) -> dict:
         return dict(self._static.overflow)
 
-    def _keep_for(self, graph: EqnGraph) -> dict:
+    def _keep_for(self, graph: JaxprView) -> dict:
         s = self._static
         paths = {_pkey(p): p for p in graph.by_path}
         over = {paths[k]: m for k, m in s.overflow.items() if k in paths}
@@ -303,7 +303,7 @@ class CastModel:
             for v, li in zip(self.leaves, s.adapter.leaves)
         ]
         t = trace(s.adapter, avals, args, kwargs)
-        graph = EqnGraph(t.jaxpr)
+        graph = t.finder.view
         keep = self._keep_for(graph)
         run = _CastRun(low, keep)
         dyn = []
@@ -519,7 +519,7 @@ def _observe_max(adapter: ModelAdapter, batches: Iterable, kwargs: dict) -> dict
     first, batches = peek(batches, "jq.cast: `batches` is empty; pass None to skip calibration")
     args = split_batch(first)
     t = trace(adapter, adapter.values, args, kwargs)
-    graph = EqnGraph(t.jaxpr)
+    graph = t.finder.view
     init = {_pkey(n.path): jnp.zeros((), jnp.float32) for n in graph.nodes}
     in_keys = [f"in:{k}" for k in range(len(t.dyn_args))]
     for k in in_keys:

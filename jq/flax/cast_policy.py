@@ -1,7 +1,7 @@
 """The float16 / bfloat16 policy of `jq.cast`: which equations of a traced model stay float32, and why.
 
-`EqnGraph` is a flat view of the jaxpr (calls and scan bodies inlined) with
-producers and consumers; `keep_reasons` matches the patterns that lose
+It reads the model through `jq.flax.dataflow.JaxprView` (calls and scan
+bodies inlined, with producers and consumers); `keep_reasons` matches the patterns that lose
 precision or range in a 16-bit float (norm statistics, softmax, reductions,
 losses, transcendentals, literals the format cannot hold, calibrated
 overflow) and gives each kept equation its category (`KEEP_CATEGORIES`) and a
@@ -10,23 +10,18 @@ reason.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-from typing import Any
 
-import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
 from jq import numerics
-from jq.flax._graph import inner_jaxpr, scan_counts, scope_path
+from jq.flax.dataflow import JaxprView, Node
 
 __all__ = [
     "KEEP_CATEGORIES",
     "LOW_DTYPES",
-    "EqnGraph",
-    "EqnNode",
     "castable",
     "is_float",
     "keep_reasons",
@@ -76,113 +71,44 @@ def castable(dtype) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# a flat view of the jaxpr (calls inlined) for pattern matching
+# pattern matching on the jaxpr view (jq.flax.dataflow), through layout ops and casts
 # ---------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class EqnNode:
-    path: tuple
-    eqn: Any
-    ins: list  # ("v", id) or ("lit", value)
-    outs: list  # ("v", id)
-    module: str
-
-    @property
-    def prim(self) -> str:
-        return self.eqn.primitive.name
+def src(g: JaxprView, r, depth: int = 8) -> Node | None:
+    """The producer of `r`, looking through layout ops and casts."""
+    for _ in range(depth):
+        n = g.producer.get(r) if r[0] == "v" else None
+        if n is None or n.prim not in _TRANSPARENT:
+            return n
+        r = n.ins[0]
+    return None
 
 
-class EqnGraph:
-    """Every primitive equation of a traced model, calls inlined, with producers and consumers."""
-
-    def __init__(self, jaxpr):
-        self.nodes: list[EqnNode] = []
-        self._n = 0
-        ins = [self._fresh() for _ in jaxpr.invars]
-        self.input_refs = ins
-        self._walk(jaxpr, ins, [self._fresh() for _ in jaxpr.constvars], (), "")
-        self.producer = {}
-        self.consumers: dict = {}
-        for n in self.nodes:
-            for r in n.outs:
-                self.producer[r] = n
-            for r in n.ins:
-                if r[0] == "v":
-                    self.consumers.setdefault(r, []).append(n)
-        self.by_path = {n.path: n for n in self.nodes}
-
-    def _fresh(self):
-        self._n += 1
-        return ("v", self._n)
-
-    def _walk(self, jaxpr, in_refs, const_refs, prefix, scope):
-        env = dict(zip(jaxpr.invars, in_refs))
-        env.update(zip(jaxpr.constvars, const_refs))
-
-        def ref(v):
-            return ("lit", v.val) if isinstance(v, jcore.Literal) else env[v]
-
-        for i, eqn in enumerate(jaxpr.eqns):
-            path = prefix + (i,)
-            here = scope_path(eqn, scope)
-            ins = [ref(v) for v in eqn.invars]
-            inner = inner_jaxpr(eqn)
-            if inner is not None:
-                j, consts = inner
-                outs = self._walk(j, ins, [self._fresh() for _ in j.constvars], path, here)
-            elif eqn.primitive.name == "scan":
-                closed = eqn.params["jaxpr"]
-                nc, _ = scan_counts(eqn.params)
-                body_in = ins[:nc] + [self._fresh() for _ in ins[nc:]]
-                self._walk(
-                    closed.jaxpr,
-                    body_in,
-                    [self._fresh() for _ in closed.jaxpr.constvars],
-                    path,
-                    here,
-                )
-                outs = [self._fresh() for _ in eqn.outvars]
-                self.nodes.append(EqnNode(path, eqn, ins, outs, here))
+def users(g: JaxprView, r, depth: int = 8) -> list[Node]:
+    """Consumers of `r`, looking through layout ops and casts."""
+    out, todo = [], [(r, 0)]
+    while todo:
+        x, d = todo.pop()
+        for n in g.consumers.get(x, ()):
+            if n.prim in _TRANSPARENT and d < depth:
+                todo.append((n.outs[0], d + 1))
             else:
-                outs = [self._fresh() for _ in eqn.outvars]
-                self.nodes.append(EqnNode(path, eqn, ins, outs, here))
-            for v, o in zip(eqn.outvars, outs):
-                env[v] = o
-        return [ref(v) for v in jaxpr.outvars]
-
-    def src(self, r, depth: int = 8):
-        """The producer of `r`, looking through layout ops and casts."""
-        for _ in range(depth):
-            n = self.producer.get(r) if r[0] == "v" else None
-            if n is None or n.prim not in _TRANSPARENT:
-                return n
-            r = n.ins[0]
-        return None
-
-    def users(self, r, depth: int = 8) -> list[EqnNode]:
-        """Consumers of `r`, looking through layout ops and casts."""
-        out, todo = [], [(r, 0)]
-        while todo:
-            x, d = todo.pop()
-            for n in self.consumers.get(x, ()):
-                if n.prim in _TRANSPARENT and d < depth:
-                    todo.append((n.outs[0], d + 1))
-                else:
-                    out.append(n)
-        return out
-
-    def literal(self, r, depth: int = 8):
-        """A scalar literal behind `r` (possibly broadcast or cast), or None."""
-        for _ in range(depth):
-            if r[0] == "lit":
-                return r[1]
-            n = self.producer.get(r)
-            if n is None or n.prim not in _TRANSPARENT:
-                return None
-            r = n.ins[0]
-        return None
+                out.append(n)
+    return out
 
 
-def _is_square(g: EqnGraph, n: EqnNode) -> bool:
+def literal(g: JaxprView, r, depth: int = 8):
+    """A scalar literal behind `r` (possibly broadcast or cast), or None."""
+    for _ in range(depth):
+        if r[0] == "lit":
+            return r[1]
+        n = g.producer.get(r)
+        if n is None or n.prim not in _TRANSPARENT:
+            return None
+        r = n.ins[0]
+    return None
+
+
+def _is_square(g: JaxprView, n: Node) -> bool:
     if n.prim == "square":
         return True
     if n.prim == "integer_pow":
@@ -190,7 +116,7 @@ def _is_square(g: EqnGraph, n: EqnNode) -> bool:
     return n.prim == "mul" and n.ins[0] == n.ins[1]
 
 
-def _reduction_behind(g: EqnGraph, r, depth: int = 6) -> bool:
+def _reduction_behind(g: JaxprView, r, depth: int = 6) -> bool:
     """Whether a sum-like reduction feeds `r` through a few elementwise ops (a statistic)."""
     todo = [(r, 0)]
     seen = set()
@@ -209,15 +135,15 @@ def _reduction_behind(g: EqnGraph, r, depth: int = 6) -> bool:
     return False
 
 
-def _epsilon_behind(g: EqnGraph, r, depth: int = 4):
+def _epsilon_behind(g: JaxprView, r, depth: int = 4):
     """The literal added on the way to `r` (``var + eps``), or None."""
     for _ in range(depth):
-        n = g.src(r)
+        n = src(g, r)
         if n is None:
             return None
         if n.prim == "add":
             for i in n.ins:
-                v = g.literal(i)
+                v = literal(g, i)
                 if v is not None:
                     return float(np.asarray(v)), n
         if n.prim in ("max", "add", "sub", "div", "mul"):
@@ -228,7 +154,7 @@ def _epsilon_behind(g: EqnGraph, r, depth: int = 4):
 
 
 def keep_reasons(
-    g: EqnGraph, fmt: str, keep: frozenset, keep_modules: tuple, overflow: dict
+    g: JaxprView, fmt: str, keep: frozenset, keep_modules: tuple, overflow: dict
 ) -> dict:
     """{path: (category, reason)} of the equations to keep in float32."""
     info = numerics.format_info(fmt)
@@ -271,21 +197,21 @@ def keep_reasons(
             m = overflow[n.path]
             add(n, "overflow", f"max |x| = {m:.4g} overflows {fmt} (max {info.max:.6g})")
             for r in n.outs:
-                for u in g.users(r):
+                for u in users(g, r):
                     add(
                         u,
                         "overflow",
                         f"input max |x| = {m:.4g} overflows {fmt} (max {info.max:.6g})",
                     )
         if p in _REDUCTIONS:
-            s = g.src(n.ins[0])
+            s = src(g, n.ins[0])
             if s is not None and s.prim == "exp" and p in _SUM_REDUCTIONS:
                 add(n, "softmax", "softmax: sum of exp")
             elif s is not None and _is_square(g, s):
                 add(n, "reduction", f"{p} of squares (variance / mean square statistics)")
             else:
                 add(n, "reduction", f"{p}: reduction in float32")
-        elif _is_square(g, n) and any(u.prim in _SUM_REDUCTIONS for u in g.users(n.outs[0])):
+        elif _is_square(g, n) and any(u.prim in _SUM_REDUCTIONS for u in users(g, n.outs[0])):
             add(
                 n,
                 "reduction",
@@ -293,24 +219,24 @@ def keep_reasons(
                 f"{math.sqrt(info.max):.4g})",
             )
         elif p == "exp":
-            if any(u.prim in _SUM_REDUCTIONS for u in g.users(n.outs[0])):
+            if any(u.prim in _SUM_REDUCTIONS for u in users(g, n.outs[0])):
                 add(n, "softmax", "softmax: exp")
             else:
                 add(n, "transcendental", f"exp overflows {fmt} above x = {math.log(info.max):.4g}")
         elif p in ("expm1", "exp2", "pow"):
             add(n, "transcendental", f"{p}: range exceeds {fmt}")
         elif p in ("log", "log1p"):
-            s = g.src(n.ins[0])
+            s = src(g, n.ins[0])
             if s is not None and s.prim in _SUM_REDUCTIONS:
                 add(n, "loss", "log-sum-exp (log_softmax / cross-entropy)")
             else:
                 add(n, "loss", f"{p} (losses, log-probabilities)")
         elif p == "div":
-            s = g.src(n.ins[1])
+            s = src(g, n.ins[1])
             if (
                 s is not None
                 and s.prim in _SUM_REDUCTIONS
-                and (e := g.src(s.ins[0])) is not None
+                and (e := src(g, s.ins[0])) is not None
                 and e.prim == "exp"
             ):
                 add(n, "softmax", "softmax: division by the sum of exp")
@@ -323,7 +249,7 @@ def keep_reasons(
                 add(add_node, "norm", f"norm epsilon {eps:.3g}: {verdict}")
             else:
                 add(n, "norm", f"norm: {p} of a statistic")
-            for u in g.users(n.outs[0]):
+            for u in users(g, n.outs[0]):
                 if u.prim in ("mul", "div"):
                     add(u, "norm", f"norm: scaling by the {p} statistic")
         for r in n.ins:
