@@ -20,12 +20,11 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jq.flax._graph import Site, StateKey, inner_jaxpr, scan_counts
+from jq.flax._graph import Site, SiteFinder, StateKey
 from jq.flax.calibrate import calibrate
 from jq.flax.convert import convert
 from jq.flax.qvars import CalibrationStats, QuantizedVariables
@@ -61,53 +60,67 @@ class _Result(NamedTuple):
     qparams: QParams  # in the leaf's layout
 
 
-def _site_deps(jaxpr, finder) -> dict[str, frozenset]:
-    """For each site, the sites whose outputs reach its activation operand(s) (over-approximated)."""
-    deps: dict[str, frozenset] = {}
+def _site_deps(finder: SiteFinder) -> dict[str, frozenset]:
+    """For each site, the sites whose outputs reach its activation operand(s) (over-approximated).
+
+    Site sets flow forward along the references of the model's `JaxprView`: an
+    equation's outputs depend on the union of its inputs (and a site's on the
+    site itself). A scan's carry feeds its body's outputs back into the body,
+    so the flow is repeated until nothing grows (a least fixpoint).
+    """
+    view = finder.view
     empty = frozenset()
+    env: dict = {}
+    deps: dict[str, frozenset] = {}
 
-    def walk(j, env):
-        for eqn in j.eqns:
-            ins = [env.get(v, empty) if isinstance(v, jcore.Var) else empty for v in eqn.invars]
+    def get(r):
+        return env.get(r, empty) if r[0] == "v" else empty
+
+    def put(r, d) -> bool:
+        if d <= env.get(r, empty):
+            return False
+        env[r] = env.get(r, empty) | d
+        return True
+
+    def enter(body) -> bool:  # a scan body's carry and xs from the scan's inputs (and carry out)
+        nc, nk = body.num_consts, body.num_carry
+        grew = False
+        for i in range(nc, len(body.body_in)):
+            d = get(body.node.ins[i])
+            if i < nc + nk:
+                d = d | get(body.body_out[i - nc])
+            grew |= put(body.body_in[i], d)
+        return grew
+
+    for _ in range(64):
+        grew = False
+        entered: set[int] = set()
+        for node in view.nodes:
+            for s in node.scans:
+                if s not in entered:
+                    entered.add(s)
+                    grew |= enter(view.scans[s])
+            ins = [get(r) for r in node.ins]
             union = empty.union(*ins)
-            site = finder.by_eqn.get(id(eqn))
+            site = finder.by_eqn.get(id(node.eqn))
             if site is not None:
-                up = (
-                    empty.union(*(ins[i] for i in site.act_operands))
-                    if site.act_operands
-                    else empty
-                )
-                deps[site.name] = deps.get(site.name, empty) | up
-                outs = [union | {site.name}] * len(eqn.outvars)
-            elif inner_jaxpr(eqn) is not None:
-                inner, _ = inner_jaxpr(eqn)
-                sub = {iv: d for iv, d in zip(inner.invars, ins)}
-                walk(inner, sub)
-                outs = [
-                    sub.get(v, empty) if isinstance(v, jcore.Var) else empty for v in inner.outvars
-                ]
-            elif eqn.primitive.name == "scan":
-                body = eqn.params["jaxpr"].jaxpr
-                nc, nk = scan_counts(eqn.params)
-                carry = list(ins[nc : nc + nk])
-                for _ in range(4):  # the carry's dependencies grow to a fixpoint
-                    sub = {iv: d for iv, d in zip(body.invars, ins[:nc] + carry + ins[nc + nk :])}
-                    walk(body, sub)
-                    res = [
-                        sub.get(v, empty) if isinstance(v, jcore.Var) else empty
-                        for v in body.outvars
-                    ]
-                    new = [c | r for c, r in zip(carry, res[:nk])]
-                    if new == carry:
-                        break
-                    carry = new
-                outs = carry + res[nk:]
+                up = empty.union(*(ins[i] for i in site.act_operands))
+                if not up <= deps.get(site.name, empty):
+                    deps[site.name] = deps.get(site.name, empty) | up
+                    grew = True
+                outs = [union | {site.name}] * len(node.outs)
+            elif node.prim == "scan":
+                body = view.scans[id(node.eqn)]
+                grew |= enter(body)
+                nc, nk = body.num_consts, body.num_carry
+                outs = [get(r) for r in body.body_in[nc : nc + nk]]
+                outs += [get(r) for r in body.body_out[nk:]]
             else:
-                outs = [union] * len(eqn.outvars)
-            for v, o in zip(eqn.outvars, outs):
-                env[v] = o
-
-    walk(jaxpr, {})
+                outs = [union] * len(node.outs)
+            for r, d in zip(node.outs, outs):
+                grew |= put(r, d)
+        if not grew:
+            break
     return deps
 
 
@@ -288,7 +301,7 @@ def gptq(
             )
 
     # stages of the dataflow
-    deps = _site_deps(t.jaxpr, t.finder)
+    deps = _site_deps(t.finder)
     level: dict[str, int] = {}
     for s in t.finder.sites:
         if s.name in targets:

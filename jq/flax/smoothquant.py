@@ -18,12 +18,12 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from jq.flax._graph import Site, StateKey, inner_jaxpr
+from jq.flax._graph import Site, StateKey
 from jq.flax.convert import convert
+from jq.flax.dataflow import JaxprView
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule
 from jq.flax.select import activation_matrix, dot_geometry, scan_lengths, stack_tree
@@ -65,76 +65,53 @@ _PARAM_OPS = _CAST_OPS | {"reshape", "expand_dims", "squeeze", "broadcast_in_dim
 
 
 class _Dataflow:
-    """Producers and consumers of every variable of a traced model, seen through calls.
+    """The top level of the model's `JaxprView`: producers and consumers seen through calls.
 
-    Call-like equations (jit, remat, custom_jvp, ...) are transparent: a variable of
-    the inner jaxpr is identified with the outer variable it is bound to. Every other
-    equation, scans included, is an opaque consumer; the model's outputs count as a
-    consumer too.
+    Call-like equations (jit, remat, custom_jvp, ...) are inlined by the view;
+    every other equation outside scans is a consumer (a scan itself is an opaque
+    one; its body's equations are not looked at), and so is each output of the
+    model (`_OUT`). References are the view's ``("v", n)``.
     """
 
     _OUT = "output"
 
-    def __init__(self, jaxpr, n_leaves: int):
+    def __init__(self, view: JaxprView, n_leaves: int):
+        self.view = view
         self.strict = True  # False: ignore other uses (to tell the user why a norm is not folded)
-        self.alias: dict = {}
-        self.producer: dict = {}
-        self.consumers: dict = {}
-        self.leaf_of = {v: i for i, v in enumerate(jaxpr.invars[:n_leaves])}
-        self._walk(jaxpr)
-        for v in jaxpr.outvars:
-            if isinstance(v, jcore.Var):
-                self.consumers.setdefault(self.canon(v), []).append(self._OUT)
+        self.leaf_of = {r: i for i, r in enumerate(view.input_refs[:n_leaves])}
+        self.node_of = {id(n.eqn): n for n in view.nodes}
 
-    def canon(self, v):
-        while v in self.alias:
-            v = self.alias[v]
-        return v
+    def producer(self, r):
+        n = self.view.producer.get(r) if r[0] == "v" else None
+        return None if n is None or n.scans else n
 
-    def _walk(self, jaxpr):
-        for eqn in jaxpr.eqns:
-            inner = inner_jaxpr(eqn)
-            if inner is not None:
-                j, _ = inner
-                for iv, ov in zip(j.invars, eqn.invars):
-                    if isinstance(ov, jcore.Var):
-                        self.alias[iv] = self.canon(ov)
-                self._walk(j)
-                for ov, iv in zip(eqn.outvars, j.outvars):
-                    if isinstance(iv, jcore.Var) and not isinstance(ov, jcore.DropVar):
-                        self.alias[ov] = self.canon(iv)
-                continue
-            for v in eqn.invars:
-                if isinstance(v, jcore.Var):
-                    self.consumers.setdefault(self.canon(v), []).append(eqn)
-            for v in eqn.outvars:
-                if not isinstance(v, jcore.DropVar):
-                    self.producer[v] = eqn
+    def consumers(self, r) -> list:
+        used = [n for n in self.view.consumers.get(r, ()) if not n.scans]
+        return used + [self._OUT] * self.view.output_refs.count(r)
 
-    def n_uses(self, v) -> int:
-        return len(self.consumers.get(self.canon(v), ())) if self.strict else 1
+    def n_uses(self, r) -> int:
+        return len(self.consumers(r)) if self.strict else 1
 
-    def param_leaf(self, v, k: int):
-        """The leaf index if `v` is a 1-D ``(K,)`` leaf broadcast along the last axis, else None.
+    def param_leaf(self, r, k: int):
+        """The leaf index if `r` is a 1-D ``(K,)`` leaf broadcast along the last axis, else None.
 
-        Every variable on the way must have `v`'s chain as its only use.
+        Every value on the way must have `r`'s chain as its only use.
         """
-        v = self.canon(v)
-        while v not in self.leaf_of:
-            eqn = self.producer.get(v)
-            if eqn is None or eqn.primitive.name not in _PARAM_OPS or self.n_uses(v) != 1:
+        while r not in self.leaf_of:
+            n = self.producer(r)
+            if n is None or n.prim not in _PARAM_OPS or self.n_uses(r) != 1:
                 return None
-            shape = eqn.outvars[0].aval.shape
+            shape = n.eqn.outvars[0].aval.shape
             if (
                 not shape
                 or shape[-1] != k
                 or int(np.prod(shape[:-1])) != 1
-                and (eqn.primitive.name != "broadcast_in_dim")
+                and (n.prim != "broadcast_in_dim")
             ):
                 return None
-            if eqn.primitive.name == "broadcast_in_dim":
-                src = eqn.invars[0].aval.shape
-                dims = eqn.params["broadcast_dimensions"]
+            if n.prim == "broadcast_in_dim":
+                src = n.eqn.invars[0].aval.shape
+                dims = n.eqn.params["broadcast_dimensions"]
                 if (
                     not src
                     or src[-1] != k
@@ -142,18 +119,19 @@ class _Dataflow:
                     or dims[-1] != len(shape) - 1
                 ):
                     return None
-            v = self.canon(eqn.invars[0])
-        return self.leaf_of[v] if self.n_uses(v) == 1 else None
+            r = n.ins[0]
+            if r[0] != "v":
+                return None
+        return self.leaf_of[r] if self.n_uses(r) == 1 else None
 
-    def scale_leaf(self, v, k: int, depth: int = 0):
-        """The leaf ``g`` if `v` is a product linear in a per-channel ``(K,)`` leaf ``g``."""
-        v = self.canon(v)
-        eqn = self.producer.get(v)
-        if depth > 8 or eqn is None or eqn.primitive.name != "mul" or self.n_uses(v) != 1 and depth:
+    def scale_leaf(self, r, k: int, depth: int = 0):
+        """The leaf ``g`` if `r` is a product linear in a per-channel ``(K,)`` leaf ``g``."""
+        n = self.producer(r)
+        if depth > 8 or n is None or n.prim != "mul" or self.n_uses(r) != 1 and depth:
             return None
         found = []
-        for a in eqn.invars:
-            if not isinstance(a, jcore.Var):
+        for a in n.ins:
+            if a[0] != "v":
                 continue
             leaf = self.param_leaf(a, k)
             if leaf is None:
@@ -163,44 +141,43 @@ class _Dataflow:
         return found[0] if len(found) == 1 else None
 
     def norm_affine(self, x, k: int):
-        """``(norm output var, scale leaf, bias leaf or None)`` if `x` is ``y * g (+ b)``, else None.
+        """``(norm output ref, scale leaf, bias leaf or None)`` if `x` is ``y * g (+ b)``, else None.
 
         `x` may reach the site through dtype casts.
         """
-        v = self.canon(x)
+        r = x
         while True:
-            eqn = self.producer.get(v)
-            if eqn is None:
+            n = self.producer(r)
+            if n is None:
                 return None
-            if eqn.primitive.name in _CAST_OPS:
-                v = self.canon(eqn.invars[0])
+            if n.prim in _CAST_OPS:
+                r = n.ins[0]
                 continue
             break
-        prim = eqn.primitive.name
-        if eqn.outvars[0].aval.shape[-1:] != (k,):
+        if n.eqn.outvars[0].aval.shape[-1:] != (k,):
             return None
-        if prim == "mul":
-            g = self.scale_leaf(v, k)
-            return None if g is None else (v, g, None)
-        if prim == "add":
-            a, b = eqn.invars
-            for bias_v, prod_v in ((a, b), (b, a)):
-                if not isinstance(bias_v, jcore.Var) or not isinstance(prod_v, jcore.Var):
+        if n.prim == "mul":
+            g = self.scale_leaf(r, k)
+            return None if g is None else (r, g, None)
+        if n.prim == "add":
+            a, b = n.ins
+            for bias_r, prod_r in ((a, b), (b, a)):
+                if bias_r[0] != "v" or prod_r[0] != "v":
                     continue
-                bias = self.param_leaf(bias_v, k)
+                bias = self.param_leaf(bias_r, k)
                 if bias is None:
                     continue
-                g = self.scale_leaf(prod_v, k, depth=1)
+                g = self.scale_leaf(prod_r, k, depth=1)
                 if g is not None and g != bias:
-                    return v, g, bias
+                    return r, g, bias
         return None
 
-    def final_uses(self, v) -> list:
-        """The equations that use `v`, looking through dtype casts with a single use."""
+    def final_uses(self, r) -> list:
+        """The nodes that use `r`, looking through dtype casts with a single use."""
         out = []
-        for c in self.consumers.get(self.canon(v), ()):
-            if c != self._OUT and c.primitive.name in _CAST_OPS:
-                out.extend(self.final_uses(c.outvars[0]))
+        for c in self.consumers(r):
+            if c != self._OUT and c.prim in _CAST_OPS:
+                out.extend(self.final_uses(c.outs[0]))
             else:
                 out.append(c)
         return out
@@ -220,14 +197,14 @@ def _fold_groups(t, targets: dict[str, _Target]) -> list[tuple[list[str], int, i
     the runtime multiply. Sites inside scans, or whose contracting axis is not the
     activation's last axis, are not considered.
     """
-    flow = _Dataflow(t.jaxpr, t.n_leaves)
+    flow = _Dataflow(t.finder.view, t.n_leaves)
     by_norm: dict = {}
     blocked: list[str] = []
     for name, tg in targets.items():
         wc, ac, per_layer, site = tg.w_contract, tg.x_contract, tg.per_layer, tg.site
-        x = site.eqn.invars[1 - site.operand]
+        x = flow.node_of[id(site.eqn)].ins[1 - site.operand]
         x_ndim = len(site.in_avals[1 - site.operand].shape)
-        if site.scans or len(wc) != 1 or tuple(ac) != (x_ndim - 1,) or not isinstance(x, jcore.Var):
+        if site.scans or len(wc) != 1 or tuple(ac) != (x_ndim - 1,) or x[0] != "v":
             continue
         found = flow.norm_affine(x, int(per_layer[0]))
         if found is None:
@@ -239,9 +216,9 @@ def _fold_groups(t, targets: dict[str, _Target]) -> list[tuple[list[str], int, i
             continue
         by_norm.setdefault(found, []).append(name)
     groups = []
-    for (var, g, b), names in by_norm.items():
+    for (ref, g, b), names in by_norm.items():
         eqns = {id(targets[n].site.eqn) for n in names}
-        if all(u != _Dataflow._OUT and id(u) in eqns for u in flow.final_uses(var)):
+        if all(u != _Dataflow._OUT and id(u.eqn) in eqns for u in flow.final_uses(ref)):
             groups.append((names, g, b))
         else:
             blocked.extend(names)
