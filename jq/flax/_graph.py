@@ -337,22 +337,54 @@ def keyed_by_act_key(
 # the interpreter
 # ---------------------------------------------------------------------------------------
 SiteHandler = Callable[[Site, Any, list, dict], list]
+EqnHook = Callable[[Any, list, dict, tuple], list]
+ScanHook = Callable[[Any, list, dict, tuple], None]
+
+
+class EqnKey(NamedTuple):
+    """Key of a per-equation entry of the interpreter's state (`jq.cast`'s ``max |x|``).
+
+    Unlike a `StateKey`, an entry of an equation inside a scan is one value for
+    all iterations: the scan carries it through its body.
+    """
+
+    path: tuple[int, ...]  # the equation's index path (`JaxprView` / `Node.path`)
+    kind: str  # "absmax"
 
 
 class Interpreter:
     """Evaluates a jaxpr, sending each selected site to `handler`.
 
-    `states` is a dict of per-site pytrees (observer states, activation QParams,
-    EMA ranges, metrics) keyed by `StateKey`. Sites inside a scan have their
-    entries stacked along a leading axis, one slice per iteration; the
-    interpreter slices the entries of the sites in the scan body into it and
-    stacks the updated slices back.
+    `states` is a dict of interpreter state. `StateKey` entries (observer
+    states, activation QParams, EMA ranges, metrics) belong to sites: those of
+    sites inside a scan are stacked along a leading axis, one slice per
+    iteration; the interpreter slices them into the scan body and stacks the
+    updated slices back. `EqnKey` entries belong to equations: those inside a
+    scan are carried through it (one value for every iteration).
+
+    Hooks: `on_eqn(eqn, invals, states, path)` evaluates every other primitive
+    equation (default: bind it, QArrays dequantized) and `on_scan(eqn, outs,
+    states, path)` sees each interpreted scan's outputs. With ``enter_all``
+    every call and scan body is interpreted (the hooks see every equation);
+    otherwise only those holding a selected site or receiving a QArray.
     """
 
-    def __init__(self, finder: SiteFinder, selected: set[str], handler: SiteHandler):
+    def __init__(
+        self,
+        finder: SiteFinder,
+        selected: set[str],
+        handler: SiteHandler,
+        *,
+        on_eqn: EqnHook | None = None,
+        on_scan: ScanHook | None = None,
+        enter_all: bool = False,
+    ):
         self.finder = finder
         self.selected = selected
         self.handler = handler
+        self.on_eqn = on_eqn
+        self.on_scan = on_scan
+        self.enter_all = enter_all
 
     def _site(self, eqn):
         s = self.finder.by_eqn.get(id(eqn))
@@ -369,7 +401,7 @@ class Interpreter:
                 return True
         return False
 
-    def run(self, jaxpr, consts, args, states: dict) -> list:
+    def run(self, jaxpr, consts, args, states: dict, prefix: tuple[int, ...] = ()) -> list:
         env: dict = {}
 
         def read(v):
@@ -379,40 +411,55 @@ class Interpreter:
             env[v] = x
         for v, x in zip(jaxpr.invars, args):
             env[v] = x
-        for eqn in jaxpr.eqns:
+        for i, eqn in enumerate(jaxpr.eqns):
             invals = [read(v) for v in eqn.invars]
-            outs = self._eval(eqn, invals, states)
+            outs = self._eval(eqn, invals, states, prefix + (i,))
             for v, o in zip(eqn.outvars, outs):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
         return [read(v) for v in jaxpr.outvars]
 
-    def _eval(self, eqn, invals, states):
+    def _eval(self, eqn, invals, states, path):
         prim = eqn.primitive.name
         site = self._site(eqn)
         if site is not None:
             return self.handler(site, eqn, invals, states)
         has_q = any(isinstance(v, QArray) for v in invals)
         inner = inner_jaxpr(eqn)
-        if inner is not None and (has_q or self._has_selected(inner[0])):
+        if inner is not None and (self.enter_all or has_q or self._has_selected(inner[0])):
             j, consts = inner
-            return self.run(j, consts, invals, states)
-        if prim == "scan" and (has_q or self._has_selected(eqn.params["jaxpr"].jaxpr)):
-            return self._scan(eqn, invals, states)
+            return self.run(j, consts, invals, states, path)
+        if prim == "scan" and (
+            self.enter_all or has_q or self._has_selected(eqn.params["jaxpr"].jaxpr)
+        ):
+            outs = self._scan(eqn, invals, states, path)
+            if self.on_scan is not None:
+                self.on_scan(eqn, outs, states, path)
+            return outs
         if has_q:
             if prim in _LAYOUT_OPS and len(invals) == 1:
                 r = qarray_layout_op(prim, invals[0], eqn)
                 if r is not None:
                     return [r]
+        if self.on_eqn is not None:
+            return self.on_eqn(eqn, invals, states, path)
         return bind_eqn(eqn, invals)
 
-    def _scan(self, eqn, invals, states):
+    def _scan(self, eqn, invals, states, path):
         p = eqn.params
         closed = p["jaxpr"]
         nc, nk = scan_counts(p)
         consts, carry, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
+        carry = [c if isinstance(c, QArray) else jnp.asarray(c) for c in carry]
+        # the hooks may change dtypes inside the body (jq.cast); the carry keeps its own
+        dts = [None if isinstance(c, QArray) else c.dtype for c in carry]
         inner = {s.name for s in self.finder.scan_sites.get(id(eqn), ())}
-        inner_keys = [k for k in states if k.site in inner]
+        stacked = [k for k in states if isinstance(k, StateKey) and k.site in inner]
+        carried = [
+            k
+            for k in states
+            if isinstance(k, EqnKey) and len(k.path) > len(path) and k.path[: len(path)] == path
+        ]
         # a stacked QArray's static shape would be wrong after slicing: pass its leaves
         xs_packed = []
         for x in xs:
@@ -424,9 +471,10 @@ class Interpreter:
             else:
                 xs_packed.append(("a", x, None))
         dyn_xs = [x[1] for x in xs_packed]
-        st_xs = {k: states[k] for k in inner_keys}
+        st_xs = {k: states[k] for k in stacked}
 
         def body(c, sl):
+            c_vals, c_states = c
             x_sl, st_sl = sl
             rebuilt = []
             for (tag, _, meta), v in zip(xs_packed, x_sl):
@@ -435,19 +483,26 @@ class Interpreter:
                     rebuilt.append(QArray(v[0], v[1], v[2], fmt, shape, pa))
                 else:
                     rebuilt.append(v)
-            inner_states = dict(st_sl)
+            inner_states = {**st_sl, **c_states}
             outs = self.run(
-                closed.jaxpr, closed.consts, list(consts) + list(c) + rebuilt, inner_states
+                closed.jaxpr,
+                closed.consts,
+                list(consts) + list(c_vals) + rebuilt,
+                inner_states,
+                path,
             )
-            return list(outs[:nk]), (list(outs[nk:]), {k: inner_states[k] for k in inner_keys})
+            new_c = [o if d is None else o.astype(d) for o, d in zip(outs[:nk], dts)]
+            new_states = {k: inner_states[k] for k in carried}
+            return (new_c, new_states), (list(outs[nk:]), {k: inner_states[k] for k in stacked})
 
-        new_carry, (ys, st_ys) = jax.lax.scan(
+        (new_carry, new_carried), (ys, st_ys) = jax.lax.scan(
             body,
-            list(carry),
+            (carry, {k: states[k] for k in carried}),
             (dyn_xs, st_xs),
             length=p["length"],
             reverse=p["reverse"],
             unroll=p["unroll"],
         )
         states.update(st_ys)
+        states.update(new_carried)
         return list(new_carry) + list(ys)

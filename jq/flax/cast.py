@@ -1,10 +1,12 @@
 """`cast`: run a model in float16 or bfloat16, keeping precision-sensitive equations in float32.
 
-jq traces the unmodified model (in float32) and evaluates the jaxpr with
-`_CastRun`, every equation in the low format except those the policy of
+jq traces the unmodified model (in float32) and evaluates the jaxpr with the
+one `jq.flax._graph.Interpreter` (scans included), whose per-equation hooks
+(`_CastRun`) run every equation in the low format except those the policy of
 `jq.flax.cast_policy` keeps. With calibration batches, `_observe_max` streams
-them (`jq.flax.stream.Stream`) and records ``max |x|`` of every equation, so
-that equations whose values overflow the format stay float32 too.
+them (`jq.flax.stream.Stream`) and records ``max |x|`` of every equation (state
+keyed by `EqnKey`), so that equations whose values overflow the format stay
+float32 too.
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
 from jq import numerics
-from jq.flax._graph import bind_eqn
+from jq.flax._graph import EqnKey, Interpreter, SiteFinder, bind_eqn
 from jq.flax.adapter import ModelAdapter, is_dynamic, trace
 from jq.flax.cast_policy import (
     KEEP_CATEGORIES,
@@ -30,7 +31,7 @@ from jq.flax.cast_policy import (
     is_float,
     keep_reasons,
 )
-from jq.flax.dataflow import JaxprView, inner_jaxpr, scan_counts
+from jq.flax.dataflow import JaxprView
 from jq.flax.report import format_table
 from jq.flax.stream import Stream, peek, split_batch
 
@@ -50,59 +51,43 @@ def _weak(v) -> bool:
 
 
 class _CastRun:
-    """Evaluates a jaxpr with every equation in `low` unless it is kept in float32.
+    """The `Interpreter` hooks of `cast`: every equation in `low` unless it is kept in float32.
 
     Mode of an equation: float32 if it is kept; otherwise `low` if one of its
     float inputs is already in `low`; otherwise float32 (its inputs are float32
     statistics, constants or model inputs that stayed float32). Dots and convs
     in `low` accumulate in float32 (``preferred_element_type``) and round once.
     With ``observe=True`` everything runs in float32 and ``max |x|`` of every
-    equation's output is recorded in `obs` (calibration).
+    equation's output is recorded in the state entry ``EqnKey(path, "absmax")``
+    (calibration; the interpreter carries the entries of a scan's body through
+    it).
     """
 
-    def __init__(self, low, keep: dict, observe: bool = False, obs: dict | None = None):
+    def __init__(self, finder: SiteFinder, low, keep: dict, observe: bool = False):
         self.low = low
         self.keep = keep
         self.observe = observe
-        self.obs = obs if obs is not None else {}
         self.modes: dict = {}
+        self.interpreter = Interpreter(
+            finder, set(), None, on_eqn=self._eqn, on_scan=self._scan_done, enter_all=True
+        )
 
-    def run(self, jaxpr, consts, args, prefix=()):
-        env: dict = {}
+    def run(self, jaxpr, consts, args, states: dict | None = None) -> list:
+        return self.interpreter.run(jaxpr, consts, args, {} if states is None else states)
 
-        def read(v):
-            return v.val if isinstance(v, jcore.Literal) else env[v]
-
-        env.update(zip(jaxpr.constvars, consts))
-        env.update(zip(jaxpr.invars, args))
-        for i, eqn in enumerate(jaxpr.eqns):
-            path = prefix + (i,)
-            outs = self._eval(eqn, [read(v) for v in eqn.invars], path)
-            for v, o in zip(eqn.outvars, outs):
-                if not isinstance(v, jcore.DropVar):
-                    env[v] = o
-        return [read(v) for v in jaxpr.outvars]
-
-    def _record(self, path, outs, eqn):
-        if not self.observe:
+    def _record(self, path, outs, eqn, states):
+        key = EqnKey(path, "absmax")
+        if not self.observe or key not in states:
             return
-        path = _pkey(path)
         m = [
             jnp.max(jnp.abs(o)).astype(jnp.float32)
             for o, v in zip(outs, eqn.outvars)
             if is_float(v.aval.dtype) and np.size(o) > 0
         ]
-        if m and path in self.obs:
-            self.obs[path] = jnp.maximum(self.obs[path], functools.reduce(jnp.maximum, m))
+        if m:
+            states[key] = jnp.maximum(states[key], functools.reduce(jnp.maximum, m))
 
-    def _eval(self, eqn, invals, path):
-        prim = eqn.primitive.name
-        inner = inner_jaxpr(eqn)
-        if inner is not None:
-            j, consts = inner
-            return self.run(j, consts, invals, path)
-        if prim == "scan":
-            return self._scan(eqn, invals, path)
+    def _eqn(self, eqn, invals, states, path):
         mode = self._mode(eqn, invals, path)
         self.modes[path] = mode
         if mode == "low":
@@ -113,8 +98,12 @@ class _CastRun:
                 for v, iv in zip(invals, eqn.invars)
             ]
             outs = bind_eqn(eqn, vals)
-        self._record(path, outs, eqn)
+        self._record(path, outs, eqn, states)
         return outs
+
+    def _scan_done(self, eqn, outs, states, path):
+        self.modes[path] = "scan"
+        self._record(path, outs, eqn, states)
 
     def _mode(self, eqn, invals, path) -> str:
         if self.observe or path in self.keep:
@@ -147,38 +136,6 @@ class _CastRun:
         outs = bind_eqn(eqn, vals, **over)
         if acc:
             outs = [o.astype(low) for o in outs]
-        return outs
-
-    def _scan(self, eqn, invals, path):
-        p = eqn.params
-        closed = p["jaxpr"]
-        nc, nk = scan_counts(p)
-        consts, carry, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
-        carry = [jnp.asarray(c) for c in carry]
-        dts = [c.dtype for c in carry]
-        keys = sorted(k for k in self.obs if k.startswith(_pkey(path) + "."))
-
-        def body(c, x):
-            cv, co = c
-            saved = self.obs
-            self.obs = dict(zip(keys, co))
-            outs = self.run(closed.jaxpr, closed.consts, list(consts) + list(cv) + list(x), path)
-            new_obs = [self.obs[k] for k in keys]
-            self.obs = saved
-            return ([o.astype(d) for o, d in zip(outs[:nk], dts)], new_obs), list(outs[nk:])
-
-        (new_carry, new_obs), ys = jax.lax.scan(
-            body,
-            (carry, [self.obs[k] for k in keys]),
-            list(xs),
-            length=p["length"],
-            reverse=p["reverse"],
-            unroll=p["unroll"],
-        )
-        self.obs.update(zip(keys, new_obs))
-        outs = list(new_carry) + list(ys)
-        self.modes[path] = "scan"
-        self._record(path, outs, eqn)
         return outs
 
 
@@ -305,7 +262,7 @@ class CastModel:
         t = trace(s.adapter, avals, args, kwargs)
         graph = t.finder.view
         keep = self._keep_for(graph)
-        run = _CastRun(low, keep)
+        run = _CastRun(t.finder, low, keep)
         dyn = []
         for k, d in enumerate(t.dyn_args):
             d = jnp.asarray(d)
@@ -515,25 +472,33 @@ def cast(
 
 
 def _observe_max(adapter: ModelAdapter, batches: Iterable, kwargs: dict) -> dict:
-    """max |x| of every equation's float output (and of every float input) over `batches`."""
+    """max |x| of every equation's float output (and of every float input) over `batches`.
+
+    Keys are the public forms of `CastModel.overflow`: ``"3.1.4"`` (the
+    equation's index path) and ``"in:k"`` (the k-th array input).
+    """
     first, batches = peek(batches, "jq.cast: `batches` is empty; pass None to skip calibration")
     args = split_batch(first)
     t = trace(adapter, adapter.values, args, kwargs)
-    graph = t.finder.view
-    init = {_pkey(n.path): jnp.zeros((), jnp.float32) for n in graph.nodes}
-    in_keys = [f"in:{k}" for k in range(len(t.dyn_args))]
-    for k in in_keys:
-        init[k] = jnp.zeros((), jnp.float32)
+    zero = jnp.zeros((), jnp.float32)
+    init = {
+        "eqns": {EqnKey(n.path, "absmax"): zero for n in t.finder.view.nodes},
+        "inputs": [zero] * len(t.dyn_args),
+    }
 
     def body(tt, leaves, dyn, obs, extra):
-        run = _CastRun(jnp.float32, {}, observe=True, obs=dict(obs))
-        for k, d in zip(in_keys, dyn):
-            if is_float(d.dtype):
-                run.obs[k] = jnp.maximum(run.obs[k], jnp.max(jnp.abs(d)).astype(jnp.float32))
-        run.run(tt.jaxpr, tt.consts, leaves + dyn)
-        return run.obs
+        states = dict(obs["eqns"])
+        _CastRun(tt.finder, jnp.float32, {}, observe=True).run(
+            tt.jaxpr, tt.consts, leaves + dyn, states
+        )
+        inputs = [
+            jnp.maximum(m, jnp.max(jnp.abs(d)).astype(jnp.float32)) if is_float(d.dtype) else m
+            for m, d in zip(obs["inputs"], dyn)
+        ]
+        return {"eqns": states, "inputs": inputs}
 
     obs, _ = Stream(adapter, kwargs, body).run(batches, adapter.values, init, desc="cast")
-    out = {k: float(v) for k, v in obs.items()}
+    out = {_pkey(k.path): float(v) for k, v in obs["eqns"].items()}
+    out.update({f"in:{k}": float(v) for k, v in enumerate(obs["inputs"])})
     out["__example__"] = (args, kwargs)
     return out
