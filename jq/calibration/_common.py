@@ -35,6 +35,19 @@ def check_nonfinite(mode, owner: str) -> str:
     return mode
 
 
+def check_fields(obs, owner: str) -> None:
+    """Validates (and normalises) the ``axis`` and ``nonfinite`` fields of a frozen observer."""
+    object.__setattr__(obs, "axis", check_axis(obs.axis, owner))
+    check_nonfinite(obs.nonfinite, owner)
+
+
+def empty_extrema(x, axis: int | None, owner: str) -> tuple[jax.Array, jax.Array]:
+    """``(+inf, -inf)`` in the keepdims statistics shape of batches like `x`: nothing seen yet."""
+    x = check_float_input(x, owner, "init")
+    inf = jnp.full(stat_shape(x.shape, axis, owner), jnp.inf, jnp.float32)
+    return inf, -inf
+
+
 def check_float_input(x, owner: str, method: str) -> jax.Array:
     """Returns `x` as a float32 array; integer, bool or complex input raises TypeError."""
     dtype = getattr(x, "dtype", None)

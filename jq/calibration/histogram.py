@@ -134,8 +134,7 @@ class Histogram:
                 f"Histogram(method={self.method!r}) needs an integer target dtype "
                 f"(int8, uint8, int16, int4), got {fmt.name!r}"
             )
-        object.__setattr__(self, "axis", _common.check_axis(self.axis, "Histogram"))
-        _common.check_nonfinite(self.nonfinite, "Histogram")
+        _common.check_fields(self, "Histogram")
 
     @property
     def levels(self) -> int:
@@ -145,16 +144,15 @@ class Histogram:
     # -- streaming ---------------------------------------------------------------------------
     def init(self, x: jax.Array) -> HistogramState:
         """An empty state for batches shaped like `x` (only shape and dtype are used)."""
-        x = _common.check_float_input(x, "Histogram", "init")
-        shape = _common.stat_shape(x.shape, self.axis, "Histogram")
-        inf = jnp.full(shape, jnp.inf, jnp.float32)
+        lo, hi = _common.empty_extrema(x, self.axis, "Histogram")
+        shape = lo.shape
         zero = jnp.zeros((), jnp.int32)
         return HistogramState(
             counts=jnp.zeros(shape + (2 * self.num_bins,), jnp.int32),
             offset=jnp.zeros(shape, jnp.int32),
             width=jnp.zeros(shape, jnp.float32),
-            lo=inf,
-            hi=-inf,
+            lo=lo,
+            hi=hi,
             count=zero,
             nonfinite=zero,
         )

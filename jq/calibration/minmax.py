@@ -65,16 +65,13 @@ class MinMax:
     nonfinite: str = "raise"
 
     def __post_init__(self):
-        object.__setattr__(self, "axis", _common.check_axis(self.axis, "MinMax"))
-        _common.check_nonfinite(self.nonfinite, "MinMax")
+        _common.check_fields(self, "MinMax")
 
     def init(self, x: jax.Array) -> MinMaxState:
         """An empty state for batches shaped like `x` (only shape and dtype are used)."""
-        x = _common.check_float_input(x, "MinMax", "init")
-        shape = _common.stat_shape(x.shape, self.axis, "MinMax")
-        inf = jnp.full(shape, jnp.inf, jnp.float32)
+        lo, hi = _common.empty_extrema(x, self.axis, "MinMax")
         zero = jnp.zeros((), jnp.int32)
-        return MinMaxState(inf, -inf, zero, zero)
+        return MinMaxState(lo, hi, zero, zero)
 
     def update(self, state: MinMaxState, x: jax.Array) -> MinMaxState:
         """Adds one batch. Jittable, no host sync.
@@ -164,15 +161,12 @@ class MovingAverageMinMax:
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < float(c) <= 1.0:
             raise ValueError(f"MovingAverageMinMax.averaging_constant must be in (0, 1], got {c!r}")
         object.__setattr__(self, "averaging_constant", float(c))
-        object.__setattr__(self, "axis", _common.check_axis(self.axis, "MovingAverageMinMax"))
-        _common.check_nonfinite(self.nonfinite, "MovingAverageMinMax")
+        _common.check_fields(self, "MovingAverageMinMax")
 
     def init(self, x: jax.Array) -> MovingAverageMinMaxState:
-        x = _common.check_float_input(x, "MovingAverageMinMax", "init")
-        shape = _common.stat_shape(x.shape, self.axis, "MovingAverageMinMax")
-        inf = jnp.full(shape, jnp.inf, jnp.float32)
+        lo, hi = _common.empty_extrema(x, self.axis, "MovingAverageMinMax")
         zero = jnp.zeros((), jnp.int32)
-        return MovingAverageMinMaxState(inf, -inf, zero, zero)
+        return MovingAverageMinMaxState(lo, hi, zero, zero)
 
     def update(self, state: MovingAverageMinMaxState, x: jax.Array) -> MovingAverageMinMaxState:
         """Adds one batch: ``m <- m + c * (batch_stat - m)`` (first batch: ``m = batch_stat``).

@@ -4,8 +4,9 @@ One module per verb: `calibrate`, `convert`, `apply`, `qat`, `report` (with
 `sites`), `export`, `checkpoint`, `cast` (its policy in `cast_policy`),
 `sensitivity`, `auto_quantize`, `gptq` and `smoothquant`. The data types live
 in `qvars`, and the engine the verbs share in `adapter` (linen / nnx as one
-function, traced), `_graph` (sites, the interpreter and its `StateKey`
-state), `select` (rule matching, specs) and `stream` (batches, observers).
+function, traced), `dataflow` (the one view of the traced jaxpr), `_graph`
+(sites, the interpreter and its `StateKey` / `EqnKey` state), `select` (rule
+matching, specs) and `stream` (batches, observers).
 """
 
 from jq.flax.apply import apply

@@ -16,11 +16,10 @@ from jq import numerics
 from jq.flax._graph import Site
 from jq.flax.adapter import ModelAdapter, trace
 from jq.flax.apply import apply
-from jq.flax.calibrate import calibrate
 from jq.flax.convert import convert
 from jq.flax.report import format_table
 from jq.flax.rules import Rule
-from jq.flax.sensitivity import QuantEval, batch_inputs
+from jq.flax.sensitivity import QuantEval, batch_inputs, calibrate_on
 from jq.qparams import QuantSpec
 
 __all__ = [
@@ -260,6 +259,7 @@ def _units(sites: list[Site]) -> tuple[list[tuple], list[list]]:
     return units, unit_leaves
 
 
+@dataclasses.dataclass(eq=False)
 class _Search:
     """Measures plans: a plan is one candidate index per unit (``top`` = float32, not quantized).
 
@@ -267,55 +267,43 @@ class _Search:
     function is compiled per distinct rule set and reused.
     """
 
-    def __init__(
-        self,
-        model,
-        variables,
-        units,
-        cands,
-        activation,
-        weight_axis,
-        batches,
-        metric_fn,
-        inputs,
-        method,
-        kwargs,
-        args0,
-    ):
-        self.model, self.variables, self.method, self.kwargs, self.args0 = (
-            model,
-            variables,
-            method,
-            kwargs,
-            args0,
-        )
-        self.units, self.cands, self.activation, self.weight_axis = (
-            units,
-            cands,
-            activation,
-            weight_axis,
-        )
-        self.batches, self.metric_fn, self.inputs = batches, metric_fn, inputs
-        self.top = len(cands) - 1
+    model: Any
+    variables: Any
+    units: list
+    cands: tuple
+    activation: QuantSpec | None
+    weight_axis: int | None
+    batches: list
+    metric_fn: Callable
+    inputs: Any
+    method: Any
+    kwargs: dict
+    args0: tuple
+
+    def __post_init__(self):
+        self.top = len(self.cands) - 1
         self.stats = None
-        if activation is not None and activation.is_static:
+        act = self.activation
+        if act is not None and act.is_static:
             # one calibration for every unit and candidate: sites are selected by name
             all_rules = [
-                _candidate_rule("int8", mod, kind, activation, weight_axis)
-                for u in units
+                _candidate_rule("int8", mod, kind, act, self.weight_axis)
+                for u in self.units
                 for mod, kind in u
             ]
-            self.stats = calibrate(
-                model,
-                variables,
-                [batch_inputs(b, inputs) for b in batches],
+            self.stats = calibrate_on(
+                self.model,
+                self.variables,
+                self.batches,
+                self.inputs,
                 all_rules,
-                method=method,
-                kwargs=kwargs,
-                progress=False,
+                self.method,
+                self.kwargs,
             )
         self._fns: dict = {}
-        base = QuantEval(model, variables, (), method, kwargs, args0, None).fn(frozenset())
+        base = QuantEval(
+            self.model, self.variables, (), self.method, self.kwargs, self.args0, None
+        ).fn(frozenset())
         self.float_metric = self.mean_metric(base)
 
     def mean_metric(self, fn) -> float:

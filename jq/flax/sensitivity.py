@@ -257,13 +257,11 @@ def _make_eval(model, variables, rules, batches, inputs, stats, method, kwargs, 
     t = trace(adapter, adapter.values, args0, kwargs)
     chosen = choose(t.finder, rules, warn=False)
     if stats is None and any(c.mode == "static" for c in chosen.values()):
-        stats = calibrate(
-            model,
-            variables,
-            [batch_inputs(b, inputs) for b in batches],
-            rules,
-            method=method,
-            kwargs=kwargs,
-            progress=False,
-        )
+        stats = calibrate_on(model, variables, batches, inputs, rules, method, kwargs)
     return QuantEval(model, variables, rules, method, kwargs, args0, stats)
+
+
+def calibrate_on(model, variables, batches, inputs, rules, method, kwargs) -> CalibrationStats:
+    """`calibrate` on the model inputs of `batches` (``inputs(batch)``), quietly."""
+    xs = [batch_inputs(b, inputs) for b in batches]
+    return calibrate(model, variables, xs, rules, method=method, kwargs=kwargs, progress=False)
