@@ -13,6 +13,10 @@ are; these helpers carry the annotations over to the `QuantizedVariables`:
 * `logical_shardings` / `shard_logical` turn them into `NamedSharding`s on a
   mesh with logical-axis rules, with the divisibility checks of
   `jq.sharding.qarray_partition_specs`.
+* `qvars_shardings` / `shard_qvars` derive every leaf's `NamedSharding` of a
+  `QuantizedVariables` from the float variables' shardings (each QArray's parts
+  by `jq.sharding.qarray_shardings`; activation QParams replicated). They lived
+  in `jq.sharding` before, where the old names still work (deprecated).
 """
 
 from __future__ import annotations
