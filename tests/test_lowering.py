@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import absltest, parameterized
+from hloparse import platform_views
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -414,8 +415,6 @@ _DOT = re.compile(
 
 class AcceleratorExportTest(chex.TestCase):
     def _branches(self, f, *args):
-        from test_ops_lowering import platform_views
-
         exp = jax.export.export(jax.jit(f), platforms=("cpu", "cuda", "tpu"))(*args)
         return platform_views(exp.mlir_module(), exp.platforms)
 
