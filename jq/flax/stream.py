@@ -18,6 +18,7 @@ collects them (`jq.flax.qvars.observed_range` reads a range back).
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -29,18 +30,25 @@ from tqdm.auto import tqdm
 from jq.flax._graph import Interpreter, Site, SiteFinder, bind_eqn, keyed_by_act_key
 from jq.flax.adapter import ModelAdapter, Traced, trace
 from jq.flax.qvars import CalibrationStats
-from jq.flax.rules import check_rules
+from jq.flax.rules import Rule, check_rules
 from jq.flax.select import Choice, activation_spec, choose, scan_lengths, stack_tree
 
 __all__ = [
     "Stream",
     "abstract",
     "calibration_stats",
+    "check_batches",
+    "check_forwarded",
     "init_observers",
     "is_array",
+    "is_rules",
+    "model_call",
+    "model_kwargs_arg",
+    "num_batches",
     "observe_site",
     "peek",
     "prepare",
+    "rules_then_batches",
     "shape_dtype",
     "site_body",
     "split_batch",
@@ -56,6 +64,117 @@ def split_batch(batch) -> tuple:
     if isinstance(batch, tuple):
         return batch
     return (batch,)
+
+
+def model_call(batch, inputs: Callable | None = None, model_kwargs: dict | None = None):
+    """``(args, kwargs)`` for one model call on `batch`: the one place batches become calls.
+
+    ``inputs(batch)`` (or the batch itself when `inputs` is None) is read as
+    the model's positional arguments: a tuple is the argument list, a pair
+    ``(args, kwargs)`` whose second item is a dict adds keyword arguments, and
+    anything else (an array, a dict, a pytree) is the only argument.
+    `model_kwargs` is merged under the batch's own keyword arguments, so
+    ``model_call(b, lambda b: b[0], {"train": False})`` calls
+    ``model(b[0], train=False)``.
+    """
+    a = batch if inputs is None else inputs(batch)
+    kw = {}
+    if inputs is not None and isinstance(a, tuple) and len(a) == 2 and isinstance(a[1], dict):
+        a, kw = a
+    return split_batch(a), {**(model_kwargs or {}), **kw}
+
+
+def check_batches(batches, name: str):
+    """`batches` unchanged, once it is known to be an iterable of batches (not one bare batch).
+
+    Raises:
+      TypeError: `batches` is an array or a dict (one batch, which iteration
+        would split into rows or keys); the message names ``jq.<name>``.
+    """
+    if is_array(batches) or isinstance(batches, (dict, jax.ShapeDtypeStruct)):
+        what = (
+            f"an array of shape {np.shape(batches)}"
+            if not isinstance(batches, dict)
+            else f"a dict (keys {sorted(map(str, batches))[:4]})"
+        )
+        raise TypeError(
+            f"jq.{name}: `batches` is {what}, i.e. one batch; iterating it would feed the model "
+            "one row (or key) at a time. Pass an iterable of batches: wrap it in a list, "
+            f"jq.{name}(..., [x], ...), or pass a data loader"
+        )
+    if batches is None or not hasattr(batches, "__iter__"):
+        raise TypeError(
+            f"jq.{name}: `batches` must be an iterable of batches (a list, a generator or a data "
+            f"loader), got {type(batches).__name__}"
+        )
+    return batches
+
+
+def model_kwargs_arg(name: str, model_kwargs: dict | None, kwargs: dict | None) -> dict:
+    """The model's fixed keyword arguments from ``model_kwargs=`` (or the deprecated ``kwargs=``)."""
+    if kwargs is not None:
+        if model_kwargs is not None:
+            raise TypeError(
+                f"jq.{name}: pass the model's keyword arguments once, as model_kwargs= (kwargs= "
+                "is its deprecated old name)"
+            )
+        warnings.warn(
+            f"jq.{name}: kwargs= is deprecated; pass model_kwargs={{...}} instead (same meaning: "
+            "keyword arguments passed to the model on every call)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        model_kwargs = kwargs
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise TypeError(
+            f"jq.{name}: model_kwargs must be a dict of the model's keyword arguments, got "
+            f"{type(model_kwargs).__name__}"
+        )
+    return dict(model_kwargs or {})
+
+
+def check_forwarded(name: str, kwargs: dict) -> dict:
+    """`kwargs` forwarded to the model, once it holds no ``kwargs=`` / ``model_kwargs=`` mix-up.
+
+    Verbs that take the model's own arguments (`jq.apply`, `jq.sites`,
+    `jq.report`, `QAT.init` / `QAT.apply`, `QuantizedModel.apply`) forward
+    ``**kwargs`` as Flax's ``Module.apply`` does; a dict passed as ``kwargs=``
+    would reach the model as one keyword argument named ``kwargs``.
+    """
+    for bad in ("kwargs", "model_kwargs"):
+        if bad in kwargs:
+            raise TypeError(
+                f"jq.{name} forwards keyword arguments to the model as they are (like Flax's "
+                f"Module.apply), so {bad}={{...}} would reach the model as one argument named "
+                f"{bad!r}; pass them directly, e.g. jq.{name}(..., x, train=False)"
+            )
+    return kwargs
+
+
+def is_rules(x) -> bool:
+    """A `jq.Rule` or a non-empty list / tuple of them (a preset)."""
+    if isinstance(x, Rule):
+        return True
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(r, Rule) for r in x)
+
+
+def rules_then_batches(name: str, rules, batches):
+    """``(rules, batches)`` from a call ``(model, variables, rules, batches)``.
+
+    The old order ``(model, variables, batches, rules)`` is recognised by the
+    types (rules are `jq.Rule`s), accepted for one release with a
+    `DeprecationWarning` that spells out the new call.
+    """
+    if not is_rules(rules) and is_rules(batches):
+        warnings.warn(
+            f"jq.{name}(model, variables, batches, rules) is deprecated; the order is now "
+            f"jq.{name}(model, variables, rules, batches, ...), as for every jq verb that takes "
+            "rules and batches",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        rules, batches = batches, rules
+    return rules, check_batches(batches, name)
 
 
 def is_array(x) -> bool:
@@ -95,28 +214,38 @@ def peek(batches: Iterable, empty_error: str) -> tuple[Any, Iterator]:
     return first, itertools.chain([first], it)
 
 
-def prepare(model, variables, batches: Iterable, rules, method, kwargs: dict | None, name: str):
+def prepare(
+    model, variables, batches: Iterable, rules, method, kwargs: dict | None, name: str, inputs=None
+):
     """What a verb over a list of calibration batches starts with (`gptq`, `smoothquant`).
 
     Returns ``(rules, kwargs, batches, adapter, args, traced, chosen)``: the
     checked rules, the batches as a list, the model traced on the first one and
-    the sites the rules select.
+    the sites the rules select (`kwargs` holds the first call's keyword arguments).
 
     Raises:
       ValueError: `batches` is empty (the message names ``jq.<name>``).
     """
     rules = check_rules(rules)
     kwargs = dict(kwargs or {})
-    batches = list(batches)
+    batches = list(check_batches(batches, name))
     if not batches:
         raise ValueError(
             f"jq.{name}: `batches` is empty; {name} needs at least one calibration batch"
         )
     adapter = ModelAdapter(model, variables, method)
-    args = split_batch(batches[0])
-    t = trace(adapter, adapter.values, args, kwargs)
+    args, kw = model_call(batches[0], inputs, kwargs)
+    t = trace(adapter, adapter.values, args, kw)
     chosen = choose(t.finder, rules)
     return rules, kwargs, batches, adapter, args, t, chosen
+
+
+def num_batches(batches) -> int | None:
+    """``len(batches)`` when the iterable knows it (a list, a sized loader), else None."""
+    try:
+        return len(batches)
+    except TypeError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,9 +266,10 @@ class Stream:
     per batch signature however often `run` is called with new values.
     """
 
-    def __init__(self, adapter: ModelAdapter, kwargs: dict, body: StepBody):
+    def __init__(self, adapter: ModelAdapter, kwargs: dict, body: StepBody, inputs=None):
         self.adapter = adapter
         self.kwargs = kwargs
+        self.inputs = inputs
         self._struct = None  # the current batch's (args, kwargs): its non-array parts are static
 
         def step(leaves, states, dyn, extra):
@@ -159,11 +289,15 @@ class Stream:
         desc: str = "calibrate",
         progress: bool = False,
         leave: bool = True,
+        total: int | None = None,
     ) -> tuple[Any, int]:
-        """``(states after every batch, number of batches)``."""
+        """``(states after every batch, number of batches)``; `total` (default
+        ``len(batches)`` when known) sizes the progress bar."""
         n = 0
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=leave):
-            self._struct = (split_batch(batch), self.kwargs)
+        total = num_batches(batches) if total is None else total
+        bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=leave, total=total)
+        for batch in bar:
+            self._struct = model_call(batch, self.inputs, self.kwargs)
             dyn = [x for x in jax.tree_util.tree_leaves(self._struct) if is_array(x)]
             states = self._step(list(leaves), states, dyn, extra)
             n += 1
