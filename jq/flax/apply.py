@@ -21,6 +21,7 @@ from jq.flax._graph import Interpreter, Site, bind_eqn, keyed_by_site
 from jq.flax.adapter import ModelAdapter, fmt_paths, leaf_aval, model_kind, state_changes, trace
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule, check_rules
+from jq.flax.stream import check_forwarded
 from jq.qparams import QuantSpec
 from jq.quantize import QArray
 
@@ -72,6 +73,7 @@ def apply(
         raise TypeError(
             f"jq.apply: expected QuantizedVariables from jq.convert, got {type(qvars).__name__}"
         )
+    check_forwarded("apply", kwargs)
     adapter = _adapter_for(model, qvars, method)
     nnx_mutable = False
     if adapter.kind == "nnx":

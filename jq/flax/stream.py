@@ -237,7 +237,7 @@ def prepare(
     args, kw = model_call(batches[0], inputs, kwargs)
     t = trace(adapter, adapter.values, args, kw)
     chosen = choose(t.finder, rules)
-    return rules, kwargs, batches, adapter, args, t, chosen
+    return rules, kw, batches, adapter, args, t, chosen
 
 
 def num_batches(batches) -> int | None:
