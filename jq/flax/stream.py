@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jq.flax._graph import Interpreter, Site, SiteFinder, bind_eqn, keyed_by_act_key
-from jq.flax.adapter import ModelAdapter, Traced, trace
+from jq.flax.adapter import ModelAdapter, Traced, is_dynamic, trace
 from jq.flax.qvars import CalibrationStats
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import Choice, activation_spec, choose, scan_lengths, stack_tree
@@ -178,7 +178,9 @@ def rules_then_batches(name: str, rules, batches):
 
 
 def is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray))
+    """An array leaf of a batch (traced as an input of the step, as `adapter.trace` does):
+    jax / numpy arrays and numpy scalars; Python numbers and strings stay static."""
+    return is_dynamic(x) and not isinstance(x, jax.ShapeDtypeStruct)
 
 
 def shape_dtype(x) -> jax.ShapeDtypeStruct:
