@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq.flax.adapter import ModelAdapter, trace
-from jq.flax.apply import apply
+from jq.flax.apply import run_quantized
 from jq.flax.qat import (
     is_qat_vars,
     qat_act_qparams,
@@ -181,7 +181,11 @@ def convert(
     dry_kw = (
         {**kwargs, "mutable": True} if adapter.kind == "nnx" else kwargs
     )  # train-mode nnx is fine here
-    jax.eval_shape(lambda qv, a: apply(model, qv, *a, method=method, **dry_kw), qvars, args)
+    jax.eval_shape(
+        lambda qv, a: run_quantized(model, qv, a, dict(dry_kw), method=method, init_check=False),
+        qvars,
+        args,
+    )
     if verbose:
         print(qvars.summary())
     return qvars
