@@ -45,7 +45,8 @@ def calibrate(
     The model code is untouched: jq traces it, and every site whose rule has a
     static activation spec (one with ``calibration=observer``) feeds its
     activation operand to ``observer.update`` inside one jitted step, compiled
-    once per batch signature.
+    once per batch signature (and, for linen models, kept for later calls with
+    an equal model and rules).
 
     Args:
       model, variables: a linen Module and its variables, or an nnx Module and None.
@@ -99,7 +100,10 @@ def calibrate(
     def observe(site, eqn, invals, sts, extra):
         observe_site(site, invals, sts, observers)
 
-    stream = Stream(adapter, model_kwargs, site_body(selected, observe), inputs)
+    # one compiled step per model, rules and batch signature, shared by later calls
+    stream = Stream(
+        adapter, model_kwargs, site_body(selected, observe), inputs, ("calibrate", rules)
+    )
     states, n = stream.run(
         batches, adapter.values, states, desc="calibrate", progress=progress, total=total
     )

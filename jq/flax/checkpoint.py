@@ -9,6 +9,7 @@ no code execution) and the arrays, and rebuilds the exact pytree.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
@@ -53,14 +54,15 @@ def _spec_from_json(d):
     )
 
 
-def _ocp():
+def _optional(module: str, extra: str):
+    """Imports an optional dependency, or says which extra installs it."""
     try:
-        import orbax.checkpoint as ocp
+        return importlib.import_module(module)
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "jq checkpoints need orbax-checkpoint: pip install 'jq-quant[checkpoint]'"
+            f"jq: this checkpoint format needs {module.split('.')[0]}: "
+            f"pip install 'jq-quant[{extra}]'"
         ) from e
-    return ocp
 
 
 def _layout(q: QArray) -> dict:
@@ -153,7 +155,7 @@ def save(path: str | os.PathLike, qvars: QuantizedVariables) -> None:
     arrays, meta = encode(qvars)
     path = os.path.abspath(os.fspath(path))
     os.makedirs(path, exist_ok=False)
-    ocp = _ocp()
+    ocp = _optional("orbax.checkpoint", "checkpoint")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(path, _ARRAYS), arrays)
     with open(os.path.join(path, _META), "w") as f:
@@ -175,7 +177,7 @@ def restore(path: str | os.PathLike) -> QuantizedVariables:
             "jq.flax.checkpoint.restore: checkpoint format version "
             f"{meta.get('jq_checkpoint_version')!r} is not supported (this jq reads version {_FORMAT_VERSION})"
         )
-    ocp = _ocp()
+    ocp = _optional("orbax.checkpoint", "checkpoint")
     with ocp.StandardCheckpointer() as ckptr:
         arrays = ckptr.restore(os.path.join(path, _ARRAYS))
     return decode(meta, arrays)
@@ -234,17 +236,6 @@ _ST_NATIVE = {"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "in
 _ST_NATIVE |= {"float16", "float32", "float64"}
 
 
-def _safetensors():
-    try:
-        import safetensors
-        import safetensors.numpy
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "jq: safetensors checkpoints need safetensors: pip install 'jq-quant[safetensors]'"
-        ) from e
-    return safetensors
-
-
 def save_safetensors(path: str | os.PathLike, qvars: QuantizedVariables) -> None:
     """Saves `qvars` as one ``.safetensors`` file (no pickle), readable without jq.
 
@@ -258,7 +249,7 @@ def save_safetensors(path: str | os.PathLike, qvars: QuantizedVariables) -> None
     safetensors' numpy API does not know (bfloat16, float8) are stored as
     their raw bits (uint16 / uint8), named in ``meta["bits"]``.
     """
-    st = _safetensors()
+    st = _optional("safetensors.numpy", "safetensors")
     arrays, meta = encode(qvars, names=True)
     out, bits = {}, {}
     for k, v in arrays.items():
@@ -268,14 +259,16 @@ def save_safetensors(path: str | os.PathLike, qvars: QuantizedVariables) -> None
             a = a.view(np.dtype(f"uint{8 * a.dtype.itemsize}"))
         out[k] = np.ascontiguousarray(a)
     meta["bits"] = bits
-    st.numpy.save_file(out, os.fspath(path), metadata={"jq": json.dumps(meta)})
+    st.save_file(out, os.fspath(path), metadata={"jq": json.dumps(meta)})
 
 
 def restore_safetensors(path: str | os.PathLike) -> QuantizedVariables:
     """Restores `QuantizedVariables` saved by `save_safetensors`, arrays bit-identical."""
-    st = _safetensors()
+    _optional("safetensors.numpy", "safetensors")
+    from safetensors import safe_open
+
     path = os.fspath(path)
-    with st.safe_open(path, framework="numpy") as f:
+    with safe_open(path, framework="numpy") as f:
         md = f.metadata() or {}
         if "jq" not in md:
             raise ValueError(f"jq.load_model: {path!r} is a safetensors file without jq metadata")

@@ -26,11 +26,12 @@ from jq.flax.rules import Rule, check_rules
 from jq.flax.stream import (
     check_batches,
     check_forwarded,
-    is_array,
     is_rules,
+    join_call,
     model_call,
     model_kwargs_arg,
     peek,
+    split_call,
 )
 from jq.quantize import QArray
 
@@ -53,21 +54,10 @@ class _Bound:
         self.float_variables = float_variables
 
         def run(qvars, static, dyn):
-            tree, consts = static
-            it = iter(dyn)
-            leaves = [next(it) if c is _DYN else c for c in consts]
-            args, kwargs = jax.tree_util.tree_unflatten(tree, leaves)
+            args, kwargs = join_call(static, dyn)
             return apply(self.model, qvars, *args, method=self.method, **kwargs)
 
         self.jitted = jax.jit(run, static_argnums=(1,))
-
-
-class _Dyn:
-    def __repr__(self):
-        return "<array>"
-
-
-_DYN = _Dyn()  # marks an array leaf of the call in the static key
 
 
 @jax.tree_util.register_pytree_node_class
@@ -122,10 +112,8 @@ class QuantizedModel:
         by Flax's ``Module.apply``, over the ``model_kwargs`` given to `quantize_model`;
         array arguments are traced, all others (``train=False``) are static."""
         check_forwarded("QuantizedModel.apply", kwargs)
-        leaves, tree = jax.tree_util.tree_flatten((args, {**self._bound.model_kwargs, **kwargs}))
-        consts = tuple(_DYN if is_array(x) else x for x in leaves)
-        dyn = [x for x in leaves if is_array(x)]
-        return self._bound.jitted(self.variables, (tree, consts), dyn)
+        static, dyn = split_call((args, {**self._bound.model_kwargs, **kwargs}))
+        return self._bound.jitted(self.variables, static, dyn)
 
     __call__ = apply
 

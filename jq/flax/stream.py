@@ -17,6 +17,7 @@ collects them (`jq.flax.qvars.observed_range` reads a range back).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,7 @@ __all__ = [
     "init_observers",
     "is_array",
     "is_rules",
+    "join_call",
     "model_call",
     "model_kwargs_arg",
     "num_batches",
@@ -51,8 +53,8 @@ __all__ = [
     "rules_then_batches",
     "shape_dtype",
     "site_body",
+    "split_call",
     "split_batch",
-    "with_dyn",
 ]
 
 
@@ -195,15 +197,29 @@ def abstract(tree):
     )
 
 
-def with_dyn(struct, dyn):
-    """Puts the array leaves `dyn` (tracers) back into the argument structure (as avals)."""
-    leaves, tree = jax.tree_util.tree_flatten(struct)
-    it = iter(dyn)
-    out = [
-        shape_dtype(next(it)) if is_array(x) or isinstance(x, jax.ShapeDtypeStruct) else x
-        for x in leaves
+class _Dyn:
+    def __repr__(self):
+        return "<array>"
+
+
+_DYN = _Dyn()  # an array leaf's place in a `split_call` key
+
+
+def split_call(call) -> tuple[tuple, list]:
+    """``(static, arrays)``: a call's ``(args, kwargs)`` split into a hashable key (the tree
+    and its non-array leaves: ``train=False``, strings) and its array leaves (`is_array`),
+    so that a jitted function can take the first as a static argument."""
+    leaves, tree = jax.tree_util.tree_flatten(call)
+    return (tree, tuple(_DYN if is_array(x) else x for x in leaves)), [
+        x for x in leaves if is_array(x)
     ]
-    return jax.tree_util.tree_unflatten(tree, out)
+
+
+def join_call(static: tuple, arrays) -> Any:
+    """`split_call`'s inverse: the call with `arrays` (e.g. tracers) in the array places."""
+    tree, consts = static
+    it = iter(arrays)
+    return jax.tree_util.tree_unflatten(tree, [next(it) if c is _DYN else c for c in consts])
 
 
 def peek(batches: Iterable, empty_error: str) -> tuple[Any, Iterator]:
@@ -268,18 +284,19 @@ class Stream:
     per batch signature however often `run` is called with new values.
     """
 
-    def __init__(self, adapter: ModelAdapter, kwargs: dict, body: StepBody, inputs=None):
+    def __init__(
+        self, adapter: ModelAdapter, kwargs: dict, body: StepBody, inputs=None, cache_key=None
+    ):
         self.adapter = adapter
         self.kwargs = kwargs
         self.inputs = inputs
-        self._struct = None  # the current batch's (args, kwargs): its non-array parts are static
 
-        def step(leaves, states, dyn, extra):
-            a, kw = with_dyn(self._struct, dyn)
+        def step(leaves, states, dyn, extra, static):
+            a, kw = join_call(static, [shape_dtype(x) for x in dyn])
             t = trace(adapter, [shape_dtype(x) for x in leaves], a, kw)
             return body(t, list(leaves), list(dyn), states, extra)
 
-        self._step = jax.jit(step)
+        self._step = _cached_step(cache_key, adapter, step)
 
     def run(
         self,
@@ -299,11 +316,42 @@ class Stream:
         total = num_batches(batches) if total is None else total
         bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=leave, total=total)
         for batch in bar:
-            self._struct = model_call(batch, self.inputs, self.kwargs)
-            dyn = [x for x in jax.tree_util.tree_leaves(self._struct) if is_array(x)]
-            states = self._step(list(leaves), states, dyn, extra)
+            static, dyn = split_call(model_call(batch, self.inputs, self.kwargs))
+            states = self._step(list(leaves), states, dyn, extra, static)
             n += 1
         return states, n
+
+
+#: Compiled steps of recent `Stream`s, by cache key (least recently used dropped first).
+_STEPS: collections.OrderedDict = collections.OrderedDict()
+_STEPS_MAX = 16
+
+
+def _cached_step(cache_key, adapter: ModelAdapter, step):
+    """``jax.jit(step)``, shared by every `Stream` with an equal `cache_key` and model.
+
+    The caller's key names what `step` computes besides the model (e.g. the
+    verb and its rules); the model's part is the linen module itself (hashed
+    by its fields), its method and its variables' paths, shapes and dtypes.
+    Without a key, for nnx modules (mutable objects) or for anything
+    unhashable, the step is not shared.
+    """
+    jitted = jax.jit(step, static_argnums=(4,))
+    if cache_key is None or adapter.kind != "linen":
+        return jitted
+    dtypes = tuple(str(jnp.result_type(v)) for v in adapter.values)
+    key = (cache_key, adapter.model, adapter.method, adapter.signature(), dtypes)
+    try:
+        hit = _STEPS.get(key)
+    except TypeError:  # an unhashable module field or rule
+        return jitted
+    if hit is not None:
+        _STEPS.move_to_end(key)
+        return hit
+    _STEPS[key] = jitted
+    if len(_STEPS) > _STEPS_MAX:
+        _STEPS.popitem(last=False)
+    return jitted
 
 
 #: ``site_fn(site, eqn, invals, states, extra) -> replacement operands or None``.
