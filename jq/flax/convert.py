@@ -37,6 +37,7 @@ from jq.quantize import QArray, quantize
 
 __all__ = [
     "convert",
+    "HOST_MAX_ELEMENTS",
     "quantize_leaves",
     "quantize_leaves_jit",
 ]
@@ -191,6 +192,12 @@ def convert(
     return qvars
 
 
+#: Up to this many weight elements, `quantize_leaves` computes on the host (single-threaded
+#: numpy beats compiling); above it, compiling once costs little next to the arithmetic,
+#: which XLA spreads over every core.
+HOST_MAX_ELEMENTS = 1 << 26
+
+
 def quantize_leaves(
     weight_specs: tuple[QuantSpec, ...],
     act_specs: tuple[QuantSpec, ...],
@@ -201,10 +208,11 @@ def quantize_leaves(
     """All of `convert`'s arithmetic at once: `quantize_leaves_jit`'s result, computed on the
     host with numpy when that is bit-identical (`jq.hosteval`: no compilation), else jitted.
     """
-    fn = functools.partial(quantize_leaves_jit.__wrapped__, weight_specs, act_specs)
-    out = host_eval(fn, weights, weight_qparams, ranges)
-    if out is not None:
-        return jax.tree_util.tree_map(jnp.asarray, out)
+    if sum(int(np.size(w)) for w in weights) <= HOST_MAX_ELEMENTS:
+        fn = functools.partial(quantize_leaves_jit.__wrapped__, weight_specs, act_specs)
+        out = host_eval(fn, weights, weight_qparams, ranges)
+        if out is not None:
+            return jax.tree_util.tree_map(jnp.asarray, out)
     weights = [jnp.asarray(w) for w in weights]
     return quantize_leaves_jit(weight_specs, act_specs, weights, weight_qparams, ranges)
 

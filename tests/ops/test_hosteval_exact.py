@@ -82,3 +82,19 @@ def test_denormals_are_flushed_as_xla_cpu_does():
 )
 def test_declines_what_it_cannot_reproduce(fn, x):
     assert host_eval(fn, x) is None
+
+
+def test_convert_gives_the_same_bits_on_the_host_and_jitted(monkeypatch):
+    import sys
+
+    from models import MLP
+
+    conv = sys.modules["jq.flax.convert"]
+    m = MLP(hidden=16, out=4)
+    xs = [np.random.RandomState(3).randn(4, 8).astype(np.float32)]
+    v = m.init(jax.random.key(0), xs[0])
+    rules = jq.presets.w8a8_static()
+    stats = jq.calibrate(m, v, rules, xs, progress=False)
+    host = jq.convert(m, v, rules, stats)
+    monkeypatch.setattr(conv, "HOST_MAX_ELEMENTS", -1)  # every weight through the jit
+    _assert_same_bits(host, jq.convert(m, v, rules, stats))
