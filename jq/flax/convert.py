@@ -212,7 +212,7 @@ def quantize_leaves(
         fn = functools.partial(quantize_leaves_jit.__wrapped__, weight_specs, act_specs)
         out = host_eval(fn, weights, weight_qparams, ranges)
         if out is not None:
-            return jax.tree_util.tree_map(jnp.asarray, out)
+            return jax.device_put(out)  # (jnp.asarray would compile a copy per array)
     weights = [jnp.asarray(w) for w in weights]
     return quantize_leaves_jit(weight_specs, act_specs, weights, weight_qparams, ranges)
 
