@@ -162,7 +162,7 @@ def run(cfg, groups, cache, out_dir, name, smooth=True):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     qv = gptq(
-                        model, variables, calib, rules, bits=bits_kw, rtn=True, progress=False
+                        model, variables, rules, calib, bits=bits_kw, rtn=True, progress=False
                     )
             jax.block_until_ready(jax.tree_util.tree_leaves(qv))
             add("RTN", bits, group, qv, time.perf_counter() - t)
@@ -173,8 +173,8 @@ def run(cfg, groups, cache, out_dir, name, smooth=True):
                     qv, gi = gptq(
                         model,
                         variables,
-                        calib,
                         rules,
+                        calib,
                         bits=bits_kw,
                         act_order=act_order,
                         progress=False,
@@ -193,14 +193,14 @@ def run(cfg, groups, cache, out_dir, name, smooth=True):
     if smooth:
         rules = w8a8_rules()
         t = time.perf_counter()
-        stats = jq.calibrate(model, variables, calib, rules, progress=False)
+        stats = jq.calibrate(model, variables, rules, calib, progress=False)
         qv = jq.convert(model, variables, rules, stats)
         add("W8A8 static (min-max)", 8, None, qv, time.perf_counter() - t)
         for alpha in (0.5, 0.8):
             t = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                qv = smoothquant(model, variables, calib, rules, alpha=alpha, progress=False)
+                qv = smoothquant(model, variables, rules, calib, alpha=alpha, progress=False)
             add(f"W8A8 + SmoothQuant a={alpha}", 8, None, qv, time.perf_counter() - t)
 
     timings = pass_timings(variables, groups[-1], cfg.repeats)
@@ -330,10 +330,10 @@ def render(result) -> str:
         "",
         "```python",
         "rules = [jq.Rule('.*', ops=('dot',), weight=jq.QuantSpec('int4', axis=-1, block_axis=0, block_size=128))]",
-        "qvars = jq.gptq(model, variables, calib_batches, rules)            # sequential GPTQ, percdamp=0.01",
-        "qvars = jq.gptq(model, variables, calib_batches, rules, act_order=True, bits=3)",
+        "qvars = jq.gptq(model, variables, rules, calib_batches)            # sequential GPTQ, percdamp=0.01",
+        "qvars = jq.gptq(model, variables, rules, calib_batches, act_order=True, bits=3)",
         "y = jq.apply(model, qvars, x)                                      # ordinary quantized variables",
-        "qvars = jq.smoothquant(model, variables, calib_batches, w8a8_rules, alpha=0.5)",
+        "qvars = jq.smoothquant(model, variables, w8a8_rules, calib_batches, alpha=0.5)",
         "```",
         "",
         *summary,

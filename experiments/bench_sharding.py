@@ -102,7 +102,7 @@ def main():
         )
     ]
     stats = jq.calibrate(
-        model, v, [x[i : i + 64] for i in range(0, a.batch, 64)], rules, progress=False
+        model, v, rules, [x[i : i + 64] for i in range(0, a.batch, 64)], progress=False
     )
     qv = jq.convert(model, v, rules, stats)
 

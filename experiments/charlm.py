@@ -383,7 +383,7 @@ def run_rows(cfg, data, sw: Stopwatch) -> dict:
                 if obs not in stats_by_observer:
                     with sw("calibrate"):
                         stats_by_observer[obs] = jq.calibrate(
-                            model, variables, calib, rules, progress=False
+                            model, variables, rules, calib, progress=False
                         )
                     ranges[m.name] = {
                         k: (float(np.min(lo)), float(np.max(hi)))

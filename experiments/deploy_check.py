@@ -163,7 +163,7 @@ def measure_sizes(out: str | None = None) -> list[dict]:
                 activation=jq.QuantSpec("int8", calibration=cal.MinMax()),
             )
         ]
-        qv = jq.convert(m, v, rules, jq.calibrate(m, v, [x], rules, progress=False))
+        qv = jq.convert(m, v, rules, jq.calibrate(m, v, rules, [x], progress=False))
         nb = qv.nbytes()
         float_blob = jax.export.export(jax.jit(lambda a, m=m, v=v: m.apply(v, a)))(
             *jax.export.symbolic_args_specs((x,), "b, ...")
@@ -221,7 +221,7 @@ def measure_load(out: str | None = None, repeats: int = 5) -> list[dict]:
             activation=jq.QuantSpec("int8", calibration=cal.MinMax()),
         )
     ]
-    qv = jq.convert(m, v, rules, jq.calibrate(m, v, [x], rules, progress=False))
+    qv = jq.convert(m, v, rules, jq.calibrate(m, v, rules, [x], progress=False))
     blobs = {mode: export(m, qv, x[:1], weights=mode) for mode in ("embedded", "separate")}
     times = {mode: {"load_and_first_call": [], "call_batch32": []} for mode in blobs}
     for _ in range(repeats):

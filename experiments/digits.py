@@ -340,7 +340,7 @@ def run_model(model_name: str, cfg, data, sw: Stopwatch) -> dict:
                     # same observer (per-tensor weights, QAT initial ranges) share one run
                     with sw(f"{model_name}/calibrate"):
                         stats_by_observer[obs] = jq.calibrate(
-                            model, variables, calib, rules, progress=False
+                            model, variables, rules, calib, progress=False
                         )
                     ranges[m.name] = {
                         k: (float(np.min(lo)), float(np.max(hi)))

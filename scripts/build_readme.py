@@ -104,7 +104,13 @@ def main():
         "the entropy row was +90.85 % (the KL search clipped softmax outputs to [0, 0.126]); "
         "the one-sided search now gives them [0, 1].\n\n"
         + demote(charlm.split("\n", 1)[1], 2).strip(),
-        read(D, "core.md"),
+        read(D, "core.md").replace(
+            "{first_run}",
+            between(read(R, "first_run.md"), "\n\n", "\n\nMachine:").split("\n\n", 1)[1]
+            + "\n\n"
+            + "Machine:"
+            + between(read(R, "first_run.md"), "\n\nMachine:").rstrip(),
+        ),
         read(D, "checks.md"),
         demote(section_until(read(R, "calibration.md"), "### Agreement"), 0).strip()
         + "\n\n"

@@ -91,3 +91,32 @@ def agreement(out, batch):
 
 def first(b):
     return b[0]
+
+
+class BNCNN(nn.Module):
+    """Conv(8, 3x3) -> BatchNorm -> relu -> Conv(8, 3x3, stride 2) -> relu -> Dense(out) on
+    (B, 8, 8, 1) images: parameters ``Conv_0``, ``BatchNorm_0``, ``Conv_1``, ``Dense_0``."""
+
+    out: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(8, (3, 3))(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.relu(nn.Conv(8, (3, 3), strides=(2, 2))(x))
+        return nn.Dense(self.out)(x.reshape(x.shape[0], -1))
+
+
+class NnxBlock(nnx.Module):
+    """A pre-norm transformer block and a head: LayerNorm -> 2-head self-attention ->
+    residual -> Linear + relu -> residual -> Linear(out), on (B, T, d) inputs."""
+
+    def __init__(self, rngs, d: int = 16, out: int = 5):
+        self.ln = nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=d, decode=False, rngs=rngs)
+        self.mlp = nnx.Linear(d, d, rngs=rngs)
+        self.head = nnx.Linear(d, out, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.ln(x))
+        return self.head(x + nnx.relu(self.mlp(x)))

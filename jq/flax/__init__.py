@@ -1,7 +1,8 @@
 """Flax integration: rules, calibrate, convert, apply, QAT and reports for linen and nnx.
 
 One module per verb: `calibrate`, `convert`, `apply`, `qat`, `report` (with
-`sites`), `export`, `checkpoint`, `cast` (its policy in `cast_policy`),
+`sites`), `export`, `checkpoint`, `model` (`QuantizedModel`, `quantize_model`),
+`cast` (its policy in `cast_policy`),
 `sensitivity`, `auto_quantize`, `gptq` and `smoothquant`. The data types live
 in `qvars`, and the engine the verbs share in `adapter` (linen / nnx as one
 function, traced), `dataflow` (the one view of the traced jaxpr), `_graph`
@@ -22,6 +23,11 @@ from jq.flax.cast import (
 from jq.flax.convert import convert
 from jq.flax.export import export
 from jq.flax.gptq import gptq
+from jq.flax.model import (
+    QuantizedModel,
+    load_model,
+    quantize_model,
+)
 from jq.flax.qat import (
     QAT,
     QatVariables,
@@ -54,6 +60,7 @@ __all__ = [
     "AutoQuantResult",
     "CalibrationStats",
     "CastModel",
+    "QuantizedModel",
     "QuantizedVariables",
     "Rule",
     "SensitivityResult",
@@ -66,7 +73,9 @@ __all__ = [
     "export",
     "format_table",
     "gptq",
+    "load_model",
     "qat",
+    "quantize_model",
     "report",
     "sensitivity",
     "sites",

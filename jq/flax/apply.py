@@ -21,6 +21,7 @@ from jq.flax._graph import Interpreter, Site, bind_eqn, keyed_by_site
 from jq.flax.adapter import ModelAdapter, fmt_paths, leaf_aval, model_kind, state_changes, trace
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule, check_rules
+from jq.flax.stream import check_forwarded
 from jq.qparams import QuantSpec
 from jq.quantize import QArray
 
@@ -28,6 +29,7 @@ __all__ = [
     "apply",
     "run_dot_like",
     "run_embed",
+    "run_quantized",
     "run_site",
 ]
 
@@ -72,6 +74,29 @@ def apply(
         raise TypeError(
             f"jq.apply: expected QuantizedVariables from jq.convert, got {type(qvars).__name__}"
         )
+    check_forwarded("apply", kwargs)
+    return run_quantized(
+        model, qvars, args, kwargs, rules=rules, method=method, check_finite=check_finite
+    )
+
+
+def run_quantized(
+    model,
+    qvars: QuantizedVariables,
+    args: tuple,
+    kwargs: dict,
+    *,
+    rules=None,
+    method=None,
+    check_finite: bool = False,
+    init_check: bool = True,
+):
+    """`apply`'s body, with the model's arguments as a tuple and a dict.
+
+    ``init_check=False`` skips comparing the variables with the ones
+    ``model.init`` would make (one more abstract trace of a linen model), for
+    callers that built `qvars` from this very model (`convert`'s dry run).
+    """
     adapter = _adapter_for(model, qvars, method)
     nnx_mutable = False
     if adapter.kind == "nnx":
@@ -79,7 +104,7 @@ def apply(
         adapter.with_state = True
     model_sig = None
     if adapter.kind == "linen":
-        model_sig = _linen_signature(model, args, kwargs, method)
+        model_sig = _linen_signature(model, args, kwargs, method) if init_check else None
     _check_signature(
         adapter, qvars, model_sig, partial=method is not None, inputs=_describe_inputs(args, kwargs)
     )

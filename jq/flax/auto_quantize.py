@@ -11,15 +11,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from jq import numerics
 from jq.flax._graph import Site
 from jq.flax.adapter import ModelAdapter, trace
 from jq.flax.apply import apply
+from jq.flax.calibrate import calibrate
 from jq.flax.convert import convert
 from jq.flax.report import format_table
 from jq.flax.rules import Rule
-from jq.flax.sensitivity import QuantEval, batch_inputs, calibrate_on
+from jq.flax.sensitivity import QuantEval, batch_inputs
+from jq.flax.stream import check_batches, model_kwargs_arg
 from jq.qparams import QuantSpec
 
 __all__ = [
@@ -120,7 +123,9 @@ def auto_quantize(
     ops: Sequence[str] = ("dot", "conv", "embed"),
     weight_axis: int = -1,
     inputs: Callable | None = None,
+    model_kwargs: dict | None = None,
     method=None,
+    progress: bool = True,
     kwargs: dict | None = None,
 ) -> AutoQuantResult:
     """Per site, the cheapest format that keeps the metric within `max_drop` of float32.
@@ -167,8 +172,12 @@ def auto_quantize(
         once).
       ops: site kinds to consider (``"dot"``, ``"conv"``, ``"embed"``).
       weight_axis: the per-channel weight axis (``-1``: output features).
-      inputs: ``inputs(batch) -> model input(s)``; default: the batch itself.
-      method, kwargs: the model method and fixed keyword arguments.
+      inputs: ``inputs(batch)``: the model's positional arguments (a tuple, one
+        array, or a pair ``(args, kwargs_dict)``); default: the batch itself.
+      model_kwargs: keyword arguments passed to the model on every call.
+      method: the model method.
+      progress: a tqdm bar over the measured plans.
+      kwargs: deprecated name of `model_kwargs`.
 
     Returns:
       `AutoQuantResult` (``rules`` for `jq.convert`, sizes, metrics, plan).
@@ -186,13 +195,13 @@ def auto_quantize(
     cands = _candidates(candidates)
     if isinstance(ops, str):
         ops = (ops,)
-    batches = list(batches)
+    batches = list(check_batches(batches, "auto_quantize"))
     if not batches:
         raise ValueError("jq.auto_quantize: `batches` is empty")
-    kwargs = dict(kwargs or {})
+    kwargs = model_kwargs_arg("auto_quantize", model_kwargs, kwargs)
     args0 = batch_inputs(batches[0], inputs)
     adapter = ModelAdapter(model, variables, method)
-    t = trace(adapter, adapter.values, args0, kwargs)
+    t = trace(adapter, adapter.values, args0[0], {**kwargs, **args0[1]})
     sites = [s for s in t.finder.sites if s.kind in ops and s.leaf is not None]
     if not sites:
         raise ValueError(f"jq.auto_quantize: the model has no site of kinds {tuple(ops)}")
@@ -211,9 +220,11 @@ def auto_quantize(
         kwargs,
         args0,
     )
-    alone = search.drops_alone()
-    plan, history = _descend(search, alone, unit_leaves, max_drop)
-    return _result(search, plan, alone, history, unit_leaves, adapter)
+    with tqdm(desc="auto_quantize", unit="plan", disable=not progress, leave=False) as bar:
+        search.bar = bar
+        alone = search.drops_alone()
+        plan, history = _descend(search, alone, unit_leaves, max_drop)
+        return _result(search, plan, alone, history, unit_leaves, adapter)
 
 
 def _candidates(candidates: Sequence[str]) -> list[str]:
@@ -291,14 +302,15 @@ class _Search:
                 for u in self.units
                 for mod, kind in u
             ]
-            self.stats = calibrate_on(
+            self.stats = calibrate(
                 self.model,
                 self.variables,
-                self.batches,
-                self.inputs,
                 all_rules,
-                self.method,
-                self.kwargs,
+                self.batches,
+                inputs=self.inputs,
+                model_kwargs=self.kwargs,
+                method=self.method,
+                progress=False,
             )
         self._fns: dict = {}
         base = QuantEval(
@@ -323,7 +335,11 @@ class _Search:
                     out.append(r)
         return tuple(out)
 
+    bar = None  # a tqdm bar counting measured plans (set by `auto_quantize`)
+
     def metric_of(self, plan) -> float:
+        if self.bar is not None:
+            self.bar.update(1)
         rules = self.rules_for(plan)
         if not rules:
             return self.float_metric
@@ -415,12 +431,12 @@ def _result(
             search.variables,
             rules,
             stats=search.stats,
-            args=search.args0,
-            kwargs=kwargs,
+            args=search.args0[0],
+            model_kwargs={**kwargs, **search.args0[1]},
             method=method,
         )
         size = int(qvars.nbytes()["total_after"])
-        fn = jax.jit(lambda qv, a: apply(model, qv, *a, method=method, **kwargs))
+        fn = jax.jit(lambda qv, c: apply(model, qv, *c[0], method=method, **{**kwargs, **c[1]}))
         metric = float(
             np.mean(
                 [

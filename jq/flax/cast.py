@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -33,7 +33,7 @@ from jq.flax.cast_policy import (
 )
 from jq.flax.dataflow import JaxprView
 from jq.flax.report import format_table
-from jq.flax.stream import Stream, peek, split_batch
+from jq.flax.stream import Stream, check_batches, model_call, model_kwargs_arg, peek
 
 __all__ = [
     "CastModel",
@@ -373,11 +373,13 @@ def cast(
     batches: Iterable | None = None,
     *,
     args: tuple | None = None,
-    kwargs: dict | None = None,
+    inputs: Callable | None = None,
+    model_kwargs: dict | None = None,
     method=None,
     keep: Sequence[str] = KEEP_CATEGORIES,
     keep_modules: Sequence[str] = (),
     headroom: float = 1.0,
+    kwargs: dict | None = None,
 ) -> CastModel:
     """Casts a model to float16 or bfloat16, keeping precision-sensitive equations in float32.
 
@@ -399,16 +401,20 @@ def cast(
       model: a linen Module (with `variables`) or an nnx Module (``variables=None``).
       variables: linen variables, or None for nnx.
       dtype: ``"float16"`` or ``"bfloat16"`` (aliases ``"fp16"``, ``"bf16"``, ...).
-      batches: optional calibration inputs (each item one positional argument,
-        or a tuple of them). Equations whose ``max |x|`` exceeds the format's
-        max / `headroom` are kept in float32, with their consumers.
-      args, kwargs: an example input to trace now (for `report` before the
-        first call); defaults to the first batch.
+      batches: optional calibration batches (an iterable; see `jq.calibrate`).
+        Equations whose ``max |x|`` exceeds the format's max / `headroom` are
+        kept in float32, with their consumers.
+      args: an example input (a tuple of positional arguments) to trace now
+        (for `report` before the first call); defaults to the first batch.
+      inputs: ``inputs(batch)``: the model's positional arguments (a tuple, one
+        array, or ``(args, kwargs_dict)``); default: the batch itself.
+      model_kwargs: keyword arguments passed to the model on every call.
       method: the model method (default ``__call__``).
       keep: the categories to keep in float32; ``keep=()`` casts everything
         (the naive policy, for comparison).
       keep_modules: regexes of module paths kept in float32 entirely.
       headroom: safety factor for the overflow check (``max |x| * headroom > max``).
+      kwargs: deprecated name of `model_kwargs`.
 
     Returns:
       A `CastModel`: ``cm.apply(x)`` (jittable), ``cm.report()``, ``cm.summary()``.
@@ -436,7 +442,7 @@ def cast(
             raise ValueError(f"jq.cast: keep_modules entry {rx!r} is not a valid regex: {e}") from e
     if not headroom >= 1.0:
         raise ValueError(f"jq.cast: headroom must be >= 1, got {headroom}")
-    kwargs = dict(kwargs or {})
+    kwargs = model_kwargs_arg("cast", model_kwargs, kwargs)
     adapter = ModelAdapter(model, variables, method)
     low = LOW_DTYPES[fmt]
     info = numerics.format_info(fmt)
@@ -447,7 +453,7 @@ def cast(
         else (tuple(args) if isinstance(args, (tuple, list)) else (args,), kwargs)
     )
     if batches is not None:
-        obs_max = _observe_max(adapter, batches, kwargs)
+        obs_max = _observe_max(adapter, check_batches(batches, "cast"), kwargs, inputs)
         if example is None:
             example = obs_max.pop("__example__")
         else:
@@ -471,15 +477,15 @@ def cast(
     return cm
 
 
-def _observe_max(adapter: ModelAdapter, batches: Iterable, kwargs: dict) -> dict:
+def _observe_max(adapter: ModelAdapter, batches: Iterable, kwargs: dict, inputs=None) -> dict:
     """max |x| of every equation's float output (and of every float input) over `batches`.
 
     Keys are the public forms of `CastModel.overflow`: ``"3.1.4"`` (the
     equation's index path) and ``"in:k"`` (the k-th array input).
     """
     first, batches = peek(batches, "jq.cast: `batches` is empty; pass None to skip calibration")
-    args = split_batch(first)
-    t = trace(adapter, adapter.values, args, kwargs)
+    args, kw = model_call(first, inputs, kwargs)
+    t = trace(adapter, adapter.values, args, kw)
     zero = jnp.zeros((), jnp.float32)
     init = {
         "eqns": {EqnKey(n.path, "absmax"): zero for n in t.finder.view.nodes},
@@ -497,8 +503,8 @@ def _observe_max(adapter: ModelAdapter, batches: Iterable, kwargs: dict) -> dict
         ]
         return {"eqns": states, "inputs": inputs}
 
-    obs, _ = Stream(adapter, kwargs, body).run(batches, adapter.values, init, desc="cast")
+    obs, _ = Stream(adapter, kwargs, body, inputs).run(batches, adapter.values, init, desc="cast")
     out = {_pkey(k.path): float(v) for k, v in obs["eqns"].items()}
     out.update({f"in:{k}": float(v) for k, v in enumerate(obs["inputs"])})
-    out["__example__"] = (args, kwargs)
+    out["__example__"] = (args, kw)
     return out

@@ -24,6 +24,7 @@ from jq.deploy import build_artifact
 from jq.flax.apply import apply
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule
+from jq.flax.stream import model_kwargs_arg
 
 __all__ = ["export"]
 
@@ -64,6 +65,7 @@ def export(
     path: str | os.PathLike | None = None,
     *,
     method=None,
+    model_kwargs: dict | None = None,
     kwargs: dict | None = None,
 ) -> bytes:
     """Exports ``x -> jq.apply(model, qvars, x)`` as a serialized, checked artifact.
@@ -89,8 +91,9 @@ def export(
         weight-free module, and replaceable at load time.
       path: if given, the artifact is also written there (atomically).
       method: the model method (default ``__call__``).
-      kwargs: static keyword arguments of the model (e.g. ``{"train": False}``),
-        fixed in the artifact.
+      model_kwargs: static keyword arguments of the model (e.g. ``{"train":
+        False}``), fixed in the artifact.
+      kwargs: deprecated name of `model_kwargs`.
 
     Returns:
       The artifact bytes; `jq.load_exported` turns them (or the file) into a
@@ -121,7 +124,7 @@ def export(
     for i, x in enumerate(inputs):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"jq.export: example input {i} is a {type(x).__name__}, not an array")
-    kwargs = dict(kwargs or {})
+    kwargs = model_kwargs_arg("export", model_kwargs, kwargs)
 
     def run(qv, xs):
         return apply(model, qv, *xs, rules=rules, method=method, **kwargs)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -30,7 +30,7 @@ from jq.flax.convert import convert
 from jq.flax.qvars import CalibrationStats, QuantizedVariables
 from jq.flax.rules import Rule
 from jq.flax.select import activation_matrix, dot_geometry, leaf_specs, scan_lengths, stack_tree
-from jq.flax.stream import Stream, prepare, site_body
+from jq.flax.stream import Stream, model_kwargs_arg, prepare, rules_then_batches, site_body
 from jq.gptq_core import gptq_quantize, gptq_with_params
 from jq.qparams import QParams, QuantSpec, qparams_from_array
 from jq.quantize import expand_blocks, quantize
@@ -169,9 +169,11 @@ def _gptq_layer(w, h, spec, c, opts):
 def gptq(
     model,
     variables,
-    batches: Iterable,
     rules: Sequence[Rule],
+    batches: Iterable,
     *,
+    inputs: Callable | None = None,
+    model_kwargs: dict | None = None,
     percdamp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
@@ -228,8 +230,15 @@ def gptq(
         grids that `jq.convert` cannot make.
       stats: `CalibrationStats` for static activation rules; if None and a rule
         is static, `jq.calibrate` runs on the GPTQ'd model with `batches`.
-      method, kwargs: the model method and keyword arguments for every call.
+      inputs: ``inputs(batch)`` gives the model's positional arguments (a tuple,
+        one array, or a pair ``(args, kwargs_dict)``), e.g. ``lambda b: b[0]``
+        for ``(x, y)`` batches; default: the batch itself (see `jq.calibrate`).
+      model_kwargs: keyword arguments passed to the model on every call.
+      method: the model method (default ``__call__``).
       progress: tqdm progress bars.
+      kwargs: deprecated name of `model_kwargs`. The old order
+        ``gptq(model, variables, batches, rules)`` works for one release, with
+        a `DeprecationWarning`.
       return_info: also return one dict per weight (site, shape, method,
         seconds, reason for a fallback).
 
@@ -241,8 +250,10 @@ def gptq(
         size that does not divide the input features, or a Hessian that is
         singular with ``percdamp=0``.
     """
+    rules, batches = rules_then_batches("gptq", rules, batches)
+    kwargs = model_kwargs_arg("gptq", model_kwargs, kwargs)
     rules, kwargs, batches, adapter, args, t, chosen = prepare(
-        model, variables, batches, rules, method, kwargs, "gptq"
+        model, variables, batches, rules, method, kwargs, "gptq", inputs
     )
     opts = dict(
         percdamp=percdamp,
@@ -330,7 +341,7 @@ def gptq(
             {"h": jnp.zeros((tg.k, tg.k), jnp.float32), "n": jnp.zeros((), jnp.float32)},
             scan_lengths(t.finder.by_name[name], t.finder),
         )
-    stream = Stream(adapter, kwargs, site_body(set(targets), site_fn))
+    stream = Stream(adapter, kwargs, site_body(set(targets), site_fn), inputs)
     leaves = list(adapter.values)
     bar = tqdm(total=len(targets), desc="gptq", unit="weight", disable=not progress)
     if rtn:
@@ -392,9 +403,18 @@ def gptq(
     new_model, new_vars = adapter.rebuilt(leaves)
     if stats is None and any(c.mode == "static" for c in chosen.values()):
         stats = calibrate(
-            new_model, new_vars, batches, rules, method=method, kwargs=kwargs, progress=progress
+            new_model,
+            new_vars,
+            rules,
+            batches,
+            inputs=inputs,
+            model_kwargs=kwargs,
+            method=method,
+            progress=progress,
         )
-    qvars = convert(new_model, new_vars, rules, stats, args=args, kwargs=kwargs, method=method)
+    qvars = convert(
+        new_model, new_vars, rules, stats, args=args, model_kwargs=kwargs, method=method
+    )
     variables_q = dict(qvars.variables)
     for name, res in results.items():
         idx = targets[name].leaf

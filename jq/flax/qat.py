@@ -21,6 +21,7 @@ from jq.flax.adapter import ModelAdapter, fmt_paths, model_kind, state_changes, 
 from jq.flax.qvars import CalibrationStats, observed_range, warn_zero_width
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import activation_spec, choose, leaf_specs, scan_lengths, stack_tree
+from jq.flax.stream import check_forwarded
 from jq.qparams import QParams, qparams_from_array, qparams_from_range, reduce_range
 from jq.quantize import fake_quant, lsq_fake_quant
 
@@ -143,6 +144,7 @@ class QAT:
         Activation ranges start from `stats` when given, otherwise from the
         example batch's min-max; LSQ scales start from those ranges.
         """
+        check_forwarded("qat.init", kwargs)
         if model_kind(self.model, "jq.qat.init") == "linen":
             if variables is None:
                 raise ValueError("jq.qat.init: a linen model needs its trained variables")
@@ -229,6 +231,16 @@ class QAT:
                 }
         return QatVariables(**qv)
 
+    def convert(self, qat_vars: Mapping, **kw):
+        """The trained QAT variables as a `jq.QuantizedModel` (integer inference), with the
+        rules and method this `QAT` was made with: ``jq.convert(model, qat_vars, rules)``
+        bound to the model. Keyword arguments go to `jq.convert` (e.g. ``model_kwargs=``)."""
+        from jq.flax.convert import convert
+        from jq.flax.model import QuantizedModel
+
+        qv = convert(self.model, qat_vars, self.rules, method=self.method, **kw)
+        return QuantizedModel(self.model, qv, method=self.method)
+
     def apply(self, qat_vars: Mapping, *args, update_stats: bool = False, **kwargs):
         """Fake-quantized forward pass. Returns the output, or ``(output, new_state)``.
 
@@ -252,6 +264,7 @@ class QAT:
             change and repeat one dropout mask on every call; pass
             ``update_stats=True``, or call ``model.eval()`` for evaluation.
         """
+        check_forwarded("qat.apply", kwargs)
         params, quant, state = qat_vars["params"], qat_vars["quant"], qat_vars["state"]
         adapter = self._adapter(params, state)
         adapter.with_state = adapter.kind == "nnx"

@@ -12,6 +12,7 @@ from jq.flax.adapter import ModelAdapter, trace
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import choose, scan_lengths, stack_tree
+from jq.flax.stream import check_forwarded
 from jq.qparams import broadcast_qparams
 from jq.quantize import QArray, dequantize, quantize
 
@@ -38,6 +39,7 @@ def sites(model, variables, rules: Sequence[Rule], *args, method=None, **kwargs)
       `format_table` to show it.
     """
     rules = check_rules(rules)
+    check_forwarded("sites", kwargs)
     adapter = ModelAdapter(model, variables, method)
     t = trace(adapter, adapter.values, args, kwargs)
     chosen = choose(t.finder, rules)
@@ -89,6 +91,7 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
       ``act_sqnr_db``, ``act_clip_frac`` (fraction of activation values outside
       the representable range; 0 for dynamic sites).
     """
+    check_forwarded("report", kwargs)
     adapter = ModelAdapter(model, variables, method)
     t = trace(adapter, adapter.values, args, kwargs)
     plan = {s.name: s for s in qvars.plan.sites}

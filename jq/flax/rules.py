@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from jq.qparams import QuantSpec
 
-__all__ = ["OP_KINDS", "Rule", "match_rule"]
+__all__ = ["OP_KINDS", "POSITIONS", "Rule", "match_rule"]
 
 #: Kinds of sites a rule can select.
 #:  * ``"dot"``: a dot_general with a parameter operand (Dense, DenseGeneral,
@@ -19,6 +19,9 @@ __all__ = ["OP_KINDS", "Rule", "match_rule"]
 #:  * ``"act_dot"``: a dot_general between two activations (attention's qk and
 #:    av einsums); both operands use the activation spec.
 OP_KINDS = ("dot", "conv", "embed", "act_dot")
+
+#: Positions `Rule.skip_positions` can name: the model's first and last dot / conv site.
+POSITIONS = ("first", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +41,18 @@ class Rule:
       activation: spec for the activation operand. One that names a
         ``calibration`` observer is *static*; one without is *dynamic*; None is
         *weight-only*.
+      skip_positions: ``"first"`` and / or ``"last"``: the rule does not match
+        the model's first / last ``"dot"`` or ``"conv"`` site (in evaluation
+        order), which then falls to the next matching rule, or stays float.
+        Resolved when the rules meet the model (`jq.flax.select.choose`);
+        ``jq.presets.*(keep_first_last=True)`` sets it.
     """
 
     path_regex: str = ".*"
     ops: tuple[str, ...] = ("dot", "conv", "embed")
     weight: QuantSpec | None = QuantSpec("int8", axis=-1)
     activation: QuantSpec | None = None
+    skip_positions: tuple[str, ...] = ()
 
     def __post_init__(self):
         try:
@@ -57,6 +66,13 @@ class Rule:
         if bad:
             raise ValueError(f"Rule.ops has unknown kinds {bad}; known kinds: {OP_KINDS}")
         object.__setattr__(self, "ops", ops)
+        pos = (
+            (self.skip_positions,) if isinstance(self.skip_positions, str) else self.skip_positions
+        )
+        pos = tuple(pos)
+        if any(p not in POSITIONS for p in pos):
+            raise ValueError(f"Rule.skip_positions={pos!r}: each entry must be one of {POSITIONS}")
+        object.__setattr__(self, "skip_positions", pos)
         for name in ("weight", "activation"):
             spec = getattr(self, name)
             if spec is not None and not isinstance(spec, QuantSpec):
@@ -83,7 +99,11 @@ class Rule:
             return "weight_only"
         return "static" if self.activation.is_static else "dynamic"
 
-    def matches(self, module_path: str, kind: str) -> bool:
+    def matches(self, module_path: str, kind: str, positions: tuple[str, ...] = ()) -> bool:
+        """Whether the rule selects a site at `module_path` of `kind`, whose `positions` (a
+        subset of `POSITIONS`) say whether it is the model's first / last dot or conv site."""
+        if any(p in self.skip_positions for p in positions):
+            return False
         return kind in self.ops and re.fullmatch(self.path_regex, module_path) is not None
 
 
@@ -160,10 +180,12 @@ def observer_for_spec(spec: QuantSpec, owner: str = "QuantSpec") -> QuantSpec:
     return spec.replace(calibration=dataclasses.replace(obs, **upd))
 
 
-def match_rule(rules: Sequence[Rule], module_path: str, kind: str) -> int | None:
+def match_rule(
+    rules: Sequence[Rule], module_path: str, kind: str, positions: tuple[str, ...] = ()
+) -> int | None:
     """Index of the first rule that matches, or None."""
     for i, r in enumerate(rules):
-        if r.matches(module_path, kind):
+        if r.matches(module_path, kind, positions):
             return i
     return None
 

@@ -37,6 +37,7 @@ __all__ = [
     "dot_geometry",
     "leaf_specs",
     "scan_lengths",
+    "site_positions",
     "stack_tree",
     "weight_spec",
 ]
@@ -67,8 +68,9 @@ def choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> di
     """
     chosen: dict[str, Choice] = {}
     used = set()
+    positions = site_positions(finder)
     for s in finder.sites:
-        i = match_rule(rules, s.module_path, s.kind)
+        i = match_rule(rules, s.module_path, s.kind, positions.get(s.name, ()))
         if i is None:
             continue
         r = rules[i]
@@ -86,6 +88,17 @@ def choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> di
                     stacklevel=3,
                 )
     return chosen
+
+
+def site_positions(finder: SiteFinder) -> dict[str, tuple[str, ...]]:
+    """``{site name: ("first",) / ("last",) / both}`` for the first and last dot or conv site
+    with a weight, in evaluation order (what `Rule.skip_positions` names)."""
+    weighted = [s.name for s in finder.sites if s.kind in ("dot", "conv") and s.leaf is not None]
+    out: dict[str, tuple[str, ...]] = {}
+    if weighted:
+        out[weighted[0]] = ("first",)
+        out[weighted[-1]] = out.get(weighted[-1], ()) + ("last",)
+    return out
 
 
 def weight_spec(choice: Choice, leaf_ndim: int, row_wise: bool = False) -> QuantSpec:

@@ -23,7 +23,7 @@ from jq.flax.qvars import CalibrationStats, observed_range
 from jq.flax.report import format_table
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import choose, leaf_specs, scan_lengths
-from jq.flax.stream import split_batch
+from jq.flax.stream import model_call, model_kwargs_arg, rules_then_batches
 from jq.qparams import qparams_from_range
 from jq.quantize import quantize
 
@@ -61,11 +61,9 @@ class SensitivityResult:
 
 
 def batch_inputs(batch, inputs):
-    """The model's positional inputs for `batch`: ``inputs(batch)`` if given, else the batch itself."""
-    if inputs is None:
-        return split_batch(batch)
-    a = inputs(batch)
-    return a if isinstance(a, tuple) else (a,)
+    """``(args, kwargs)`` of the model call for `batch` (`jq.flax.stream.model_call`): the
+    batch's own arguments; the fixed keyword arguments are added where the call is traced."""
+    return model_call(batch, inputs)
 
 
 class QuantEval:
@@ -75,7 +73,8 @@ class QuantEval:
         self.adapter = ModelAdapter(model, variables, method)
         self.kwargs = kwargs
         self.rules = rules
-        t = trace(self.adapter, self.adapter.values, args, kwargs)
+        a0, kw0 = args  # the first batch's call (`batch_inputs`)
+        t = trace(self.adapter, self.adapter.values, a0, {**kwargs, **kw0})
         self.finder = t.finder
         self.chosen = choose(t.finder, rules, warn=False)
         self.stats = stats
@@ -130,7 +129,7 @@ class QuantEval:
             )
             return jax.tree_util.tree_unflatten(t.out_tree, outs)
 
-        g = lambda args: f(self.adapter.values, act_qps, (args, {}))  # noqa: E731
+        g = lambda call: f(self.adapter.values, act_qps, call)  # noqa: E731
         self._fns[names] = g
         return g
 
@@ -164,6 +163,7 @@ def sensitivity(
     metric_fn: Callable | None = None,
     *,
     inputs: Callable | None = None,
+    model_kwargs: dict | None = None,
     stats: CalibrationStats | None = None,
     method=None,
     kwargs: dict | None = None,
@@ -185,10 +185,13 @@ def sensitivity(
         unless `stats` is given.
       batches: a sequence of batches (iterated several times).
       metric_fn: optional ``metric_fn(outputs, batch) -> scalar``.
-      inputs: optional ``inputs(batch) -> model input or tuple of inputs`` (for
-        batches that also carry labels); default: the batch itself.
+      inputs: optional ``inputs(batch)``: the model's positional arguments (a
+        tuple, one array, or a pair ``(args, kwargs_dict)``), e.g. ``lambda b:
+        b[0]`` for batches that also carry labels; default: the batch itself.
+      model_kwargs: keyword arguments passed to the model on every call.
       stats: `CalibrationStats` to reuse.
-      method, kwargs: the model method and fixed keyword arguments.
+      method: the model method.
+      kwargs: deprecated name of `model_kwargs`.
 
     Returns:
       `SensitivityResult`, sorted by ``drop`` (with a metric) or ``sqnr_db``
@@ -197,11 +200,12 @@ def sensitivity(
     Raises:
       ValueError: `batches` is empty; the rules select no site.
     """
+    rules, batches = rules_then_batches("sensitivity", rules, batches)
     rules = check_rules(rules)
     batches = list(batches)
     if not batches:
         raise ValueError("jq.sensitivity: `batches` is empty")
-    kwargs = dict(kwargs or {})
+    kwargs = model_kwargs_arg("sensitivity", model_kwargs, kwargs)
     args0 = batch_inputs(batches[0], inputs)
     ev = _make_eval(model, variables, rules, batches, inputs, stats, method, kwargs, args0)
     if not ev.chosen:
@@ -254,14 +258,17 @@ def sensitivity(
 
 def _make_eval(model, variables, rules, batches, inputs, stats, method, kwargs, args0):
     adapter = ModelAdapter(model, variables, method)
-    t = trace(adapter, adapter.values, args0, kwargs)
+    t = trace(adapter, adapter.values, args0[0], {**kwargs, **args0[1]})
     chosen = choose(t.finder, rules, warn=False)
     if stats is None and any(c.mode == "static" for c in chosen.values()):
-        stats = calibrate_on(model, variables, batches, inputs, rules, method, kwargs)
+        stats = calibrate(
+            model,
+            variables,
+            rules,
+            batches,
+            inputs=inputs,
+            model_kwargs=kwargs,
+            method=method,
+            progress=False,
+        )
     return QuantEval(model, variables, rules, method, kwargs, args0, stats)
-
-
-def calibrate_on(model, variables, batches, inputs, rules, method, kwargs) -> CalibrationStats:
-    """`calibrate` on the model inputs of `batches` (``inputs(batch)``), quietly."""
-    xs = [batch_inputs(b, inputs) for b in batches]
-    return calibrate(model, variables, xs, rules, method=method, kwargs=kwargs, progress=False)

@@ -14,7 +14,7 @@ References:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -32,8 +32,10 @@ from jq.flax.stream import (
     abstract,
     calibration_stats,
     init_observers,
+    model_kwargs_arg,
     observe_site,
     prepare,
+    rules_then_batches,
     site_body,
 )
 from jq.smoothing import smoothing_factors
@@ -253,9 +255,11 @@ def _act_smooth(s_flat, x_ndim, ac, kshape):
 def smoothquant(
     model,
     variables,
-    batches: Iterable,
     rules: Sequence[Rule],
+    batches: Iterable,
     *,
+    inputs: Callable | None = None,
+    model_kwargs: dict | None = None,
     alpha: float = 0.5,
     power_of_two: bool = False,
     fold: bool = True,
@@ -303,7 +307,10 @@ def smoothquant(
       power_of_two: round the factors to powers of two (smoothing then exact in float).
       fold: fold the factors into a preceding LayerNorm-style affine where one is
         found (default); False keeps every site's runtime multiply.
-      method, kwargs, progress: as in `jq.calibrate`.
+      inputs, model_kwargs, method, progress: as in `jq.calibrate`.
+      kwargs: deprecated name of `model_kwargs`. The old order
+        ``smoothquant(model, variables, batches, rules)`` works for one
+        release, with a `DeprecationWarning`.
 
     Returns:
       `QuantizedVariables` with the folded norm parameters and ``smooth`` set for
@@ -317,8 +324,10 @@ def smoothquant(
         raise ValueError(f"jq.smoothquant: alpha must lie in [0, 1], got {alpha!r}")
     if not isinstance(fold, bool):
         raise TypeError(f"jq.smoothquant: fold must be a bool, got {type(fold).__name__}")
+    rules, batches = rules_then_batches("smoothquant", rules, batches)
+    kwargs = model_kwargs_arg("smoothquant", model_kwargs, kwargs)
     rules, kwargs, batches, adapter, args, t, chosen = prepare(
-        model, variables, batches, rules, method, kwargs, "smoothquant"
+        model, variables, batches, rules, method, kwargs, "smoothquant", inputs
     )
     uses: dict[int, int] = {}
     for s in t.finder.sites:
@@ -357,7 +366,7 @@ def smoothquant(
         )
         for n, tg in targets.items()
     }
-    out, _ = Stream(adapter, kwargs, site_body(set(targets), absmax_fn)).run(
+    out, _ = Stream(adapter, kwargs, site_body(set(targets), absmax_fn), inputs).run(
         batches, adapter.values, init, desc="smoothquant", progress=progress, leave=False
     )
     amax = {n: out[StateKey(n, "absmax")] for n in targets}
@@ -410,7 +419,7 @@ def smoothquant(
     sts0 = {**states, **{StateKey(name, "smooth"): sv for name, sv in smooth.items()}}
     # smoothed sites run as (x / s) @ (diag(s) W) so that later sites see the right inputs
     selected = {c.site.name for c in chosen.values() if c.mode == "static"} | set(smooth)
-    sts, _ = Stream(adapter, kwargs, site_body(selected, observe_fn)).run(
+    sts, _ = Stream(adapter, kwargs, site_body(selected, observe_fn), inputs).run(
         batches, leaves, sts0, desc="calibrate", progress=progress, leave=False
     )
     stats = calibration_stats(
@@ -423,7 +432,9 @@ def smoothquant(
         tuple(chosen),
     )
     new_model, new_vars = adapter.rebuilt(leaves)
-    qvars = convert(new_model, new_vars, rules, stats, args=args, kwargs=kwargs, method=method)
+    qvars = convert(
+        new_model, new_vars, rules, stats, args=args, model_kwargs=kwargs, method=method
+    )
     return QuantizedVariables(qvars.variables, qvars.activations, qvars.plan, smooth)
 
 

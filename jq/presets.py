@@ -1,0 +1,132 @@
+"""Presets: the usual quantization recipes as plain lists of `jq.Rule`, to read and edit.
+
+Each function returns a ``list[jq.Rule]`` for `jq.quantize_model`,
+`jq.calibrate` / `jq.convert` and every other verb that takes rules. Two
+options are common to all of them:
+
+* ``skip=("head", "blocks/0/.*")``: module paths (regular expressions, matched
+  with `re.fullmatch` against the whole path or one of its prefixes) whose
+  sites stay float. They become a negative lookahead in the rule's
+  ``path_regex``: ``(?!(?:head|blocks/0/.*)(?:/.*)?$).*``.
+* ``keep_first_last=True``: the model's first and last dot / conv site stay
+  float (``Rule.skip_positions=("first", "last")``), the usual choice for a
+  CNN's stem and classifier. Which sites those are is decided when the rules
+  meet the model (`jq.flax.select.choose`), so the list stays model-independent.
+
+Weights are quantized per output channel (``axis=-1``, the last axis of Dense
+and Conv kernels) unless a preset says otherwise; symmetric int8 uses
+``[-127, 127]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jq import calibration as _calibration
+from jq.flax.rules import Rule
+from jq.qparams import QuantSpec
+
+__all__ = [
+    "fp8",
+    "w4_weight_only",
+    "w8_weight_only",
+    "w8a8_dynamic",
+    "w8a8_static",
+]
+
+_OBSERVERS = {
+    "minmax": lambda: _calibration.MinMax(),
+    "percentile": lambda: _calibration.Histogram(method="percentile", percentile=99.99),
+    "entropy": lambda: _calibration.Histogram(method="entropy"),
+    "mse": lambda: _calibration.Histogram(method="mse"),
+}
+
+
+def _rule(skip: Sequence[str], keep_first_last: bool, **fields) -> list[Rule]:
+    if isinstance(skip, str):
+        skip = (skip,)
+    skip = tuple(skip)
+    regex = ".*" if not skip else f"(?!(?:{'|'.join(skip)})(?:/.*)?$).*"
+    pos = ("first", "last") if keep_first_last else ()
+    return [Rule(regex, skip_positions=pos, **fields)]
+
+
+def w8a8_static(
+    calibration="minmax", *, skip: Sequence[str] = (), keep_first_last: bool = False
+) -> list[Rule]:
+    """int8 weights (per channel) and int8 activations with calibrated (static) ranges.
+
+    Args:
+      calibration: the activation observer: ``"minmax"`` (`jq.calibration.MinMax`),
+        ``"percentile"`` (99.99th, `Histogram`), ``"entropy"``, ``"mse"``, or an
+        observer object.
+      skip, keep_first_last: sites kept in float (see the module docstring).
+    """
+    obs = calibration
+    if isinstance(calibration, str):
+        if calibration not in _OBSERVERS:
+            raise ValueError(
+                f"jq.presets.w8a8_static: calibration={calibration!r}; expected one of "
+                f"{sorted(_OBSERVERS)} or an observer such as jq.calibration.MinMax()"
+            )
+        obs = _OBSERVERS[calibration]()
+    return _rule(
+        skip,
+        keep_first_last,
+        weight=QuantSpec("int8", axis=-1),
+        activation=QuantSpec("int8", calibration=obs),
+    )
+
+
+def w8a8_dynamic(
+    *, per_token: bool = False, skip: Sequence[str] = (), keep_first_last: bool = False
+) -> list[Rule]:
+    """int8 weights (per channel) and int8 activations quantized with each call's own range.
+
+    Args:
+      per_token: one activation scale per row of the activation's first axis
+        (per token for ``(tokens, features)`` activations) instead of one per
+        tensor; applies to ``"dot"`` sites only (convolutions and embeddings
+        are left float by this rule).
+      skip, keep_first_last: sites kept in float (see the module docstring).
+    """
+    act = QuantSpec("int8", axis=0) if per_token else QuantSpec("int8")
+    ops = ("dot",) if per_token else ("dot", "conv", "embed")
+    return _rule(skip, keep_first_last, ops=ops, weight=QuantSpec("int8", axis=-1), activation=act)
+
+
+def w8_weight_only(*, skip: Sequence[str] = (), keep_first_last: bool = False) -> list[Rule]:
+    """int8 weights (per output channel), float activations: ``x @ (S * W_q)``."""
+    return _rule(skip, keep_first_last, weight=QuantSpec("int8", axis=-1))
+
+
+def w4_weight_only(
+    group_size: int | None = 128, *, skip: Sequence[str] = (), keep_first_last: bool = False
+) -> list[Rule]:
+    """int4 weights in groups of `group_size` input rows (packed two per byte), float activations.
+
+    Applies to ``"dot"`` sites (Dense kernels ``(K, N)``: one scale per
+    ``group_size`` rows of K and per output column); ``group_size=None`` gives
+    one scale per output column. K must be a multiple of `group_size`.
+    """
+    spec = (
+        QuantSpec("int4", axis=-1)
+        if group_size is None
+        else QuantSpec("int4", axis=-1, block_axis=0, block_size=int(group_size))
+    )
+    return _rule(skip, keep_first_last, ops=("dot",), weight=spec)
+
+
+def fp8(
+    *, activations: bool = True, skip: Sequence[str] = (), keep_first_last: bool = False
+) -> list[Rule]:
+    """float8 e4m3 (``float8_e4m3fn``, max 448) weights per channel, and activations
+    scaled by each call's own range (dynamic) unless ``activations=False``."""
+    act = QuantSpec("float8_e4m3fn") if activations else None
+    return _rule(
+        skip,
+        keep_first_last,
+        ops=("dot", "conv"),
+        weight=QuantSpec("float8_e4m3fn", axis=-1),
+        activation=act,
+    )
