@@ -119,6 +119,7 @@ def apply(
             qps,
             sts.get(site.key("smooth")),
             check_finite,
+            weight_layout=None if sp is None else sp.weight_layout,
         )
 
     states = keyed_by_site(t.finder, qvars.activations, "qparams")
@@ -143,6 +144,8 @@ def run_site(
     act_qps: dict,
     smooth=None,
     check_finite: bool = False,
+    *,
+    weight_layout: str | None = None,
 ) -> list:
     """One selected site of a quantized model, as `jq.apply` evaluates it.
 
@@ -150,28 +153,46 @@ def run_site(
     None for a site outside the plan that reads a quantized parameter (then
     weight-only). `activation` is the activation spec (calibration stripped),
     `act_qps` ``{operand: QParams}`` for a static site, `smooth` SmoothQuant
-    factors for the activation.
+    factors for the activation. `weight_layout` ``"nk"``: the weight arrives
+    stored (N, K) (`SitePlan.weight_layout`).
     """
     if site.kind == "embed":
         return run_embed(eqn, invals)
     if mode is None or mode == "weight_only":
         if site.kind == "act_dot":
             return bind_eqn(eqn, invals)
-        return run_dot_like(site, eqn, invals, {}, {}, "weight_only", smooth, check_finite)
+        return run_dot_like(
+            site, eqn, invals, {}, {}, "weight_only", smooth, check_finite, weight_layout
+        )
     specs = {op: activation for op in site.act_operands}
-    return run_dot_like(site, eqn, invals, specs, act_qps, mode, smooth, check_finite)
+    return run_dot_like(
+        site, eqn, invals, specs, act_qps, mode, smooth, check_finite, weight_layout
+    )
 
 
 def run_dot_like(
-    site: Site, eqn, invals, act_specs, act_qps, mode, smooth=None, check_finite: bool = False
+    site: Site,
+    eqn,
+    invals,
+    act_specs,
+    act_qps,
+    mode,
+    smooth=None,
+    check_finite: bool = False,
+    weight_layout: str | None = None,
 ):
     """One quantized site: weight (QArray) and activation(s) through jq.ops.
 
     `smooth`: SmoothQuant factors; the activation operand becomes ``x * (1 / s)``.
     `check_finite`: a checkify check for NaN / inf in the activation (`jq.ops.dot_general`).
+    `weight_layout` ``"nk"``: the rhs is a 2-D kernel stored transposed, (N, K); the dot
+    contracts its axis 1 instead of 0 (no transpose is emitted).
     """
     out_aval = eqn.outvars[0].aval
-    p = eqn.params
+    p = dict(eqn.params)
+    if weight_layout == "nk":
+        (lc, rc), (lb, rb) = p["dimension_numbers"]
+        p["dimension_numbers"] = ((lc, tuple(1 - a for a in rc)), (lb, rb))
     pet = p.get("preferred_element_type") or out_aval.dtype
     if not jnp.issubdtype(pet, jnp.floating):
         pet = out_aval.dtype
@@ -255,12 +276,20 @@ def _adapter_for(model, qvars: QuantizedVariables, method):
     if kind == "nnx":
         return ModelAdapter(model, None, method)
     nested: dict = {}
+    # a QArray stands for its float kernel: the kernel's shape ((K, N) also when stored (N, K))
+    # and dtype (a bfloat16 model keeps computing in bfloat16 between its quantized sites)
+    shapes = dict(qvars.plan.signature)
+    dtypes = {path: dt for path, _, dt in qvars.plan.float_leaves}
     for path, v in qvars.variables.items():
         node = nested
         keys = path.split("/")
         for k in keys[:-1]:
             node = node.setdefault(k, {})
-        node[keys[-1]] = jax.ShapeDtypeStruct(v.shape, jnp.float32) if isinstance(v, QArray) else v
+        if isinstance(v, QArray):
+            v = jax.ShapeDtypeStruct(
+                tuple(shapes.get(path, v.shape)), jnp.dtype(dtypes.get(path, "float32"))
+            )
+        node[keys[-1]] = v
     return ModelAdapter(model, nested, method)
 
 

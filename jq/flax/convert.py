@@ -25,10 +25,17 @@ from jq.flax.qvars import (
     QuantizedVariables,
     SitePlan,
     observed_range,
+    transpose_2d,
     warn_zero_width,
 )
 from jq.flax.rules import Rule, check_rules
-from jq.flax.select import activation_spec, choose, leaf_specs, scan_lengths
+from jq.flax.select import (
+    activation_spec,
+    choose,
+    direct_weight_sites,
+    leaf_specs,
+    scan_lengths,
+)
 from jq.qparams import qparams_from_range
 from jq.quantize import QArray, quantize
 
@@ -47,6 +54,7 @@ def convert(
     kwargs: dict | None = None,
     method=None,
     verbose: bool = False,
+    target: str | None = None,
 ) -> QuantizedVariables:
     """Turns float (or QAT) variables into quantized variables.
 
@@ -66,6 +74,14 @@ def convert(
         model to find its sites).
       method: the model method (default ``__call__``).
       verbose: print the size report.
+      target: the hardware the variables are for: None or ``"cpu"`` keeps every
+        weight in the model's layout; ``"gpu"`` or ``"tpu"`` stores each 2-D
+        (K, N) kernel of a dot site transposed, (N, K) with the contraction
+        contiguous, the operand layout of integer (IMMA) and fp8 GEMMs, so that
+        no call transposes a weight. Recorded per site (``SitePlan.weight_layout
+        == "nk"``); `apply` and exports read it. Kernels shared by several
+        sites, used outside them, packed (int4), stacked by a scan or sharded
+        keep their layout.
 
     Returns:
       `QuantizedVariables`; ``qvars.nbytes()`` gives the sizes before and after.
@@ -75,6 +91,10 @@ def convert(
         its layer; no example input to trace.
     """
     rules = check_rules(rules)
+    if target not in _TARGETS:
+        raise ValueError(
+            f"jq.convert: target must be one of {', '.join(map(repr, _TARGETS))}, got {target!r}"
+        )
     qat_state = None
     if is_qat_vars(variables):
         qat_state = variables
@@ -101,13 +121,20 @@ def convert(
 
     # weights: one QArray per parameter leaf
     specs = leaf_specs(chosen)
+    nk = _nk_candidates(t.finder, chosen) if _TARGETS[target] == "nk" else {}
     new_vars = {}
     float_leaves = []
+    nk_sites = set()
     for li, value in zip(adapter.leaves, adapter.values):
         if li.index in specs:
             spec, c = specs[li.index]
             qp = None if qat_state is None else qat_weight_qparams(qat_state, c.site.name)
-            new_vars[li.path] = _keep_sharding(quantize(jnp.asarray(value), qp, spec), value)
+            q = quantize(jnp.asarray(value), qp, spec)
+            placed = _keep_sharding(q, value)
+            if li.index in nk and placed is q and q.pack_axis is None:
+                placed = transpose_2d(q)
+                nk_sites.add(nk[li.index])
+            new_vars[li.path] = placed
             float_leaves.append((li.path, li.shape, np.dtype(li.dtype).name))
         else:
             new_vars[li.path] = value
@@ -147,6 +174,7 @@ def convert(
                 c.mode,
                 act if c.mode != "weight_only" else None,
                 c.rule_index,
+                "nk" if name in nk_sites else None,
             )
         )
     plan = Plan(adapter.kind, adapter.signature(), tuple(plans), tuple(float_leaves))
@@ -159,6 +187,24 @@ def convert(
     if verbose:
         print(qvars.summary())
     return qvars
+
+
+_TARGETS = {None: None, "cpu": None, "gpu": "nk", "tpu": "nk"}
+
+
+def _nk_candidates(finder, chosen) -> dict[int, str]:
+    """``{leaf index: site name}`` of the kernels that can be stored (N, K).
+
+    A 2-D kernel its dot site reads directly (`direct_weight_sites`),
+    contracted on axis 0 with no batch axes (a Dense kernel).
+    """
+    out = {}
+    for idx, name in direct_weight_sites(finder, chosen, ("dot",)).items():
+        s = chosen[name].site
+        (_, rc), (_, rb) = s.eqn.params["dimension_numbers"]
+        if len(s.leaf.shape) == 2 and tuple(rc) == (0,) and not tuple(rb):
+            out[idx] = name
+    return out
 
 
 def _keep_sharding(q: QArray, value):

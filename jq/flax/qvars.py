@@ -30,6 +30,7 @@ __all__ = [
     "QuantizedVariables",
     "SitePlan",
     "observed_range",
+    "transpose_2d",
     "warn_zero_width",
 ]
 
@@ -88,6 +89,9 @@ class SitePlan:
     mode: str  # static | dynamic | weight_only
     activation: QuantSpec | None  # calibration stripped
     rule_index: int
+    # "nk": the site's 2-D (K, N) kernel is stored transposed, (N, K), contraction last (what
+    # GPU / TPU integer and fp8 GEMMs take; `convert(target=)`); None: as the model stores it
+    weight_layout: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +169,12 @@ class QuantizedVariables:
             f"{b['float']:,} -> {b['quantized']:,} bytes ({b['ratio']:.3f}x); "
             f"model {b['total_before']:,} -> {b['total_after']:,} bytes"
         )
+
+
+def transpose_2d(q: QArray) -> QArray:
+    """A 2-D, unpacked `QArray` transposed: values, scale and zero point (the ``"nk"`` layout)."""
+    t = lambda a: None if a is None else jnp.transpose(a)  # noqa: E731
+    return QArray(t(q.value), t(q.scale), t(q.zero_point), q.format, q.shape[::-1], None)
 
 
 # ---------------------------------------------------------------------------------------
