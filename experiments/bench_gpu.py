@@ -198,50 +198,60 @@ def _group_rows(group: str, lat: dict, errs: dict, base="bf16", ref=None) -> lis
     return rows
 
 
-def mlp_groups(cfg, rng, repeats, deadline, skipped) -> list[dict]:
-    c = cfg["mlp"]
-    model = MLP(c["width"], c["depth"], c["head"])
-    calib = jnp.asarray(rng.normal(size=(256, c["width"])), BF16)
+def _batch_groups(model, calib, inputs, repeats, deadline, skipped, with_ref) -> list[dict]:
+    """Times bf16 and the jq variants (and the reference) of `model` on each input.
+
+    `inputs`: ``[(group name, make_x), ...]``; a group starting after `deadline` is skipped.
+    """
     variables = _bf16(model.init(jax.random.key(0), calib[:1]))
-    variants = _jq_variants(model, variables, calib, with_kn=True)
-    ref_fn, ref_args = reference_int8(variables, calib)
+    variants = _jq_variants(model, variables, calib, with_kn=with_ref)
+    ref = reference_int8(variables, calib) if with_ref else None
     plain, apply = jax.jit(model.apply), _apply_fn(model)
     rows = []
-    for batch in c["batches"]:
-        name = f"MLP {c['width']}x{c['depth']} +{c['head']}, batch {batch}"
+    for name, make_x in inputs:
         if time.perf_counter() > deadline:
             skipped.append(name)
             continue
-        x = jnp.asarray(rng.normal(size=(batch, c["width"])), BF16)
+        x = make_x()
         cases = {"bf16": (plain, (variables, x))}
         cases.update({n: (apply, (q, x)) for n, q in variants.items()})
-        cases["ref int8"] = (ref_fn, (ref_args, x))
+        if ref is not None:
+            cases["ref int8"] = (ref[0], (ref[1], x))
         lat = interleaved_latency(cases, repeats, desc=name, progress=False)
-        rows += _group_rows(name, lat, _errors(cases, "bf16"), ref="ref int8")
+        rows += _group_rows(name, lat, _errors(cases, "bf16"), ref=ref and "ref int8")
         print(f"[bench_gpu] {name} done", flush=True)
     return rows
+
+
+def mlp_groups(cfg, rng, repeats, deadline, skipped) -> list[dict]:
+    c = cfg["mlp"]
+    w = c["width"]
+    inputs = [
+        (f"MLP {w}x{c['depth']} +{c['head']}, batch {b}", lambda b=b: _normal(rng, (b, w)))
+        for b in c["batches"]
+    ]
+    model = MLP(w, c["depth"], c["head"])
+    return _batch_groups(model, _normal(rng, (256, w)), inputs, repeats, deadline, skipped, True)
 
 
 def block_groups(cfg, rng, repeats, deadline, skipped) -> list[dict]:
     c = cfg["block"]
+    shape = (c["seq"], c["width"])
+    inputs = [
+        (
+            f"block w{c['width']} h{c['heads']} seq {c['seq']}, batch {b}",
+            lambda b=b: _normal(rng, (b, *shape)),
+        )
+        for b in c["batches"]
+    ]
     model = Block(c["width"], c["heads"])
-    calib = jnp.asarray(rng.normal(size=(1, c["seq"], c["width"])), BF16)
-    variables = _bf16(model.init(jax.random.key(0), calib))
-    variants = _jq_variants(model, variables, calib, with_kn=False)
-    plain, apply = jax.jit(model.apply), _apply_fn(model)
-    rows = []
-    for batch in c["batches"]:
-        name = f"block w{c['width']} h{c['heads']} seq {c['seq']}, batch {batch}"
-        if time.perf_counter() > deadline:
-            skipped.append(name)
-            continue
-        x = jnp.asarray(rng.normal(size=(batch, c["seq"], c["width"])), BF16)
-        cases = {"bf16": (plain, (variables, x))}
-        cases.update({n: (apply, (q, x)) for n, q in variants.items()})
-        lat = interleaved_latency(cases, repeats, desc=name, progress=False)
-        rows += _group_rows(name, lat, _errors(cases, "bf16"))
-        print(f"[bench_gpu] {name} done", flush=True)
-    return rows
+    return _batch_groups(
+        model, _normal(rng, (1, *shape)), inputs, repeats, deadline, skipped, False
+    )
+
+
+def _normal(rng, shape):
+    return jnp.asarray(rng.normal(size=shape), BF16)
 
 
 def qat_group(cfg, rng, repeats, deadline, skipped) -> list[dict]:
@@ -251,8 +261,7 @@ def qat_group(cfg, rng, repeats, deadline, skipped) -> list[dict]:
         skipped.append(name)
         return []
     model = MLP(m["width"], m["depth"], m["head"])
-    x = jnp.asarray(rng.normal(size=(c["batch"], m["width"])), BF16)
-    y = jnp.asarray(rng.normal(size=(c["batch"], m["head"])), BF16)
+    x, y = _normal(rng, (c["batch"], m["width"])), _normal(rng, (c["batch"], m["head"]))
     variables = _bf16(model.init(jax.random.key(0), x[:1]))
     opt = optax.sgd(1e-3)
 

@@ -26,6 +26,7 @@ from jq.quantize import QArray
 
 __all__ = [
     "apply",
+    "conv_params",
     "run_dot_like",
     "run_embed",
     "run_site",
@@ -218,22 +219,26 @@ def run_dot_like(
         )
     elif site.kind == "conv":  # the weight is the rhs: only lhs_spec / lhs_qparams
         out = ops.conv_general_dilated(
-            vals[0],
-            vals[1],
-            p["window_strides"],
-            p["padding"],
-            p["lhs_dilation"],
-            p["rhs_dilation"],
-            p["dimension_numbers"],
-            p["feature_group_count"],
-            p["batch_group_count"],
-            precision=p.get("precision"),
-            preferred_element_type=pet,
-            **q,
-        )
+            vals[0], vals[1], *conv_params(p), precision=p.get("precision"),
+            preferred_element_type=pet, **q,
+        )  # fmt: skip
     else:
         raise AssertionError(site.kind)
     return [out.astype(out_aval.dtype)]
+
+
+def conv_params(p: dict) -> tuple:
+    """A ``conv_general_dilated`` equation's parameters, in the positional order of
+    `jq.ops.conv_general_dilated` after the two operands (strides ... batch_group_count)."""
+    return (
+        p["window_strides"],
+        p["padding"],
+        p["lhs_dilation"],
+        p["rhs_dilation"],
+        p["dimension_numbers"],
+        p["feature_group_count"],
+        p["batch_group_count"],
+    )
 
 
 def run_embed(eqn, invals):

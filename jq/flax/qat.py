@@ -19,6 +19,7 @@ import numpy as np
 from jq import ops
 from jq.flax._graph import Interpreter, bind_eqn, keyed_by_act_key, keyed_by_site
 from jq.flax.adapter import ModelAdapter, fmt_paths, model_kind, state_changes, trace
+from jq.flax.apply import conv_params
 from jq.flax.qvars import CalibrationStats, observed_range, warn_zero_width
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import (
@@ -423,18 +424,7 @@ def _real_forward(site, eqn, vals, spec, qp, wspec) -> list:
     if site.kind == "dot":
         y = ops.qat_dot_general(vals[0], vals[1], p["dimension_numbers"], **kw)
     else:
-        y = ops.qat_conv_general_dilated(
-            vals[0],
-            vals[1],
-            p["window_strides"],
-            p["padding"],
-            p["lhs_dilation"],
-            p["rhs_dilation"],
-            p["dimension_numbers"],
-            p["feature_group_count"],
-            p["batch_group_count"],
-            **kw,
-        )
+        y = ops.qat_conv_general_dilated(vals[0], vals[1], *conv_params(p), **kw)
     return [y.astype(eqn.outvars[0].aval.dtype)]
 
 
