@@ -120,7 +120,7 @@ def apply(
             qps,
             sts.get(site.key("smooth")),
             check_finite,
-            weight_layout=None if sp is None else sp.weight_layout,
+            weight_perm=None if sp is None else sp.weight_perm,
         )
 
     states = keyed_by_site(t.finder, qvars.activations, "qparams")
@@ -146,7 +146,7 @@ def run_site(
     smooth=None,
     check_finite: bool = False,
     *,
-    weight_layout: str | None = None,
+    weight_perm: tuple[int, ...] | None = None,
 ) -> list:
     """One selected site of a quantized model, as `jq.apply` evaluates it.
 
@@ -154,8 +154,8 @@ def run_site(
     None for a site outside the plan that reads a quantized parameter (then
     weight-only). `activation` is the activation spec (calibration stripped),
     `act_qps` ``{operand: QParams}`` for a static site, `smooth` SmoothQuant
-    factors for the activation. `weight_layout` ``"nk"``: the weight arrives
-    stored (N, K) (`SitePlan.weight_layout`).
+    factors for the activation. `weight_perm`: the weight arrives stored
+    transposed by it (`SitePlan.weight_perm`).
     """
     if site.kind == "embed":
         return run_embed(eqn, invals)
@@ -163,12 +163,10 @@ def run_site(
         if site.kind == "act_dot":
             return bind_eqn(eqn, invals)
         return run_dot_like(
-            site, eqn, invals, {}, {}, "weight_only", smooth, check_finite, weight_layout
+            site, eqn, invals, {}, {}, "weight_only", smooth, check_finite, weight_perm
         )
     specs = {op: activation for op in site.act_operands}
-    return run_dot_like(
-        site, eqn, invals, specs, act_qps, mode, smooth, check_finite, weight_layout
-    )
+    return run_dot_like(site, eqn, invals, specs, act_qps, mode, smooth, check_finite, weight_perm)
 
 
 def run_dot_like(
@@ -180,20 +178,22 @@ def run_dot_like(
     mode,
     smooth=None,
     check_finite: bool = False,
-    weight_layout: str | None = None,
+    weight_perm: tuple[int, ...] | None = None,
 ):
     """One quantized site: weight (QArray) and activation(s) through jq.ops.
 
     `smooth`: SmoothQuant factors; the activation operand becomes ``x * (1 / s)``.
     `check_finite`: a checkify check for NaN / inf in the activation (`jq.ops.dot_general`).
-    `weight_layout` ``"nk"``: the rhs is a 2-D kernel stored transposed, (N, K); the dot
-    contracts its axis 1 instead of 0 (no transpose is emitted).
+    `weight_perm`: the rhs kernel is stored transposed by it (free axes, then contracting
+    axes); the dot names the stored axes instead (no transpose is emitted, and the output
+    layout is the same, since the free axes keep their order).
     """
     out_aval = eqn.outvars[0].aval
     p = dict(eqn.params)
-    if weight_layout == "nk":
+    if weight_perm is not None:
         (lc, rc), (lb, rb) = p["dimension_numbers"]
-        p["dimension_numbers"] = ((lc, tuple(1 - a for a in rc)), (lb, rb))
+        moved = lambda axes: tuple(weight_perm.index(a) for a in axes)  # noqa: E731
+        p["dimension_numbers"] = ((lc, moved(rc)), (lb, moved(rb)))
     pet = p.get("preferred_element_type") or out_aval.dtype
     if not jnp.issubdtype(pet, jnp.floating):
         pet = out_aval.dtype

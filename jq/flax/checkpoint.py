@@ -119,7 +119,7 @@ def save(path: str | os.PathLike, qvars: QuantizedVariables) -> None:
                 "mode": s.mode,
                 "activation": _spec_to_json(s.activation),
                 "rule_index": s.rule_index,
-                "weight_layout": s.weight_layout,
+                "weight_perm": None if s.weight_perm is None else list(s.weight_perm),
             }
             for s in p.sites
         ],
@@ -188,7 +188,7 @@ def restore(path: str | os.PathLike) -> QuantizedVariables:
                 s["mode"],
                 _spec_from_json(s["activation"]),
                 s["rule_index"],
-                s.get("weight_layout"),
+                None if s.get("weight_perm") is None else tuple(s["weight_perm"]),
             )
             for s in meta["sites"]
         ),

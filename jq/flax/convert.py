@@ -25,7 +25,7 @@ from jq.flax.qvars import (
     QuantizedVariables,
     SitePlan,
     observed_range,
-    transpose_2d,
+    permute_qarray,
     warn_zero_width,
 )
 from jq.flax.rules import Rule, check_rules
@@ -75,13 +75,15 @@ def convert(
       method: the model method (default ``__call__``).
       verbose: print the size report.
       target: the hardware the variables are for: None or ``"cpu"`` keeps every
-        weight in the model's layout; ``"gpu"`` or ``"tpu"`` stores each 2-D
-        (K, N) kernel of a dot site transposed, (N, K) with the contraction
-        contiguous, the operand layout of integer (IMMA) and fp8 GEMMs, so that
-        no call transposes a weight. Recorded per site (``SitePlan.weight_layout
-        == "nk"``); `apply` and exports read it. Kernels shared by several
-        sites, used outside them, packed (int4), stacked by a scan or sharded
-        keep their layout.
+        weight in the model's layout (measured on an AVX-512 VNNI CPU, (N, K)
+        is no faster there); ``"gpu"`` or ``"tpu"`` stores each kernel of a dot
+        site with its contracting axes last, contiguous ((K, N) -> (N, K); a
+        DenseGeneral (K, H, D) -> (H, D, K)), the operand layout of integer
+        (IMMA) and fp8 GEMMs, so that no call transposes a weight. Recorded per
+        site (``SitePlan.weight_perm``); `apply`, exports, `report`, checkpoints
+        and `jq.sharding` read it. Kernels shared by several sites, used
+        outside them, packed (int4), stacked by a scan or sharded keep their
+        layout.
 
     Returns:
       `QuantizedVariables`; ``qvars.nbytes()`` gives the sizes before and after.
@@ -124,7 +126,7 @@ def convert(
     nk = _nk_candidates(t.finder, chosen) if _TARGETS[target] == "nk" else {}
     new_vars = {}
     float_leaves = []
-    nk_sites = set()
+    perms = {}  # site name -> the permutation its weight is stored in
     for li, value in zip(adapter.leaves, adapter.values):
         if li.index in specs:
             spec, c = specs[li.index]
@@ -132,8 +134,9 @@ def convert(
             q = quantize(jnp.asarray(value), qp, spec)
             placed = _keep_sharding(q, value)
             if li.index in nk and placed is q and q.pack_axis is None:
-                placed = transpose_2d(q)
-                nk_sites.add(nk[li.index])
+                site_name, perm = nk[li.index]
+                placed = permute_qarray(q, perm)
+                perms[site_name] = perm
             new_vars[li.path] = placed
             float_leaves.append((li.path, li.shape, np.dtype(li.dtype).name))
         else:
@@ -174,7 +177,7 @@ def convert(
                 c.mode,
                 act if c.mode != "weight_only" else None,
                 c.rule_index,
-                "nk" if name in nk_sites else None,
+                perms.get(name),
             )
         )
     plan = Plan(adapter.kind, adapter.signature(), tuple(plans), tuple(float_leaves))
@@ -192,18 +195,21 @@ def convert(
 _TARGETS = {None: None, "cpu": None, "gpu": "nk", "tpu": "nk"}
 
 
-def _nk_candidates(finder, chosen) -> dict[int, str]:
-    """``{leaf index: site name}`` of the kernels that can be stored (N, K).
+def _nk_candidates(finder, chosen) -> dict[int, tuple[str, tuple[int, ...]]]:
+    """``{leaf index: (site name, perm)}``: kernels to store with the contraction last.
 
-    A 2-D kernel its dot site reads directly (`direct_weight_sites`),
-    contracted on axis 0 with no batch axes (a Dense kernel).
+    A kernel its dot site reads directly (`direct_weight_sites`), with no batch
+    axes and some contracting axis before a free one; ``perm`` = its free axes,
+    then its contracting axes, each in order.
     """
     out = {}
     for idx, name in direct_weight_sites(finder, chosen, ("dot",)).items():
         s = chosen[name].site
         (_, rc), (_, rb) = s.eqn.params["dimension_numbers"]
-        if len(s.leaf.shape) == 2 and tuple(rc) == (0,) and not tuple(rb):
-            out[idx] = name
+        free = tuple(a for a in range(len(s.leaf.shape)) if a not in rc)
+        perm = free + tuple(rc)
+        if not tuple(rb) and free and perm != tuple(range(len(perm))):
+            out[idx] = (name, perm)
     return out
 
 

@@ -30,7 +30,8 @@ __all__ = [
     "QuantizedVariables",
     "SitePlan",
     "observed_range",
-    "transpose_2d",
+    "inverse_perm",
+    "permute_qarray",
     "warn_zero_width",
 ]
 
@@ -89,9 +90,10 @@ class SitePlan:
     mode: str  # static | dynamic | weight_only
     activation: QuantSpec | None  # calibration stripped
     rule_index: int
-    # "nk": the site's 2-D (K, N) kernel is stored transposed, (N, K), contraction last (what
-    # GPU / TPU integer and fp8 GEMMs take; `convert(target=)`); None: as the model stores it
-    weight_layout: str | None = None
+    # the site's kernel is stored transposed by this permutation: its free axes, then its
+    # contracting axes ((K, N) -> (N, K)), the operand layout of GPU / TPU integer and fp8
+    # GEMMs (`convert(target=)`); None: as the model stores it
+    weight_perm: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,10 +173,16 @@ class QuantizedVariables:
         )
 
 
-def transpose_2d(q: QArray) -> QArray:
-    """A 2-D, unpacked `QArray` transposed: values, scale and zero point (the ``"nk"`` layout)."""
-    t = lambda a: None if a is None else jnp.transpose(a)  # noqa: E731
-    return QArray(t(q.value), t(q.scale), t(q.zero_point), q.format, q.shape[::-1], None)
+def permute_qarray(q: QArray, perm: tuple[int, ...]) -> QArray:
+    """An unpacked `QArray` transposed by `perm`: values, scale and zero point alike."""
+    t = lambda a: None if a is None else jnp.transpose(a, perm)  # noqa: E731
+    shape = tuple(q.shape[p] for p in perm)
+    return QArray(t(q.value), t(q.scale), t(q.zero_point), q.format, shape, None)
+
+
+def inverse_perm(perm: tuple[int, ...]) -> tuple[int, ...]:
+    """The permutation that undoes `perm`."""
+    return tuple(int(i) for i in np.argsort(perm))
 
 
 # ---------------------------------------------------------------------------------------
