@@ -173,6 +173,6 @@ def test_qat_low_precision_forward_keeps_the_fake_quant_gradients(fmt):
     (_, y), grads = jax.value_and_grad(real, argnums=(0, 1), has_aux=True)(x, w)
     (_, y_ref), grads_ref = jax.value_and_grad(fake, argnums=(0, 1), has_aux=True)(x, w)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads, grads_ref, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for a, b in zip(grads, grads_ref, strict=True):  # equal on CPU; a GPU may sum in another order
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert float(jnp.sum(grads[0] == 0)) > 0  # some activations were clipped
