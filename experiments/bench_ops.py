@@ -169,6 +169,10 @@ def mlp_cases(rng, batch):
     aspec = jq.QuantSpec("int8")  # per tensor
     uspec = jq.QuantSpec("uint8", scheme="affine")
     qparams = [(jq.quantize(w, None, wspec), b) for w, b in zip(ws, bs, strict=True)]
+    qparams_nk = [
+        (jq.quantize(w.T, None, jq.QuantSpec("int8", axis=0)), b)
+        for w, b in zip(ws, bs, strict=True)
+    ]
     # static activation ranges from a calibration batch (min-max per layer input)
     act_qp, h = [], calib
     for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
@@ -181,6 +185,13 @@ def mlp_cases(rng, batch):
         for i, (w, b) in enumerate(params):
             qp = act_qp[i] if static else None
             x = ops.dot_general(x, w, DENSE, lhs_spec=spec, lhs_qparams=qp) + b
+            if i < len(params) - 1:
+                x = jax.nn.relu(x)
+        return x
+
+    def static_nk(params, x):  # weights stored (N, K), as convert(target="gpu") stores them
+        for i, (w, b) in enumerate(params):
+            x = ops.dot_general(x, w, NK, lhs_spec=aspec, lhs_qparams=act_qp[i]) + b
             if i < len(params) - 1:
                 x = jax.nn.relu(x)
         return x
@@ -199,6 +210,10 @@ def mlp_cases(rng, batch):
             "jq static int8 (act per tensor, weight per channel)",
             lambda p, x: quantized(p, x, aspec, True),
             (qparams, x),
+        ),
+        "jq static int8, weights stored (N, K) [auto]": (
+            _compiled(static_nk, (qparams_nk, x)),
+            (qparams_nk, x),
         ),
         **_form_cases(
             "jq dynamic int8 (symmetric, per tensor)",

@@ -12,9 +12,14 @@ five minutes on a GPU machine:
 3. ``tests``: the test suite (without tests/sharded) on the default backend,
    with a JUnit report; failures and skips are listed in the summary.
 4. ``bench``: ``experiments/bench_ops.py --quick`` (the MLP groups).
+5. ``gpu``: ``experiments/bench_gpu.py`` (bf16 against jq static / dynamic
+   int8, fp8, a hand-written int8 reference, QAT steps), within
+   ``--gpu-budget`` seconds (groups that would start later are skipped) and
+   killed at ``--gpu-timeout``. With ``--quick``: tiny sizes, for a CPU run.
 
 Run:  python experiments/device_check.py --out DIR   (scripts/device_check.sh does)
-Writes DIR/summary.json, DIR/summary.md, DIR/junit.xml, DIR/ops.md, DIR/*.log.
+Writes DIR/summary.json, DIR/summary.md, DIR/junit.xml, DIR/ops.md, DIR/bench_gpu.md,
+DIR/*.log.
 """
 
 from __future__ import annotations
@@ -218,6 +223,20 @@ def stage_bench(out: str, timeout: int) -> dict:
     return res
 
 
+def stage_gpu(out: str, timeout: int, budget: float, quick: bool) -> dict:
+    md = os.path.join(out, "bench_gpu.md")
+    cmd = [sys.executable, "experiments/bench_gpu.py", "--budget", str(budget), "--out", md]
+    if quick:
+        cmd.append("--quick")
+    rc, secs = _run(cmd, os.path.join(out, "bench_gpu.log"), timeout)
+    res = {"returncode": rc, "seconds": round(secs, 1)}
+    if os.path.exists(md):
+        text = open(md).read().splitlines()
+        res["table"] = [ln for ln in text if ln.startswith("|")]
+        res["notes"] = [ln for ln in text if ln and not ln.startswith(("|", "#"))]
+    return res
+
+
 def _markdown(s: dict) -> str:
     lines = ["# jq device check", ""]
     env = s.get("env", {})
@@ -271,6 +290,16 @@ def _markdown(s: dict) -> str:
             "",
         ]
         lines += bench.get("table", [])
+    gpu = s.get("gpu", {})
+    if gpu and "error" not in gpu:
+        lines += [
+            "",
+            "## bench_gpu",
+            "",
+            f"return code {gpu['returncode']}, {gpu['seconds']} s",
+            "",
+        ]
+        lines += gpu.get("notes", []) + [""] + gpu.get("table", [])
     for k, v in s.items():
         if isinstance(v, dict) and "error" in v:
             lines += ["", f"**stage {k} crashed:** `{v['error']}`"]
@@ -280,9 +309,12 @@ def _markdown(s: dict) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "device"))
-    p.add_argument("--stages", default="env,sweep,tests,bench")
+    p.add_argument("--stages", default="env,sweep,tests,bench,gpu")
     p.add_argument("--tests-timeout", type=int, default=180)
     p.add_argument("--bench-timeout", type=int, default=75)
+    p.add_argument("--gpu-budget", type=float, default=180.0)
+    p.add_argument("--gpu-timeout", type=int, default=240)
+    p.add_argument("--quick", action="store_true", help="tiny benchmark sizes (a CPU run)")
     p.add_argument("--workers", type=int, default=4)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -299,6 +331,8 @@ def main():
                 summary[name] = stage_tests(args.out, args.tests_timeout, args.workers)
             elif name == "bench":
                 summary[name] = stage_bench(args.out, args.bench_timeout)
+            elif name == "gpu":
+                summary[name] = stage_gpu(args.out, args.gpu_timeout, args.gpu_budget, args.quick)
             else:
                 raise ValueError(f"unknown stage {name!r}")
         except Exception as e:
@@ -320,6 +354,8 @@ def main():
         summary.get("sweep", {}).get("totals", {}).get("jq_wrong", 0) == 0
         and summary.get("sweep", {}).get("totals", {}).get("jq_error", 0) == 0
         and (not t or (t.get("failures", 1) == 0 and t.get("errors", 1) == 0))
+        and all(summary.get(k, {}).get("returncode", 0) == 0 for k in ("bench", "gpu"))
+        and not any(isinstance(v, dict) and "error" in v for v in summary.values())
     )
     sys.exit(0 if ok else 1)
 

@@ -286,11 +286,18 @@ def quantize(x: jax.Array, qp: QParams | None, spec: QuantSpec) -> QArray:
     return encode(x, qp, spec)
 
 
-def encode(x: jax.Array, qp: QParams, spec: QuantSpec) -> QArray:
+def encode(x: jax.Array, qp: QParams, spec: QuantSpec, nonfinite: float | None = None) -> QArray:
     """`quantize`'s map itself, for callers that handle non-finite values themselves.
 
-    No value checks: a NaN in `x` gets an arbitrary code (0). `jq.ops` uses it
-    for float operands whose non-finite rows it sets to NaN in the output.
+    No value checks: without `nonfinite`, a NaN in `x` gets an arbitrary code
+    (0). `jq.ops` uses it for float operands whose non-finite rows it sets to
+    NaN in the output.
+
+    Args:
+      nonfinite: the value NaN and inf map to (`nonfinite_mark`): an integer
+        code outside the spec's grid, so that the codes themselves show which
+        rows were not finite, or NaN for fp8 (e4m3fn has no inf), which a float
+        dot then propagates like the unquantized one.
     """
     qp = broadcast_qparams(qp, x.shape, spec)
     fmt = spec.fmt
@@ -300,9 +307,15 @@ def encode(x: jax.Array, qp: QParams, spec: QuantSpec) -> QArray:
         v = jnp.round(xf * inv)
         if qp.zero_point is not None:
             v = v + expand_blocks(qp.zero_point, x.shape).astype(jnp.float32)
-        v = jnp.clip(v, spec.qmin, spec.qmax).astype(fmt.dtype)
+        v = jnp.clip(v, spec.qmin, spec.qmax)
+        if nonfinite is not None:
+            v = jnp.where(jnp.isfinite(xf), v, float(nonfinite))
+        v = v.astype(fmt.dtype)
     else:
-        v = jnp.clip(xf * inv, fmt.qmin, fmt.qmax).astype(fmt.dtype)
+        v = jnp.clip(xf * inv, fmt.qmin, fmt.qmax)
+        if nonfinite is not None:
+            v = jnp.where(jnp.isfinite(xf), v, nonfinite)
+        v = v.astype(fmt.dtype)
     pack_axis = None
     if fmt.name == "int4" and x.ndim:
         pack_axis = x.ndim - 1
@@ -314,6 +327,26 @@ def encode(x: jax.Array, qp: QParams, spec: QuantSpec) -> QArray:
     return QArray(
         v, qp.scale.astype(jnp.float32), qp.zero_point, fmt.name, tuple(x.shape), pack_axis
     )
+
+
+def nonfinite_mark(spec: QuantSpec) -> float | None:
+    """What `encode` can map NaN / inf to without colliding with a finite value's code.
+
+    * an unblocked int8 spec on the narrow grid (``[-127, 127]``, the symmetric
+      default): -128, the code the grid leaves free (a row holds it exactly
+      when it held a NaN or inf);
+    * fp8 (e4m3fn, e5m2): NaN, which a float dot carries to every output the
+      row reaches, as the unquantized dot would;
+    * None otherwise (a full integer grid has no free code; blocks, int4).
+    """
+    fmt = spec.fmt
+    if spec.block_size is not None:
+        return None
+    if not fmt.is_integer:
+        return float("nan") if fmt.name.startswith("float8") else None
+    if fmt.name != "int8" or spec.qmin == fmt.qmin:
+        return None
+    return float(fmt.qmin)
 
 
 def _pack_traced(v, axis):

@@ -27,6 +27,7 @@ from jq.quantize import QArray
 
 __all__ = [
     "apply",
+    "conv_params",
     "run_dot_like",
     "run_embed",
     "run_quantized",
@@ -144,6 +145,7 @@ def run_quantized(
             qps,
             sts.get(site.key("smooth")),
             check_finite,
+            weight_perm=None if sp is None else sp.weight_perm,
         )
 
     states = keyed_by_site(t.finder, qvars.activations, "qparams")
@@ -168,6 +170,8 @@ def run_site(
     act_qps: dict,
     smooth=None,
     check_finite: bool = False,
+    *,
+    weight_perm: tuple[int, ...] | None = None,
 ) -> list:
     """One selected site of a quantized model, as `jq.apply` evaluates it.
 
@@ -175,28 +179,46 @@ def run_site(
     None for a site outside the plan that reads a quantized parameter (then
     weight-only). `activation` is the activation spec (calibration stripped),
     `act_qps` ``{operand: QParams}`` for a static site, `smooth` SmoothQuant
-    factors for the activation.
+    factors for the activation. `weight_perm`: the weight arrives stored
+    transposed by it (`SitePlan.weight_perm`).
     """
     if site.kind == "embed":
         return run_embed(eqn, invals)
     if mode is None or mode == "weight_only":
         if site.kind == "act_dot":
             return bind_eqn(eqn, invals)
-        return run_dot_like(site, eqn, invals, {}, {}, "weight_only", smooth, check_finite)
+        return run_dot_like(
+            site, eqn, invals, {}, {}, "weight_only", smooth, check_finite, weight_perm
+        )
     specs = {op: activation for op in site.act_operands}
-    return run_dot_like(site, eqn, invals, specs, act_qps, mode, smooth, check_finite)
+    return run_dot_like(site, eqn, invals, specs, act_qps, mode, smooth, check_finite, weight_perm)
 
 
 def run_dot_like(
-    site: Site, eqn, invals, act_specs, act_qps, mode, smooth=None, check_finite: bool = False
+    site: Site,
+    eqn,
+    invals,
+    act_specs,
+    act_qps,
+    mode,
+    smooth=None,
+    check_finite: bool = False,
+    weight_perm: tuple[int, ...] | None = None,
 ):
     """One quantized site: weight (QArray) and activation(s) through jq.ops.
 
     `smooth`: SmoothQuant factors; the activation operand becomes ``x * (1 / s)``.
     `check_finite`: a checkify check for NaN / inf in the activation (`jq.ops.dot_general`).
+    `weight_perm`: the rhs kernel is stored transposed by it (free axes, then contracting
+    axes); the dot names the stored axes instead (no transpose is emitted, and the output
+    layout is the same, since the free axes keep their order).
     """
     out_aval = eqn.outvars[0].aval
-    p = eqn.params
+    p = dict(eqn.params)
+    if weight_perm is not None:
+        (lc, rc), (lb, rb) = p["dimension_numbers"]
+        moved = lambda axes: tuple(weight_perm.index(a) for a in axes)  # noqa: E731
+        p["dimension_numbers"] = ((lc, moved(rc)), (lb, moved(rb)))
     pet = p.get("preferred_element_type") or out_aval.dtype
     if not jnp.issubdtype(pet, jnp.floating):
         pet = out_aval.dtype
@@ -222,22 +244,26 @@ def run_dot_like(
         )
     elif site.kind == "conv":  # the weight is the rhs: only lhs_spec / lhs_qparams
         out = ops.conv_general_dilated(
-            vals[0],
-            vals[1],
-            p["window_strides"],
-            p["padding"],
-            p["lhs_dilation"],
-            p["rhs_dilation"],
-            p["dimension_numbers"],
-            p["feature_group_count"],
-            p["batch_group_count"],
-            precision=p.get("precision"),
-            preferred_element_type=pet,
-            **q,
-        )
+            vals[0], vals[1], *conv_params(p), precision=p.get("precision"),
+            preferred_element_type=pet, **q,
+        )  # fmt: skip
     else:
         raise AssertionError(site.kind)
     return [out.astype(out_aval.dtype)]
+
+
+def conv_params(p: dict) -> tuple:
+    """A ``conv_general_dilated`` equation's parameters, in the positional order of
+    `jq.ops.conv_general_dilated` after the two operands (strides ... batch_group_count)."""
+    return (
+        p["window_strides"],
+        p["padding"],
+        p["lhs_dilation"],
+        p["rhs_dilation"],
+        p["dimension_numbers"],
+        p["feature_group_count"],
+        p["batch_group_count"],
+    )
 
 
 def run_embed(eqn, invals):
@@ -280,12 +306,20 @@ def _adapter_for(model, qvars: QuantizedVariables, method):
     if kind == "nnx":
         return ModelAdapter(model, None, method)
     nested: dict = {}
+    # a QArray stands for its float kernel: the kernel's shape ((K, N) also when stored (N, K))
+    # and dtype (a bfloat16 model keeps computing in bfloat16 between its quantized sites)
+    shapes = dict(qvars.plan.signature)
+    dtypes = {path: dt for path, _, dt in qvars.plan.float_leaves}
     for path, v in qvars.variables.items():
         node = nested
         keys = path.split("/")
         for k in keys[:-1]:
             node = node.setdefault(k, {})
-        node[keys[-1]] = jax.ShapeDtypeStruct(v.shape, jnp.float32) if isinstance(v, QArray) else v
+        if isinstance(v, QArray):
+            v = jax.ShapeDtypeStruct(
+                tuple(shapes.get(path, v.shape)), jnp.dtype(dtypes.get(path, "float32"))
+            )
+        node[keys[-1]] = v
     return ModelAdapter(model, nested, method)
 
 

@@ -140,6 +140,7 @@ def encode(qvars: QuantizedVariables, names: bool = False) -> tuple[dict, dict]:
                 "mode": s.mode,
                 "activation": _spec_to_json(s.activation),
                 "rule_index": s.rule_index,
+                "weight_perm": None if s.weight_perm is None else list(s.weight_perm),
             }
             for s in p.sites
         ],
@@ -220,6 +221,7 @@ def decode(meta: dict, arrays: dict) -> QuantizedVariables:
                 s["mode"],
                 _spec_from_json(s["activation"]),
                 s["rule_index"],
+                None if s.get("weight_perm") is None else tuple(s["weight_perm"]),
             )
             for s in meta["sites"]
         ),

@@ -26,10 +26,17 @@ from jq.flax.qvars import (
     QuantizedVariables,
     SitePlan,
     observed_range,
+    permute_qarray,
     warn_zero_width,
 )
 from jq.flax.rules import Rule, check_rules
-from jq.flax.select import activation_spec, choose, leaf_specs, scan_lengths
+from jq.flax.select import (
+    activation_spec,
+    choose,
+    direct_weight_sites,
+    leaf_specs,
+    scan_lengths,
+)
 from jq.flax.stream import model_kwargs_arg
 from jq.hosteval import host_eval
 from jq.qparams import QuantSpec, qparams_from_range
@@ -54,6 +61,7 @@ def convert(
     method=None,
     verbose: bool = False,
     kwargs: dict | None = None,
+    target: str | None = None,
 ) -> QuantizedVariables:
     """Turns float (or QAT) variables into quantized variables.
 
@@ -80,6 +88,16 @@ def convert(
       method: the model method (default ``__call__``).
       verbose: print the size report.
       kwargs: deprecated name of `model_kwargs`.
+      target: the hardware the variables are for: None or ``"cpu"`` keeps every
+        weight in the model's layout (measured on an AVX-512 VNNI CPU, (N, K)
+        is no faster there); ``"gpu"`` or ``"tpu"`` stores each kernel of a dot
+        site with its contracting axes last, contiguous ((K, N) -> (N, K); a
+        DenseGeneral (K, H, D) -> (H, D, K)), the operand layout of integer
+        (IMMA) and fp8 GEMMs, so that no call transposes a weight. Recorded per
+        site (``SitePlan.weight_perm``); `apply`, exports, `report`, checkpoints
+        and `jq.sharding` read it. Kernels shared by several sites, used
+        outside them, packed (int4), stacked by a scan or sharded keep their
+        layout.
 
     Returns:
       `QuantizedVariables`; ``qvars.nbytes()`` gives the sizes before and after.
@@ -90,6 +108,10 @@ def convert(
     """
     rules = check_rules(rules)
     kwargs = model_kwargs_arg("convert", model_kwargs, kwargs) if kwargs or model_kwargs else None
+    if target not in _TARGETS:
+        raise ValueError(
+            f"jq.convert: target must be one of {', '.join(map(repr, _TARGETS))}, got {target!r}"
+        )
     qat_state = None
     if is_qat_vars(variables):
         qat_state = variables
@@ -158,8 +180,15 @@ def convert(
         raise ValueError(f"jq.convert: parameters {bad} hold NaN or inf; they cannot be quantized")
     acts.update(zip(ranges, act_qps))
     new_vars = {li.path: v for li, v in zip(adapter.leaves, adapter.values)}
+    nk = _nk_candidates(t.finder, chosen) if _TARGETS[target] == "nk" else {}
+    perms = {}  # site name -> the permutation its weight is stored in
     for li, q in zip(quantized, qs):
-        new_vars[li.path] = _keep_sharding(q, values[li.index])
+        placed = _keep_sharding(q, values[li.index])
+        if li.index in nk and placed is q and q.pack_axis is None:
+            site_name, perm = nk[li.index]
+            placed = permute_qarray(q, perm)
+            perms[site_name] = perm
+        new_vars[li.path] = placed
     float_leaves = [(li.path, li.shape, np.dtype(li.dtype).name) for li in quantized]
 
     plans = []
@@ -174,6 +203,7 @@ def convert(
                 c.mode,
                 act if c.mode != "weight_only" else None,
                 c.rule_index,
+                perms.get(name),
             )
         )
     plan = Plan(adapter.kind, adapter.signature(), tuple(plans), tuple(float_leaves))
@@ -241,6 +271,27 @@ def quantize_leaves_jit(
     finite = jnp.stack([jnp.all(jnp.isfinite(w)) for w in weights]) if weights else jnp.ones(0)
     act_qps = [qparams_from_range(lo, hi, s) for (lo, hi), s in zip(ranges, act_specs)]
     return qs, finite, act_qps
+
+
+_TARGETS = {None: None, "cpu": None, "gpu": "nk", "tpu": "nk"}
+
+
+def _nk_candidates(finder, chosen) -> dict[int, tuple[str, tuple[int, ...]]]:
+    """``{leaf index: (site name, perm)}``: kernels to store with the contraction last.
+
+    A kernel its dot site reads directly (`direct_weight_sites`), with no batch
+    axes and some contracting axis before a free one; ``perm`` = its free axes,
+    then its contracting axes, each in order.
+    """
+    out = {}
+    for idx, name in direct_weight_sites(finder, chosen, ("dot",)).items():
+        s = chosen[name].site
+        (_, rc), (_, rb) = s.eqn.params["dimension_numbers"]
+        free = tuple(a for a in range(len(s.leaf.shape)) if a not in rc)
+        perm = free + tuple(rc)
+        if not tuple(rb) and free and perm != tuple(range(len(perm))):
+            out[idx] = (name, perm)
+    return out
 
 
 def _keep_sharding(q: QArray, value):

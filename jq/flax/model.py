@@ -228,6 +228,7 @@ def quantize_model(
     model_kwargs: dict | None = None,
     method=None,
     progress: bool = True,
+    target: str | None = None,
 ) -> QuantizedModel:
     """The one-liner: calibrate (when a rule is static), convert, and bind.
 
@@ -245,6 +246,7 @@ def quantize_model(
       preset_or_rules: a `jq.presets` list or any `jq.Rule` list.
       inputs, model_kwargs, method, progress: as in `jq.calibrate`;
         `model_kwargs` are also the defaults of ``qm.apply``.
+      target: as in `jq.convert`: ``"gpu"`` / ``"tpu"`` store dot kernels (N, K).
 
     Returns:
       A `QuantizedModel`.
@@ -265,11 +267,13 @@ def quantize_model(
             method=method,
             progress=progress,
         )
-        qv = convert(model, variables, rules, stats, method=method)
+        qv = convert(model, variables, rules, stats, method=method, target=target)
     else:
         first, _ = peek(batches, "jq.quantize_model: `batches` is empty")
         args, kw = model_call(first, inputs, model_kwargs)
-        qv = convert(model, variables, rules, args=args, model_kwargs=kw, method=method)
+        qv = convert(
+            model, variables, rules, args=args, model_kwargs=kw, method=method, target=target
+        )
     return QuantizedModel(
         model, qv, method=method, model_kwargs=model_kwargs, float_variables=variables
     )

@@ -16,11 +16,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jq import ops
 from jq.flax._graph import Interpreter, bind_eqn, keyed_by_act_key, keyed_by_site
 from jq.flax.adapter import ModelAdapter, fmt_paths, model_kind, state_changes, trace
+from jq.flax.apply import conv_params
 from jq.flax.qvars import CalibrationStats, observed_range, warn_zero_width
 from jq.flax.rules import Rule, check_rules
-from jq.flax.select import activation_spec, choose, leaf_specs, scan_lengths, stack_tree
+from jq.flax.select import (
+    activation_spec,
+    choose,
+    direct_weight_sites,
+    leaf_specs,
+    scan_lengths,
+    stack_tree,
+)
 from jq.flax.stream import check_forwarded
 from jq.qparams import QParams, qparams_from_array, qparams_from_range, reduce_range
 from jq.quantize import fake_quant, lsq_fake_quant
@@ -98,6 +107,17 @@ class QAT:
         `averaging_constant`) or ``"lsq"`` (learned scale and zero point).
       weights: ``"minmax"`` (each step's own per-channel min-max) or ``"lsq"``.
       averaging_constant: EMA constant c in ``m <- m + c * (batch - m)``.
+      forward: ``"fake"`` (default): the forward pass is the float op on
+        fake-quantized operands. ``"int8"`` / ``"fp8"``: at every dot / conv
+        site that reads its weight directly (no layout op, no scan, one site
+        per weight), the forward pass is the real low-precision op (int8 x int8
+        with int32 accumulation, or e4m3 x e4m3 with float32 accumulation;
+        `jq.ops.qat_dot_general` with ``int_forward=True``) and the backward
+        pass is fake quantization's straight-through VJP in the model's own
+        float dtype (bfloat16 for a bfloat16 model). Other sites stay fake
+        quantized. The sites' weight and activation formats must be int8 (resp.
+        fp8), and ``activations="ema"``, ``weights="minmax"`` (the real op
+        passes no gradient to learned scales).
     """
 
     def __init__(
@@ -109,6 +129,7 @@ class QAT:
         weights: str = "minmax",
         averaging_constant: float = 0.01,
         method=None,
+        forward: str = "fake",
     ):
         if activations not in ("ema", "lsq"):
             raise ValueError(f"jq.qat: activations must be 'ema' or 'lsq', got {activations!r}")
@@ -118,12 +139,49 @@ class QAT:
             raise ValueError(
                 f"jq.qat: averaging_constant must lie in (0, 1], got {averaging_constant}"
             )
+        if forward not in _FORWARD:
+            raise ValueError(
+                f"jq.qat: forward must be one of {', '.join(map(repr, _FORWARD))}, got {forward!r}"
+            )
+        if forward != "fake" and (activations, weights) != ("ema", "minmax"):
+            raise ValueError(
+                f"jq.qat: forward={forward!r} runs the real low-precision op, which passes no "
+                "gradient to learned scales; use activations='ema' and weights='minmax' with it, "
+                "or forward='fake' with LSQ"
+            )
+        self.forward = forward
         self.model = model
         self.rules = check_rules(rules)
         self.activations = activations
         self.weights = weights
         self.c = float(averaging_constant)
         self.method = method
+
+    def _real_forward_sites(self, finder, chosen) -> dict:
+        """``{site name: None}`` (the weight spec is filled in by `apply`) of the sites whose
+        forward pass runs the real low-precision op; empty for ``forward="fake"``."""
+        if self.forward == "fake":
+            return {}
+        out = {}
+        for name in direct_weight_sites(finder, chosen, ("dot", "conv")).values():
+            c = chosen[name]
+            if c.mode == "weight_only":
+                continue
+            fmts = (c.rule.weight.fmt, c.rule.activation.fmt)
+            ok = all(
+                (f.is_integer and f.bits == 8)
+                if self.forward == "int8"
+                else f.name.startswith("float8")
+                for f in fmts
+            )
+            if not ok:
+                raise ValueError(
+                    f"jq.qat: forward={self.forward!r} needs {self.forward} weight and activation "
+                    f"formats, but site {name!r} (rules[{c.rule_index}]) has weight "
+                    f"{fmts[0].name!r} and activation {fmts[1].name!r}"
+                )
+            out[name] = None
+        return out
 
     # -- variables <-> adapter ------------------------------------------------------------
     def _adapter(self, params, state):
@@ -271,10 +329,15 @@ class QAT:
         leaves = self._leaves(adapter, params, state)
         t = trace(adapter, leaves, args, kwargs)
         chosen = choose(t.finder, self.rules, warn=False)
-        # weights: fake-quantized once per step at the parameter, in its stored layout
+        # weights: fake-quantized once per step at the parameter, in its stored layout (the
+        # sites with a real low-precision forward quantize theirs inside the op)
+        real = self._real_forward_sites(t.finder, chosen)
         for idx, (spec, c) in leaf_specs(chosen).items():
             name = c.site.name
             w = leaves[idx]
+            if name in real:
+                real[name] = spec
+                continue
             if self.weights == "lsq" and name in quant.get("weights", {}):
                 lq = quant["weights"][name]
                 # LSQ's gradient scale 1 / sqrt(N qmax) counts the N weights of one layer, also
@@ -294,28 +357,34 @@ class QAT:
         def handler(site, eqn, invals, sts):
             ch = chosen[site.name]
             vals = list(invals)
-            if ch.mode != "weight_only":
-                spec = ch.rule.activation
-                for op in site.act_operands:
-                    key = site.key("range", op)
-                    x = vals[op]
-                    if ch.mode == "dynamic":
-                        vals[op] = fake_quant(x, None, spec)
-                    elif lsq and site.key("lsq", op) in sts:
-                        a = sts[site.key("lsq", op)]
-                        vals[op] = lsq_fake_quant(x, QParams(a["scale"], a["zero_point"]), spec)
-                    else:
-                        r = sts[key]
-                        if update_stats and x.size:  # an empty batch leaves the range alone
-                            lo, hi = reduce_range(jax.lax.stop_gradient(x), spec)
-                            lo, hi = lo.reshape(r["lo"].shape), hi.reshape(r["hi"].shape)
-                            first = r["count"] == 0
-                            nlo = jnp.where(first, lo, r["lo"] + c_ema * (lo - r["lo"]))
-                            nhi = jnp.where(first, hi, r["hi"] + c_ema * (hi - r["hi"]))
-                            r = {"lo": nlo, "hi": nhi, "count": r["count"] + 1}
-                            sts[key] = r
-                        qp = qparams_from_range(r["lo"], r["hi"], spec)
-                        vals[op] = fake_quant(x, qp, spec)
+            if ch.mode == "weight_only":
+                return bind_eqn(eqn, vals)
+            spec = ch.rule.activation
+            qps = {}
+            for op in site.act_operands:
+                key = site.key("range", op)
+                x = vals[op]
+                if ch.mode == "dynamic":
+                    qps[op] = None
+                elif lsq and site.key("lsq", op) in sts:
+                    a = sts[site.key("lsq", op)]
+                    vals[op] = lsq_fake_quant(x, QParams(a["scale"], a["zero_point"]), spec)
+                    continue
+                else:
+                    r = sts[key]
+                    if update_stats and x.size:  # an empty batch leaves the range alone
+                        lo, hi = reduce_range(jax.lax.stop_gradient(x), spec)
+                        lo, hi = lo.reshape(r["lo"].shape), hi.reshape(r["hi"].shape)
+                        first = r["count"] == 0
+                        nlo = jnp.where(first, lo, r["lo"] + c_ema * (lo - r["lo"]))
+                        nhi = jnp.where(first, hi, r["hi"] + c_ema * (hi - r["hi"]))
+                        r = {"lo": nlo, "hi": nhi, "count": r["count"] + 1}
+                        sts[key] = r
+                    qps[op] = qparams_from_range(r["lo"], r["hi"], spec)
+                if site.name not in real:
+                    vals[op] = fake_quant(x, qps[op], spec)
+            if site.name in real:  # the activation is operand 0, the weight operand 1
+                return _real_forward(site, eqn, vals, spec, qps[0], real[site.name])
             return bind_eqn(eqn, vals)
 
         # interpreter state: the tracked ranges, and the learned activation parameters (LSQ)
@@ -349,6 +418,27 @@ class QAT:
         new_ranges = keyed_by_act_key(t.finder, sts, "range")
         new_state["ranges"] = {k: new_ranges.get(k, r) for k, r in state["ranges"].items()}
         return out, new_state
+
+
+_FORWARD = ("fake", "int8", "fp8")
+
+
+def _real_forward(site, eqn, vals, spec, qp, wspec) -> list:
+    """A site's real int8 / fp8 forward with fake quantization's VJP (`jq.ops.qat_*`)."""
+    p = eqn.params
+    kw = dict(
+        precision=p.get("precision"),
+        preferred_element_type=p.get("preferred_element_type"),
+        lhs_spec=spec,
+        lhs_qparams=qp,
+        rhs_spec=wspec,
+        int_forward=True,
+    )
+    if site.kind == "dot":
+        y = ops.qat_dot_general(vals[0], vals[1], p["dimension_numbers"], **kw)
+    else:
+        y = ops.qat_conv_general_dilated(vals[0], vals[1], *conv_params(p), **kw)
+    return [y.astype(eqn.outvars[0].aval.dtype)]
 
 
 def qat(model, rules: Sequence[Rule], **kw) -> QAT:

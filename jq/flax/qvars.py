@@ -30,6 +30,8 @@ __all__ = [
     "QuantizedVariables",
     "SitePlan",
     "observed_range",
+    "inverse_perm",
+    "permute_qarray",
     "warn_zero_width",
 ]
 
@@ -88,6 +90,10 @@ class SitePlan:
     mode: str  # static | dynamic | weight_only
     activation: QuantSpec | None  # calibration stripped
     rule_index: int
+    # the site's kernel is stored transposed by this permutation: its free axes, then its
+    # contracting axes ((K, N) -> (N, K)), the operand layout of GPU / TPU integer and fp8
+    # GEMMs (`convert(target=)`); None: as the model stores it
+    weight_perm: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +171,18 @@ class QuantizedVariables:
             f"{b['float']:,} -> {b['quantized']:,} bytes ({b['ratio']:.3f}x); "
             f"model {b['total_before']:,} -> {b['total_after']:,} bytes"
         )
+
+
+def permute_qarray(q: QArray, perm: tuple[int, ...]) -> QArray:
+    """An unpacked `QArray` transposed by `perm`: values, scale and zero point alike."""
+    t = lambda a: None if a is None else jnp.transpose(a, perm)  # noqa: E731
+    shape = tuple(q.shape[p] for p in perm)
+    return QArray(t(q.value), t(q.scale), t(q.zero_point), q.format, shape, None)
+
+
+def inverse_perm(perm: tuple[int, ...]) -> tuple[int, ...]:
+    """The permutation that undoes `perm`."""
+    return tuple(int(i) for i in np.argsort(perm))
 
 
 # ---------------------------------------------------------------------------------------

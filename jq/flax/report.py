@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from jq.flax._graph import Interpreter, bind_eqn, keyed_by_site
 from jq.flax.adapter import ModelAdapter, trace
-from jq.flax.qvars import QuantizedVariables
+from jq.flax.qvars import QuantizedVariables, inverse_perm, permute_qarray
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import choose, scan_lengths, stack_tree
 from jq.flax.stream import check_forwarded
@@ -138,6 +138,8 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
         wq = qvars.variables.get(sp.leaf) if sp.leaf else None
         wsq = None
         if isinstance(wq, QArray):
+            if sp.weight_perm is not None:
+                wq = permute_qarray(wq, inverse_perm(sp.weight_perm))
             wsq = float(_sqnr_db(jnp.asarray(by_path[sp.leaf]), dequantize(wq)))
         keys = [k for k in metrics if k.site == sp.name]
         asq = [float(jnp.mean(states[k]["sqnr"])) for k in keys]

@@ -34,6 +34,7 @@ __all__ = [
     "activation_spec",
     "check_weight_fit",
     "choose",
+    "direct_weight_sites",
     "dot_geometry",
     "leaf_specs",
     "scan_lengths",
@@ -200,6 +201,31 @@ def leaf_specs(chosen: dict[str, Choice]) -> dict[int, tuple[QuantSpec, Choice]]
                 f"with different weight specs ({prev[0]} vs {spec})"
             )
         out.setdefault(s.leaf.index, (spec, c))
+    return out
+
+
+def direct_weight_sites(finder, chosen: dict[str, Choice], kinds) -> dict[int, str]:
+    """``{leaf index: site name}``: parameters that one chosen site reads directly.
+
+    The site is of one of `kinds`, reads the parameter as its rhs with no
+    layout op in between, outside any scan; no other site reads the parameter
+    and nothing uses it as a float. Such a weight can be stored in another
+    layout (`convert(target=)`) or handed to a real low-precision op
+    (``jq.qat(forward=)``) without affecting anything else.
+    """
+    reads: dict[int, int] = {}
+    for s in finder.sites:
+        if s.leaf is not None:
+            reads[s.leaf.index] = reads.get(s.leaf.index, 0) + 1
+    out = {}
+    for name, c in chosen.items():
+        s = c.site
+        if s.kind not in kinds or s.leaf is None or s.operand != 1:
+            continue
+        if s.chain or s.scans or s.stack:
+            continue
+        if reads[s.leaf.index] == 1 and not finder.float_uses.get(s.leaf.index):
+            out[s.leaf.index] = name
     return out
 
 

@@ -91,9 +91,10 @@ def logical_specs(qvars, variables_or_model) -> dict:
         raise ValueError(
             f"logical_specs: `variables_or_model` has annotated paths that `qvars` lacks: {unknown[:5]}"
         )
+    perms = _weight_perms(qvars)  # kernels stored transposed: their names move too
     out = {}
     for path, v in qvars.variables.items():
-        spec = flat.get(path, PartitionSpec())
+        spec = _stored_spec(flat.get(path, PartitionSpec()), perms.get(path))
         out[path] = _sharding.qarray_specs(v, spec, None) if isinstance(v, QArray) else spec
     return out
 
@@ -243,6 +244,21 @@ def _find_mesh(named: dict) -> Mesh | None:
     return None
 
 
+def _weight_perms(qvars) -> dict[str, tuple[int, ...]]:
+    """``{path: perm}`` of the weights that `jq.convert(target=)` stored transposed."""
+    sites = getattr(getattr(qvars, "plan", None), "sites", ())
+    return {sp.leaf: sp.weight_perm for sp in sites if getattr(sp, "weight_perm", None)}
+
+
+def _stored_spec(spec: PartitionSpec, perm: tuple[int, ...] | None) -> PartitionSpec:
+    """A float weight's spec for its QArray as stored: axis ``i`` of the stored array is
+    axis ``perm[i]`` of the weight (None: as the weight)."""
+    if perm is None:
+        return spec
+    ent = tuple(spec) + (None,) * (len(perm) - len(spec))
+    return PartitionSpec(*(ent[p] for p in perm))
+
+
 def qvars_shardings(qvars, shardings=None, *, mesh: Mesh | None = None):
     """Shardings for every leaf of a `jq.QuantizedVariables`, derived from the float ones.
 
@@ -290,10 +306,13 @@ def qvars_shardings(qvars, shardings=None, *, mesh: Mesh | None = None):
     if mesh is None:
         raise ValueError("qvars_shardings: no mesh; pass mesh= (or NamedShardings in `shardings`)")
     repl = NamedSharding(mesh, PartitionSpec())
+    perms = _weight_perms(qvars)
     out_vars = {}
     for path, v in qvars.variables.items():
         s = named.get(path, repl)
         if isinstance(v, QArray):
+            if path in perms:
+                s = NamedSharding(s.mesh, _stored_spec(s.spec, perms[path]))
             out_vars[path] = _sharding.qarray_shardings(v, s)
         else:
             out_vars[path] = s

@@ -24,7 +24,7 @@ from jax.experimental import checkify
 
 from jq.ops._operands import as_qarray_params, check_operand, finite_rows, operand_qparams
 from jq.qparams import QuantSpec
-from jq.quantize import QArray, dequantize, encode, fake_quant_with_mask
+from jq.quantize import QArray, dequantize, encode, fake_quant_with_mask, nonfinite_mark
 
 
 class Geometry(NamedTuple):
@@ -69,7 +69,13 @@ def float_operands(geometry: Callable[[dict, object, object], Geometry]):
       a run without the bad rows (for a conv, unless the bad example's finite
       pixels set a per-tensor range). The cost is one sum per row
       (`finite_rows`) and one select on the output; a dynamic range reduces
-      within rows first, then across them.
+      within rows first, then across them. A static operand whose grid leaves
+      a code free (`jq.quantize.nonfinite_mark`: int8 on the narrow grid) maps
+      NaN / inf to that code and finds its bad rows from the int8 codes
+      instead, and a static fp8 operand maps them to NaN, which the fp8 dot
+      carries itself: then no float32 copy of the activation is read twice,
+      so XLA fuses the previous layer's rescale, bias, activation function
+      and this requantization into one pass from int32 to int8.
 
     The wrapped op gains a keyword ``check_finite=False``. With True, a NaN or
     inf in a float operand (quantized here, or the activation of a weight-only
@@ -125,13 +131,19 @@ def _check_weight_only_input(fn_name: str, a: dict):
 def _run_float_operands(fn, geometry, a: dict, sides: tuple[str, ...], check: bool) -> jax.Array:
     vals = {"lhs": check_operand(a["lhs"], "lhs"), "rhs": check_operand(a["rhs"], "rhs")}
     geo = geometry(a, vals["lhs"], vals["rhs"])
-    specs, qps, ok = {}, {"lhs": None, "rhs": None}, {}
+    specs, qps, ok, marks = {}, {"lhs": None, "rhs": None}, {}, {}
     for s in sides:
         specs[s] = a[f"{s}_spec"]
-        ok[s] = finite_rows(jax.lax.stop_gradient(vals[s]), geo.rows[s])
+        static = a.get(f"{s}_qparams") is not None
+        marks[s] = nonfinite_mark(specs[s]) if static else None
+        if marks[s] is None:
+            ok[s] = finite_rows(jax.lax.stop_gradient(vals[s]), geo.rows[s])
         qps[s] = operand_qparams(
-            vals[s], specs[s], a.get(f"{s}_qparams"), geo.contract[s], s, geo.rows[s], ok[s]
+            vals[s], specs[s], a.get(f"{s}_qparams"), geo.contract[s], s, geo.rows[s], ok.get(s)
         )
+        if marks[s] is not None and not np.isnan(marks[s]):  # the codes show the bad rows
+            codes = encode(jax.lax.stop_gradient(vals[s]), qps[s], specs[s], marks[s]).value
+            ok[s] = jnp.min(codes, axis=tuple(geo.rows[s]), keepdims=True) > marks[s]
         if check:
             _check_finite(vals[s], f"jq.ops.{fn.__name__} `{s}` quantized with `{s}_spec`")
     rest = {k: v for k, v in a.items() if k not in ("lhs", "rhs")}
@@ -141,7 +153,7 @@ def _run_float_operands(fn, geometry, a: dict, sides: tuple[str, ...], check: bo
             rest[f"{s}_qparams"] = None
 
     def quantized(s, x, qp):
-        return as_qarray_params(encode(x, qp, specs[s])) if s in specs else x
+        return as_qarray_params(encode(x, qp, specs[s], marks[s])) if s in specs else x
 
     def impl(lhs, rhs, lqp, rqp):
         return fn(quantized("lhs", lhs, lqp), quantized("rhs", rhs, rqp), **rest)
@@ -186,7 +198,7 @@ def _run_float_operands(fn, geometry, a: dict, sides: tuple[str, ...], check: bo
 
     out = run(vals["lhs"], vals["rhs"], qps["lhs"], qps["rhs"])
     bad = None
-    for s in sides:
+    for s in ok:
         b = geo.reach(s, ok[s])
         bad = b if bad is None else bad | b
-    return jnp.where(bad, jnp.asarray(jnp.nan, out.dtype), out)
+    return out if bad is None else jnp.where(bad, jnp.asarray(jnp.nan, out.dtype), out)

@@ -2,8 +2,8 @@
 
 ``y = op(fq(lhs), fq(rhs))`` with ``fq = jq.fake_quant``; the gradients pass
 straight through inside the quantizer's range and are zero where it clips.
-With ``int_forward=True`` the forward pass is the real integer op instead, and
-the backward pass is still the fake-quant VJP.
+With ``int_forward=True`` the forward pass is the real integer (or fp8) op
+instead, and the backward pass is still the fake-quant VJP.
 """
 
 from __future__ import annotations
@@ -45,8 +45,11 @@ def _qat(float_op, int_op, lhs, rhs, lhs_spec, lhs_qparams, rhs_spec, rhs_qparam
 
     if not int_forward:
         return fq_op(lhs, rhs, lhs_qparams, rhs_qparams)
-    if rhs_spec is None or not rhs_spec.fmt.is_integer:
-        raise ValueError("int_forward=True needs an integer rhs_spec (the weight format)")
+    if rhs_spec is None or not (rhs_spec.fmt.is_integer or rhs_spec.fmt.name.startswith("float8")):
+        raise ValueError(
+            "int_forward=True needs an integer or fp8 rhs_spec (the weight format), got "
+            f"{None if rhs_spec is None else rhs_spec.format!r}"
+        )
     out_dtype = jax.eval_shape(fq_op, lhs, rhs, lhs_qparams, rhs_qparams).dtype
 
     @jax.custom_vjp
@@ -93,8 +96,9 @@ def qat_dot_general(
 
         dL/dlhs = mask_l * (g . fq(rhs)^T),   dL/drhs = mask_r * (fq(lhs)^T . g)
 
-    With ``int_forward=True`` the forward pass is the real integer op
-    (`dot_general` on the quantized operands, int32 accumulation) and the
+    With ``int_forward=True`` the forward pass is the real low-precision op
+    (`dot_general` on the quantized operands: int8 with int32 accumulation, or
+    fp8 with float32 accumulation when ``rhs_spec`` is an fp8 format) and the
     backward pass is the VJP above, computed from the float inputs kept as
     residuals. Both forwards agree up to float32 rounding. The QParams receive
     zero gradients (use `jq.lsq_fake_quant` to learn scales).
@@ -106,7 +110,7 @@ def qat_dot_general(
       lhs_spec, lhs_qparams: activation spec and optional static parameters;
         no spec leaves the lhs in float.
       rhs_spec, rhs_qparams: weight spec and optional parameters.
-      int_forward: run the integer op in the forward pass.
+      int_forward: run the integer (or fp8) op in the forward pass.
 
     Returns:
       ``jax.lax.dot_general``'s layout.
