@@ -18,6 +18,10 @@ from jq import (
     ops,
     sharding,
 )
+from jq.awq_core import (
+    awq_clip,
+    awq_search,
+)
 from jq.checks import (
     value_checks,
 )
@@ -34,6 +38,7 @@ from jq.flax import (
     SensitivityResult,
     apply,
     auto_quantize,
+    awq,
     calibrate,
     cast,
     convert,
@@ -80,6 +85,9 @@ __version__ = "0.1.0"
 __all__ = [
     "apply",
     "auto_quantize",
+    "awq",
+    "awq_clip",
+    "awq_search",
     "AutoQuantResult",
     "calibrate",
     "calibration",

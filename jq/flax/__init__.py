@@ -2,7 +2,7 @@
 
 One module per verb: `calibrate`, `convert`, `apply`, `qat`, `report` (with
 `sites`), `export`, `checkpoint`, `cast` (its policy in `cast_policy`),
-`sensitivity`, `auto_quantize`, `gptq` and `smoothquant`. The data types live
+`sensitivity`, `auto_quantize`, `gptq`, `smoothquant` and `awq`. The data types live
 in `qvars`, and the engine the verbs share in `adapter` (linen / nnx as one
 function, traced), `_graph` (sites, the interpreter and its `StateKey`
 state), `select` (rule matching, specs) and `stream` (batches, observers).
@@ -13,6 +13,7 @@ from jq.flax.auto_quantize import (
     AutoQuantResult,
     auto_quantize,
 )
+from jq.flax.awq import awq
 from jq.flax.calibrate import calibrate
 from jq.flax.cast import (
     CastModel,
@@ -59,6 +60,7 @@ __all__ = [
     "SitePlan",
     "apply",
     "auto_quantize",
+    "awq",
     "calibrate",
     "cast",
     "convert",
