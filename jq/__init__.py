@@ -45,11 +45,15 @@ from jq.flax import (
     export,
     format_table,
     gptq,
+    kv_cache,
+    kv_cache_bytes,
+    kv_cache_rule,
     qat,
     report,
     sensitivity,
     sites,
     smoothquant,
+    with_cache,
 )
 from jq.gptq_core import (
     gptq_quantize,
@@ -109,6 +113,9 @@ __all__ = [
     "gptq",
     "gptq_quantize",
     "hlo",
+    "kv_cache",
+    "kv_cache_bytes",
+    "kv_cache_rule",
     "load_exported",
     "lowering",
     "lsq_fake_quant",
@@ -134,4 +141,5 @@ __all__ = [
     "smoothquant",
     "unpack_int4",
     "value_checks",
+    "with_cache",
 ]

@@ -22,6 +22,12 @@ from jq.flax.cast import (
 from jq.flax.convert import convert
 from jq.flax.export import export
 from jq.flax.gptq import gptq
+from jq.flax.kv_cache import (
+    kv_cache,
+    kv_cache_bytes,
+    kv_cache_rule,
+    with_cache,
+)
 from jq.flax.qat import (
     QAT,
     QatVariables,
@@ -67,9 +73,13 @@ __all__ = [
     "export",
     "format_table",
     "gptq",
+    "kv_cache",
+    "kv_cache_bytes",
+    "kv_cache_rule",
     "qat",
     "report",
     "sensitivity",
     "sites",
     "smoothquant",
+    "with_cache",
 ]

@@ -30,6 +30,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 
 from jq.flax.dataflow import JaxprView, inner_jaxpr, scan_counts
+from jq.kv_quant import update_slice
 from jq.quantize import QArray, dequantize
 
 # primitives that only change a parameter's layout or dtype on its way to a dot
@@ -400,6 +401,9 @@ class Interpreter:
         if prim == "scan" and (has_q or self._has_selected(eqn.params["jaxpr"].jaxpr)):
             return self._scan(eqn, invals, states)
         if has_q:
+            if prim == "dynamic_update_slice" and isinstance(invals[0], QArray):
+                # a quantized KV cache (jq.kv_cache): the written slice is quantized in place
+                return [update_slice(invals[0], materialize(invals[1]), invals[2:])]
             if prim in _LAYOUT_OPS and len(invals) == 1:
                 r = qarray_layout_op(prim, invals[0], eqn)
                 if r is not None:

@@ -362,8 +362,13 @@ def _nnx_result(t, adapter: ModelAdapter, qvars: QuantizedVariables, out, mutabl
             )
         return out
     old = qvars.variables
+    # a quantized KV cache (jq.kv_cache) comes back as the QArray the step wrote
     new = {
-        li.path: (old[li.path] if li.is_param or isinstance(old[li.path], QArray) else v)
+        li.path: (
+            old[li.path]
+            if li.is_param or (isinstance(old[li.path], QArray) and not isinstance(v, QArray))
+            else v
+        )
         for li, v in zip(adapter.leaves, new_leaves)
     }
     return out, dataclasses.replace(qvars, variables=new)
