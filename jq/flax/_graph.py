@@ -299,7 +299,7 @@ def qarray_layout_op(prim: str, q: QArray, eqn) -> QArray | None:
 def bind_eqn(eqn, invals, **overrides) -> list:
     """Binds `eqn`'s primitive on `invals` (QArrays dequantized), as `jax.core.eval_jaxpr` does."""
     invals = [
-        materialize(v).astype(iv.aval.dtype) if isinstance(v, QArray) else v
+        dequantize(v, jnp.float32).astype(iv.aval.dtype) if isinstance(v, QArray) else v
         for v, iv in zip(invals, eqn.invars)
     ]
     params = dict(eqn.primitive.get_bind_params(eqn.params))

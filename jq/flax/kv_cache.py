@@ -108,7 +108,7 @@ def kv_cache(model, qvars: QuantizedVariables, rules: Sequence[Rule]) -> Quantiz
             continue
         spec = check_kv_spec(rules[i].activation, fn)
         if isinstance(v, QArray):
-            v = dequantize(v)
+            v = dequantize(v, np.float32)
         new[path] = (
             empty_kv_cache(tuple(np.shape(v)), spec)
             if not np.any(np.asarray(v))
@@ -125,20 +125,32 @@ def kv_cache(model, qvars: QuantizedVariables, rules: Sequence[Rule]) -> Quantiz
 
 
 def with_cache(qvars: QuantizedVariables, updates: Mapping) -> QuantizedVariables:
-    """`qvars` with the variables a linen ``mutable=["cache"]`` call returned (nested dicts).
+    """`qvars` with the variables of a linen ``mutable=["cache"]`` call (nested dicts) put in.
 
-    Quantized caches come back as `QArray` leaves and are stored as they are.
+    Quantized caches come back from `jq.apply` as `QArray` leaves and are stored
+    as they are. A ``cache`` leaf that `qvars` lacks is added (with its shape in
+    the signature): weights quantized on the full-sequence model (`jq.convert`,
+    `jq.gptq`, `jq.awq`) take the decode model's fresh cache this way, e.g.
+    ``jq.with_cache(qvars, {"cache": decode_model.init(key, x)["cache"]})``.
+
+    Raises:
+      ValueError: a leaf outside the ``cache`` collection that `qvars` does not hold.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(
         dict(updates), is_leaf=lambda x: isinstance(x, QArray)
     )
     new = dict(qvars.variables)
+    sig = dict(qvars.plan.signature)
     for path, leaf in flat:
         key = "/".join(str(getattr(k, "key", k)) for k in path)
-        if key not in new:
-            raise ValueError(f"jq.with_cache: {key!r} is not a variable of qvars")
+        if key not in new and not key.startswith("cache/"):
+            raise ValueError(f"jq.with_cache: {key!r} is not a variable of qvars nor a cache leaf")
         new[key] = leaf
-    return dataclasses.replace(qvars, variables=new)
+        sig[key] = tuple(np.shape(leaf) if not isinstance(leaf, QArray) else leaf.shape)
+    plan = qvars.plan
+    if tuple(sig.items()) != tuple(plan.signature):
+        plan = dataclasses.replace(plan, signature=tuple(sig.items()))
+    return dataclasses.replace(qvars, variables=new, plan=plan)
 
 
 def kv_cache_bytes(qvars: QuantizedVariables) -> int:

@@ -47,10 +47,18 @@ def _decode(model, qv, xs):
     return np.concatenate(outs, axis=1), qv
 
 
+def _np_bf16_up(s):
+    """The smallest bfloat16 >= each float32 in `s` (the stored scale), as float64."""
+    s = np.asarray(s, np.float32)
+    b = s.astype(ml_dtypes.bfloat16)
+    up = (b.view(np.uint16) + np.uint16(1)).view(ml_dtypes.bfloat16)
+    return np.where(b.astype(np.float32) < s, up, b).astype(np.float64)
+
+
 def _np_quant_int8(c):
-    """Per-vector symmetric int8 round trip along the last axis, float64."""
+    """Per-vector symmetric int8 round trip along the last axis, bfloat16 scales rounded up."""
     amax = np.abs(c).max(-1, keepdims=True)
-    s = np.where(amax > 0, amax / 127.0, 1.0)
+    s = _np_bf16_up(np.where(amax > 0, amax / 127.0, 1.0))
     return np.clip(np.round(c / s), -127, 127) * s
 
 
@@ -76,10 +84,10 @@ def test_int8_cache_dtypes_bytes_and_decode_against_numpy():
     ck = qv8.variables["cache/MultiHeadDotProductAttention_0/cached_key"]
     assert isinstance(ck, jq.QArray) and ck.value.dtype == jnp.int8
     assert ck.value.shape == (B, L, H, D) and ck.scale.shape == (B, L, H, 1)
-    assert ck.scale.dtype == jnp.float32
+    assert ck.scale.dtype == jnp.bfloat16
     f32 = 2 * B * L * H * D * 4
     assert jq.kv_cache_bytes(qv) == f32
-    assert jq.kv_cache_bytes(qv8) == 2 * (B * L * H * D + B * L * H * 4)  # (D + 4) / 4D of float32
+    assert jq.kv_cache_bytes(qv8) == 2 * (B * L * H * D + B * L * H * 2)  # (D + 2) / 4D of float32
 
     out8, after = _decode(model, qv8, xs)
     outf, _ = _decode(model, qv, xs)
@@ -154,7 +162,7 @@ def test_update_slice_writes_only_the_new_vectors():
     np.testing.assert_array_equal(v1[:, keep], v0[:, keep])
     np.testing.assert_array_equal(np.asarray(upd.scale)[:, keep], np.asarray(q.scale)[:, keep])
     np.testing.assert_allclose(
-        np.asarray(jq.dequantize(upd))[:, 2],
+        np.asarray(jq.dequantize(upd, jnp.float32))[:, 2],
         _np_quant_int8(np.asarray(new, np.float64))[:, 0],
         rtol=1e-6,
         atol=1e-6,
