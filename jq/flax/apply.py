@@ -22,7 +22,7 @@ from jq.flax.adapter import ModelAdapter, fmt_paths, leaf_aval, model_kind, stat
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule, check_rules
 from jq.qparams import QuantSpec
-from jq.quantize import QArray
+from jq.quantize import QArray, dequantize
 
 __all__ = [
     "apply",
@@ -176,6 +176,13 @@ def run_dot_like(
     if not jnp.issubdtype(pet, jnp.floating):
         pet = out_aval.dtype
     vals = list(invals[:2])
+    if (
+        site.kind == "act_dot"
+    ):  # a quantized KV cache (jq.kv_cache): quantized again by the dot's spec
+        vals = [
+            dequantize(v, jnp.float32).astype(iv.aval.dtype) if isinstance(v, QArray) else v
+            for v, iv in zip(vals, eqn.invars)
+        ]
     if smooth is not None:
         op = site.act_operands[0]
         vals[op] = vals[op] * (1.0 / smooth).astype(vals[op].dtype)

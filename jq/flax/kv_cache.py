@@ -9,9 +9,12 @@ int8 / int4 / fp8 codes, one float32 scale per token and head). `jq.apply`
 then runs the model unchanged: the traced decode step writes the new token
 with ``lax.dynamic_update_slice``, and the interpreter turns that write into a
 quantized write (`jq.kv_quant.update_slice`: only the new vectors are
-quantized); the attention reads the cache dequantized (int8 -> float32 times
-its scale, fused by XLA into the read), or through the integer dots when a
-rule also selects the attention's ``"act_dot"`` sites.
+quantized); the attention reads the cache dequantized (codes times scales,
+an elementwise product XLA fuses into the read). When a rule also selects the
+attention's ``"act_dot"`` sites, the dequantized cache is quantized again by
+that rule's spec for the integer ``q k^T`` and ``p v`` dots: the stored codes
+are not fed to the dots as they are, since ``p v`` contracts over tokens, the
+axis that carries the cache's scales.
 
 Why the interpreter and not an interceptor or a method override: the cache
 writes happen inside ``MultiHeadDotProductAttention.__call__`` (linen) and

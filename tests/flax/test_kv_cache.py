@@ -127,6 +127,16 @@ def test_int8_weights_and_int8_cache_together():
     assert np.abs(out - ref).max() < 3e-2 * np.abs(ref).max()
 
 
+def test_int8_cache_with_integer_attention_dots():
+    """act_dot rules (dynamic int8 q k^T and p v) read the quantized cache too."""
+    act = jq.Rule(".*", ops=("act_dot",), weight=None, activation=jq.QuantSpec("int8"))
+    model, variables, xs, qv, qv8 = _linen_setup("int8", (act,))
+    assert {s.kind for s in qv8.plan.sites} == {"act_dot"}
+    out, _ = _decode(model, qv8, xs)
+    ref = _np_decode(variables["params"]["MultiHeadDotProductAttention_0"], xs, lambda c: c)
+    assert 0 < np.abs(out - ref).max() < 3e-2 * np.abs(ref).max()
+
+
 def test_nnx_multihead_attention_cache():
     att = nnx.MultiHeadAttention(
         num_heads=H, in_features=F, qkv_features=F, decode=True, rngs=nnx.Rngs(0)
