@@ -68,41 +68,18 @@ WEIGHTS = ("float32", "int8 W8A8", "int4 RTN", "int4 AWQ", "int4 GPTQ", "int4 AW
 
 
 @dataclasses.dataclass
-class Config:
-    quick: bool = False
-    width: int = 128
+class Config(charlm.Config):
+    """charlm's configuration (its training fields are used as they are), smaller by default."""
+
     layers: int = 2
-    heads: int = 4
-    ctx: int = 64
-    batch: int = 32
     steps: int = 800
-    lr: float = 2e-3
-    warmup: int = 100
-    calib_batches: int = 8
-    calib_batch: int = 16
     group: int = 128
     eval_windows: int | None = 512  # held-out windows scored (None: all)
     eval_batch: int = 64
     gen_batches: tuple[int, ...] = (1, 16)
     weights: tuple[str, ...] = WEIGHTS  # weight rows (float32 always runs)
     caches: tuple[str, ...] = ("float32", "int8", "e4m3")  # e4m3 only with float32 / int8 weights
-    repeats: int = 5
-    seed: int = 0
-    out_dir: str = RESULTS_DIR
     name: str = "charlm_decode"
-
-    def charlm_config(self) -> charlm.Config:
-        return charlm.Config(
-            width=self.width,
-            layers=self.layers,
-            heads=self.heads,
-            ctx=self.ctx,
-            batch=self.batch,
-            steps=self.steps,
-            lr=self.lr,
-            warmup=self.warmup,
-            seed=self.seed,
-        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,7 +210,6 @@ def generator(step, ctx):
 def run(cfg: Config) -> dict:
     t_start = time.perf_counter()
     train_ids, test_ids, vocab, info = charlm.load_corpus()
-    ccfg = cfg.charlm_config()
     model = charlm.CharLM(
         vocab=len(vocab), width=cfg.width, layers=cfg.layers, heads=cfg.heads, ctx=cfg.ctx
     )
@@ -241,7 +217,7 @@ def run(cfg: Config) -> dict:
     cache_file = os.path.join(
         "/tmp", f"jq_charlm_decode_w{cfg.width}_l{cfg.layers}_s{cfg.steps}_c{cfg.ctx}.npz"
     )
-    variables = bench_gptq.load_or_train(model, train_ids, ccfg, cache_file)
+    variables = bench_gptq.load_or_train(model, train_ids, cfg, cache_file)
     params = variables["params"]
     rng = np.random.default_rng(cfg.seed + 2)
     calib = []
@@ -374,7 +350,7 @@ def target_checks(rows, cfg):
 
 
 def render_markdown(result) -> str:
-    cfg, mi, _c = result["config"], result["machine"], result["corpus"]
+    cfg, mi = result["config"], result["machine"]
     cols = [
         ("method", "weights / KV cache", None),
         ("bpc", "teacher-forced bpc", ".4f"),

@@ -17,6 +17,7 @@ References:
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
@@ -164,10 +165,7 @@ def awq(
     rules, kwargs, batches, adapter, args, t, chosen = prepare(
         model, variables, batches, rules, method, model_kwargs, "awq"
     )
-    uses: dict[int, int] = {}
-    for s in t.finder.sites:
-        if s.leaf is not None:
-            uses[s.leaf.index] = uses.get(s.leaf.index, 0) + 1
+    uses = Counter(s.leaf.index for s in t.finder.sites if s.leaf is not None)
     targets: dict[str, _Target] = {}
     for name, c in chosen.items():
         s = c.site
