@@ -178,3 +178,45 @@ def test_awq_rejects_float_weights_and_static_rules():
     )
     with pytest.raises(ValueError, match="jq.awq: .*statically"):
         jq.awq(model, variables, [static], batches)
+
+
+def test_awq_on_nnx_with_outlier_inputs_runtime_scales():
+    """nnx, no norm to fold into: both sites keep run-time factors, and AWQ beats RTN."""
+    from flax import nnx
+    from models import NnxMLP
+
+    model = NnxMLP(nnx.Rngs(0), din=16, hidden=32, out=8)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    x[:, [2, 9]] *= 40.0  # planted outlier input channels
+    x = jnp.asarray(x)
+    rules = [jq.Rule(".*", ops=("dot",), weight=INT4)]
+    ref = np.asarray(model(x), np.float64)
+    rtn = jq.convert(model, None, rules, args=(x,))
+    aw = jq.awq(model, None, rules, [x[:32], x[32:]], progress=False)
+    assert set(aw.smooth) == {"l1/kernel", "l2/kernel"}
+    err = lambda q: float(np.mean((np.asarray(jq.apply(model, q, x), np.float64) - ref) ** 2))
+    assert err(aw) < 0.5 * err(rtn)
+
+
+def test_core_rejects_bad_input():
+    g, w = np.eye(4), np.ones((4, 3))
+    with pytest.raises(ValueError, match="jq.awq_search: need one quantizer per weight"):
+        jq.awq_search(g, np.ones(4), [w], [])
+    with pytest.raises(ValueError, match=r"jq.awq_search: weights\[0\] must be \(K=4, N\)"):
+        jq.awq_search(g, np.ones(4), [np.ones((5, 3))], [_core_quantizer])
+    with pytest.raises(ValueError, match="jq.awq_search: gram must be"):
+        jq.awq_search(np.eye(3), np.ones(4), [w], [_core_quantizer])
+    with pytest.raises(ValueError, match="jq.awq_clip: group=3 does not divide"):
+        jq.awq_clip(g, w, _core_quantizer, 3)
+
+
+def test_scales_are_normalised_and_alpha_zero_is_identity():
+    m = np.array([0.5, 2.0, 8.0, 0.0])
+    s = np.asarray(jq.awq_core.awq_scales(m, 0.5))
+    np.testing.assert_allclose(s[:3] / np.sqrt(s[:3].max() * s[:3].min()), s[:3], rtol=1e-6)
+    np.testing.assert_allclose(
+        s[:3], np.sqrt(m[:3]) / np.sqrt(np.sqrt(0.5) * np.sqrt(8.0)), rtol=1e-6
+    )
+    assert s[3] == 1.0
+    np.testing.assert_array_equal(np.asarray(jq.awq_core.awq_scales(m, 0.0)), np.ones(4))
