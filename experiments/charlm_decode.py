@@ -333,7 +333,9 @@ def target_checks(rows, cfg):
         },
     ]
     worst = max(
-        100.0 * (get(w, "int8")["bpc"] / get(w)["bpc"] - 1.0) for w in {r["weights"] for r in rows}
+        100.0 * (get(w, "int8")["bpc"] / get(w)["bpc"] - 1.0)
+        for w in weights
+        if f"{w} / int8 cache" in rs
     )
     out.append(
         {
