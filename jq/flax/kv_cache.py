@@ -41,11 +41,12 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule, check_rules, match_rule
-from jq.kv_quant import cache_nbytes, check_kv_spec, empty_kv_cache, quantize_kv
+from jq.kv_quant import cache_nbytes, check_kv_spec, quantize_kv
 from jq.qparams import QuantSpec
 from jq.quantize import QArray, dequantize
 
@@ -112,11 +113,7 @@ def kv_cache(model, qvars: QuantizedVariables, rules: Sequence[Rule]) -> Quantiz
         spec = check_kv_spec(rules[i].activation, fn)
         if isinstance(v, QArray):
             v = dequantize(v, np.float32)
-        new[path] = (
-            empty_kv_cache(tuple(np.shape(v)), spec)
-            if not np.any(np.asarray(v))
-            else quantize_kv(v, spec)
-        )
+        new[path] = quantize_kv(jnp.asarray(v, jnp.float32), spec)  # zeros: unit scales
         selected.append(path)
     if not selected:
         raise ValueError(
