@@ -445,9 +445,9 @@ def parse_args(argv=None) -> Config:
     a = p.parse_args(argv)
     cfg = Config(quick=a.quick, out_dir=a.out)
     if a.quick:
-        cfg.width, cfg.layers, cfg.heads, cfg.ctx, cfg.steps = 32, 1, 2, 24, 30
-        cfg.calib_batches, cfg.calib_batch, cfg.eval_windows, cfg.eval_batch = 2, 8, 16, 8
-        cfg.repeats, cfg.gen_batches, cfg.min_seconds = 3, (1, 4), 2e-3
+        cfg.width, cfg.layers, cfg.heads, cfg.ctx, cfg.steps = 32, 1, 2, 24, 10
+        cfg.calib_batches, cfg.calib_batch, cfg.eval_windows, cfg.eval_batch = 2, 8, 8, 8
+        cfg.repeats, cfg.gen_batches, cfg.min_seconds = 3, (1,), 2e-3
     for k in ("width", "layers", "heads", "steps", "repeats", "eval_windows", "group", "seed"):
         v = getattr(a, k)
         if v is not None:

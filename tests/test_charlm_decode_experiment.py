@@ -15,9 +15,8 @@ import charlm_decode  # noqa: E402
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("decode")
-    cfg = charlm_decode.parse_args(
-        ["--quick", "--weights", "int4 AWQ", "--caches", "int8", "--out", str(out)]
-    )
+    cfg = charlm_decode.parse_args(["--quick", "--caches", "int8", "--out", str(out)])
+    cfg.weights = ("float32", "int8 W8A8")  # the other rows' verbs have their own tests
     return charlm_decode.run(cfg), cfg
 
 
@@ -27,8 +26,8 @@ def test_rows_and_files(result):
     assert names == [
         "float32 / float32 cache",
         "float32 / int8 cache",
-        "int4 AWQ / float32 cache",
-        "int4 AWQ / int8 cache",
+        "int8 W8A8 / float32 cache",
+        "int8 W8A8 / int8 cache",
     ]
     with open(res["files"][0]) as f:
         assert json.load(f)["rows"][0]["method"] == names[0]
@@ -46,13 +45,13 @@ def test_int8_cache_bytes_and_bpc(result):
     res, cfg = result
     rows = {r["method"]: r for r in res["rows"]}
     d = cfg.width // cfg.heads
-    for w in ("float32", "int4 AWQ"):
+    for w in ("float32", "int8 W8A8"):
         r8, rf = rows[f"{w} / int8 cache"], rows[f"{w} / float32 cache"]
         # per token: layers x (keys, values) x heads x (head_dim codes + one bf16 scale)
         assert r8["cache_bytes_per_token"] == cfg.layers * 2 * cfg.heads * (d + 2)
         assert rf["cache_bytes_per_token"] == cfg.layers * 2 * cfg.heads * d * 4
         assert abs(r8["bpc"] / rf["bpc"] - 1) < 0.01
-        assert r8["tok_s_b1"] > 0 and r8["tok_s_b4"] > 0
+        assert r8["tok_s_b1"] > 0 and "tok_s_b4" not in r8
 
 
 def test_samples_start_with_the_prompt(result):
