@@ -149,12 +149,13 @@ def load_corpus(files=FILES):
 class Block(nn.Module):
     width: int
     heads: int
+    decode: bool = False  # one token per call, keys and values in the "cache" collection
 
     @nn.compact
     def __call__(self, x, mask):
         h = nn.LayerNorm()(x)
         x = x + nn.MultiHeadDotProductAttention(
-            num_heads=self.heads, qkv_features=self.width, deterministic=True
+            num_heads=self.heads, qkv_features=self.width, deterministic=True, decode=self.decode
         )(h, mask=mask)
         h = nn.LayerNorm()(x)
         return x + nn.Dense(self.width)(nn.gelu(nn.Dense(4 * self.width)(h)))
@@ -168,15 +169,17 @@ class CharLM(nn.Module):
     layers: int = 4
     heads: int = 4
     ctx: int = 64
+    decode: bool = False  # autoregressive decoding (experiments/charlm_decode.py); same parameters
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, positions=None):
         t = tokens.shape[1]
         x = nn.Embed(self.vocab, self.width)(tokens)
-        x = x + nn.Embed(self.ctx, self.width)(jnp.arange(t))[None]
-        mask = nn.make_causal_mask(tokens)
+        pos = jnp.arange(t)[None] if positions is None else positions
+        x = x + nn.Embed(self.ctx, self.width)(pos)
+        mask = None if self.decode else nn.make_causal_mask(tokens)
         for _ in range(self.layers):
-            x = Block(self.width, self.heads)(x, mask)
+            x = Block(self.width, self.heads, self.decode)(x, mask)
         return nn.Dense(self.vocab)(nn.LayerNorm()(x))
 
 

@@ -19,6 +19,10 @@ from jq import (
     presets,
     sharding,
 )
+from jq.awq_core import (
+    awq_clip,
+    awq_search,
+)
 from jq.checks import (
     value_checks,
 )
@@ -30,18 +34,23 @@ from jq.flax import (
     AutoQuantResult,
     CalibrationStats,
     CastModel,
+    QatVariables,
     QuantizedModel,
     QuantizedVariables,
     Rule,
     SensitivityResult,
     apply,
     auto_quantize,
+    awq,
     calibrate,
     cast,
     convert,
     export,
     format_table,
     gptq,
+    kv_cache,
+    kv_cache_bytes,
+    kv_cache_rule,
     load_model,
     qat,
     quantize_model,
@@ -49,6 +58,7 @@ from jq.flax import (
     sensitivity,
     sites,
     smoothquant,
+    with_cache,
 )
 from jq.gptq_core import (
     gptq_quantize,
@@ -84,6 +94,9 @@ __version__ = "0.1.0"
 __all__ = [
     "apply",
     "auto_quantize",
+    "awq",
+    "awq_clip",
+    "awq_search",
     "AutoQuantResult",
     "calibrate",
     "calibration",
@@ -105,6 +118,9 @@ __all__ = [
     "gptq",
     "gptq_quantize",
     "hlo",
+    "kv_cache",
+    "kv_cache_bytes",
+    "kv_cache_rule",
     "load_exported",
     "load_model",
     "lowering",
@@ -116,6 +132,7 @@ __all__ = [
     "QArray",
     "QAT",
     "qat",
+    "QatVariables",
     "QParams",
     "qparams_from_array",
     "qparams_from_range",
@@ -134,4 +151,5 @@ __all__ = [
     "smoothquant",
     "unpack_int4",
     "value_checks",
+    "with_cache",
 ]

@@ -149,6 +149,9 @@ def main():
         "were measured before folding existed, with the runtime multiply on every site "
         "(`fold=False` reproduces them); `python experiments/bench_gptq.py` reruns them.\n\n"
         + demote(read(R, "gptq.md").split("\n", 1)[1].split("Warm `")[0], 1).strip(),
+        read(D, "llm.md").strip() + "\n\n### Decoding the character-level transformer\n\n"
+        "`python experiments/charlm_decode.py` (training cached in /tmp after the first run).\n\n"
+        + demote(read(R, "charlm_decode.md").split("\n", 1)[1], 2).strip(),
         between(
             read(R, "deploy.md"),
             "---8<--- README section starts here",

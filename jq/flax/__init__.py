@@ -2,8 +2,8 @@
 
 One module per verb: `calibrate`, `convert`, `apply`, `qat`, `report` (with
 `sites`), `export`, `checkpoint`, `model` (`QuantizedModel`, `quantize_model`),
-`cast` (its policy in `cast_policy`),
-`sensitivity`, `auto_quantize`, `gptq` and `smoothquant`. The data types live
+`cast` (its policy in `cast_policy`), `sensitivity`, `auto_quantize`, `gptq`,
+`smoothquant`, `awq` and `kv_cache`. The data types live
 in `qvars`, and the engine the verbs share in `adapter` (linen / nnx as one
 function, traced), `dataflow` (the one view of the traced jaxpr), `_graph`
 (sites, the interpreter and its `StateKey` / `EqnKey` state), `select` (rule
@@ -15,6 +15,7 @@ from jq.flax.auto_quantize import (
     AutoQuantResult,
     auto_quantize,
 )
+from jq.flax.awq import awq
 from jq.flax.calibrate import calibrate
 from jq.flax.cast import (
     CastModel,
@@ -23,6 +24,12 @@ from jq.flax.cast import (
 from jq.flax.convert import convert
 from jq.flax.export import export
 from jq.flax.gptq import gptq
+from jq.flax.kv_cache import (
+    kv_cache,
+    kv_cache_bytes,
+    kv_cache_rule,
+    with_cache,
+)
 from jq.flax.model import (
     QuantizedModel,
     load_model,
@@ -67,12 +74,16 @@ __all__ = [
     "SitePlan",
     "apply",
     "auto_quantize",
+    "awq",
     "calibrate",
     "cast",
     "convert",
     "export",
     "format_table",
     "gptq",
+    "kv_cache",
+    "kv_cache_bytes",
+    "kv_cache_rule",
     "load_model",
     "qat",
     "quantize_model",
@@ -80,4 +91,5 @@ __all__ = [
     "sensitivity",
     "sites",
     "smoothquant",
+    "with_cache",
 ]

@@ -30,6 +30,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 
 from jq.flax.dataflow import JaxprView, inner_jaxpr, scan_counts
+from jq.kv_quant import update_slice
 from jq.quantize import QArray, dequantize
 
 # primitives that only change a parameter's layout or dtype on its way to a dot
@@ -298,7 +299,7 @@ def qarray_layout_op(prim: str, q: QArray, eqn) -> QArray | None:
 def bind_eqn(eqn, invals, **overrides) -> list:
     """Binds `eqn`'s primitive on `invals` (QArrays dequantized), as `jax.core.eval_jaxpr` does."""
     invals = [
-        materialize(v).astype(iv.aval.dtype) if isinstance(v, QArray) else v
+        dequantize(v, jnp.float32).astype(iv.aval.dtype) if isinstance(v, QArray) else v
         for v, iv in zip(invals, eqn.invars)
     ]
     params = dict(eqn.primitive.get_bind_params(eqn.params))
@@ -437,6 +438,9 @@ class Interpreter:
                 self.on_scan(eqn, outs, states, path)
             return outs
         if has_q:
+            if prim == "dynamic_update_slice" and isinstance(invals[0], QArray):
+                # a quantized KV cache (jq.kv_cache): the written slice is quantized in place
+                return [update_slice(invals[0], materialize(invals[1]), invals[2:])]
             if prim in _LAYOUT_OPS and len(invals) == 1:
                 r = qarray_layout_op(prim, invals[0], eqn)
                 if r is not None:

@@ -23,7 +23,7 @@ from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule, check_rules
 from jq.flax.stream import check_forwarded
 from jq.qparams import QuantSpec
-from jq.quantize import QArray
+from jq.quantize import QArray, dequantize
 
 __all__ = [
     "apply",
@@ -223,6 +223,13 @@ def run_dot_like(
     if not jnp.issubdtype(pet, jnp.floating):
         pet = out_aval.dtype
     vals = list(invals[:2])
+    if (
+        site.kind == "act_dot"
+    ):  # a quantized KV cache (jq.kv_cache): quantized again by the dot's spec
+        vals = [
+            dequantize(v, jnp.float32).astype(iv.aval.dtype) if isinstance(v, QArray) else v
+            for v, iv in zip(vals, eqn.invars)
+        ]
     if smooth is not None:
         op = site.act_operands[0]
         vals[op] = vals[op] * (1.0 / smooth).astype(vals[op].dtype)
@@ -421,8 +428,13 @@ def _nnx_result(t, adapter: ModelAdapter, qvars: QuantizedVariables, out, mutabl
             )
         return out
     old = qvars.variables
+    # a quantized KV cache (jq.kv_cache) comes back as the QArray the step wrote
     new = {
-        li.path: (old[li.path] if li.is_param or isinstance(old[li.path], QArray) else v)
+        li.path: (
+            old[li.path]
+            if li.is_param or (isinstance(old[li.path], QArray) and not isinstance(v, QArray))
+            else v
+        )
         for li, v in zip(adapter.leaves, new_leaves)
     }
     return out, dataclasses.replace(qvars, variables=new)

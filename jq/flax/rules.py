@@ -18,7 +18,9 @@ __all__ = ["OP_KINDS", "POSITIONS", "Rule", "match_rule"]
 #:  * ``"embed"``: a row gather from a parameter table (Embed); weight-only.
 #:  * ``"act_dot"``: a dot_general between two activations (attention's qk and
 #:    av einsums); both operands use the activation spec.
-OP_KINDS = ("dot", "conv", "embed", "act_dot")
+#:  * ``"kv_cache"``: the ``cached_key`` / ``cached_value`` of an attention module
+#:    in decode mode (`jq.kv_cache`); the activation spec is the cache format.
+OP_KINDS = ("dot", "conv", "embed", "act_dot", "kv_cache")
 
 #: Positions `Rule.skip_positions` can name: the model's first and last dot / conv site.
 POSITIONS = ("first", "last")

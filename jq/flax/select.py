@@ -83,7 +83,7 @@ def choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> di
         used.add(i)
     if warn:
         for i, r in enumerate(rules):
-            if i not in used:
+            if i not in used and set(r.ops) != {"kv_cache"}:  # caches are not sites
                 warnings.warn(
                     f"jq: rules[{i}] (path_regex={r.path_regex!r}, ops={r.ops}) matches no site of the model",
                     stacklevel=3,

@@ -40,7 +40,7 @@ from jq.flax.stream import (
 )
 from jq.smoothing import smoothing_factors
 
-__all__ = ["smoothquant", "smoothing_factors_stacked"]
+__all__ = ["act_smooth", "fold_groups", "smoothquant", "smoothing_factors_stacked"]
 
 
 class _Target(NamedTuple):
@@ -191,7 +191,7 @@ def _weight_rowmax(w, target: _Target) -> jax.Array:
     return jnp.max(jnp.abs(jnp.asarray(w).reshape(k, -1).astype(jnp.float32)), axis=-1)
 
 
-def _fold_groups(t, targets: dict[str, _Target]) -> list[tuple[list[str], int, int | None]]:
+def fold_groups(t, targets: dict[str, _Target]) -> list[tuple[list[str], int, int | None]]:
     """Groups of smoothed sites fed by one LayerNorm-style affine, as ``(sites, scale leaf, bias leaf)``.
 
     A group is folded only when the norm's output goes to those sites alone and its
@@ -246,7 +246,7 @@ def _smooth_shape(
     return tuple(shape), tuple(np.argsort(ac))
 
 
-def _act_smooth(s_flat, x_ndim, ac, kshape):
+def act_smooth(s_flat, x_ndim, ac, kshape):
     """``(K,)`` factors (weight row order) -> keepdims factors for the activation."""
     shape, order = _smooth_shape(x_ndim, ac, kshape)
     return jnp.transpose(s_flat.reshape(kshape), order).reshape(shape)
@@ -372,7 +372,7 @@ def smoothquant(
     amax = {n: out[StateKey(n, "absmax")] for n in targets}
 
     leaves = list(adapter.values)
-    groups = _fold_groups(t, targets) if fold else []
+    groups = fold_groups(t, targets) if fold else []
     group_s = {}  # site name -> the factors shared by its group (folded into the norm)
     for sites, g, b in groups:
         a_max = jnp.max(jnp.stack([amax[n] for n in sites]), axis=0)
@@ -402,7 +402,7 @@ def smoothquant(
         x_ndim = len(site.in_avals[1 - site.operand].shape)
         kshape = per_layer[: len(wc)]
         flat_s = s.reshape((-1, k))
-        per = [_act_smooth(flat_s[i], x_ndim, ac, kshape) for i in range(flat_s.shape[0])]
+        per = [act_smooth(flat_s[i], x_ndim, ac, kshape) for i in range(flat_s.shape[0])]
         smooth[name] = jnp.stack(per).reshape(stack + per[0].shape)
 
     # pass 2: static activation ranges of the smoothed activations
