@@ -342,6 +342,16 @@ def methods() -> list[Method]:
         Method("QAT int8", "qat", _rules(_w("int8"), a8(cal.MinMax())), "qat"),
         Method("QAT int4 weights", "qat", _rules(_w("int4"), a8(cal.MinMax())), "qat"),
     ]
+    e4m3 = "float8_e4m3fn"
+    out += [
+        Method("fp8 e4m3, dynamic", "dynamic", _rules(_w(e4m3), jq.QuantSpec(e4m3)), "fp8"),
+        Method(
+            "fp8 e4m3, static min-max",
+            "static",
+            _rules(_w(e4m3), jq.QuantSpec(e4m3, calibration=cal.MinMax())),
+            "fp8",
+        ),
+    ]
     for fmt in ("float16", "bfloat16"):
         out.append(Method(fmt, "cast", _rules(jq.QuantSpec(fmt), jq.QuantSpec(fmt)), "float"))
     return out
@@ -437,12 +447,17 @@ def target_checks(rows):
     rs = {r["method"]: r for r in rows}
     out = []
     for r in rows:
-        if r["kind"] == "static" and "per-tensor" not in r["method"]:
-            lim = TARGETS["static_int8_pct"]
+        static_int8 = r["method"].startswith("static int8, ") and "per-tensor" not in r["method"]
+        if static_int8 or r["group"] == "fp8":
+            lim = TARGETS["static_int8_pct"]  # the same bound for fp8 e4m3 W8A8
             name = r["method"].replace("static int8, ", "")
             out.append(
                 {
-                    "check": f"static int8 ({name}) bpc <= +{lim}%",
+                    "check": (
+                        f"{name} bpc <= +{lim}%"
+                        if r["group"] == "fp8"
+                        else f"static int8 ({name}) bpc <= +{lim}%"
+                    ),
                     "value": r["bpc_increase_pct"],
                     "met": r["bpc_increase_pct"] <= lim,
                 }

@@ -399,7 +399,7 @@ def render_markdown(result) -> str:
         f"{cfg['calib_batch']} training windows. Cache bytes per token: keys and values of all layers "
         f"(codes + scales). tokens/s: greedy generation of {cfg['ctx']} tokens per call, the fastest of "
         f"{cfg['repeats']} interleaved samples of at least {cfg['min_seconds'] * 1e3:.0f} ms (medians in "
-        "the json), on {mi['cpu']} ({mi['cpu_count']} cores, 1-minute load "
+        f"the json), on {mi['cpu']} ({mi['cpu_count']} cores, 1-minute load "
         f"{mi['load_avg_1m']} at the start; the machine is shared). jax {mi['jax']}, flax {mi['flax']}, "
         f"git {mi['git']}, {mi['date_utc']} UTC.",
         "",

@@ -277,6 +277,17 @@ def methods() -> list[Method]:
             "qat",
         )
     )
+    e4m3 = "float8_e4m3fn"
+    for label, act in (("dynamic", jq.QuantSpec(e4m3)), ("static, min-max", None)):
+        act = act or jq.QuantSpec(e4m3, calibration=cal.MinMax())
+        out.append(
+            Method(
+                f"fp8 e4m3, {label}",
+                "static" if act.is_static else "dynamic",
+                (R(".*", weight=jq.QuantSpec(e4m3, axis=-1), activation=act),),
+                "fp8",
+            )
+        )
     for fmt in ("float16", "bfloat16"):
         out.append(
             Method(
@@ -480,6 +491,18 @@ def target_checks(rows: list[dict]) -> list[dict]:
                         "met": r["drop_points"] <= lim,
                     }
                 )
+        for name in ("fp8 e4m3, dynamic", "fp8 e4m3, static, min-max"):
+            r = rs.get(name)
+            if r is not None:
+                lim = TARGETS["static_int8_per_channel_points"]  # fp8 W8A8: the int8 bound
+                out.append(
+                    {
+                        "model": model,
+                        "check": f"{name} drop <= {lim} point",
+                        "value": r["drop_points"],
+                        "met": r["drop_points"] <= lim,
+                    }
+                )
         r = rs.get("QAT int4 weights")
         if r is not None:
             lim = TARGETS["qat_int4_points"]
@@ -558,8 +581,8 @@ def make_plots(result: dict, out_dir: str, name: str) -> list[str]:
     paths = []
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
-    markers = {"float": "o", "int8": "s", "weight-only": "^", "qat": "D"}
-    colors = {"float": "C0", "int8": "C1", "weight-only": "C2", "qat": "C3"}
+    markers = {"float": "o", "int8": "s", "weight-only": "^", "qat": "D", "fp8": "v"}
+    colors = {"float": "C0", "int8": "C1", "weight-only": "C2", "qat": "C3", "fp8": "C4"}
     for ax, model in zip(axes[0], models):
         rows = [r for r in result["rows"] if r["model"] == model]
         points: dict = {}

@@ -24,6 +24,13 @@ projections of attention are searched together, since they share one ``s``).
 the spec's grid). With the Gram matrix ``G`` the error is exact over every
 calibration token, without keeping the tokens.
 
+With a weight statistic ``w_j`` (`awq_weight_mean`: the mean over output
+columns of ``|W_jc|`` divided by its quantization group's max), the search also
+tries the two-sided family ``s_j = m_j^alpha / w_j^(1 - alpha)`` (normalised the
+same way), as AutoAWQ's ``duo_scaling`` does, and keeps whichever family and
+``alpha`` give the least ``E``. ``alpha = 0`` of the one-sided family is plain
+round-to-nearest, so the result is never worse than RTN on the calibration data.
+
 The clip search then shrinks the range of each quantization group: for every
 ``(group of rows, column)`` block of the scaled weight ``W' = diag(s) W`` it
 tries ``W' clipped to +-r max|W'_block|`` for ``r`` on a grid from 1 down to
@@ -47,7 +54,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["AWQSearch", "awq_clip", "awq_scales", "awq_search", "output_error"]
+__all__ = [
+    "AWQSearch",
+    "awq_clip",
+    "awq_scales",
+    "awq_search",
+    "awq_weight_mean",
+    "output_error",
+]
 
 #: ``quantizer(w) -> dequantized w``, both ``(K, N)`` float32: the weight's round-to-nearest.
 Quantizer = Callable[[jax.Array], jax.Array]
@@ -59,7 +73,9 @@ class AWQSearch(NamedTuple):
     alpha: float  # the best exponent
     scales: jax.Array  # shape=(K,), dtype=float32: s(alpha)
     alphas: np.ndarray  # shape=(n_grid,), the grid
-    errors: np.ndarray  # shape=(n_grid,), E(alpha) for every grid point
+    errors: np.ndarray  # shape=(n_grid,), E(alpha) of s = m^alpha for every grid point
+    duo: bool = False  # the best scales are the two-sided m^alpha / w^(1 - alpha)
+    errors_duo: np.ndarray | None = None  # shape=(n_grid,), E(alpha) of the two-sided family
 
 
 def _check_gram(gram, k: int, fn: str) -> jax.Array:
@@ -69,12 +85,18 @@ def _check_gram(gram, k: int, fn: str) -> jax.Array:
     return g
 
 
-def awq_scales(act_mean: jax.Array, alpha: float) -> jax.Array:
+def awq_scales(
+    act_mean: jax.Array, alpha: float, weight_mean: jax.Array | None = None
+) -> jax.Array:
     """``s_j = m_j^alpha / sqrt(max m^alpha * min m^alpha)``; channels with ``m_j = 0`` get ``s_j = 1``.
+
+    With `weight_mean` (``w_j``), the two-sided ``s_j = m_j^alpha / w_j^(1 - alpha)``,
+    normalised the same way; channels with ``m_j = 0`` or ``w_j = 0`` get ``s_j = 1``.
 
     Args:
       act_mean: ``(K,)`` mean ``|X_j|`` per input channel, >= 0.
-      alpha: the exponent (0 gives ``s = 1``).
+      alpha: the exponent (0 gives ``s = 1`` without `weight_mean`).
+      weight_mean: optional ``(K,)`` weight statistic, >= 0 (`awq_weight_mean`).
 
     Returns:
       float32 ``(K,)`` positive factors whose largest and smallest (over channels
@@ -82,11 +104,42 @@ def awq_scales(act_mean: jax.Array, alpha: float) -> jax.Array:
     """
     m = jnp.asarray(act_mean, jnp.float32)
     ok = m > 0
-    logs = jnp.where(ok, alpha * jnp.log(jnp.where(ok, m, 1.0)), 0.0)
+    logs = alpha * jnp.log(jnp.where(ok, m, 1.0))
+    if weight_mean is not None:
+        wm = jnp.asarray(weight_mean, jnp.float32)
+        ok = ok & (wm > 0)
+        logs = logs - (1.0 - alpha) * jnp.log(jnp.where(wm > 0, wm, 1.0))
+    logs = jnp.where(ok, logs, 0.0)
     hi = jnp.max(jnp.where(ok, logs, -jnp.inf))
     lo = jnp.min(jnp.where(ok, logs, jnp.inf))
     centre = jnp.where(jnp.any(ok), 0.5 * (hi + lo), 0.0)
     return jnp.where(ok, jnp.exp(logs - centre), 1.0)
+
+
+def awq_weight_mean(weights: Sequence[jax.Array], group: int | Sequence[int]) -> jax.Array:
+    """``(K,)`` the weight statistic of the two-sided scales: ``mean_c |W_jc| / max_{j' in g(j)} |W_j'c|``.
+
+    Each ``(K, N_i)`` weight is divided, per column, by the largest magnitude
+    in its quantization group of `group` rows (K: the whole column), and the
+    result is averaged over the columns of all `weights` together.
+
+    Raises:
+      ValueError: a group does not divide K, or the weights disagree on K.
+    """
+    ws = [jnp.abs(jnp.asarray(w, jnp.float32)) for w in weights]
+    groups = [group] * len(ws) if isinstance(group, (int, np.integer)) else list(group)
+    k = ws[0].shape[0]
+    parts = []
+    for w, gsz in zip(ws, groups):
+        if w.ndim != 2 or w.shape[0] != k or k % gsz:
+            raise ValueError(
+                f"jq.awq_weight_mean: every weight must be (K={k}, N) with K divisible by its "
+                f"group, got shape {w.shape} and group {gsz}"
+            )
+        blocks = w.reshape(k // gsz, gsz, -1)
+        amax = jnp.max(blocks, axis=1, keepdims=True)
+        parts.append((blocks / jnp.where(amax > 0, amax, 1.0)).reshape(k, -1))
+    return jnp.mean(jnp.concatenate(parts, axis=1), axis=1)
 
 
 def output_error(gram: jax.Array, w: jax.Array, wq: jax.Array) -> jax.Array:
@@ -102,13 +155,16 @@ def awq_search(
     quantizers: Sequence[Quantizer],
     *,
     n_grid: int = 20,
+    weight_mean: jax.Array | None = None,
 ) -> AWQSearch:
     """Grid search of AWQ's exponent for the weights that read one activation.
 
     Evaluates ``E(alpha)`` (module docstring) at ``alpha = i / n_grid`` for
     ``i = 0 .. n_grid - 1`` (the paper's grid) and returns the minimiser; ties
     go to the smaller ``alpha`` (``alpha = 0`` is plain round-to-nearest, so the
-    result is never worse than RTN on the calibration data).
+    result is never worse than RTN on the calibration data). With
+    `weight_mean`, the two-sided family is searched on the same grid too and
+    the better of the two minimisers is kept (ties: the one-sided).
 
     Args:
       gram: ``(K, K)`` ``X^T X / n`` of the shared activation.
@@ -116,6 +172,7 @@ def awq_search(
       weights: the ``(K, N_i)`` float weights.
       quantizers: one `Quantizer` per weight.
       n_grid: grid points.
+      weight_mean: ``(K,)`` `awq_weight_mean` of `weights`, or None (one-sided only).
 
     Returns:
       `AWQSearch`.
@@ -141,9 +198,15 @@ def awq_search(
         if w.ndim != 2 or w.shape[0] != k:
             raise ValueError(f"{fn}: weights[{i}] must be (K={k}, N), got shape {w.shape}")
 
+    wm = None
+    if weight_mean is not None:
+        wm = jnp.asarray(weight_mean, jnp.float32)
+        if wm.shape != (k,):
+            raise ValueError(f"{fn}: weight_mean must be (K,) = ({k},), got shape {wm.shape}")
+
     @jax.jit
-    def error(alpha):
-        s = awq_scales(m, alpha)
+    def error(alpha, w_mean):
+        s = awq_scales(m, alpha, w_mean)
         total = jnp.zeros((), jnp.float32)
         for w, q in zip(ws, quantizers):
             wq = q(w * s[:, None]) / s[:, None]
@@ -151,9 +214,16 @@ def awq_search(
         return total
 
     alphas = np.arange(n_grid, dtype=np.float64) / n_grid
-    errors = np.array([float(error(jnp.float32(a))) for a in alphas])
+    errors = np.array([float(error(jnp.float32(a), None)) for a in alphas])
     best = int(np.argmin(errors))
-    return AWQSearch(float(alphas[best]), awq_scales(m, float(alphas[best])), alphas, errors)
+    if wm is None:
+        return AWQSearch(float(alphas[best]), awq_scales(m, float(alphas[best])), alphas, errors)
+    errors_duo = np.array([float(error(jnp.float32(a), wm)) for a in alphas])
+    best_duo = int(np.argmin(errors_duo))
+    duo = bool(errors_duo[best_duo] < errors[best])
+    alpha = float(alphas[best_duo if duo else best])
+    scales = awq_scales(m, alpha, wm if duo else None)
+    return AWQSearch(alpha, scales, alphas, errors, duo, errors_duo)
 
 
 def awq_clip(

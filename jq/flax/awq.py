@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq.awq_core import awq_clip, awq_search
+from jq.awq_core import awq_clip, awq_search, awq_weight_mean
 from jq.flax._graph import Site, StateKey
 from jq.flax.convert import convert
 from jq.flax.gptq import gptq
@@ -84,6 +84,7 @@ def awq(
     model_kwargs: dict | None = None,
     method=None,
     n_grid: int = 20,
+    duo: bool = True,
     clip: bool = True,
     clip_grid: int = 20,
     max_shrink: float = 0.5,
@@ -103,7 +104,9 @@ def awq(
     ``s``; every other site is its own group. Per group,
     `jq.awq_core.awq_search` picks ``alpha`` on the grid ``i / n_grid``
     minimising the summed output error of the round-to-nearest weights
-    ``Q(diag(s) W) / s``, where ``s = m^alpha / sqrt(max m^alpha min m^alpha)``.
+    ``Q(diag(s) W) / s``, where ``s = m^alpha / sqrt(max m^alpha min m^alpha)``
+    (with `duo`, also the two-sided ``s = m^alpha / w^(1 - alpha)``, ``w`` the
+    group-normalised mean weight magnitude per input channel; the better family wins).
     Each weight is stored as ``diag(s) W``; the ``1 / s`` on the activation is
     folded into the norm (``g / s``, ``b / s``) when `fold` and the norm feeds
     only that group, and otherwise is applied at run time by `jq.apply`
@@ -132,6 +135,8 @@ def awq(
       model_kwargs: fixed keyword arguments for every call (masks, ``train=False``).
       method: the model method.
       n_grid: points of the ``alpha`` grid.
+      duo: also search the two-sided scales ``m^alpha / w^(1 - alpha)`` (AutoAWQ's
+        ``duo_scaling``); the search keeps it only where its error is lower.
       clip, clip_grid, max_shrink: the clip search (ratios from 1 down to ``1 - max_shrink``).
       fold: fold ``1 / s`` into preceding norms where possible.
       rounding: ``"rtn"`` or ``"gptq"``.
@@ -241,7 +246,10 @@ def awq(
         gram, mean = st["gram"] / n, st["abs"] / n
         tgs = [targets[nm] for nm in names]
         ws = [jnp.asarray(leaves[tg.leaf], jnp.float32).reshape(tg.k, -1) for tg in tgs]
-        res = awq_search(gram, mean, ws, [_quantizer(tg) for tg in tgs], n_grid=n_grid)
+        w_mean = awq_weight_mean(ws, [_clip_group(tg) for tg in tgs]) if duo else None
+        res = awq_search(
+            gram, mean, ws, [_quantizer(tg) for tg in tgs], n_grid=n_grid, weight_mean=w_mean
+        )
         s = res.scales
         gram_s = gram / (s[:, None] * s[None, :])  # Gram matrix of X diag(s)^-1
         for tg, w in zip(tgs, ws):
@@ -272,9 +280,14 @@ def awq(
             {
                 "sites": list(names),
                 "alpha": res.alpha,
+                "duo": res.duo,
                 "folded": g_leaf is not None,
                 "error_rtn": float(res.errors[0]),
-                "error_awq": float(res.errors.min()),
+                "error_awq": float(
+                    min(
+                        res.errors.min(), np.inf if res.errors_duo is None else res.errors_duo.min()
+                    )
+                ),
             }
         )
 

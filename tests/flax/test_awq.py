@@ -65,6 +65,52 @@ def test_search_matches_numpy_reference():
     np.testing.assert_allclose(np.asarray(res.scales), s_ref, rtol=1e-4)
 
 
+def _np_duo_search(x, w, n_grid, group):
+    """AutoAWQ's ``duo_scaling`` family in float64: s = x_mean^r / w_mean^(1 - r), where
+    w_mean averages |w| / (max |w| of its group of `group` rows in that column) over columns."""
+    k, n = w.shape
+    blocks = np.abs(w).reshape(k // group, group, n)
+    w_mean = (blocks / blocks.max(axis=1, keepdims=True)).reshape(k, n).mean(axis=1)
+    x_mean = np.abs(x).mean(axis=0)
+    ref = x @ w
+    losses = []
+    for i in range(n_grid):
+        r = i / n_grid
+        s = x_mean**r / w_mean ** (1 - r)
+        s = s / np.sqrt(s.max() * s.min())
+        wq = _np_rtn_int4(w * s[:, None]) / s[:, None]
+        losses.append(np.mean((x @ wq - ref) ** 2))
+    return w_mean, np.array(losses)
+
+
+def test_two_sided_search_matches_numpy_reference_and_keeps_the_better_family():
+    x, w = _outlier_data(2, gain=8.0)
+    w[5] *= 6.0  # one large weight row: the two-sided family can tell it apart
+    n_grid = 10
+    w_mean_ref, losses_duo = _np_duo_search(x, w, n_grid, group=8)
+    w_mean = jq.awq_core.awq_weight_mean([w], 8)
+    np.testing.assert_allclose(np.asarray(w_mean), w_mean_ref, rtol=1e-5)
+    gram = x.T @ x / len(x)
+    one = jq.awq_search(gram, np.abs(x).mean(0), [w], [_core_quantizer], n_grid=n_grid)
+    res = jq.awq_search(
+        gram, np.abs(x).mean(0), [w], [_core_quantizer], n_grid=n_grid, weight_mean=w_mean
+    )
+    np.testing.assert_allclose(res.errors_duo / w.shape[1], losses_duo, rtol=2e-3)
+    np.testing.assert_array_equal(res.errors, one.errors)  # the one-sided grid is unchanged
+    best = min(one.errors.min(), res.errors_duo.min())
+    assert res.duo == (res.errors_duo.min() < one.errors.min())
+    w_s = w * np.asarray(res.scales)[:, None]
+    got = np.sum(
+        (x @ (np.asarray(_core_quantizer(w_s)) / np.asarray(res.scales)[:, None] - w)) ** 2
+    )
+    np.testing.assert_allclose(got / len(x), best, rtol=2e-3)  # the scales returned are the best
+
+
+def test_weight_mean_checks_groups():
+    with pytest.raises(ValueError, match="divisible by its group"):
+        jq.awq_core.awq_weight_mean([np.ones((10, 3))], 4)
+
+
 def test_clip_never_worse_and_reduces_error_with_heavy_tails():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(128, 32))
