@@ -105,14 +105,14 @@ def _bf16(tree):
 def _jq_variants(model, variables, calib, with_kn: bool) -> dict:
     """``{name: QuantizedVariables}`` of the jq variants of one bf16 model."""
     out = {}
-    stats8 = jq.calibrate(model, variables, [calib], _rules("int8", True), progress=False)
+    stats8 = jq.calibrate(model, variables, _rules("int8", True), [calib], progress=False)
     out["jq static int8"] = jq.convert(model, variables, _rules("int8", True), stats8, target="gpu")
     if with_kn:
         out["jq static int8 (K,N)"] = jq.convert(model, variables, _rules("int8", True), stats8)
     out["jq dynamic int8"] = jq.convert(
         model, variables, _rules("int8", False), args=(calib,), target="gpu"
     )
-    stats_fp8 = jq.calibrate(model, variables, [calib], _rules("e4m3", True), progress=False)
+    stats_fp8 = jq.calibrate(model, variables, _rules("e4m3", True), [calib], progress=False)
     out["jq fp8"] = jq.convert(model, variables, _rules("e4m3", True), stats_fp8, target="gpu")
     for name, q in out.items():
         if not q.plan.sites:

@@ -103,6 +103,9 @@ def test_bytes_match_hand_count(result):
         rows["static int8, min-max, per-tensor weights"]["bytes"]
         == n_kernel + 3 * 4 + 4 * n_out + 3 * 4
     )
+    # fp8 e4m3: one byte per weight and per-channel scales, as int8
+    assert rows["fp8 e4m3, dynamic"]["bytes"] == int8
+    assert rows["fp8 e4m3, static, min-max"]["bytes"] == int8 + 3 * 4
     # int4 packs two values per byte along the output axis (rounded up: 10 -> 5 bytes per row)
     int4 = sum(k * math.ceil(n / 2) for k, n in w) + 4 * n_out + 4 * n_out
     assert rows["weight-only int4"]["bytes"] == int4
@@ -127,7 +130,7 @@ def test_latency_columns_are_sane(result):
 
 def test_targets_cover_every_calibrator_and_qat(result):
     checks = result[0]["targets"]
-    assert len(checks) == len(digits.CALIBRATORS) + 1
+    assert len(checks) == len(digits.CALIBRATORS) + 2 + 1  # + fp8 dynamic / static, + QAT
     for c in checks:
         assert c["met"] == (c["value"] <= (1.0 if "QAT" in c["check"] else 0.5))
 

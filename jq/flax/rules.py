@@ -34,7 +34,9 @@ class Rule:
       path_regex: regular expression, matched with `re.fullmatch` against the
         module path of a site, e.g. ``"Dense_0"``,
         ``"MultiHeadDotProductAttention_0/query"`` (linen) or ``"layers/0"``
-        (nnx). ``".*"`` matches every module.
+        (nnx). ``".*"`` matches every module. A site of the root module
+        (a parameter created by the model's own ``self.param``, module path
+        ``''``) is matched by its site name instead, e.g. ``"w"``.
       ops: site kinds the rule applies to (see `OP_KINDS`).
       weight: spec for the parameter operand (its ``axis`` is an axis of the
         parameter as stored; ``-1`` is the output features of Dense and Conv
@@ -193,8 +195,19 @@ def match_rule(
 
 
 def check_rules(rules) -> tuple[Rule, ...]:
+    """`rules` as a tuple of `Rule` (one `Rule` alone is accepted).
+
+    Raises:
+      TypeError: `rules` is an array (an example input passed where the rules go) or
+        holds something that is not a `Rule`.
+    """
     if isinstance(rules, Rule):
         rules = (rules,)
+    if hasattr(rules, "shape") and hasattr(rules, "dtype"):
+        raise TypeError(
+            f"rules must be a list of jq.Rule, got an array of shape {tuple(rules.shape)}: the "
+            "rules come before the model's inputs, e.g. jq.sites(model, variables, rules, x)"
+        )
     rules = tuple(rules)
     for i, r in enumerate(rules):
         if not isinstance(r, Rule):

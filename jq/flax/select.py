@@ -71,7 +71,9 @@ def choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> di
     used = set()
     positions = site_positions(finder)
     for s in finder.sites:
-        i = match_rule(rules, s.module_path, s.kind, positions.get(s.name, ()))
+        # a site of the root module (module path '') is matched by its own name, e.g. "w"
+        path = s.module_path or s.name
+        i = match_rule(rules, path, s.kind, positions.get(s.name, ()))
         if i is None:
             continue
         r = rules[i]

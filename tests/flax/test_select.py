@@ -46,3 +46,38 @@ def test_sites_first_match_wins_and_unmatched_warns(mlp):
         "Dense_1/kernel": "float",
     }
     assert "Dense_0/kernel" in jq.format_table(rows)
+
+
+def test_root_module_parameter_is_selected_by_its_name():
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import numpy as np
+
+    class Root(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            w = self.param("w", nn.initializers.lecun_normal(), (8, 4))  # module path ''
+            return nn.Dense(3)(x @ w)
+
+    m = Root()
+    x = jax.random.normal(KEY, (2, 8))
+    v = m.init(KEY, x)
+    spec = jq.QuantSpec("int8", axis=-1)
+    rows = jq.sites(m, v, [jq.Rule("w", weight=spec)], x)
+    assert [(r["site"], r["module"], r["rule"]) for r in rows] == [
+        ("w", "", 0),
+        ("Dense_0/kernel", "Dense_0", None),
+    ]
+    qv = jq.convert(m, v, [jq.Rule("w", weight=spec)], args=(x,))
+    assert [s.name for s in qv.plan.sites] == ["w"]
+    w = np.asarray(v["params"]["w"], np.float64)
+    q = qv.variables["params/w"]
+    scale = np.abs(w).max(axis=0) / 127.0  # symmetric narrow int8 per output column
+    np.testing.assert_array_equal(np.asarray(q.value), np.round(w / scale).astype(np.int8))
+    assert isinstance(qv.variables["params/Dense_0/kernel"], jnp.ndarray)  # not selected
+
+
+def test_an_example_input_in_place_of_the_rules_is_named(mlp):
+    m, v, x = mlp
+    with pytest.raises(TypeError, match=r"rules must be a list of jq.Rule, got an array of shape"):
+        jq.sites(m, v, x)
