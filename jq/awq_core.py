@@ -156,6 +156,7 @@ def awq_search(
     *,
     n_grid: int = 20,
     weight_mean: jax.Array | None = None,
+    gram_aware: bool = False,
 ) -> AWQSearch:
     """Grid search of AWQ's exponent for the weights that read one activation.
 
@@ -173,6 +174,11 @@ def awq_search(
       quantizers: one `Quantizer` per weight.
       n_grid: grid points.
       weight_mean: ``(K,)`` `awq_weight_mean` of `weights`, or None (one-sided only).
+      gram_aware: each quantizer is called as ``q(diag(s) W, G')`` with the Gram
+        matrix ``G' = diag(s)^-1 G diag(s)^-1`` of the scaled activations, for
+        rounding that depends on the inputs (GPTQ: ``E`` is then the error of
+        GPTQ's result, and ``alpha = 0`` is plain GPTQ). Evaluated eagerly
+        (the quantizer may run host code); default: ``q(diag(s) W)``, jitted.
 
     Returns:
       `AWQSearch`.
@@ -204,14 +210,18 @@ def awq_search(
         if wm.shape != (k,):
             raise ValueError(f"{fn}: weight_mean must be (K,) = ({k},), got shape {wm.shape}")
 
-    @jax.jit
     def error(alpha, w_mean):
         s = awq_scales(m, alpha, w_mean)
+        g_s = g / (s[:, None] * s[None, :]) if gram_aware else None
         total = jnp.zeros((), jnp.float32)
         for w, q in zip(ws, quantizers):
-            wq = q(w * s[:, None]) / s[:, None]
+            w_s = w * s[:, None]
+            wq = (q(w_s, g_s) if gram_aware else q(w_s)) / s[:, None]
             total = total + output_error(g, w, wq)
         return total
+
+    if not gram_aware:
+        error = jax.jit(error)
 
     alphas = np.arange(n_grid, dtype=np.float64) / n_grid
     errors = np.array([float(error(jnp.float32(a), None)) for a in alphas])

@@ -185,13 +185,30 @@ def test_awq_unfolded_equals_folded_in_float_function():
     assert float(jnp.max(jnp.abs(a - b))) < 2e-2 * scale
 
 
+def test_gram_aware_search_scores_gptq_rounding_and_alpha_zero_is_plain_gptq():
+    x, w = _outlier_data(4, n=512)
+    gram = x.T @ x / len(x)
+
+    def gptq_q(w_s, g_s):
+        return jq.gptq_quantize(w_s, g_s, INT4).weight
+
+    res = jq.awq_search(gram, np.abs(x).mean(0), [w], [gptq_q], n_grid=8, gram_aware=True)
+    out_err = lambda wq: float(np.sum((x @ (np.asarray(wq, np.float64) - w)) ** 2) / len(x))
+    plain = out_err(jq.gptq_quantize(w, gram, INT4).weight)
+    np.testing.assert_allclose(res.errors[0], plain, rtol=1e-3)  # alpha = 0: GPTQ itself
+    s = np.asarray(res.scales)
+    chosen = out_err(np.asarray(gptq_q(w * s[:, None], gram / np.outer(s, s))) / s[:, None])
+    np.testing.assert_allclose(chosen, res.errors.min(), rtol=1e-3)
+    assert chosen <= plain * (1 + 1e-3)
+
+
 def test_awq_then_gptq_not_worse_than_gptq():
     model, variables, x, batches = _planted_model(seed=3)
     rules = [jq.Rule(".*", ops=("dot",), weight=INT4)]
     ref = np.asarray(model.apply(variables, x), np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        g = jq.gptq(model, variables, batches=batches, rules=rules, progress=False)
+        g = jq.gptq(model, variables, rules, batches, progress=False)
         ag = jq.awq(model, variables, rules, batches, rounding="gptq", progress=False)
     err = lambda q: float(np.mean((np.asarray(jq.apply(model, q, x), np.float64) - ref) ** 2))
     assert err(ag) <= err(g) * 1.05
