@@ -189,7 +189,7 @@ def _setup(model_name: str, mode: str):
     if mode == "static":
         # calibrated on a wider batch, so that nothing clips at `x` (a clipped value has a
         # zero straight-through gradient, as in jq.fake_quant)
-        stats = jq.calibrate(model, v, [x, 1.25 * x], rules, progress=False)
+        stats = jq.calibrate(model, v, rules, [x, 1.25 * x], progress=False)
         qv = jq.convert(model, v, rules, stats)
     else:
         qv = jq.convert(model, v, rules, args=(x,))

@@ -274,7 +274,7 @@ def test_observer_and_spec_axes_agree_or_raise(obs_axis, spec_axis):
             weight=jq.QuantSpec("int8", axis=-1),
             activation=jq.QuantSpec("int8", axis=spec_axis, calibration=cal.MinMax(axis=obs_axis)),
         )
-        stats = jq.calibrate(m, v, [x], [rule], progress=False)
+        stats = jq.calibrate(m, v, [rule], [x], progress=False)
         qv = jq.convert(m, v, [rule], stats)
     except ValueError as e:
         assert "axis" in str(e) or "contracting" in str(e), e
@@ -350,14 +350,14 @@ def test_calibrate_convert_with_bad_batches(linen, case):
     m, v, x = linen
     make, exc, match = BATCH_MISUSE[case]
     with pytest.raises(exc, match=match):
-        stats = jq.calibrate(m, v, make(x), _static(), progress=False)
+        stats = jq.calibrate(m, v, _static(), make(x), progress=False)
         jq.convert(m, v, _static(), stats)
 
 
 @pytest.mark.parametrize("value", [0.0, 1.5, -3.0])
 def test_constant_calibration_batch_warns(linen, value):
     m, v, x = linen
-    stats = jq.calibrate(m, v, [jnp.full_like(x, value)], _static(), progress=False)
+    stats = jq.calibrate(m, v, _static(), [jnp.full_like(x, value)], progress=False)
     with pytest.warns(RuntimeWarning, match=r"site 'Dense_1/kernel' was calibrated on constant"):
         jq.convert(m, v, _static(), stats)
 
@@ -365,8 +365,8 @@ def test_constant_calibration_batch_warns(linen, value):
 def test_empty_batch_mixed_with_data_is_ignored(linen):
     """Correct answer: an empty batch adds nothing to the statistics."""
     m, v, x = linen
-    a = jq.calibrate(m, v, [x[:0], x, x[:0]], _static(), progress=False).ranges()
-    b = jq.calibrate(m, v, [x], _static(), progress=False).ranges()
+    a = jq.calibrate(m, v, _static(), [x[:0], x, x[:0]], progress=False).ranges()
+    b = jq.calibrate(m, v, _static(), [x], progress=False).ranges()
     for k in b:
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
 
@@ -421,7 +421,7 @@ WRONG_CALLS = {
 @pytest.mark.parametrize("case", sorted(WRONG_CALLS))
 def test_wrong_calls_name_the_problem(linen, case):
     m, v, x = linen
-    qv = jq.convert(m, v, _static(), jq.calibrate(m, v, [x], _static(), progress=False))
+    qv = jq.convert(m, v, _static(), jq.calibrate(m, v, _static(), [x], progress=False))
     call, exc, match = WRONG_CALLS[case]
     if exc is None:
         y = call(m, v, qv, x)
@@ -451,6 +451,6 @@ def test_static_int8_inference_tracks_the_float_model(scale, shift):
     m = TinyMLP()
     x = jax.random.normal(KEY, (16, 8)) * scale + shift
     v = m.init(KEY, x)
-    qv = jq.convert(m, v, _static(), jq.calibrate(m, v, [x], _static(), progress=False))
+    qv = jq.convert(m, v, _static(), jq.calibrate(m, v, _static(), [x], progress=False))
     y, yf = jq.apply(m, qv, x), m.apply(v, x)
     assert float(jnp.linalg.norm(y - yf) / jnp.linalg.norm(yf)) < 0.05

@@ -291,7 +291,7 @@ def _converted(model_name, mode):
     }[mode]
     rules = [jq.Rule(".*", weight=W8, activation=act)]
     if mode == "static":
-        qv = jq.convert(model, v, rules, jq.calibrate(model, v, [x], rules, progress=False))
+        qv = jq.convert(model, v, rules, jq.calibrate(model, v, rules, [x], progress=False))
     else:
         qv = jq.convert(model, v, rules, args=(x,))
     return model, qv, x

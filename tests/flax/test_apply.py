@@ -75,7 +75,7 @@ def test_static_mlp_matches_numpy_integer_reference(mlp):
     m, v, x = mlp
     batches = [x[:8], x[8:]]
     rules = static_rules()
-    stats = jq.calibrate(m, v, batches, rules, progress=False)
+    stats = jq.calibrate(m, v, rules, batches, progress=False)
     qv = jq.convert(m, v, rules, stats)
     y = jax.jit(lambda q, x: jq.apply(m, q, x))(qv, x)
 
@@ -130,7 +130,7 @@ def test_linen_cnn_grouped_conv_integer():
     x = jax.random.normal(KEY, (4, 8, 8, 1))
     v = m.init(KEY, x)
     rules = static_rules()
-    qv = jq.convert(m, v, rules, jq.calibrate(m, v, [x], rules, progress=False))
+    qv = jq.convert(m, v, rules, jq.calibrate(m, v, rules, [x], progress=False))
     assert rel_err(jq.apply(m, qv, x), m.apply(v, x)) < 0.03
     # on every platform, cuda included (XLA:GPU has no integer convolution), jq.ops lowers a
     # conv to patches x the integer dot: one dot per layer, the grouped conv's batched by group
@@ -151,7 +151,7 @@ def test_linen_transformer_block_with_attention_einsums():
         rules = static_rules(ops=ops)
         rows = jq.sites(m, v, rules, x, mask=mask)
         assert sum(r["kind"] == "act_dot" and r["mode"] == "static" for r in rows) == n_act
-        stats = jq.calibrate(m, v, [x], rules, kwargs={"mask": mask}, progress=False)
+        stats = jq.calibrate(m, v, rules, [x], model_kwargs={"mask": mask}, progress=False)
         qv = jq.convert(m, v, rules, stats)
         y = jax.jit(lambda q, x, mk: jq.apply(m, q, x, mask=mk))(qv, x, mask)
         assert rel_err(y, yf) < 0.05
@@ -164,7 +164,7 @@ def test_nnx_mlp_and_module_not_mutated():
     before = jax.tree_util.tree_map(np.array, nnx.state(m))
     x = jax.random.normal(KEY, (16, 8))
     rules = static_rules()
-    qv = jq.convert(m, None, rules, jq.calibrate(m, None, [x], rules, progress=False))
+    qv = jq.convert(m, None, rules, jq.calibrate(m, None, rules, [x], progress=False))
     assert isinstance(qv.variables["l1/kernel"], jq.QArray)
     assert rel_err(jq.apply(m, qv, x), m(x)) < 0.02
     chex.assert_trees_all_equal(before, jax.tree_util.tree_map(np.array, nnx.state(m)))
@@ -178,7 +178,10 @@ def test_nnx_transformer_block():
     mask = nnx.make_causal_mask(jnp.ones((2, 5)))
     rules = static_rules(ops=("dot", "act_dot"))
     qv = jq.convert(
-        m, None, rules, jq.calibrate(m, None, [x], rules, kwargs={"mask": mask}, progress=False)
+        m,
+        None,
+        rules,
+        jq.calibrate(m, None, rules, [x], model_kwargs={"mask": mask}, progress=False),
     )
     y = jax.jit(lambda q, x, mk: jq.apply(m, q, x, mask=mk))(qv, x, mask)
     assert rel_err(y, m(x, mask=mask)) < 0.05
@@ -190,7 +193,7 @@ def test_custom_matmul_and_einsum_weights_are_found():
     v = m.init(KEY, x)
     rows = jq.sites(m, v, static_rules(), x)
     assert {(r["site"], r["kind"]) for r in rows} == {("w", "dot"), ("v", "dot")}
-    qv = jq.convert(m, v, static_rules(), jq.calibrate(m, v, [x], static_rules(), progress=False))
+    qv = jq.convert(m, v, static_rules(), jq.calibrate(m, v, static_rules(), [x], progress=False))
     assert isinstance(qv.variables["params/w"], jq.QArray) and isinstance(
         qv.variables["params/v"], jq.QArray
     )
@@ -205,7 +208,7 @@ def test_scan_layers_get_per_layer_scales_and_tied_embedding():
     t = jax.random.randint(KEY, (4, 5), 0, 20)
     v = m.init(KEY, t)
     rules = static_rules()
-    stats = jq.calibrate(m, v, [t], rules, progress=False)
+    stats = jq.calibrate(m, v, rules, [t], progress=False)
     assert stats.states["blocks/Dense_0/kernel"].count.shape == (3,)  # one observer per layer
     qv = jq.convert(m, v, rules, stats)
     k = qv.variables["params/blocks/Dense_0/kernel"]
@@ -231,7 +234,7 @@ def test_static_int8_lowering_on_cpu_cuda_tpu(kind):
     else:
         m, v = NnxMLP(nnx.Rngs(0)), None
     rules = static_rules()
-    qv = jq.convert(m, v, rules, jq.calibrate(m, v, [x], rules, progress=False))
+    qv = jq.convert(m, v, rules, jq.calibrate(m, v, rules, [x], progress=False))
 
     def f(x):
         return jq.apply(m, qv, x)
@@ -250,7 +253,7 @@ def test_static_int8_lowering_on_cpu_cuda_tpu(kind):
 def test_calibrate_empty_iterator(mlp):
     m, v, _ = mlp
     with pytest.raises(ValueError, match="empty"):
-        jq.calibrate(m, v, iter([]), static_rules())
+        jq.calibrate(m, v, static_rules(), iter([]))
 
 
 def test_static_rule_without_stats(mlp):
@@ -324,7 +327,7 @@ def test_nnx_scan_stacked_layers():
     m = Stack(nnx.Rngs(0))
     x = jax.random.normal(KEY, (4, 16))
     rules = static_rules()
-    qv = jq.convert(m, None, rules, jq.calibrate(m, None, [x], rules, progress=False))
+    qv = jq.convert(m, None, rules, jq.calibrate(m, None, rules, [x], progress=False))
     k = qv.variables["layers/l/kernel"]
     w = np.asarray(m.layers.l.kernel[...])
     np.testing.assert_allclose(np.asarray(k.scale)[:, 0, :], np.abs(w).max(axis=1) / 127, rtol=1e-6)

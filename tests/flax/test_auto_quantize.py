@@ -66,7 +66,7 @@ def test_auto_quantize_with_static_activations(outlier):
     )
     assert all(r.activation == act for r in res.rules)
     assert "fragile" not in [r.path_regex for r in res.rules]
-    stats = jq.calibrate(m, v, [b[0] for b in batches], list(res.rules), progress=False)
+    stats = jq.calibrate(m, v, list(res.rules), [b[0] for b in batches], progress=False)
     qv = jq.convert(m, v, list(res.rules), stats=stats)
     run = jax.jit(lambda q, a: jq.apply(m, q, a))
     got = np.mean([float(agreement(run(qv, b[0]), b)) for b in batches])

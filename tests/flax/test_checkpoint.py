@@ -22,7 +22,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path, mlp, fmt):
     pytest.importorskip("orbax.checkpoint", reason="jq checkpoints need orbax-checkpoint")
     m, v, x = mlp
     rules = static_rules(fmt)
-    qv = jq.convert(m, v, rules, jq.calibrate(m, v, [x], rules, progress=False))
+    qv = jq.convert(m, v, rules, jq.calibrate(m, v, rules, [x], progress=False))
     checkpoint.save(tmp_path / "q", qv)
     names = set(os.listdir(tmp_path / "q"))
     assert names == {"jq_meta.json", "arrays"}

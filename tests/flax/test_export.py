@@ -73,7 +73,7 @@ def mlp():
     x = inputs(16)
     v = m.init(KEY, x)
     rules = static_rules()
-    qv = jq.convert(m, v, rules, jq.calibrate(m, v, [x], rules, progress=False))
+    qv = jq.convert(m, v, rules, jq.calibrate(m, v, rules, [x], progress=False))
     return m, v, qv, rules, x
 
 
@@ -156,14 +156,14 @@ def _convert(kind):
         rules = static_rules()
         return (
             m,
-            jq.convert(m, None, rules, jq.calibrate(m, None, [x], rules, progress=False)),
+            jq.convert(m, None, rules, jq.calibrate(m, None, rules, [x], progress=False)),
             (x,),
         )
     m = TwoInputs()
     xs = (inputs(4), inputs(4, (3,), seed=7))
     v = m.init(KEY, *xs)
     rules = static_rules()
-    return m, jq.convert(m, v, rules, jq.calibrate(m, v, [xs], rules, progress=False)), xs
+    return m, jq.convert(m, v, rules, jq.calibrate(m, v, rules, [xs], progress=False)), xs
 
 
 @pytest.mark.parametrize("kind", ["cnn_int4_dynamic", "nnx_static", "two_inputs_static"])
@@ -195,7 +195,7 @@ def test_static_batch_export_and_file_output(tmp_path, mlp):
 def test_separate_weights_can_be_replaced(mlp, blobs):
     m, _, _, rules, x = mlp
     v2 = m.init(jax.random.key(5), x)
-    qv2 = jq.convert(m, v2, rules, jq.calibrate(m, v2, [x], rules, progress=False))
+    qv2 = jq.convert(m, v2, rules, jq.calibrate(m, v2, rules, [x], progress=False))
     names = [w["name"] for w in read_artifact(blobs["separate"]).manifest["weights"]]
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(qv2)[0]}
     f = load_exported(blobs["separate"], weights={n: flat[n] for n in names})

@@ -214,7 +214,7 @@ G_RULES = [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1, block_axis=0, bloc
 
 def test_flax_gptq_is_sequential_and_runs_in_apply():
     m, v, batches = _mlp_data()
-    qv = gptq(m, v, batches, G_RULES, progress=False)
+    qv = gptq(m, v, G_RULES, batches, progress=False)
     assert isinstance(qv, jq.QuantizedVariables)
     k0, k1 = qv.variables["params/Dense_0/kernel"], qv.variables["params/Dense_1/kernel"]
     assert k0.format == "int4" and k0.pack_axis is not None and k0.scale.shape == (2, 48)
@@ -245,7 +245,7 @@ def test_flax_gptq_is_sequential_and_runs_in_apply():
 
 def test_flax_rtn_option_equals_convert():
     m, v, batches = _mlp_data()
-    qv = gptq(m, v, batches, G_RULES, rtn=True, progress=False)
+    qv = gptq(m, v, G_RULES, batches, rtn=True, progress=False)
     ref = jq.convert(m, v, G_RULES, args=(batches[0],))
     for path in ("params/Dense_0/kernel", "params/Dense_1/kernel"):
         np.testing.assert_array_equal(
@@ -258,7 +258,7 @@ def test_flax_rtn_option_equals_convert():
 
 def test_flax_gptq_act_order_round_trips_and_not_sequential():
     m, v, batches = _mlp_data()
-    qv = gptq(m, v, batches, G_RULES, act_order=True, sequential=False, progress=False)
+    qv = gptq(m, v, G_RULES, batches, act_order=True, sequential=False, progress=False)
     p = v["params"]
     x = np.concatenate([np.asarray(b) for b in batches])
     h1 = np.maximum(
@@ -308,7 +308,7 @@ def test_flax_gptq_stages_fallbacks_static_activations_and_nnx():
     ]
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        qv, info = gptq(m, v, batches, rules, progress=False, return_info=True)
+        qv, info = gptq(m, v, rules, batches, progress=False, return_info=True)
     assert any(
         "Embed_0/embedding" in str(x.message) and "round-to-nearest" in str(x.message) for x in w
     )
@@ -330,7 +330,7 @@ def test_flax_gptq_stages_fallbacks_static_activations_and_nnx():
     nm = models.NnxMLP(nnx.Rngs(0), din=32, hidden=48, out=16)
     _, _, xb = _mlp_data()
     before = np.asarray(nm.l1.kernel.value)
-    qn = gptq(nm, None, xb, G_RULES, progress=False)
+    qn = gptq(nm, None, G_RULES, xb, progress=False)
     np.testing.assert_array_equal(
         np.asarray(nm.l1.kernel.value), before
     )  # the module is not mutated
@@ -342,19 +342,19 @@ def test_flax_gptq_stages_fallbacks_static_activations_and_nnx():
 def test_flax_gptq_bad_input():
     m, v, batches = _mlp_data()
     with pytest.raises(ValueError, match="batches.*empty"):
-        gptq(m, v, [], G_RULES, progress=False)
+        gptq(m, v, G_RULES, [], progress=False)
     with pytest.raises(ValueError, match="block_size=20 does not divide"):
         gptq(
             m,
             v,
-            batches,
             [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1, block_axis=0, block_size=20))],
+            batches,
             progress=False,
         )
     with pytest.raises(ValueError, match="not an integer format"):
-        gptq(m, v, batches, [jq.Rule(".*", weight=jq.QuantSpec("e4m3", axis=-1))], progress=False)
+        gptq(m, v, [jq.Rule(".*", weight=jq.QuantSpec("e4m3", axis=-1))], batches, progress=False)
     with pytest.raises(ValueError, match="not positive definite"):
-        gptq(m, v, [batches[0][:8]], G_RULES, percdamp=0.0, progress=False)  # 8 rows < K = 32
+        gptq(m, v, G_RULES, [batches[0][:8]], percdamp=0.0, progress=False)  # 8 rows < K = 32
 
 
 class ScanBlk(nn.Module):
@@ -377,7 +377,7 @@ def test_flax_gptq_scan_stacked_layers_get_their_own_hessians():
     xs = [jnp.asarray(correlated_inputs(30 + i, rows=64, k=16)) for i in range(2)]
     v = m.init(jax.random.key(0), xs[0])
     rules = [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1, block_axis=0, block_size=16))]
-    qv = gptq(m, v, xs, rules, progress=False)
+    qv = gptq(m, v, rules, xs, progress=False)
     k_in = qv.variables["params/ScanScanBlk_0/Dense_1/kernel"]  # (3 layers, 16, 32): applied first
     assert k_in.scale.shape == (3, 1, 32)
     # layer 0 of the stack sees the model input: its GPTQ matches the standalone algorithm

@@ -30,7 +30,7 @@ def _linen_setup(fmt, weight_rules=()):
     xs = jax.random.normal(jax.random.key(1), (B, L, F))
     variables = model.init(jax.random.key(0), xs)
     rules = [*weight_rules, jq.kv_cache_rule(fmt)]
-    qv = jq.convert(model, variables, rules, args=(xs[:, :1],), kwargs={"mutable": ["cache"]})
+    qv = jq.convert(model, variables, rules, args=(xs[:, :1],), model_kwargs={"mutable": ["cache"]})
     return model, variables, xs, qv, jq.kv_cache(model, qv, rules)
 
 

@@ -71,7 +71,7 @@ def test_qat_block_from_calibration_stats():
     x = jax.random.normal(KEY, (2, 5, 16))
     v = m.init(KEY, x)
     rules = static_rules()
-    stats = jq.calibrate(m, v, [x], rules, progress=False)
+    stats = jq.calibrate(m, v, rules, [x], progress=False)
     q = jq.qat(m, rules)
     qv = q.init(v, x, stats=stats)
     lo, hi = stats.ranges()["Dense_0/kernel"]

@@ -141,7 +141,7 @@ def test_nnx_apply_in_train_mode_raises_or_threads_state():
     model, ref = NnxTrainable(nnx.Rngs(0)), NnxTrainable(nnx.Rngs(0))
     rules = static_rules()
     with pytest.warns(RuntimeWarning, match=r"model\.eval\(\) before calibrating"):
-        stats = jq.calibrate(model, None, [x], rules, progress=False)
+        stats = jq.calibrate(model, None, rules, [x], progress=False)
     qv = jq.convert(model, None, rules, stats)  # converting a train-mode module is fine
     with pytest.raises(ValueError, match=r"drop/rngs/count.*mutable=True"):
         jq.apply(model, qv, x)
@@ -181,9 +181,9 @@ def test_convert_of_qat_variables_uses_recorded_and_caller_kwargs():
     with pytest.raises(
         ValueError, match="no range for static site 'extra/kernel'"
     ):  # never tracked
-        jq.convert(m, qv2, rules, kwargs={"extra": True})
+        jq.convert(m, qv2, rules, model_kwargs={"extra": True})
     qvi2 = jq.convert(
-        m, qv2, jq.Rule(".*"), kwargs={"extra": True}
+        m, qv2, jq.Rule(".*"), model_kwargs={"extra": True}
     )  # weight-only: no ranges needed
     assert {s.name for s in qvi2.plan.sites} == {"Dense_0/kernel", "extra/kernel", "head/kernel"}
 
@@ -197,7 +197,7 @@ def test_convert_of_qat_variables_without_record_takes_caller_kwargs():
     del qv["state"]["example_kwargs"]  # e.g. restored from an older checkpoint
     with pytest.raises(TypeError, match="train"):
         jq.convert(m, qv, rules)
-    qvi = jq.convert(m, qv, rules, kwargs={"train": False})
+    qvi = jq.convert(m, qv, rules, model_kwargs={"train": False})
     assert qvi.plan.model_kind == "linen"
 
 
@@ -254,7 +254,7 @@ def test_calibration_stats_ranges_inside_nn_scan():
     x = _x((6, 16))
     m = Stack()
     v = m.init(KEY, x)
-    stats = jq.calibrate(m, v, [x, 2.0 * x], static_rules(), progress=False)
+    stats = jq.calibrate(m, v, static_rules(), [x, 2.0 * x], progress=False)
     ranges = stats.ranges()
     lo, hi = ranges["layers/Dense_0/kernel"]
     assert lo.shape == hi.shape == (3,)
@@ -290,7 +290,7 @@ def test_calibration_stats_ranges_inside_nn_scan_other_observers(obs):
     m = Stack()
     v = m.init(KEY, x)
     stats = jq.calibrate(
-        m, v, [x], static_rules(jq.QuantSpec("int8", calibration=obs)), progress=False
+        m, v, static_rules(jq.QuantSpec("int8", calibration=obs)), [x], progress=False
     )
     lo, hi = stats.ranges()["layers/Dense_0/kernel"]
     assert lo.shape == (3,)
@@ -306,7 +306,7 @@ def test_degenerate_calibration_warns_naming_the_site(data):
     v = m.init(KEY, x)
     bad = jnp.zeros_like(x) if data == "zeros" else jnp.full_like(x, 0.5)
     rules = static_rules()
-    stats = jq.calibrate(m, v, [bad], rules, progress=False)
+    stats = jq.calibrate(m, v, rules, [bad], progress=False)
     with pytest.warns(RuntimeWarning, match=r"'Dense_0/kernel' was calibrated on constant") as rec:
         qv = jq.convert(m, v, rules, stats)
     named = [str(w.message) for w in rec if "constant activations" in str(w.message)]
@@ -323,7 +323,7 @@ def test_representative_calibration_does_not_warn():
     x = _x((32, 8))
     v = m.init(KEY, x)
     rules = static_rules()
-    stats = jq.calibrate(m, v, [x], rules, progress=False)
+    stats = jq.calibrate(m, v, rules, [x], progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         jq.convert(m, v, rules, stats)
@@ -371,7 +371,7 @@ def test_rule_derives_observer_axis_from_the_spec_and_calibrates_per_channel():
         activation=jq.QuantSpec("int8", axis=0, calibration=cal.MinMax()),
     )
     assert r.activation.calibration == cal.MinMax(axis=0)
-    stats = jq.calibrate(m, v, [x], [r], progress=False)
+    stats = jq.calibrate(m, v, [r], [x], progress=False)
     lo, hi = stats.ranges()["Dense_0/kernel"]
     np.testing.assert_allclose(hi, np.asarray(x).max(axis=1), rtol=1e-6)  # one range per row
     qv = jq.convert(m, v, [r], stats)  # used to fail here: "QParams with shape () do not fit"
@@ -384,10 +384,10 @@ def test_observer_axis_of_other_sign_is_checked_once_the_rank_is_known():
     x = _x((16, 8))
     v = m.init(KEY, x)
     same = jq.Rule(".*", activation=jq.QuantSpec("int8", axis=0, calibration=cal.MinMax(axis=-2)))
-    jq.calibrate(m, v, [x], [same], progress=False)  # -2 is axis 0 of a rank-2 activation
+    jq.calibrate(m, v, [same], [x], progress=False)  # -2 is axis 0 of a rank-2 activation
     other = jq.Rule(".*", activation=jq.QuantSpec("int8", axis=0, calibration=cal.MinMax(axis=-1)))
     with pytest.raises(ValueError, match=r"site 'Dense_0/kernel'.*different axes"):
-        jq.calibrate(m, v, [x], [other], progress=False)
+        jq.calibrate(m, v, [other], [x], progress=False)
 
 
 def test_histogram_target_format_follows_the_spec_or_raises():

@@ -14,7 +14,7 @@ KEY = jax.random.key(0)
 def test_report_sqnr_and_clipping(mlp):
     m, v, x = mlp
     rules = static_rules()
-    stats = jq.calibrate(m, v, [x * 0.5], rules, progress=False)  # calibrated on a narrower range
+    stats = jq.calibrate(m, v, rules, [x * 0.5], progress=False)  # calibrated on a narrower range
     qv = jq.convert(m, v, rules, stats)
     rows = {r["site"]: r for r in jq.report(m, v, qv, x)}
     r0 = rows["Dense_0/kernel"]
@@ -31,7 +31,7 @@ def test_report_static_sites_inside_nn_scan():
     m = ScanMLP()
     v = m.init(KEY, x)
     rules = static_rules()
-    qv = jq.convert(m, v, rules, jq.calibrate(m, v, [x], rules, progress=False))
+    qv = jq.convert(m, v, rules, jq.calibrate(m, v, rules, [x], progress=False))
     rows = {r["site"]: r for r in jq.report(m, v, qv, x)}
     assert set(rows) == {
         "Dense_0/kernel",

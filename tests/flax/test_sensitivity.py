@@ -66,7 +66,7 @@ def test_sensitivity_static_rules_and_no_metric(outlier):
     # int4 zeroes every fragile weight but the outlier row: the layer outputs only its bias
     assert sq[0] < 3.0 and sq[-1] > 10.0
     # calibration statistics passed in give the same numbers
-    stats = jq.calibrate(m, v, [b[0] for b in batches], rules, progress=False)
+    stats = jq.calibrate(m, v, rules, [b[0] for b in batches], progress=False)
     again = jq.sensitivity(m, v, rules, batches, inputs=first, stats=stats)
     assert [r["sqnr_db"] for r in again.rows] == pytest.approx(sq, abs=1e-6)
 

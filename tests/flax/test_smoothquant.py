@@ -128,9 +128,9 @@ def test_flax_smoothquant_beats_plain_static_int8(outlier_model, tmp_path):
     m, v, batches = outlier_model
     x = jax.random.normal(jax.random.key(99), (128, 32))
     y = m.apply(v, x)
-    plain = jq.convert(m, v, RULES, jq.calibrate(m, v, batches, RULES, progress=False))
+    plain = jq.convert(m, v, RULES, jq.calibrate(m, v, RULES, batches, progress=False))
     # the runtime-multiply path (fold=True would fold Dense_0's factors into the LayerNorm)
-    sq = smoothquant(m, v, batches, RULES, fold=False, progress=False)
+    sq = smoothquant(m, v, RULES, batches, fold=False, progress=False)
     assert set(sq.smooth) == {"Dense_0/kernel", "Dense_1/kernel"}
     assert sq.smooth["Dense_0/kernel"].shape == (1, 32)
     e_plain = float(jnp.mean((jq.apply(m, plain, x) - y) ** 2))
@@ -160,11 +160,11 @@ def test_flax_smoothquant_beats_plain_static_int8(outlier_model, tmp_path):
 def test_flax_smoothquant_bad_input(outlier_model):
     m, v, batches = outlier_model
     with pytest.raises(ValueError, match="batches.*empty"):
-        smoothquant(m, v, [], RULES, progress=False)
+        smoothquant(m, v, RULES, [], progress=False)
     with pytest.raises(ValueError, match="alpha"):
-        smoothquant(m, v, batches, RULES, alpha=2.0, progress=False)
+        smoothquant(m, v, RULES, batches, alpha=2.0, progress=False)
     with pytest.raises(TypeError, match="fold"):
-        smoothquant(m, v, batches, RULES, fold="yes", progress=False)
+        smoothquant(m, v, RULES, batches, fold="yes", progress=False)
 
 
 # ----------------------------------------------------------------------------- folding
@@ -175,8 +175,8 @@ def _n_multiplies(m, qv, x) -> int:
 def test_fold_single_site_matches_runtime_multiply(outlier_model):
     m, v, batches = outlier_model
     x = jax.random.normal(jax.random.key(99), (128, 32))
-    folded = smoothquant(m, v, batches, RULES, progress=False)
-    runtime = smoothquant(m, v, batches, RULES, fold=False, progress=False)
+    folded = smoothquant(m, v, RULES, batches, progress=False)
+    runtime = smoothquant(m, v, RULES, batches, fold=False, progress=False)
     # Dense_0 (after the LayerNorm) is folded; Dense_1 (after a relu) keeps the runtime multiply
     assert set(folded.smooth) == {"Dense_1/kernel"}
     assert set(runtime.smooth) == {"Dense_0/kernel", "Dense_1/kernel"}
@@ -225,8 +225,8 @@ def test_fold_qkv_shares_one_factor_vector():
     scale[[3, 17]] = 50.0
     v["params"]["LayerNorm_0"]["scale"] = jnp.asarray(scale)
     v["params"]["LayerNorm_0"]["bias"] = jax.random.normal(jax.random.key(7), (32,))
-    folded = smoothquant(m, v, batches, RULES, progress=False)
-    runtime = smoothquant(m, v, batches, RULES, fold=False, progress=False)
+    folded = smoothquant(m, v, RULES, batches, progress=False)
+    runtime = smoothquant(m, v, RULES, batches, fold=False, progress=False)
     assert folded.smooth == {}
     assert set(runtime.smooth) == {"q/kernel", "k/kernel", "v/kernel"}
     # independent SmoothQuant factors: max|X_j| of the LayerNorm output, max over the q|k|v rows
@@ -260,7 +260,7 @@ def test_fold_qkv_shares_one_factor_vector():
             np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want)))
         )
     # and the folded int8 model beats plain static int8 on the outlier channels
-    plain = jq.convert(m, v, RULES, jq.calibrate(m, v, batches, RULES, progress=False))
+    plain = jq.convert(m, v, RULES, jq.calibrate(m, v, RULES, batches, progress=False))
     ys = m.apply(v, x)
     err = lambda qv: sum(float(jnp.mean((a - b) ** 2)) for a, b in zip(jq.apply(m, qv, x), ys))  # noqa: E731
     assert err(folded) < 0.5 * err(plain)
@@ -291,7 +291,7 @@ def test_unfoldable_norm_keeps_runtime_multiply(cls):
     batches = [jax.random.normal(jax.random.key(i), (32, 32)) for i in range(2)]
     v = m.init(jax.random.key(0), batches[0])
     with pytest.warns(UserWarning, match="not folded"):
-        qv = smoothquant(m, v, batches, RULES, progress=False)
+        qv = smoothquant(m, v, RULES, batches, progress=False)
     assert set(qv.smooth) == {"Dense_0/kernel"}
     # the norm's parameters are untouched
     for path, leaf in jax.tree_util.tree_flatten_with_path(v["params"])[0]:
@@ -299,7 +299,7 @@ def test_unfoldable_norm_keeps_runtime_multiply(cls):
         if "Dense" not in key:
             np.testing.assert_array_equal(np.asarray(qv.variables[key]), np.asarray(leaf))
     x = jax.random.normal(jax.random.key(5), (16, 32))
-    ref = smoothquant(m, v, batches, RULES, fold=False, progress=False)
+    ref = smoothquant(m, v, RULES, batches, fold=False, progress=False)
     np.testing.assert_array_equal(np.asarray(jq.apply(m, qv, x)), np.asarray(jq.apply(m, ref, x)))
 
 
@@ -319,8 +319,8 @@ def test_fold_nnx_layernorm():
     scale[[5, 20]] = 40.0
     model.ln.scale[...] = jnp.asarray(scale)
     batches = [jax.random.normal(jax.random.key(i), (64, 32)) for i in range(2)]
-    folded = smoothquant(model, None, batches, RULES, progress=False)
-    runtime = smoothquant(model, None, batches, RULES, fold=False, progress=False)
+    folded = smoothquant(model, None, RULES, batches, progress=False)
+    runtime = smoothquant(model, None, RULES, batches, fold=False, progress=False)
     assert folded.smooth == {} and set(runtime.smooth) == {"fc/kernel"}
     s = np.asarray(runtime.smooth["fc/kernel"]).reshape(-1)
     np.testing.assert_allclose(np.asarray(folded.variables["ln/scale"]), scale / s, rtol=1e-6)
@@ -351,8 +351,8 @@ def test_fold_rmsnorm_scale_only():
     scale = np.ones(32, np.float32)
     scale[[1, 30]] = 30.0
     v["params"]["RMSNorm_0"]["scale"] = jnp.asarray(scale)
-    folded = smoothquant(m, v, batches, RULES, progress=False)
-    runtime = smoothquant(m, v, batches, RULES, fold=False, progress=False)
+    folded = smoothquant(m, v, RULES, batches, progress=False)
+    runtime = smoothquant(m, v, RULES, batches, fold=False, progress=False)
     assert folded.smooth == {} and set(runtime.smooth) == {"Dense_0/kernel"}
     s = np.asarray(runtime.smooth["Dense_0/kernel"]).reshape(-1)
     np.testing.assert_allclose(

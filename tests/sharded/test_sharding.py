@@ -249,7 +249,7 @@ def test_qarray_partition_specs_needs_a_qarray_and_a_mesh():
 def test_convert_keeps_float_shardings(linen, wfmt):
     m, v = linen
     fv = place_float(v, "megatron")
-    stats = jq.calibrate(m, fv, [X], rules(wfmt), progress=False)
+    stats = jq.calibrate(m, fv, rules(wfmt), [X], progress=False)
     qv = jq.convert(m, fv, rules(wfmt), stats)
     for path, want in LAYOUTS["megatron"].items():
         got = qv.variables[path]
@@ -303,7 +303,7 @@ def hlo_dots(hlo: str):
 )
 def test_apply_on_mesh_equals_one_device(linen, layout, wfmt):
     m, v = linen
-    stats = jq.calibrate(m, v, [X], rules(wfmt), progress=False)
+    stats = jq.calibrate(m, v, rules(wfmt), [X], progress=False)
     qv = jq.convert(m, v, rules(wfmt), stats)
     f = jax.jit(lambda q, x: jq.apply(m, q, x))
     ref = f(qv, X)
@@ -496,12 +496,12 @@ def test_model_calibration_on_sharded_batches_equals_one_device(linen, obs):
         )
     ]
     batches = [_data(s, (16, 32)) for s in range(3)]
-    ref = jq.calibrate(m, v, batches, r, progress=False)
+    ref = jq.calibrate(m, v, r, batches, progress=False)
     got = jq.calibrate(
         m,
         jax.device_put(v, ns()),
-        [jax.device_put(b, ns("data")) for b in batches],
         r,
+        [jax.device_put(b, ns("data")) for b in batches],
         progress=False,
     )
     for k in ref.states:
@@ -517,7 +517,7 @@ def test_model_calibration_on_sharded_batches_equals_one_device(linen, obs):
 def test_linen_logical_partitioning_carries_to_quantized_variables():
     m = LogicalMLP()
     v = m.init(jax.random.key(0), X)  # kernels are nn.LogicallyPartitioned boxes
-    stats = jq.calibrate(m, v, [X], rules("int4"), progress=False)
+    stats = jq.calibrate(m, v, rules("int4"), [X], progress=False)
     qv = jq.convert(m, v, rules("int4"), stats)
     specs = jfs.logical_specs(qv, v)
     assert specs["params/Dense_0/kernel"].value == P("embed", "mlp")
@@ -542,7 +542,7 @@ def test_nnx_sharding_annotations_carry_to_quantized_variables():
     with jax.set_mesh(MESH):
         model = NnxMLP(nnx.Rngs(0))  # eager sharding: the kernels live on the mesh
     assert jfs.float_logical_specs(model)["l1/kernel"] == P(None, "model")
-    stats = jq.calibrate(model, None, [X], rules("int4"), progress=False)
+    stats = jq.calibrate(model, None, rules("int4"), [X], progress=False)
     qv = jq.convert(model, None, rules("int4"), stats)
     assert qv.variables["l1/kernel"].value.sharding.spec == P(None, "model")
     assert qv.variables["l1/kernel"].scale.sharding.spec == P(None, "model")
@@ -574,7 +574,7 @@ def test_logical_specs_bad_input(linen):
 def test_exported_tpu_and_cuda_modules_keep_sharded_int8_dots(linen):
     """For pods: the exported module has i8 x i8 -> i32 dots and the int8 kernel's mesh sharding."""
     m, v = linen
-    qv = jq.convert(m, v, rules(), jq.calibrate(m, v, [X], rules(), progress=False))
+    qv = jq.convert(m, v, rules(), jq.calibrate(m, v, rules(), [X], progress=False))
     sh = jfs.qvars_shardings(qv, LAYOUTS["megatron"], mesh=MESH)
     f = jax.jit(lambda q, x: jq.apply(m, q, x), in_shardings=(sh, ns("data")))
     for platform in ("tpu", "cuda"):
@@ -596,9 +596,9 @@ def test_merge_stats_of_independent_calibrations(linen):
     m, v = linen
     batches = [_data(s, (16, 32)) for s in range(4)]
     r = rules()
-    a = jq.calibrate(m, v, batches[:1], r, progress=False)
-    b = jq.calibrate(m, v, batches[1:], r, progress=False)
-    full = jq.calibrate(m, v, batches, r, progress=False)
+    a = jq.calibrate(m, v, r, batches[:1], progress=False)
+    b = jq.calibrate(m, v, r, batches[1:], progress=False)
+    full = jq.calibrate(m, v, r, batches, progress=False)
     merged = jfs.merge_stats(a, b)
     assert merged.num_batches == 4
     for k in full.states:
@@ -612,7 +612,6 @@ def test_merge_stats_of_independent_calibrations(linen):
     other = jq.calibrate(
         m,
         v,
-        batches[:1],
         [
             jq.Rule(
                 "Dense_0",
@@ -620,6 +619,7 @@ def test_merge_stats_of_independent_calibrations(linen):
                 activation=jq.QuantSpec("int8", calibration=cal.MinMax()),
             )
         ],
+        batches[:1],
         progress=False,
     )
     with pytest.raises(ValueError, match="different sites or observers"):
@@ -629,7 +629,7 @@ def test_merge_stats_of_independent_calibrations(linen):
 def test_explicit_axis_types_mesh_through_auto_axes(linen):
     """`jax.make_mesh` defaults to Explicit axes; jq.apply runs there inside `jax.sharding.auto_axes`."""
     m, v = linen
-    qv = jq.convert(m, v, rules(), jq.calibrate(m, v, [X], rules(), progress=False))
+    qv = jq.convert(m, v, rules(), jq.calibrate(m, v, rules(), [X], progress=False))
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
     with jax.set_mesh(mesh):
         qs = jfs.shard_qvars(qv, LAYOUTS["megatron"], mesh=mesh)

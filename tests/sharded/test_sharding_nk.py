@@ -12,7 +12,7 @@ from jq.flax import sharding as jfs
 def test_nk_weights_carry_swapped_logical_names_and_shard():
     m = LogicalMLP()
     v = m.init(jax.random.key(0), X)
-    stats = jq.calibrate(m, v, [X], rules("int8"), progress=False)
+    stats = jq.calibrate(m, v, rules("int8"), [X], progress=False)
     qv = jq.convert(m, v, rules("int8"), stats, target="gpu")
     assert (
         qv.variables["params/Dense_0/kernel"].shape[::-1]
