@@ -314,14 +314,16 @@ def test_apply_on_mesh_equals_one_device(linen, layout, wfmt):
     assert y.sharding.spec[0] == "data"
     if wfmt == "int8":
         dots = hlo_dots(f.lower(qs, xs).compile().as_text())
-        # two dots, both integer (u8 x s8 -> s32), on per-device shapes: 8 rows (+1 row of
-        # ones for the weight sums), output features split over "model" where the layout says
+        # two dots, both integer, on per-device shapes, output features split over "model"
+        # where the layout says: on VNNI CPUs u8 x s8 -> s32 with 8 rows + 1 row of ones for
+        # the weight sums; elsewhere s8 x s8 -> s32 on the 8 rows (8 >= the M padding of 2)
+        a, rows = ("u8", 9) if jq.ops.lowering_info()["cpu"]["form"] == "u8s8" else ("s8", 8)
         k1, n1 = 32, 64 if layout == "dp" else 16
         k2, n2 = {"dp": (64, 16), "column": (64, 4), "megatron": (16, 16)}[layout]
         assert sorted(dots) == sorted(
             [
-                (f"u8[9,{k1}]", f"s8[{k1},{n1}]", f"s32[9,{n1}]"),
-                (f"u8[9,{k2}]", f"s8[{k2},{n2}]", f"s32[9,{n2}]"),
+                (f"{a}[{rows},{k1}]", f"s8[{k1},{n1}]", f"s32[{rows},{n1}]"),
+                (f"{a}[{rows},{k2}]", f"s8[{k2},{n2}]", f"s32[{rows},{n2}]"),
             ]
         ), dots
 
@@ -333,7 +335,10 @@ def test_row_parallel_sums_int32_partials_across_devices(linen):
     f = jax.jit(lambda q, x: jq.apply(m, q, x))
     qs = jfs.shard_qvars(qv, LAYOUTS["megatron"], mesh=MESH)
     hlo = f.lower(qs, jax.device_put(X, ns("data"))).compile().as_text()
-    assert re.search(r"= s32\[9,16\]\S* all-reduce\(", hlo), "no s32 all-reduce of the partial dots"
+    rows = 9 if jq.ops.lowering_info()["cpu"]["form"] == "u8s8" else 8  # + a row of ones on VNNI
+    assert re.search(rf"= s32\[{rows},16\]\S* all-reduce\(", hlo), (
+        "no s32 all-reduce of the partial dots"
+    )
     np.testing.assert_allclose(
         np.asarray(f(qs, jax.device_put(X, ns("data")))), np.asarray(f(qv, X)), rtol=1e-6, atol=1e-6
     )
