@@ -39,11 +39,20 @@ MLP_SIZES = (784, 1024, 1024, 1024, 10)
 
 
 def _compiled(f, args, form: str | None = None):
-    """`f` jitted and compiled now, in `form` (None: jq's automatic choice)."""
+    """`f` jitted and compiled now, in `form` (None: jq's automatic choice).
+
+    Each call traces a new wrapper of `f`: `jax.jit` caches traces per Python
+    function, so compiling `f` itself again would reuse the form of its first
+    trace whatever `jq.ops.int8_lowering` says (the previous release's table
+    compared one form with itself this way)."""
+
+    def fresh(*a):
+        return f(*a)
+
     if form is None:
-        return jax.jit(f).lower(*args).compile()
+        return jax.jit(fresh).lower(*args).compile()
     with ops.int8_lowering(cpu=form):
-        return jax.jit(f).lower(*args).compile()
+        return jax.jit(fresh).lower(*args).compile()
 
 
 def _form_cases(label: str, f, args) -> dict:

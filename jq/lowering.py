@@ -243,7 +243,10 @@ def int8_lowering(cpu: str | None = None, k_multiple: int | None = None):
       k_multiple: the contraction multiple of the ``s8s8_padk`` form (on
         accelerators, and on CPU when that form is chosen); default 4.
 
-    A function already jitted keeps the form it was traced with.
+    A function already traced keeps the form it was traced with: `jax.jit`
+    caches traces per Python function, so ``jax.jit(f)`` inside the block
+    reuses a trace of `f` made outside it (or under another form). Trace a new
+    function object to get the block's form, e.g. ``jax.jit(lambda *a: f(*a))``.
     """
     prev = _override.get() or {}
     new = dict(prev)

@@ -45,42 +45,53 @@ def section_until(text, heading_prefix):
     return text
 
 
-def expect_table(ops_md: str) -> str:
-    """The per-hardware table of docs/readme/hardware.md; measured rows come from ops.md."""
-    kind = re.search(r"CPU kind `([^`]+)` \(int8 flags: ([^)]*)", ops_md)
+def _ratios(ops_md: str, form: str) -> str:
+    """The static int8 MLP ratios ``b1 / b32 / b256`` of `form` in a bench_ops table."""
+    out = []
+    for b in (1, 32, 256):
+        m = re.search(
+            rf"^\| jq static int8 \([^|]*\[{form}[^\]]*\] \| MLP [^|]*batch {b} \|[^|]*\| ([\d.]+x)",
+            ops_md,
+            re.M,
+        )
+        out.append(m.group(1) if m else "?")
+    return " / ".join(out)
+
+
+def _machine(ops_md: str) -> tuple[str, str, str]:
+    """(cpu, CPU kind, jq's automatic form) of a bench_ops table."""
+    kind = re.search(r"CPU kind `([^`]+)`", ops_md).group(1)
     cpu = re.search(r"^jax [^,]+, ([^;]+);", ops_md, re.M).group(1)
-
-    def ratios(form):
-        out = []
-        for b in (1, 32, 256):
-            m = re.search(
-                rf"^\| jq static int8 \([^|]*\[{form}[^\]]*\] \| MLP [^|]*batch {b} \|[^|]*\| ([\d.]+x)",
-                ops_md,
-                re.M,
-            )
-            out.append(m.group(1) if m else "?")
-        return " / ".join(out)
-
     auto = re.search(r"jq's automatic CPU form here: `([^`]+)`", ops_md).group(1)
+    return cpu, kind, auto
+
+
+def expect_table(ops_md: str, ops_avx2_md: str) -> str:
+    """The per-hardware table of docs/readme/hardware.md; measured rows come from ops.md
+    (a VNNI machine) and ops_avx2.md (an AVX2-only machine)."""
+    cpu, kind, auto = _machine(ops_md)
+    cpu2, kind2, auto2 = _machine(ops_avx2_md)
     rows = [
         "| hardware | form | static int8 MLP vs float32, b1 / b32 / b256 | source |",
         "|---|---|---|---|",
-        f"| {cpu} (CPU kind `{kind.group(1)}`) | `{auto}` (jq's choice here) | **{ratios(auto)}** "
-        "| `experiments/bench_ops.py`, table below |",
+        f"| {cpu} (CPU kind `{kind}`) | `{auto}` (jq's choice here) | **{_ratios(ops_md, auto)}** "
+        "| `experiments/results/ops.md` (its forced-form rows ran `u8s8` too: see below) |",
+        f"| {cpu2} (CPU kind `{kind2}`) | `{auto2}` (jq's choice here) | "
+        f"**{_ratios(ops_avx2_md, auto2)}** | `experiments/results/ops_avx2.md` |",
     ]
     for form in ("u8s8", "s8s8", "s8s8_padk"):
-        if form != auto:
-            rows.append(f"| same machine, form forced | `{form}` | {ratios(form)} | same run |")
+        if form != auto2:
+            rows.append(
+                f"| same AVX2 machine, form forced | `{form}` | {_ratios(ops_avx2_md, form)} "
+                "| same run |"
+            )
     rows += [
-        "| x86 with AVX2 only | `s8s8` | not measured by this release (no such machine was "
-        "available); the report that led to this form measured the form at 1.75x / 2.23x / "
-        "1.34x there, and jq's earlier `u8s8` at 0.12-0.61x | issue 13 (2 threads, jax 0.10.2) |",
         "| x86 with AVX-VNNI or AMX | `u8s8` | not measured; the VNNI kernels apply | run "
         "`experiments/bench_ops.py` |",
         "| aarch64 | `s8s8` | not measured | run `experiments/bench_ops.py`; keep float32 where "
         "int8 is not faster |",
         "| NVIDIA GPU | `s8s8_padk` | exactness fixed (K padding, convs as patches); speed "
-        "against bf16 is issue 14 | `bash scripts/device_check.sh` |",
+        "against bf16: `experiments/bench_gpu.py` | `bash scripts/device_check.sh` |",
     ]
     return "\n".join(rows)
 
@@ -126,12 +137,18 @@ def main():
         "`amax/127.5`; the exact entropy variant; streaming re-binning) are listed in "
         "[experiments/results/calibration.md](experiments/results/calibration.md).\n\n### Speed\n"
         + between(read(R, "calibration.md"), "<!-- bench:start -->", "<!-- bench:end -->"),
-        read(D, "hardware.md").replace("{expect_table}", expect_table(read(R, "ops.md")))
+        read(D, "hardware.md").replace(
+            "{expect_table}", expect_table(read(R, "ops.md"), read(R, "ops_avx2.md"))
+        )
         + "\n\n### Benchmark\n\n"
         "`python experiments/bench_ops.py` (targets for static int8 on the MLP with the form jq "
         "chooses: on a VNNI CPU at least 3.5x over float32 at batch 32 and 256 and 1.4x at "
-        "batch 1; on an AVX2-only CPU at least 1.5x / 2.0x / 1.3x).\n\n"
-        + demote(read(R, "ops.md").split("\n", 1)[1], 2).strip(),
+        "batch 1; on an AVX2-only CPU at least 1.5x / 2.0x / 1.3x). On an AVX2-only CPU "
+        "(`python experiments/bench_ops.py --out experiments/results/ops_avx2.md`):\n\n"
+        + demote(read(R, "ops_avx2.md").split("\n", 1)[1], 2).strip()
+        + "\n\nOn an AVX-512 VNNI CPU (the previous run; its forced-form rows are the `u8s8` "
+        "form, see above):\n\n"
+        + demote(section_until(read(R, "ops.md").split("\n", 1)[1], "Notes:"), 2).strip(),
         demote(section_until(read(R, "precision.md"), "# Results"), 0).strip()
         + "\n\nExample (`experiments/precision.py`; full tables in "
         "[experiments/results/precision.md](experiments/results/precision.md)):\n\n"
