@@ -209,11 +209,12 @@ class ApplyGradTest(parameterized.TestCase):
             return jnp.sum(m.apply(v, x) * c)
 
         gf = jax.grad(float_loss)(x)
-        g = jax.grad(quant_loss)(x)
-        self.assertGreater(_cos(g, gf), 0.99)
         gj = jax.jit(jax.grad(quant_loss))(x)
         self.assertGreater(_cos(gj, gf), 0.99)
-        np.testing.assert_allclose(gj, g, rtol=1e-4, atol=1e-5 * float(jnp.abs(g).max()))
+        if model == "mlp":  # eager grad dispatches op by op: the CNN's takes ~25 s on 2 cores
+            g = jax.grad(quant_loss)(x)
+            self.assertGreater(_cos(g, gf), 0.99)
+            np.testing.assert_allclose(gj, g, rtol=1e-4, atol=1e-5 * float(jnp.abs(g).max()))
 
     @parameterized.product(model=("mlp", "cnn"), mode=("static", "dynamic"))
     def test_per_example_gradients_under_jit_and_vmap(self, model, mode):

@@ -97,8 +97,8 @@ def scheme_of(symmetric):
 
 # -- softmax-like data ------------------------------------------------------------------------
 
-SOFTMAX = [(seed, scale, True) for seed in (0, 1, 2) for scale in (2.0, 3.0, 4.0)] + [
-    (seed, 3.0, False) for seed in (0, 1, 2)
+SOFTMAX = [(seed, scale, True) for seed in (0, 1) for scale in (2.0, 3.0, 4.0)] + [
+    (seed, 3.0, False) for seed in (0, 1)
 ]
 
 
@@ -134,8 +134,8 @@ def test_entropy_softmax_symmetric(seed, scale, causal):
 
 # -- ReLU-like data ---------------------------------------------------------------------------
 
-RELU = [("relu", seed, mu) for seed in (0, 1, 2) for mu in (-1.0, 0.0, 0.5)] + [
-    ("exp", seed, None) for seed in (0, 1, 2)
+RELU = [("relu", seed, mu) for seed in (0, 1) for mu in (-1.0, 0.0, 0.5)] + [
+    ("exp", seed, None) for seed in (0, 1)
 ]
 
 
