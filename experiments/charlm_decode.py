@@ -419,8 +419,9 @@ def render_markdown(result) -> str:
         "Notes: the fp8 e4m3 cache is slow on this CPU because XLA:CPU converts float8 to "
         "float32 in software when the cache is read (every step reads the whole cache); on GPUs "
         "the conversion is native. int4 weights are dequantized at each step (weight-only), "
-        "int8 W8A8 runs jq's integer dots. Timings come from one run on a shared machine "
-        "(5 users on 2 cores): read differences under about 20% as noise. "
+        "int8 W8A8 runs jq's integer dots (on an AVX2-only CPU XLA's int8 GEMM is about "
+        "1.1x float32's, so int8 weights gain little there). Timings come from one run on a "
+        "possibly shared machine (load above): read differences under about 20% as noise. "
         "`int4 AWQ, no clip` isolates the scale search: on this model (no strong activation "
         "outlier channels) most of AWQ's gain comes from the clip search.",
         "",

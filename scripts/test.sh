@@ -9,7 +9,11 @@ PY=${PYTHON:-python3}
 # lint: the same ruff checks and formatting everywhere
 .venv/bin/ruff check jq tests experiments scripts
 .venv/bin/ruff format --check jq tests experiments scripts
-# the main suite keeps one device; the sharded tests need 8 simulated CPU devices and so
-# run in a second process (tests/sharded/conftest.py fails clearly if they get fewer)
+# one XLA compilation cache for this run's processes (tests/conftest.py), removed at exit
+JQ_TEST_XLA_CACHE=$(mktemp -d)
+export JQ_TEST_XLA_CACHE
+trap 'rm -rf "$JQ_TEST_XLA_CACHE"' EXIT
 .venv/bin/python -m pytest -q -n 2 tests --ignore=tests/sharded
-XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" .venv/bin/python -m pytest -q tests/sharded
+# the main suite keeps one device; the sharded tests need 8 simulated CPU devices and so
+# run in separate processes (tests/sharded/conftest.py fails clearly if they get fewer)
+XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" .venv/bin/python -m pytest -q -n 2 tests/sharded

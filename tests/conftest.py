@@ -14,6 +14,8 @@ a GPU machine). Two things make that hold:
   Under ``JAX_PLATFORMS=cuda`` no CPU backend exists to pin them to.
 """
 
+import os
+
 import hypothesis
 import jax
 import pytest
@@ -24,6 +26,15 @@ hypothesis.settings.register_profile(
     "jq", max_examples=25, deadline=None, derandomize=True, print_blob=True
 )
 hypothesis.settings.load_profile("jq")
+
+# A compilation cache shared by the pytest-xdist workers of one run (scripts/test.sh sets
+# JQ_TEST_XLA_CACHE to a fresh directory): many tests compile the same computation under
+# another Python function, and XLA's cache is keyed by the computation itself. Unset (a
+# plain `pytest`), nothing is cached across processes.
+if os.environ.get("JQ_TEST_XLA_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["JQ_TEST_XLA_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # Full float32 precision for float dots / convs on every backend (GPU default: TF32).
 # Setting a config value does not initialise a backend (tests/sharded still sets
