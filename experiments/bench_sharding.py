@@ -198,6 +198,9 @@ def main():
         "jax": jax.__version__,
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
+        # the int8 form depends on these (u8s8 with VNNI, s8s8 without): name them with timings
+        "cpu_int8_flags": jq.ops.lowering_info()["cpu"]["int8_flags"],
+        "int8_cpu_form": jq.ops.lowering_info()["cpu"]["form"],
         "devices": "8 simulated CPU devices (--xla_force_host_platform_device_count=8)",
     }
     path = os.path.join(
