@@ -84,13 +84,15 @@ def w8a8_dynamic(
     """int8 weights (per channel) and int8 activations quantized with each call's own range.
 
     Args:
-      per_token: one activation scale per row of the activation's first axis
-        (per token for ``(tokens, features)`` activations) instead of one per
-        tensor; applies to ``"dot"`` sites only (convolutions and embeddings
-        are left float by this rule).
+      per_token: one activation scale per token instead of one per tensor:
+        per position of every axis but the one the dot contracts (the
+        features), on inputs of any rank (``(tokens, features)``,
+        ``(batch, tokens, features)``, ...; ``QuantSpec("int8", axis="rows")``).
+        Applies to ``"dot"`` sites only (convolutions and embeddings are left
+        float by this rule).
       skip, keep_first_last: sites kept in float (see the module docstring).
     """
-    act = QuantSpec("int8", axis=0) if per_token else QuantSpec("int8")
+    act = QuantSpec("int8", axis="rows") if per_token else QuantSpec("int8")
     ops = ("dot",) if per_token else ("dot", "conv", "embed")
     return _rule(skip, keep_first_last, ops=ops, weight=QuantSpec("int8", axis=-1), activation=act)
 

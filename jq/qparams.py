@@ -12,7 +12,10 @@ every path bit-identical.)
 The symmetric scheme fixes ``Z = 0`` for signed formats (with the narrow grid,
 so int8 is ``[-127, 127]``) and ``Z = 128`` for uint8 (ONNX Runtime's
 convention). Parameters are per tensor (``axis=None``), per channel along one or
-more axes (``axis=1``, ``axis=-1``, ``axis=(0, 2)``), or per block: ``block_size``
+more axes (``axis=1``, ``axis=-1``, ``axis=(0, 2)``), per row (``axis="rows"``, for
+activations: one scale for each position of every axis the op does not contract,
+so per token on ``(batch, tokens, features)``; the op that reads the tensor
+resolves it, `QuantSpec.for_operand`), or per block: ``block_size``
 consecutive elements along ``block_axis`` share one scale (combinable with
 per-channel axes, e.g. GPTQ-style group scales of a ``(K, N)`` kernel are
 ``axis=-1, block_axis=0, block_size=128``).
@@ -41,17 +44,25 @@ __all__ = [
 
 Scheme = Literal["symmetric", "affine"]
 
+#: ``QuantSpec(axis=ROWS)``: one scale per row of an operand, i.e. per position of every
+#: axis that the op reading it does not contract (stored as ``axis=("rows",)``).
+ROWS = "rows"
 
-def _as_axes(axis) -> tuple[int, ...] | None:
+
+def _as_axes(axis) -> tuple[int, ...] | tuple[str] | None:
     if axis is None:
         return None
+    if axis == ROWS or (isinstance(axis, (tuple, list)) and tuple(axis) == (ROWS,)):
+        return (ROWS,)
     if isinstance(axis, (int, np.integer)):
         return (int(axis),)
     if isinstance(axis, (tuple, list)) and all(isinstance(a, (int, np.integer)) for a in axis):
         if len(set(axis)) != len(axis):
             raise ValueError(f"QuantSpec.axis={tuple(axis)} repeats an axis")
         return tuple(int(a) for a in axis)
-    raise TypeError(f"QuantSpec.axis must be None, an int or a tuple of ints, got {axis!r}")
+    raise TypeError(
+        f"QuantSpec.axis must be None, an int, a tuple of ints or {ROWS!r}, got {axis!r}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +75,12 @@ class QuantSpec:
         ``"float16"``, ``"bfloat16"``).
       scheme: ``"symmetric"`` (Z = 0; uint8 uses Z = 128) or ``"affine"``.
       axis: channel axis or axes that keep their own parameters (negative axes
-        allowed); None means per tensor. For dynamic activation quantization,
-        ``axis=0`` on a ``(tokens, features)`` input is per token / per row.
+        allowed); None means per tensor. ``"rows"`` (dynamic activations only):
+        one scale per row, that is per position of every axis of the operand
+        that the op does not contract: per token on ``(tokens, features)`` and
+        ``(batch, tokens, features)`` inputs of a Dense (any rank), per example
+        for a convolution (its window contracts the spatial axes). The op
+        resolves it (`for_operand`); ``axis=0`` is per position of axis 0 only.
       block_size: if set, ``block_size`` consecutive elements along `block_axis`
         share one scale.
       block_axis: the axis cut into blocks (required with `block_size`).
@@ -100,6 +115,11 @@ class QuantSpec:
         object.__setattr__(self, "axis", None if self.axis is None else _as_axes(self.axis))
         if self.axis is not None and len(self.axis) == 1:
             object.__setattr__(self, "axis", self.axis)
+        if self.per_row and (self.calibration is not None or self.block_size is not None):
+            raise ValueError(
+                "QuantSpec(axis='rows') is for dynamic activations (each call's rows); it takes "
+                "no calibration observer and no blocks"
+            )
         if (self.block_size is None) != (self.block_axis is None):
             raise ValueError(
                 "QuantSpec: block_size and block_axis go together, got "
@@ -152,6 +172,23 @@ class QuantSpec:
     def per_tensor(self) -> bool:
         return self.axis is None and self.block_size is None
 
+    @property
+    def per_row(self) -> bool:
+        """``axis="rows"``: one scale per position of every non-contracting axis."""
+        return self.axis == (ROWS,)
+
+    def for_operand(self, ndim: int, contract) -> QuantSpec:
+        """This spec for a rank-`ndim` operand that an op contracts over `contract`.
+
+        A per-row spec (``axis="rows"``) becomes per channel along every axis not in
+        `contract` (per tensor if there is none); any other spec is returned as is.
+        """
+        if not self.per_row:
+            return self
+        contract = {a % ndim for a in contract}
+        free = tuple(a for a in range(ndim) if a not in contract)
+        return self.replace(axis=free or None)
+
     def replace(self, **kw) -> QuantSpec:
         return dataclasses.replace(self, **kw)
 
@@ -159,6 +196,13 @@ class QuantSpec:
         """Channel axes made non-negative for a rank-`ndim` tensor; checks the range."""
         if self.axis is None:
             return ()
+        if self.per_row:
+            raise ValueError(
+                f"QuantSpec(axis='rows') for `{name}`: per-row scales are resolved by the op "
+                "that contracts the tensor (jq.ops dot_general / einsum / conv_general_dilated "
+                "and their qat_* forms, for dynamic activations); here the contracting axes are "
+                "unknown. Name the channel axes instead (axis=0, axis=(0, 1), ...)"
+            )
         out = []
         for a in self.axis:
             if not -ndim <= a < ndim:

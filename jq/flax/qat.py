@@ -382,7 +382,7 @@ class QAT:
                         sts[key] = r
                     qps[op] = qparams_from_range(r["lo"], r["hi"], spec)
                 if site.name not in real:
-                    vals[op] = fake_quant(x, qps[op], spec)
+                    vals[op] = fake_quant(x, qps[op], spec.for_operand(x.ndim, _contract(eqn, op)))
             if site.name in real:  # the activation is operand 0, the weight operand 1
                 return _real_forward(site, eqn, vals, spec, qps[0], real[site.name])
             return bind_eqn(eqn, vals)
@@ -421,6 +421,14 @@ class QAT:
 
 
 _FORWARD = ("fake", "int8", "fp8")
+
+
+def _contract(eqn, op: int) -> tuple[int, ...]:
+    """The axes a site's dot / conv contracts of operand `op` (a per-row spec keeps the rest)."""
+    dn = eqn.params["dimension_numbers"]
+    if eqn.primitive is jax.lax.dot_general_p:
+        return tuple(dn[0][op])
+    return tuple(dn.lhs_spec[1:]) if op == 0 else (dn.rhs_spec[1], *dn.rhs_spec[2:])
 
 
 def _real_forward(site, eqn, vals, spec, qp, wspec) -> list:

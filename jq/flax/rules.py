@@ -83,6 +83,11 @@ class Rule:
                 raise TypeError(
                     f"Rule.{name} must be a jq.QuantSpec or None, got {type(spec).__name__}"
                 )
+        if self.weight is not None and self.weight.per_row:
+            raise ValueError(
+                "Rule.weight: axis='rows' is for activations; give a weight its channel axes "
+                "(axis=-1: the output features of Dense and Conv kernels)"
+            )
         if self.weight is not None and self.weight.calibration is not None:
             raise ValueError(
                 "Rule.weight: weights are quantized from their own values; drop `calibration`"

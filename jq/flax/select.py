@@ -153,6 +153,8 @@ def activation_spec(choice: Choice, operand: int) -> QuantSpec:
     """
     spec = choice.rule.activation
     aval = choice.site.in_avals[operand]
+    if spec.per_row:  # fits any operand: the op keeps every axis it does not contract
+        return spec
     try:
         spec.param_shape(tuple(aval.shape), f"{choice.site.name} activation")
     except ValueError as e:

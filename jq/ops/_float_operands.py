@@ -133,7 +133,7 @@ def _run_float_operands(fn, geometry, a: dict, sides: tuple[str, ...], check: bo
     geo = geometry(a, vals["lhs"], vals["rhs"])
     specs, qps, ok, marks = {}, {"lhs": None, "rhs": None}, {}, {}
     for s in sides:
-        specs[s] = a[f"{s}_spec"]
+        specs[s] = a[f"{s}_spec"].for_operand(vals[s].ndim, geo.contract[s])  # axis="rows"
         static = a.get(f"{s}_qparams") is not None
         marks[s] = nonfinite_mark(specs[s]) if static else None
         if marks[s] is None:

@@ -23,8 +23,13 @@ from jq.qparams import QParams, QuantSpec
 from jq.quantize import QArray, fake_quant, quantize
 
 
-def _qat(float_op, int_op, lhs, rhs, lhs_spec, lhs_qparams, rhs_spec, rhs_qparams, int_forward):
-    """Fake-quant forward with STE gradients, or a real integer forward with the same VJP."""
+def _qat(
+    float_op, int_op, lhs, rhs, lhs_spec, lhs_qparams, rhs_spec, rhs_qparams, int_forward, contract
+):
+    """Fake-quant forward with STE gradients, or a real integer forward with the same VJP.
+
+    `contract`: the contracting axes of lhs and rhs (a per-row spec keeps the others).
+    """
     for spec, name in ((lhs_spec, "lhs_spec"), (rhs_spec, "rhs_spec")):
         if spec is not None and not isinstance(spec, QuantSpec):
             raise TypeError(f"{name} must be a jq.QuantSpec, got {type(spec).__name__}")
@@ -36,6 +41,10 @@ def _qat(float_op, int_op, lhs, rhs, lhs_spec, lhs_qparams, rhs_spec, rhs_qparam
     rhs = check_operand(rhs, "rhs")
     if isinstance(lhs, QArray) or isinstance(rhs, QArray):
         raise TypeError("QAT ops take float operands (they are quantized inside the op)")
+    if lhs_spec is not None:
+        lhs_spec = lhs_spec.for_operand(lhs.ndim, contract[0])
+    if rhs_spec is not None:
+        rhs_spec = rhs_spec.for_operand(rhs.ndim, contract[1])
 
     def fq(x, qp, spec):
         return x if spec is None else fake_quant(x, qp, spec)
@@ -131,8 +140,9 @@ def qat_dot_general(
         )
 
     return _qat(
-        float_op, int_op, lhs, rhs, lhs_spec, lhs_qparams, rhs_spec, rhs_qparams, int_forward
-    )
+        float_op, int_op, lhs, rhs, lhs_spec, lhs_qparams, rhs_spec, rhs_qparams, int_forward,
+        dimension_numbers[0],
+    )  # fmt: skip
 
 
 def qat_einsum(
@@ -166,8 +176,9 @@ def qat_einsum(
         )
 
     return _qat(
-        float_op, int_op, lhs, rhs, lhs_spec, lhs_qparams, rhs_spec, rhs_qparams, int_forward
-    )
+        float_op, int_op, lhs, rhs, lhs_spec, lhs_qparams, rhs_spec, rhs_qparams, int_forward,
+        dn[0],
+    )  # fmt: skip
 
 
 def qat_conv_general_dilated(
@@ -208,6 +219,9 @@ def qat_conv_general_dilated(
     def int_op(a, rq, lqp):
         return conv_general_dilated(a, rq, **kw, lhs_spec=lhs_spec, lhs_qparams=lqp)
 
+    cdn = jax.lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), dimension_numbers)
+    contract = (cdn.lhs_spec[1:], (cdn.rhs_spec[1], *cdn.rhs_spec[2:]))
     return _qat(
-        float_op, int_op, lhs, rhs, lhs_spec, lhs_qparams, rhs_spec, rhs_qparams, int_forward
-    )
+        float_op, int_op, lhs, rhs, lhs_spec, lhs_qparams, rhs_spec, rhs_qparams, int_forward,
+        contract,
+    )  # fmt: skip
