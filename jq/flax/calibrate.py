@@ -13,6 +13,7 @@ from jq.flax.stream import (
     Stream,
     abstract,
     calibration_stats,
+    first_call,
     init_observers,
     model_call,
     model_kwargs_arg,
@@ -83,7 +84,8 @@ def calibrate(
     )
     args, kw = model_call(first, inputs, model_kwargs)
     adapter.with_state = adapter.kind == "nnx"
-    t = trace(adapter, adapter.values, args, kw)
+    with first_call(first, inputs, "calibrate"):
+        t = trace(adapter, adapter.values, args, kw)
     if adapter.kind == "nnx" and state_changes(t, adapter):
         warnings.warn(
             f"jq.calibrate: the nnx model updates its state when run ({fmt_paths(state_changes(t, adapter))}): "

@@ -33,7 +33,14 @@ from jq.flax.cast_policy import (
 )
 from jq.flax.dataflow import JaxprView
 from jq.flax.report import format_table
-from jq.flax.stream import Stream, check_batches, model_call, model_kwargs_arg, peek
+from jq.flax.stream import (
+    Stream,
+    check_batches,
+    first_call,
+    model_call,
+    model_kwargs_arg,
+    peek,
+)
 
 __all__ = [
     "CastModel",
@@ -485,7 +492,8 @@ def _observe_max(adapter: ModelAdapter, batches: Iterable, kwargs: dict, inputs=
     """
     first, batches = peek(batches, "jq.cast: `batches` is empty; pass None to skip calibration")
     args, kw = model_call(first, inputs, kwargs)
-    t = trace(adapter, adapter.values, args, kw)
+    with first_call(first, inputs, "cast"):
+        t = trace(adapter, adapter.values, args, kw)
     zero = jnp.zeros((), jnp.float32)
     init = {
         "eqns": {EqnKey(n.path, "absmax"): zero for n in t.finder.view.nodes},

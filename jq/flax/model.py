@@ -26,6 +26,7 @@ from jq.flax.rules import Rule, check_rules
 from jq.flax.stream import (
     check_batches,
     check_forwarded,
+    first_call,
     is_rules,
     join_call,
     model_call,
@@ -271,9 +272,10 @@ def quantize_model(
     else:
         first, _ = peek(batches, "jq.quantize_model: `batches` is empty")
         args, kw = model_call(first, inputs, model_kwargs)
-        qv = convert(
-            model, variables, rules, args=args, model_kwargs=kw, method=method, target=target
-        )
+        with first_call(first, inputs, "quantize_model"):
+            qv = convert(
+                model, variables, rules, args=args, model_kwargs=kw, method=method, target=target
+            )
     return QuantizedModel(
         model, qv, method=method, model_kwargs=model_kwargs, float_variables=variables
     )

@@ -18,6 +18,7 @@ collects them (`jq.flax.qvars.observed_range` reads a range back).
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +41,7 @@ __all__ = [
     "calibration_stats",
     "check_batches",
     "check_forwarded",
+    "first_call",
     "init_observers",
     "is_array",
     "is_rules",
@@ -84,6 +86,41 @@ def model_call(batch, inputs: Callable | None = None, model_kwargs: dict | None 
     if inputs is not None and isinstance(a, tuple) and len(a) == 2 and isinstance(a[1], dict):
         a, kw = a
     return split_batch(a), {**(model_kwargs or {}), **kw}
+
+
+_LABEL_KEYS = {"label", "labels", "y", "target", "targets"}
+
+
+@contextlib.contextmanager
+def first_call(batch, inputs: Callable | None, name: str):
+    """Context of the first model call on `batch`: a failure that looks like a missing
+    ``inputs=`` is re-raised as a TypeError that says so and names the fix.
+
+    Without ``inputs=`` a dict batch is the model's only argument and a tuple
+    batch is its argument list, so a ``{"image": ..., "label": ...}`` batch
+    reaches the model as one dict (an IndexError or KeyError deep in Flax) and
+    an ``(x, y)`` batch as two arguments ("takes 2 positional arguments but 3
+    were given"). Other failures, and every failure with ``inputs=``, pass
+    unchanged.
+    """
+    try:
+        yield
+    except (TypeError, IndexError, KeyError, AttributeError) as e:
+        if inputs is not None or not isinstance(batch, (dict, tuple)):
+            raise
+        if isinstance(batch, dict):
+            keys = [k for k in batch if isinstance(k, str)]
+            key = next((k for k in keys if k.lower() not in _LABEL_KEYS), keys[0] if keys else None)
+            what = f"a dict (keys {sorted(map(str, batch))[:6]}), passed whole as its only argument"
+            fix = f'inputs=lambda b: b["{key}"]' if key is not None else "inputs=lambda b: ..."
+        else:
+            what = f"a tuple of {len(batch)} items, passed as {len(batch)} positional arguments"
+            fix = "inputs=lambda b: b[0]"
+        raise TypeError(
+            f"jq.{name}: the model failed on the first batch, {what} because inputs= was not "
+            f"given ({type(e).__name__}: {e}). If the model reads only part of each batch (an "
+            f"(inputs, labels) pair, a dict of features and labels), say which: {fix}"
+        ) from e
 
 
 def check_batches(batches, name: str):
@@ -253,7 +290,8 @@ def prepare(
         )
     adapter = ModelAdapter(model, variables, method)
     args, kw = model_call(batches[0], inputs, kwargs)
-    t = trace(adapter, adapter.values, args, kw)
+    with first_call(batches[0], inputs, name):
+        t = trace(adapter, adapter.values, args, kw)
     chosen = choose(t.finder, rules)
     return rules, kw, batches, adapter, args, t, chosen
 
