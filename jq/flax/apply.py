@@ -410,6 +410,10 @@ def _check_signature(
             )
 
 
+#: nnx.MultiHeadAttention's decode cache (`nnx.Cache` variables after ``init_cache``).
+_CACHE_NAMES = ("cached_key", "cached_value", "cache_index")
+
+
 def _nnx_result(t, adapter: ModelAdapter, qvars: QuantizedVariables, out, mutable):
     """`apply`'s result for an nnx model traced with its state: the output, or (output, new qvars)."""
     out, new_leaves = out
@@ -419,12 +423,22 @@ def _nnx_result(t, adapter: ModelAdapter, qvars: QuantizedVariables, out, mutabl
         )
     if not mutable:
         changed = state_changes(t, adapter)
-        if changed:
+        cache = [p for p in changed if p.rsplit("/", 1)[-1] in _CACHE_NAMES]
+        other = [p for p in changed if p not in cache]
+        if other:
             raise ValueError(
-                f"jq.apply: the nnx model updates its state in this call ({fmt_paths(changed)}): "
+                f"jq.apply: the nnx model updates its state in this call ({fmt_paths(other)}): "
                 "dropout is active or BatchNorm is in training mode. Dropping the update would repeat "
                 "one dropout mask on every call. Call model.eval() for inference, or pass mutable=True "
                 "to get (out, new_qvars) and use new_qvars in the next call"
+            )
+        if cache:
+            raise ValueError(
+                f"jq.apply: the nnx model writes its decode cache in this call ({fmt_paths(cache)}): "
+                "attention in decode mode stores each step's keys and values and advances "
+                "cache_index, and dropping that write would decode every step against the old "
+                "cache. Pass mutable=True to get (out, new_qvars) and call the next step with "
+                "new_qvars"
             )
         return out
     old = qvars.variables

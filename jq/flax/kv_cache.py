@@ -5,7 +5,7 @@ linen ``nn.MultiHeadDotProductAttention(decode=True)`` keeps ``cached_key``,
 ``cache`` collection; nnx ``nnx.MultiHeadAttention`` keeps the same three as
 ``nnx.Cache`` variables after ``init_cache``. `kv_cache` replaces the key and
 value leaves of the modules a rule selects by `QArray` caches (`jq.kv_quant`:
-int8 / int4 / fp8 codes, one float32 scale per token and head). `jq.apply`
+int8 / int4 / fp8 codes, one bfloat16 scale per token and head). `jq.apply`
 then runs the model unchanged: the traced decode step writes the new token
 with ``lax.dynamic_update_slice``, and the interpreter turns that write into a
 quantized write (`jq.kv_quant.update_slice`: only the new vectors are
@@ -71,13 +71,34 @@ def _cache_module(path: str, kind: str) -> str | None:
     return "/".join(parts[:-1])
 
 
+def _check_fresh(variables: Mapping, path: str, mod: str, fn: str) -> None:
+    """Raises if the cache at `path` has been advanced (its module's ``cache_index`` is not 0).
+
+    Quantizing a cache that already holds tokens, before the decode loop that
+    wrote them has finished, leaves the caller's loop and the quantized cache
+    out of step (a prefilled cache is quantized token by token as it is written).
+    """
+    head, _, _ = path.rpartition("/")
+    idx = variables.get(f"{head}/cache_index" if head else "cache_index")
+    if idx is None or isinstance(idx, jax.core.Tracer):
+        return
+    idx = np.asarray(idx)
+    if np.any(idx != 0):
+        raise ValueError(
+            f"{fn}: the cache of {mod!r} has already been advanced (cache_index = "
+            f"{idx.tolist()}); quantize a fresh cache, before the first decode step (linen: "
+            "the 'cache' collection from model.init; nnx: right after init_cache), and let "
+            "jq.apply write every token into the quantized cache"
+        )
+
+
 def kv_cache(model, qvars: QuantizedVariables, rules: Sequence[Rule]) -> QuantizedVariables:
     """Stores the KV caches the rules select quantized (``ops=("kv_cache",)`` rules).
 
     Each ``cached_key`` / ``cached_value`` leaf whose module path the first
     matching ``"kv_cache"`` rule selects becomes a `QArray` with the rule's
-    activation format (int8, int4, fp8 e4m3 / e5m2; symmetric, one scale per
-    token and head); its current contents are quantized (zeros for a fresh
+    activation format (int8, int4, fp8 e4m3 / e5m2; symmetric, one bfloat16
+    scale per token and head); its current contents are quantized (zeros for a fresh
     cache). Other leaves are unchanged.
 
     Args:
@@ -92,7 +113,8 @@ def kv_cache(model, qvars: QuantizedVariables, rules: Sequence[Rule]) -> Quantiz
     Raises:
       TypeError: `qvars` is not `QuantizedVariables`.
       ValueError: no cache leaf is selected (the model is not in decode mode, or
-        nnx ``init_cache`` was not called), or a rule's format cannot hold a cache.
+        nnx ``init_cache`` was not called), a selected cache has already been
+        advanced (``cache_index`` is not 0), or a rule's format cannot hold a cache.
     """
     fn = "jq.kv_cache"
     if not isinstance(qvars, QuantizedVariables):
@@ -111,6 +133,7 @@ def kv_cache(model, qvars: QuantizedVariables, rules: Sequence[Rule]) -> Quantiz
         if i is None or rules[i].activation is None:
             continue
         spec = check_kv_spec(rules[i].activation, fn)
+        _check_fresh(qvars.variables, path, mod, fn)
         if isinstance(v, QArray):
             v = dequantize(v, np.float32)
         new[path] = quantize_kv(jnp.asarray(v, jnp.float32), spec)  # zeros: unit scales
