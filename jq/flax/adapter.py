@@ -96,7 +96,7 @@ class ModelAdapter:
                     f"(got {type(variables).__name__})"
                 )
             self.graphdef, state = nnx.split(model)
-            types = {tuple(str(p) for p in path): type(v) for path, v in state.flat_state()}
+            types = {tuple(str(p) for p in path): type(v) for path, v in nnx.to_flat_state(state)}
             flat, self.treedef = jax.tree_util.tree_flatten_with_path(state)
             infos = []
             for i, (path, leaf) in enumerate(flat):

@@ -3,6 +3,7 @@
 nothing; and the kv_cache docstring states the scale dtype it stores."""
 
 import importlib
+import warnings
 
 import flax.linen as nn
 import jax
@@ -98,3 +99,14 @@ def test_linen_kv_cache_refuses_an_advanced_cache_and_states_its_scale_dtype():
     assert dtype == "bfloat16"
     doc = importlib.import_module("jq.flax.kv_cache").__doc__
     assert f"one {dtype} scale per token and head" in doc and "float32 scale" not in doc
+
+
+def test_nnx_calls_emit_no_flax_state_deprecation():
+    nm = NnxMLP(nnx.Rngs(0), din=8, hidden=8, out=3)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        qv = jq.convert(nm, None, presets.w8a8_dynamic(), args=(X,))
+        jq.apply(nm, qv, X)
+        jq.sites(nm, None, presets.w8a8_dynamic(), X)
+    msgs = [str(w.message) for w in seen if issubclass(w.category, DeprecationWarning)]
+    assert not [m for m in msgs if "nnx.State" in m or "to_flat_state" in m], msgs
