@@ -4,14 +4,16 @@ Each function returns a ``list[jq.Rule]`` for `jq.quantize_model`,
 `jq.calibrate` / `jq.convert` and every other verb that takes rules. Two
 options are common to all of them:
 
-* ``skip=("head", "blocks/0/.*")``: module paths (regular expressions, matched
-  with `re.fullmatch` against the whole path or one of its prefixes) whose
-  sites stay float. They become a negative lookahead in the rule's
-  ``path_regex``: ``(?!(?:head|blocks/0/.*)(?:/.*)?$).*``.
+* ``skip=("head", "blocks/0")``: module paths (regular expressions, matched
+  with `re.fullmatch` against the whole path or one of its ``/``-prefixes)
+  whose sites stay float (``Rule.skip``). A pattern that matches no module of
+  the model is reported with a warning.
 * ``keep_first_last=True``: the model's first and last dot / conv site stay
   float (``Rule.skip_positions=("first", "last")``), the usual choice for a
-  CNN's stem and classifier. Which sites those are is decided when the rules
-  meet the model (`jq.flax.select.choose`), so the list stays model-independent.
+  CNN's stem and classifier, together with the sites that read the same
+  activation (the key and value projections next to the first query) or a
+  model input directly. Which sites those are is decided when the rules meet
+  the model (`jq.flax.select.choose`), so the list stays model-independent.
 
 Weights are quantized per output channel (``axis=-1``, the last axis of Dense
 and Conv kernels) unless a preset says otherwise; symmetric int8 uses
@@ -43,12 +45,8 @@ _OBSERVERS = {
 
 
 def _rule(skip: Sequence[str], keep_first_last: bool, **fields) -> list[Rule]:
-    if isinstance(skip, str):
-        skip = (skip,)
-    skip = tuple(skip)
-    regex = ".*" if not skip else f"(?!(?:{'|'.join(skip)})(?:/.*)?$).*"
     pos = ("first", "last") if keep_first_last else ()
-    return [Rule(regex, skip_positions=pos, **fields)]
+    return [Rule(".*", skip_positions=pos, skip=skip, **fields)]
 
 
 def w8a8_static(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from jq.qparams import QuantSpec
 
-__all__ = ["OP_KINDS", "POSITIONS", "Rule", "match_rule"]
+__all__ = ["OP_KINDS", "POSITIONS", "Rule", "match_rule", "skip_matches"]
 
 #: Kinds of sites a rule can select.
 #:  * ``"dot"``: a dot_general with a parameter operand (Dense, DenseGeneral,
@@ -49,7 +49,15 @@ class Rule:
         the model's first / last ``"dot"`` or ``"conv"`` site (in evaluation
         order), which then falls to the next matching rule, or stays float.
         Resolved when the rules meet the model (`jq.flax.select.choose`);
-        ``jq.presets.*(keep_first_last=True)`` sets it.
+        ``jq.presets.*(keep_first_last=True)`` sets it. "first" also covers
+        every site that reads the same activation as the first one (query, key
+        and value of one attention) or a model input directly; "last" every
+        site that reads the same activation as the last one.
+      skip: module paths (regular expressions) the rule does not match, each
+        matched with `re.fullmatch` against the whole path or a prefix of it
+        that ends before a ``/`` (``"blocks/0"`` skips ``blocks/0/mlp``). A
+        pattern that matches no module of the model is reported with a warning,
+        like a rule that selects no site. ``jq.presets.*(skip=...)`` sets it.
     """
 
     path_regex: str = ".*"
@@ -57,6 +65,7 @@ class Rule:
     weight: QuantSpec | None = QuantSpec("int8", axis=-1)
     activation: QuantSpec | None = None
     skip_positions: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
 
     def __post_init__(self):
         try:
@@ -77,6 +86,13 @@ class Rule:
         if any(p not in POSITIONS for p in pos):
             raise ValueError(f"Rule.skip_positions={pos!r}: each entry must be one of {POSITIONS}")
         object.__setattr__(self, "skip_positions", pos)
+        skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        for p in skip:
+            try:
+                re.compile(p)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"Rule.skip: {p!r} is not a valid regex: {e}") from e
+        object.__setattr__(self, "skip", skip)
         for name in ("weight", "activation"):
             spec = getattr(self, name)
             if spec is not None and not isinstance(spec, QuantSpec):
@@ -113,7 +129,16 @@ class Rule:
         subset of `POSITIONS`) say whether it is the model's first / last dot or conv site."""
         if any(p in self.skip_positions for p in positions):
             return False
+        if self.skip and skip_matches(self.skip, module_path):
+            return False
         return kind in self.ops and re.fullmatch(self.path_regex, module_path) is not None
+
+
+def skip_matches(patterns: Sequence[str], module_path: str) -> bool:
+    """Whether a pattern fullmatches `module_path` or one of its ``/``-prefixes."""
+    parts = module_path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(re.fullmatch(p, c) for p in patterns for c in prefixes)
 
 
 def _field_default(obs, name: str):

@@ -24,8 +24,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from jq.flax._graph import Site, SiteFinder
-from jq.flax.rules import Rule, match_rule
+from jq.flax._graph import _LAYOUT_OPS, Site, SiteFinder
+from jq.flax.rules import Rule, match_rule, skip_matches
 from jq.qparams import QuantSpec
 
 __all__ = [
@@ -84,6 +84,16 @@ def choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> di
         chosen[s.name] = Choice(s, i, r)
         used.add(i)
     if warn:
+        paths = {s.module_path or s.name for s in finder.sites}
+        for i, r in enumerate(rules):
+            for p in r.skip:
+                if not any(skip_matches((p,), q) for q in paths):
+                    warnings.warn(
+                        f"jq: rules[{i}] skip pattern {p!r} matches no module of the model (a "
+                        "pattern must match a whole path or a prefix ending before '/'; module "
+                        f"paths with sites: {sorted(paths)[:6]})",
+                        stacklevel=3,
+                    )
         for i, r in enumerate(rules):
             if i not in used and set(r.ops) != {"kv_cache"}:  # caches are not sites
                 warnings.warn(
@@ -94,13 +104,47 @@ def choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> di
 
 
 def site_positions(finder: SiteFinder) -> dict[str, tuple[str, ...]]:
-    """``{site name: ("first",) / ("last",) / both}`` for the first and last dot or conv site
-    with a weight, in evaluation order (what `Rule.skip_positions` names)."""
-    weighted = [s.name for s in finder.sites if s.kind in ("dot", "conv") and s.leaf is not None]
+    """``{site name: ("first",) / ("last",) / both}``: what `Rule.skip_positions` names.
+
+    Among the dot and conv sites with a weight, in evaluation order, "first" is
+    the first one, every one that reads the same activation (attention's
+    query, key and value projections of one input) and every one that reads a
+    model input directly; "last" is the last one and every one that reads the
+    same activation as it (several heads on one feature vector). An activation
+    is followed back through layout ops (reshape, transpose, dtype casts).
+    """
+    weighted = [s for s in finder.sites if s.kind in ("dot", "conv") and s.leaf is not None]
+    if not weighted:
+        return {}
+    src = _activation_sources(finder, weighted)
+    view = finder.view
+    inputs = set() if view is None else set(view.input_refs[len(finder.leaves) :])
     out: dict[str, tuple[str, ...]] = {}
-    if weighted:
-        out[weighted[0]] = ("first",)
-        out[weighted[-1]] = out.get(weighted[-1], ()) + ("last",)
+    for s in weighted:
+        pos = ()
+        if s is weighted[0] or (src[s.name] is not None and (
+            src[s.name] == src[weighted[0].name] or src[s.name] in inputs
+        )):  # fmt: skip
+            pos += ("first",)
+        if s is weighted[-1] or (src[s.name] is not None and src[s.name] == src[weighted[-1].name]):
+            pos += ("last",)
+        if pos:
+            out[s.name] = pos
+    return out
+
+
+def _activation_sources(finder: SiteFinder, sites) -> dict:
+    """``{site name: reference}`` of each site's activation operand, followed back through
+    layout ops to the value they reshape (None where the view does not show it)."""
+    view = finder.view
+    node_of = {} if view is None else {id(n.eqn): n for n in view.nodes}
+    out = {}
+    for s in sites:
+        n = node_of.get(id(s.eqn))
+        r = None if n is None else n.ins[s.act_operands[0]]
+        while r is not None and r in view.producer and view.producer[r].prim in _LAYOUT_OPS:
+            r = view.producer[r].ins[0]
+        out[s.name] = r if r is not None and r[0] == "v" else None
     return out
 
 

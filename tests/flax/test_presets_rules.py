@@ -1,5 +1,8 @@
 """`jq.presets`: plain rule lists; `skip=` and `keep_first_last=` resolved on a real model."""
 
+import warnings
+
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -44,9 +47,19 @@ def test_presets_are_rule_lists_and_skip_first_last(cnn, make, mode):
         "Conv_0/kernel": mode,
         "Dense_0/kernel": mode,
     }
-    # a prefix skips the subtree; a name is matched whole (Conv_ alone skips nothing)
+    # a prefix skips the subtree; a name is matched whole (Conv_ alone skips nothing, and says so)
     assert _selected(m, v, make(skip=("Conv_.",)), x) == {"Dense_0/kernel": mode}
-    assert _selected(m, v, make(skip=("Conv_",)), x) == dict.fromkeys(ALL, mode)
+    with pytest.warns(UserWarning, match=r"skip pattern 'Conv_' matches no module"):
+        assert _selected(m, v, make(skip=("Conv_",)), x) == dict.fromkeys(ALL, mode)
+
+
+def test_skip_patterns_matching_nothing_warn_and_matching_ones_do_not(cnn):
+    m, v, x = cnn
+    with pytest.warns(UserWarning, match=r"rules\[0\] skip pattern 'Conv' matches no module"):
+        jq.sites(m, v, presets.w8a8_dynamic(skip=("Conv", "Dense_0")), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jq.sites(m, v, presets.w8a8_dynamic(skip=("Conv_0", "Dense_.*")), x)
 
 
 def test_keep_first_last_on_an_nnx_transformer_and_the_quantized_output():
@@ -54,10 +67,9 @@ def test_keep_first_last_on_an_nnx_transformer_and_the_quantized_output():
     x = np.random.RandomState(1).randn(2, 4, 16).astype(np.float32)
     sel = _selected(blk, None, presets.w8_weight_only(keep_first_last=True), x)
     every = _selected(blk, None, presets.w8_weight_only(), x)
-    order = [r["site"] for r in jq.sites(blk, None, presets.w8_weight_only(), x)]
-    weighted = [s for s in order if s in every]
-    assert set(every) - set(sel) == {weighted[0], weighted[-1]}
-    assert weighted[-1].startswith("head")
+    # query, key and value read the same first activation: all three stay float
+    kept = {"attn/query/kernel", "attn/key/kernel", "attn/value/kernel", "head/kernel"}
+    assert set(every) - set(sel) == kept
     qv = jq.convert(blk, None, presets.w8_weight_only(keep_first_last=True), args=(x,))
     kinds = {k: isinstance(w, jq.QArray) for k, w in qv.variables.items() if k.endswith("kernel")}
     assert kinds and not any(q for k, q in kinds.items() if k.startswith("head"))
@@ -73,3 +85,26 @@ def test_w4_groups_and_static_calibration_names(cnn):
         presets.w8a8_static("bogus")
     with pytest.raises(ValueError, match="skip_positions"):
         jq.Rule(".*", skip_positions=("middle",))
+
+
+class _TwoInputs(nn.Module):
+    """A linen attention block on x, a projection of the raw input later, and two heads."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(nn.LayerNorm()(x))
+        h = nn.relu(nn.Dense(8, name="mid")(h)) + nn.Dense(8, name="skip")(x)
+        return nn.Dense(3, name="head_a")(h), nn.Dense(2, name="head_b")(h)
+
+
+def test_keep_first_last_covers_every_site_on_the_first_and_last_activation():
+    m = _TwoInputs()
+    x = np.random.RandomState(2).randn(2, 4, 8).astype(np.float32)
+    v = m.init(jax.random.key(0), x)
+    every = _selected(m, v, presets.w8_weight_only(), x)
+    sel = _selected(m, v, presets.w8_weight_only(keep_first_last=True), x)
+    att = "MultiHeadDotProductAttention_0"
+    assert set(every) - set(sel) == {
+        f"{att}/query/kernel", f"{att}/key/kernel", f"{att}/value/kernel",
+        "skip/kernel", "head_a/kernel", "head_b/kernel",
+    }  # fmt: skip
