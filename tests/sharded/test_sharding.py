@@ -516,6 +516,28 @@ def test_model_calibration_on_sharded_batches_equals_one_device(linen, obs):
     assert ref.ranges().keys() == got.ranges().keys()
 
 
+@pytest.mark.parametrize("layout", ["dp", "column", "megatron"])
+def test_calibration_with_sharded_kernels_is_exact_or_within_one_ulp(linen, layout):
+    """What the README's sharded-calibration example promises: the one-device ranges bit for
+    bit with replicated kernels; with split kernels within one float32 ulp (a device runs its
+    slice of a column-parallel dot with a kernel of another shape, and a row-parallel dot,
+    Megatron's second layer, sums partial products across devices in another order)."""
+    m, v = linen
+    batches = [_data(s, (16, 32)) for s in range(2)]
+    ref = jq.calibrate(m, v, rules(), batches, progress=False).ranges()
+    got = jq.calibrate(
+        m, place_float(v, layout), rules(), [jax.device_put(b, ns("data")) for b in batches],
+        progress=False,
+    ).ranges()  # fmt: skip
+    assert got.keys() == ref.keys()
+    for k in ref:
+        for a, b in zip(got[k], ref[k]):
+            if layout != "dp":
+                np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=1)
+            else:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=k)
+
+
 # ------------------------------------------------------------------------------------------
 # Flax logical-axis metadata carries through
 # ------------------------------------------------------------------------------------------
