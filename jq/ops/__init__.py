@@ -10,8 +10,8 @@ Modes, chosen by the operands:
 * a float lhs with ``lhs_spec`` and ``lhs_qparams``: static activation
   quantization, then the integer path;
 * a float lhs with ``lhs_spec`` and no ``lhs_qparams``: dynamic quantization
-  (min-max per tensor, or per row / token when ``lhs_spec.axis`` names free lhs
-  axes);
+  (min-max per tensor, per row when ``lhs_spec.axis`` names free lhs axes, or
+  per token with ``axis="rows"``: every axis the op does not contract, any rank);
 * a float rhs with ``rhs_spec``: the rhs is quantized from its own min-max;
 * a float lhs and an integer QArray rhs without ``lhs_spec``: weight-only
   (int8, uint8 or packed int4 weights, float activations);
