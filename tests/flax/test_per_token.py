@@ -110,3 +110,14 @@ def test_qat_fake_quant_per_token_on_rank_3(dense):
     y, yo = (np.asarray(q.apply(qv, a)).reshape(-1, N) for a in (x, xo))
     np.testing.assert_array_equal(np.delete(yo, 1, 0), np.delete(y, 1, 0))
     np.testing.assert_allclose(yo, _np_per_token(xo, v["params"]["kernel"]), rtol=1e-5, atol=1e-5)
+
+
+def test_per_token_spec_survives_a_checkpoint(dense, tmp_path):
+    m, v, _ = dense
+    x = _probe((2, 3, D), seed=6)[1]
+    qm = jq.quantize_model(m, v, [x], presets.w8a8_dynamic(per_token=True))
+    path = str(tmp_path / "m.safetensors")
+    qm.save(path, format="safetensors")
+    back = jq.load_model(path, m)
+    assert back.variables.plan.sites[0].activation.per_row
+    np.testing.assert_array_equal(np.asarray(back.apply(x)), np.asarray(qm.apply(x)))
