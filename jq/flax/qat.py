@@ -382,7 +382,8 @@ class QAT:
                         sts[key] = r
                     qps[op] = qparams_from_range(r["lo"], r["hi"], spec)
                 if site.name not in real:
-                    vals[op] = fake_quant(x, qps[op], spec.for_operand(x.ndim, _contract(eqn, op)))
+                    sp = spec.for_operand(x.ndim, _contract(eqn, op)) if spec.per_row else spec
+                    vals[op] = fake_quant(x, qps[op], sp)
             if site.name in real:  # the activation is operand 0, the weight operand 1
                 return _real_forward(site, eqn, vals, spec, qps[0], real[site.name])
             return bind_eqn(eqn, vals)
