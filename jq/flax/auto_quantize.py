@@ -22,7 +22,7 @@ from jq.flax.convert import convert
 from jq.flax.report import format_table
 from jq.flax.rules import Rule
 from jq.flax.sensitivity import QuantEval, batch_inputs
-from jq.flax.stream import check_batches, model_kwargs_arg
+from jq.flax.stream import check_batches, first_call, model_kwargs_arg
 from jq.qparams import QuantSpec
 
 __all__ = [
@@ -201,7 +201,8 @@ def auto_quantize(
     kwargs = model_kwargs_arg("auto_quantize", model_kwargs, kwargs)
     args0 = batch_inputs(batches[0], inputs)
     adapter = ModelAdapter(model, variables, method)
-    t = trace(adapter, adapter.values, args0[0], {**kwargs, **args0[1]})
+    with first_call(batches[0], inputs, "auto_quantize"):
+        t = trace(adapter, adapter.values, args0[0], {**kwargs, **args0[1]})
     sites = [s for s in t.finder.sites if s.kind in ops and s.leaf is not None]
     if not sites:
         raise ValueError(f"jq.auto_quantize: the model has no site of kinds {tuple(ops)}")

@@ -23,7 +23,7 @@ from jq.flax.qvars import CalibrationStats, observed_range
 from jq.flax.report import format_table
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import choose, leaf_specs, scan_lengths
-from jq.flax.stream import model_call, model_kwargs_arg, rules_then_batches
+from jq.flax.stream import first_call, model_call, model_kwargs_arg, rules_then_batches
 from jq.qparams import qparams_from_range
 from jq.quantize import quantize
 
@@ -207,7 +207,8 @@ def sensitivity(
         raise ValueError("jq.sensitivity: `batches` is empty")
     kwargs = model_kwargs_arg("sensitivity", model_kwargs, kwargs)
     args0 = batch_inputs(batches[0], inputs)
-    ev = _make_eval(model, variables, rules, batches, inputs, stats, method, kwargs, args0)
+    with first_call(batches[0], inputs, "sensitivity"):
+        ev = _make_eval(model, variables, rules, batches, inputs, stats, method, kwargs, args0)
     if not ev.chosen:
         raise ValueError("jq.sensitivity: the rules select no site of the model")
     base = ev.fn(frozenset())

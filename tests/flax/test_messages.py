@@ -38,6 +38,8 @@ def test_batches_without_inputs_name_the_fix(mlp, batch, hint):
     for call in (
         lambda: jq.calibrate(m, v, presets.w8a8_static(), [batch]),
         lambda: jq.quantize_model(m, v, presets.w8a8_dynamic(), [batch]),
+        lambda: jq.sensitivity(m, v, presets.w8a8_dynamic(), [batch]),
+        lambda: jq.gptq(m, v, presets.w4_weight_only(group_size=None), [batch]),
     ):
         with pytest.raises(TypeError, match="because inputs= was not given") as e:
             call()
