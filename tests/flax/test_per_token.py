@@ -60,36 +60,36 @@ def test_w8a8_dynamic_per_token_on_rank_2_3_4(dense, shape):
 def test_rows_spec_at_the_ops_level_dot_einsum_qat_conv():
     x, xo = _probe((2, 3, D), seed=1)
     w = np.random.RandomState(2).randn(D, N).astype(np.float32)
-    qw = jq.quantize(w, None, jq.QuantSpec("int8", axis=-1))
+    wspec = jq.QuantSpec("int8", axis=-1)
+    qw = jq.quantize(w, None, wspec)
     rows = jq.QuantSpec("int8", axis="rows")
     dn = (((2,), (0,)), ((), ()))
+    k = jq.quantize(np.random.RandomState(4).randn(3, 3, 2, 4).astype(np.float32), None, wspec)
+    img = np.random.RandomState(3).randn(2, 5, 5, 2).astype(np.float32)
+    img[1] *= 50.0
+
+    @jax.jit
+    def run(xo, img):
+        conv = lambda a: ops.conv_general_dilated(  # noqa: E731
+            a, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), lhs_spec=rows
+        )
+        return {
+            "dot": ops.dot_general(xo, qw, dn, lhs_spec=rows),
+            "einsum": ops.einsum("btd,dn->btn", xo, qw, lhs_spec=rows),
+            "qat_int": ops.qat_dot_general(
+                xo, w, dn, lhs_spec=rows, rhs_spec=wspec, int_forward=True
+            ),
+            "qat_fake": ops.qat_dot_general(xo, w, dn, lhs_spec=rows, rhs_spec=wspec),
+        }, (conv(img)[0], conv(img[:1])[0])
+
+    got, (conv_both, conv_alone) = run(xo, img)
     want = _np_per_token(xo, w)
-    got = {
-        "dot": ops.dot_general(xo, qw, dn, lhs_spec=rows),
-        "einsum": ops.einsum("btd,dn->btn", xo, qw, lhs_spec=rows),
-        "qat_int": ops.qat_dot_general(
-            xo, w, dn, lhs_spec=rows, rhs_spec=jq.QuantSpec("int8", axis=-1), int_forward=True
-        ),
-        "qat_fake": ops.qat_dot_general(
-            xo, w, dn, lhs_spec=rows, rhs_spec=jq.QuantSpec("int8", axis=-1)
-        ),
-    }
     for name, y in got.items():
         np.testing.assert_allclose(
             np.asarray(y).reshape(-1, N), want, rtol=1e-5, atol=1e-5, err_msg=name
         )
     # a convolution contracts features and the window: one scale per example
-    img = np.random.RandomState(3).randn(2, 5, 5, 2).astype(np.float32)
-    img[1] *= 50.0
-    k = jq.quantize(
-        np.random.RandomState(4).randn(3, 3, 2, 4).astype(np.float32),
-        None,
-        jq.QuantSpec("int8", axis=-1),
-    )
-    conv = lambda a: ops.conv_general_dilated(  # noqa: E731
-        a, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), lhs_spec=rows
-    )
-    np.testing.assert_array_equal(conv(img)[0], conv(img[:1])[0])
+    np.testing.assert_array_equal(conv_both, conv_alone)
 
 
 def test_rows_spec_is_for_dynamic_activations_only():
