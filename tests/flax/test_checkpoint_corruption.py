@@ -240,7 +240,6 @@ def _ob_relabel(arrays, meta):
     arrays[k] = arrays[k].view(np.uint8)  # the same bytes, read as uint8
 
 
-FS = r"\.safetensors"
 ST_CASES = {
     "bit flip in a kernel": (_flip_in_tensor(K0, 5), rf"tensor '{K0}'.*SHA-256"),
     "bit flip in a scale": (_flip_in_tensor(K1 + ".scale", 2, 6), rf"'{K1}\.scale'.*SHA-256"),

@@ -42,7 +42,11 @@ def test_quantize_model_kwargs_survive_save_and_load(bn, tmp_path):
     np.testing.assert_array_equal(np.asarray(back.apply(x)), y)
     # a caller's keyword wins over the recorded one: gain 3 against gain 2
     np.testing.assert_allclose(np.asarray(back.apply(x, gain=3.0)), 1.5 * y, rtol=1e-6)
-    # jq.export reads them from the variables alone
+    # jq.report and jq.export read them from the variables alone
+    assert [r["site"] for r in jq.report(m, v, orb.variables, x)] == [
+        "Dense_0/kernel",
+        "Dense_1/kernel",
+    ]
     f = jq.load_exported(jq.export(m, orb.variables, x))
     np.testing.assert_array_equal(np.asarray(f(x)), y)
 
