@@ -130,7 +130,9 @@ def test_reference_reader_recovers_every_float_parameter(tmp_path, chain, target
         "float16",
         "bfloat16",
     }
-    chex.assert_trees_all_equal(jq.load_model(path, m).variables, qm.variables)
+    back = jq.load_model(path, m).variables
+    chex.assert_trees_all_equal(back, qm.variables)
+    chex.assert_trees_all_equal_dtypes(back, qm.variables)  # float8 / bfloat16 come back as such
 
 
 def test_reference_reader_on_a_bfloat16_model(tmp_path, chain):
