@@ -86,8 +86,11 @@ def _sealed(doc: dict, key: str) -> bool:
 
 
 def tensor_sha(a: np.ndarray) -> str:
+    """SHA-256 of an array's bytes in C order, little-endian (hashed in place, no copy)."""
     a = np.ascontiguousarray(a)
-    return _sha(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return _sha(a.reshape(-1).view(np.uint8).data)
 
 
 # ---------------------------------------------------------------------------------------
