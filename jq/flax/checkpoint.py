@@ -19,7 +19,7 @@ import importlib
 import json
 import os
 
-from jq.flax.checkpoint_format import NATIVE, check_meta, decode, encode
+from jq.flax.checkpoint_format import check_meta, decode, encode
 from jq.flax.qvars import QuantizedVariables
 
 __all__ = ["decode", "encode", "restore", "restore_safetensors", "save", "save_safetensors"]
@@ -118,7 +118,6 @@ def save_safetensors(path: str | os.PathLike, qvars: QuantizedVariables) -> None
     """
     st = _optional("safetensors.numpy", "safetensors")
     arrays, meta = encode(qvars, names=True)
-    assert all(a.dtype.name in NATIVE for a in arrays.values())
     st.save_file(arrays, os.fspath(path), metadata={"jq": json.dumps(meta)})
 
 
