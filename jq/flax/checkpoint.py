@@ -52,7 +52,9 @@ def save(path: str | os.PathLike, qvars: QuantizedVariables) -> None:
         json.dump(meta, f, indent=1)
 
 
-def restore(path: str | os.PathLike, *, caller: str = "jq.flax.checkpoint.restore"):
+def restore(
+    path: str | os.PathLike, *, caller: str = "jq.flax.checkpoint.restore"
+) -> QuantizedVariables:
     """Restores `QuantizedVariables` saved by `save`; arrays bit-identical to the saved ones.
 
     Raises:
@@ -82,7 +84,7 @@ def restore(path: str | os.PathLike, *, caller: str = "jq.flax.checkpoint.restor
         ) from e
     if not isinstance(arrays, dict):
         raise ValueError(f"{caller}: the arrays of {path!r} are not a flat dict of tensors")
-    return decode(meta, arrays, caller, where)
+    return decode(meta, arrays, caller, repr(path))
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def _st_header(path: str, caller: str) -> dict:
 
 def restore_safetensors(
     path: str | os.PathLike, *, caller: str = "jq.flax.checkpoint.restore_safetensors"
-):
+) -> QuantizedVariables:
     """Restores `QuantizedVariables` saved by `save_safetensors`, arrays bit-identical.
 
     Raises:
