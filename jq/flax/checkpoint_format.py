@@ -116,7 +116,7 @@ def _store(a, role: str, variable: str) -> tuple[np.ndarray, dict]:
     }
 
 
-def _quantized(q: QArray, name: str, key: str, perm, float_leaf) -> dict:
+def _quantized(q: QArray, key: str, perm, float_leaf) -> dict:
     shape, sshape = tuple(q.shape), tuple(np.shape(q.scale))
     axes = [a for a, (n, m) in enumerate(zip(shape, sshape)) if m == n and n > 1]
     blocks = [a for a, (n, m) in enumerate(zip(shape, sshape)) if m not in (1, n)]
@@ -161,6 +161,8 @@ def encode(qvars: QuantizedVariables, names: bool = False) -> tuple[dict, dict]:
     arrays, tensors = {}, {}
 
     def put(key, a, role, variable, **extra):
+        if key in arrays:  # e.g. a variable path that ends in ".scale"
+            raise ValueError(f"jq.flax.checkpoint.save: two tensors would be named {key!r}")
         arrays[key], d = _store(a, role, variable)
         tensors[key] = {**d, **extra}
 
@@ -173,7 +175,7 @@ def encode(qvars: QuantizedVariables, names: bool = False) -> tuple[dict, dict]:
             if v.zero_point is not None:
                 put(k + ".zero_point", v.zero_point, "zero_point", name, of=k)
             put(k, v.value, "quantized", name)
-            tensors[k].update(_quantized(v, name, k, perms.get(name), float_leaves.get(name)))
+            tensors[k].update(_quantized(v, k, perms.get(name), float_leaves.get(name)))
         elif hasattr(v, "dtype") and jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
             put(k, jax.random.key_data(v), "prng_key", name, impl=str(jax.random.key_impl(v)))
         else:
