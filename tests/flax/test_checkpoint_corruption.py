@@ -7,6 +7,7 @@ names and files, missing and extra tensors, dtype changes) and `jq.load_model`
 must refuse it with an error naming the tensor (or the metadata) at fault.
 """
 
+import dataclasses
 import gc
 import json
 import os
@@ -362,3 +363,11 @@ def test_undamaged_copies_load_bit_identical(saved, tmp_path):
     shutil.copytree(d / "a", tmp_path / "c")
     for p in (tmp_path / "c.safetensors", tmp_path / "c"):
         chex.assert_trees_all_equal(jq.load_model(p, m).variables, ref.variables)
+
+
+def test_colliding_tensor_names_are_refused(saved, tmp_path):
+    _, _, ref = saved
+    qv = ref.variables
+    bad = dataclasses.replace(qv, variables={**qv.variables, K0 + ".scale": np.zeros(1)})
+    with pytest.raises(ValueError, match=rf"two tensors would be named '{K0}\.scale'"):
+        jq.QuantizedModel(ref.model, bad).save(tmp_path / "x.safetensors", format="safetensors")
