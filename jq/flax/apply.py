@@ -53,7 +53,8 @@ def apply(
     Args:
       model: the model the variables were converted from (linen or nnx; never mutated).
       qvars: `QuantizedVariables` from `convert`.
-      *args, **kwargs: the model's inputs.
+      *args, **kwargs: the model's inputs. Keyword arguments default to the ones the
+        variables were converted with (``qvars.plan.model_kwargs``, for the same `method`).
       rules: optional; checked against the specs carried by `qvars`.
       method: the model method.
       check_finite: register a `checkify` check for NaN / inf in the activation of every
@@ -76,6 +77,7 @@ def apply(
             f"jq.apply: expected QuantizedVariables from jq.convert, got {type(qvars).__name__}"
         )
     check_forwarded("apply", kwargs)
+    kwargs = {**qvars.plan.call_kwargs(method), **kwargs}
     return run_quantized(
         model, qvars, args, kwargs, rules=rules, method=method, check_finite=check_finite
     )

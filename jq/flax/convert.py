@@ -25,8 +25,10 @@ from jq.flax.qvars import (
     Plan,
     QuantizedVariables,
     SitePlan,
+    method_name,
     observed_range,
     permute_qarray,
+    record_kwargs,
     warn_zero_width,
 )
 from jq.flax.rules import Rule, check_rules
@@ -84,7 +86,10 @@ def convert(
       args: an example input (a tuple of positional arguments), needed when
         `stats` is None (jq traces the model to find its sites).
       model_kwargs: the model's keyword arguments for that example (default:
-        the ones `calibrate` saw).
+        the ones `calibrate` saw, or that `QAT.init` recorded). Their plain values
+        (``train=False``) are recorded in the result (``qvars.plan.model_kwargs``,
+        saved in checkpoints): `jq.apply`, `jq.export` and `QuantizedModel` pass
+        them by default; a caller's keyword arguments override them.
       method: the model method (default ``__call__``).
       verbose: print the size report.
       kwargs: deprecated name of `model_kwargs`.
@@ -206,7 +211,14 @@ def convert(
                 perms.get(name),
             )
         )
-    plan = Plan(adapter.kind, adapter.signature(), tuple(plans), tuple(float_leaves))
+    plan = Plan(
+        adapter.kind,
+        adapter.signature(),
+        tuple(plans),
+        tuple(float_leaves),
+        record_kwargs(kwargs),
+        method_name(method),
+    )
     qvars = QuantizedVariables(new_vars, acts, plan)
     # a dry run surfaces every spec that does not fit its op (e.g. a scale on a contracting axis)
     dry_kw = (

@@ -69,6 +69,10 @@ class QuantizedModel:
       model: the linen / nnx model (never mutated).
       variables: the `QuantizedVariables` (``jq.apply(model, qm.variables, x)``).
       method: the model method `apply` runs (None: ``__call__``).
+
+    The model's keyword arguments default to ``model_kwargs``, over the ones the
+    variables were converted with (``variables.plan.model_kwargs``: saved and
+    restored by `save` / `load_model`); a call's own keyword arguments win.
     """
 
     def __init__(
@@ -86,7 +90,9 @@ class QuantizedModel:
                 f"{type(variables).__name__}"
             )
         self.variables = variables
-        self._bound = _Bound(model, method, model_kwargs or {}, float_variables)
+        # the keyword arguments the variables were converted with, under the caller's
+        kw = {**variables.plan.call_kwargs(method), **(model_kwargs or {})}
+        self._bound = _Bound(model, method, kw, float_variables)
 
     @property
     def model(self):
@@ -283,7 +289,20 @@ def quantize_model(
 
 def load_model(path: str | os.PathLike, model, *, method=None) -> QuantizedModel:
     """A `QuantizedModel` from a checkpoint written by `QuantizedModel.save` (an orbax
-    directory or a ``.safetensors`` file) and the model it was converted from."""
+    directory or a ``.safetensors`` file) and the model it was converted from.
+
+    The checkpoint is verified before use (`jq.flax.checkpoint.restore`): the SHA-256 of
+    its metadata and of every tensor, and each tensor's dtype and shape against its
+    description. The keyword arguments the model was converted with come back as the
+    defaults of ``qm.apply`` / ``qm.export``.
+
+    Raises:
+      ValueError: a damaged, edited or mixed-up checkpoint, naming the tensor (or the
+        metadata) that does not match.
+    """
     path = os.fspath(path)
-    qv = restore(path) if os.path.isdir(path) else restore_safetensors(path)
+    if os.path.isdir(path):
+        qv = restore(path, caller="jq.load_model")
+    else:
+        qv = restore_safetensors(path, caller="jq.load_model")
     return QuantizedModel(model, qv, method=method)

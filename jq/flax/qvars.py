@@ -31,6 +31,8 @@ __all__ = [
     "SitePlan",
     "observed_range",
     "inverse_perm",
+    "method_name",
+    "record_kwargs",
     "permute_qarray",
     "warn_zero_width",
 ]
@@ -104,6 +106,14 @@ class Plan:
     signature: tuple  # ((path, shape), ...) of the float model's variables
     sites: tuple[SitePlan, ...]
     float_leaves: tuple  # ((path, shape, dtype name), ...) of the quantized parameters
+    # ((name, value), ...), sorted: the plain keyword arguments (``train=False``) the model was
+    # converted with; `jq.apply` passes them by default when called with the same `method`
+    model_kwargs: tuple = ()
+    method: str | None = None  # `method_name` of the converted method; None: ``__call__``
+
+    def call_kwargs(self, method=None) -> dict:
+        """The recorded `model_kwargs` when `method` is the converted one, else ``{}``."""
+        return dict(self.model_kwargs) if method_name(method) == self.method else {}
 
 
 @functools.partial(
@@ -171,6 +181,28 @@ class QuantizedVariables:
             f"{b['float']:,} -> {b['quantized']:,} bytes ({b['ratio']:.3f}x); "
             f"model {b['total_before']:,} -> {b['total_after']:,} bytes"
         )
+
+
+def method_name(method) -> str | None:
+    """A model method as recorded in a `Plan`: None for ``__call__``, else its name."""
+    if method is None:
+        return None
+    name = method if isinstance(method, str) else getattr(method, "__name__", repr(method))
+    return None if name == "__call__" else name
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def record_kwargs(kwargs: dict) -> tuple:
+    """The keyword arguments a `Plan` keeps: plain values (``train=False``, ``deterministic=True``),
+    sorted; arrays (they belong to a batch) and ``mutable`` / ``rngs`` (they steer one call) are
+    left out."""
+    return tuple(
+        (k, v)
+        for k, v in sorted((kwargs or {}).items())
+        if k not in ("mutable", "rngs") and isinstance(v, _PLAIN)
+    )
 
 
 def permute_qarray(q: QArray, perm: tuple[int, ...]) -> QArray:

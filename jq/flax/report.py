@@ -84,7 +84,8 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
 
     Runs the float model on `args` and, at every quantized site, compares the
     weight with its dequantized `QArray` and the activation with its
-    quantize-dequantize round trip under the site's parameters.
+    quantize-dequantize round trip under the site's parameters. Keyword
+    arguments default to the ones `qvars` was converted with, as in `jq.apply`.
 
     Returns:
       One dict per site: ``site``, ``kind``, ``mode``, ``weight_sqnr_db``,
@@ -92,6 +93,7 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
       the representable range; 0 for dynamic sites).
     """
     check_forwarded("report", kwargs)
+    kwargs = {**qvars.plan.call_kwargs(method), **kwargs}  # as `jq.apply` calls the model
     adapter = ModelAdapter(model, variables, method)
     t = trace(adapter, adapter.values, args, kwargs)
     plan = {s.name: s for s in qvars.plan.sites}

@@ -1,96 +1,163 @@
-"""safetensors checkpoints: a round trip, and a reader that knows only safetensors + numpy."""
+"""safetensors checkpoints read without jq: the README's numpy-only reader, run as printed.
 
-import json
+`docs/readme/core.md` prints a reference reader (safetensors + numpy). This file
+executes exactly that code block on a checkpoint of a chain of square Dense
+layers, one per preset (`jq.presets.*`) plus one per other format jq writes
+(uint8 affine, int16, fp8 e5m2, float16, bfloat16), with and without
+``target="gpu"`` (kernels stored (N, K)), and of a bfloat16 model. Every float
+parameter must come back in the model's layout within its quantization error,
+measured against the original float parameter.
+"""
 
+import dataclasses
+import os
+import re
+
+import chex
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
-from models import MLP
 
 import jq
 
-safetensors = pytest.importorskip("safetensors", reason="the optional safetensors extra")
-from safetensors import safe_open  # noqa: E402
+pytest.importorskip("safetensors", reason="the optional safetensors extra")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+D = 16  # every kernel (D, D): a transposed one has the right shape and the wrong values
 
 
-def read_dequantized(path) -> dict[str, np.ndarray]:
-    """What another tool does with the file: numpy only, guided by the JSON metadata."""
-    with safe_open(str(path), framework="numpy") as f:
-        meta = json.loads(f.metadata()["jq"])
-        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    out = {}
-    for name, d in meta["variables"].items():
-        q, v = d.get("qarray"), t[d["key"]]
-        if q is None:
-            out[name] = v
-            continue
-        shape = tuple(q["shape"])
-        if q["pack_axis"] is not None:  # two nibbles per byte, element 2i low
-            ax = q["pack_axis"] % len(shape)
-            lo, hi = (v & 0xF).astype(np.int8), (v >> 4).astype(np.int8)
-            if q["format"] == "int4":
-                lo, hi = (lo ^ 8) - 8, (hi ^ 8) - 8
-            v = np.stack([lo, hi], axis=ax + 1).reshape(
-                v.shape[:ax] + (2 * v.shape[ax],) + v.shape[ax + 1 :]
-            )
-            v = np.take(v, np.arange(shape[ax]), axis=ax)
-
-        def expand(p, shape=shape):
-            for a, n in enumerate(shape):
-                if p.shape[a] not in (1, n):
-                    p = np.repeat(p, n // p.shape[a], axis=a)
-            return p
-
-        x = v.astype(np.float32)
-        if q["zero_point"]:
-            x = x - expand(t[d["key"] + ".zero_point"]).astype(np.float32)
-        out[name] = x * expand(t[d["key"] + ".scale"])
-    return out
+def reader() -> dict:
+    """The code block that follows "**Checkpoints.**" in docs/readme/core.md, executed."""
+    with open(os.path.join(ROOT, "docs", "readme", "core.md")) as f:
+        text = f.read().split("**Checkpoints.**", 1)[1]
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, "docs/readme/core.md:reader", "exec"), ns)  # noqa: S102
+    return ns
 
 
-def test_reader_without_jq_matches_dequantize_and_round_trip(tmp_path):
-    m = MLP(hidden=16, out=5)
-    xs = [np.random.RandomState(0).randn(4, 8).astype(np.float32)]
-    v = m.init(jax.random.key(0), xs[0])
-    rules = [
-        jq.Rule("Dense_0", weight=jq.QuantSpec("int4", axis=-1, block_axis=0, block_size=4)),
-        jq.Rule(
-            "Dense_1",
-            weight=jq.QuantSpec("uint8", scheme="affine", axis=-1),
-            activation=jq.QuantSpec("int8", calibration=jq.calibration.MinMax()),
-        ),
-    ]
-    qm = jq.quantize_model(m, v, xs, rules, progress=False)
-    path = tmp_path / "mlp.safetensors"
+class Chain(nn.Module):
+    n: int
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.n):
+            x = nn.tanh(nn.Dense(D)(x))
+        return x
+
+
+def _with_path(rules: list, i: int) -> jq.Rule:
+    (r,) = rules  # every preset is one rule
+    return dataclasses.replace(r, path_regex=f"Dense_{i}")
+
+
+PRESETS = [
+    jq.presets.w8a8_static(),
+    jq.presets.w8a8_dynamic(),
+    jq.presets.w8_weight_only(),
+    jq.presets.w4_weight_only(group_size=8),
+    jq.presets.w4_weight_only(group_size=None),
+    jq.presets.fp8(),
+]
+FORMATS = [
+    jq.Rule(
+        ".*",
+        weight=jq.QuantSpec("uint8", scheme="affine", axis=-1),
+        activation=jq.QuantSpec("uint8", scheme="affine", calibration=jq.calibration.MinMax()),
+    ),
+    jq.Rule(".*", weight=jq.QuantSpec("int16", axis=-1)),
+    jq.Rule(".*", weight=jq.QuantSpec("float8_e5m2", axis=-1)),
+    jq.Rule(".*", weight=jq.QuantSpec("float16")),
+    jq.Rule(".*", weight=jq.QuantSpec("bfloat16")),
+]
+RULES = [_with_path(p, i) for i, p in enumerate(PRESETS)]
+RULES += [_with_path([r], len(PRESETS) + i) for i, r in enumerate(FORMATS)]
+
+
+def _bound(w: np.ndarray, fmt: str) -> float:
+    """The largest error quantizing `w` may make, from `w` alone: half a grid step of a
+    per-tensor scale (per-channel and per-block scales are finer), or half an ulp."""
+    amax = float(np.abs(w).max())
+    levels = {"int8": 127, "uint8": 255 / 2, "int16": 32767, "int4": 7}
+    if fmt in levels:
+        return 0.5 * amax / levels[fmt] * (1 + 1e-5) + 1e-7
+    mant = {"float8_e4m3fn": 3, "float8_e5m2": 2, "float16": 10, "bfloat16": 7}[fmt]
+    return amax * 2.0 ** -(mant + 1) * (1 + 1e-5) + 1e-7
+
+
+@pytest.fixture(scope="module")
+def chain():
+    m = Chain(len(RULES))
+    xs = [np.random.RandomState(i).randn(4, D).astype(np.float32) for i in range(2)]
+    return m, m.init(jax.random.key(0), xs[0]), xs
+
+
+@pytest.mark.parametrize("target", [None, "gpu"])
+def test_reference_reader_recovers_every_float_parameter(tmp_path, chain, target):
+    m, v, xs = chain
+    qm = jq.quantize_model(m, v, xs, RULES, progress=False, target=target)
+    if target == "gpu":  # the layout this test is about: int8 / fp8 kernels stored (N, K)
+        permuted = {s.leaf for s in qm.variables.plan.sites if s.weight_perm}
+        assert {"params/Dense_0/kernel", "params/Dense_5/kernel"} <= permuted
+    path = tmp_path / "m.safetensors"
     qm.save(path, format="safetensors")
-    assert path.read_bytes()[8:9] == b"{"  # a safetensors header, no pickle
-    got = read_dequantized(path)
-    for name, w in qm.variables.variables.items():
-        want = jq.dequantize(w) if isinstance(w, jq.QArray) else w
-        np.testing.assert_array_equal(got[name], np.asarray(want), err_msg=name)
-    meta = json.loads(safe_open(str(path), framework="numpy").metadata()["jq"])
-    q0 = meta["variables"]["params/Dense_0/kernel"]["qarray"]
-    assert (q0["format"], q0["block_axis"], q0["block_size"], q0["axis"]) == ("int4", 0, 4, [1])
-    assert meta["variables"]["params/Dense_1/kernel"]["qarray"]["scheme"] == "affine"
-    back = jq.load_model(path, m)
-    for a, b in zip(
-        jax.tree_util.tree_leaves(back.variables), jax.tree_util.tree_leaves(qm.variables)
-    ):
-        assert np.asarray(a).dtype == np.asarray(b).dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    np.testing.assert_array_equal(np.asarray(back.apply(xs[0])), np.asarray(qm.apply(xs[0])))
+    got = reader()["read"](str(path))
+    flat = {
+        "params/" + "/".join(k.key for k in p): np.asarray(a)
+        for p, a in jax.tree_util.tree_flatten_with_path(v["params"])[0]
+    }
+    assert set(got) == set(flat)
+    formats = set()
+    for name, w in flat.items():
+        q = qm.variables.variables[name]
+        assert got[name].shape == w.shape, name
+        if not isinstance(q, jq.QArray):
+            np.testing.assert_array_equal(got[name], w, err_msg=name)
+            continue
+        formats.add(q.format)
+        err = float(np.abs(got[name] - w).max())
+        assert err <= _bound(w, q.format), (name, q.format, err, _bound(w, q.format))
+    assert formats == {
+        "int8",
+        "uint8",
+        "int16",
+        "int4",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float16",
+        "bfloat16",
+    }
+    back = jq.load_model(path, m).variables
+    chex.assert_trees_all_equal(back, qm.variables)
+    chex.assert_trees_all_equal_dtypes(back, qm.variables)  # float8 / bfloat16 come back as such
 
 
-def test_bfloat16_and_fp8_arrays_travel_as_bits(tmp_path):
-    m = MLP(hidden=16, out=5)
-    x = np.random.RandomState(1).randn(2, 8).astype(np.float32)
-    v = m.init(jax.random.key(0), x)
-    qm = jq.quantize_model(m, v, [x], jq.presets.fp8(), progress=False)
-    qm.save(tmp_path / "f.safetensors", format="safetensors")
-    back = jq.load_model(tmp_path / "f.safetensors", m)
-    w, w2 = (
-        qm.variables.variables["params/Dense_0/kernel"],
-        back.variables.variables["params/Dense_0/kernel"],
+def test_reference_reader_on_a_bfloat16_model(tmp_path, chain):
+    m, v, xs = chain
+    vb = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), v)
+    rules = [_with_path(jq.presets.w8_weight_only(), 0), _with_path(jq.presets.fp8(), 1)]
+    qm = jq.quantize_model(m, vb, xs[:1], rules, progress=False, target="gpu")
+    qm.save(tmp_path / "b.safetensors", format="safetensors")
+    got = reader()["read"](str(tmp_path / "b.safetensors"))
+    kept = np.asarray(vb["params"]["Dense_2"]["kernel"]).astype(np.float32)
+    np.testing.assert_array_equal(got["params/Dense_2/kernel"], kept)  # bf16 bits, decoded
+    w = np.asarray(vb["params"]["Dense_1"]["kernel"]).astype(np.float32)
+    assert np.abs(got["params/Dense_1/kernel"] - w).max() <= _bound(w, "float8_e4m3fn") + 2**-8
+
+
+def test_fp8_decoding_covers_every_bit_pattern():
+    """The reader's float8 decoding against ml_dtypes on all 256 codes (NaN, inf, subnormals)."""
+    decode = reader()["decode"]
+    codes = np.arange(256, dtype=np.uint8)
+    for dt in ("float8_e4m3fn", "float8_e5m2"):
+        want = codes.view(getattr(ml_dtypes, dt)).astype(np.float32)
+        got = decode(codes, {"encoding": "bits", "dtype": dt})
+        np.testing.assert_array_equal(got, want, err_msg=dt)
+    bf = np.array([0, 1, 0x7F80, 0xFF80, 0x7FC0, 0x3F80, 0x8001], np.uint16)
+    np.testing.assert_array_equal(
+        reader()["decode"](bf, {"encoding": "bits", "dtype": "bfloat16"}),
+        bf.view(ml_dtypes.bfloat16).astype(np.float32),
     )
-    assert w2.value.dtype == w.value.dtype == jax.numpy.float8_e4m3fn
-    np.testing.assert_array_equal(np.asarray(back.apply(x)), np.asarray(qm.apply(x)))
