@@ -262,7 +262,7 @@ def gptq(
         static_groups=static_groups,
         bits=bits,
     )
-    specs = leaf_specs(chosen)
+    specs = leaf_specs(chosen, t.finder)
     uses: dict[int, list[Site]] = {}
     for s in t.finder.sites:
         if s.leaf is not None:

@@ -121,7 +121,7 @@ class QuantizedModel:
         """Sizes (`QuantizedVariables.summary`) and one table row per quantized site."""
         rows = []
         for s in self.variables.plan.sites:
-            w = self.variables.variables.get(s.leaf) if s.leaf else None
+            w = self.variables.variables.get(s.weight_key or s.leaf) if s.leaf else None
             rows.append(
                 {
                     "site": s.name,
@@ -131,8 +131,7 @@ class QuantizedModel:
                     "activation": None if s.activation is None else s.activation.format,
                 }
             )
-        name = type(self.model).__name__
-        return f"QuantizedModel({name}): {self.variables.summary()}\n{format_table(rows)}"
+        return f"QuantizedModel({_model_name(self.model)}): {self.variables.summary()}\n{format_table(rows)}"
 
     def report(self, *args, plot=None, float_variables=None, **kwargs):
         """`jq.report` on one batch: per-site weight / activation SQNR (dB) and clipping.
@@ -180,7 +179,14 @@ class QuantizedModel:
         return export(self.model, self.variables, example_inputs, method=self.method, **kw)
 
     def __repr__(self):
-        return f"QuantizedModel({type(self.model).__name__}, {self.variables.summary()})"
+        return f"QuantizedModel({_model_name(self.model)}, {self.variables.summary()})"
+
+
+def _model_name(model) -> str:
+    """The class name of a model; a plain function's own name."""
+    if type(model).__name__ == "function":
+        return getattr(model, "__qualname__", "function")
+    return type(model).__name__
 
 
 def _is_linen(model) -> bool:

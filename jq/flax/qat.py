@@ -277,7 +277,7 @@ class QAT:
                 }
         if self.weights == "lsq":
             all_leaves = self._leaves(adapter, params, state)
-            for idx, (spec, c) in leaf_specs(chosen).items():
+            for idx, (spec, c) in leaf_specs(chosen, t.finder).items():
                 if not jnp.issubdtype(spec.fmt.dtype, jnp.integer):
                     continue
                 qp = _minmax_qp(all_leaves[idx], spec)
@@ -332,7 +332,7 @@ class QAT:
         # weights: fake-quantized once per step at the parameter, in its stored layout (the
         # sites with a real low-precision forward quantize theirs inside the op)
         real = self._real_forward_sites(t.finder, chosen)
-        for idx, (spec, c) in leaf_specs(chosen).items():
+        for idx, (spec, c) in leaf_specs(chosen, t.finder).items():
             name = c.site.name
             w = leaves[idx]
             if name in real:

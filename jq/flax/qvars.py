@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +95,10 @@ class SitePlan:
     # contracting axes ((K, N) -> (N, K)), the operand layout of GPU / TPU integer and fp8
     # GEMMs (`convert(target=)`); None: as the model stores it
     weight_perm: tuple[int, ...] | None = None
+    # the key in `QuantizedVariables.variables` of this site's own quantized copy of its
+    # parameter (``"<leaf>@<site>"``), for a parameter whose uses are quantized differently
+    # (a tied embedding: its gather and its head); None: the parameter's own entry
+    weight_key: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +109,9 @@ class Plan:
     signature: tuple  # ((path, shape), ...) of the float model's variables
     sites: tuple[SitePlan, ...]
     float_leaves: tuple  # ((path, shape, dtype name), ...) of the quantized parameters
+    # a function model ("fn"): the `jax.tree_util` structure of its parameter pytree (leaves
+    # in `signature` order); not saved in checkpoints (`jq.load_model(..., params_like=)`)
+    treedef: Any = None
 
 
 @functools.partial(
@@ -140,6 +148,14 @@ class QuantizedVariables:
         "quantized": bytes of their QArrays (values + scales + zero points),
         "total_before", "total_after", "ratio"}``."""
         fl = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in self.plan.float_leaves)
+        # a per-use copy (`SitePlan.weight_key`) counts its float source among the quantized
+        # weights' originals, once, and not again among the other variables
+        dup = 0
+        for src in {s.leaf for s in self.plan.sites if s.weight_key is not None}:
+            v = self.variables.get(src)
+            if not isinstance(v, QArray) and hasattr(v, "dtype"):
+                dup += int(np.size(v)) * np.dtype(v.dtype).itemsize
+        fl += dup
         q = sum(v.nbytes for v in self.variables.values() if isinstance(v, QArray))
         other = sum(
             int(np.size(v)) * np.dtype(v.dtype).itemsize
@@ -156,7 +172,7 @@ class QuantizedVariables:
             "float": fl,
             "quantized": q,
             "ratio": q / fl if fl else 1.0,
-            "total_before": fl + other,
+            "total_before": fl + other - dup,
             "total_after": q + other + acts,
         }
 

@@ -135,7 +135,7 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
     rows = []
     by_path = {li.path: v for li, v in zip(adapter.leaves, adapter.values)}
     for sp in qvars.plan.sites:
-        wq = qvars.variables.get(sp.leaf) if sp.leaf else None
+        wq = qvars.variables.get(sp.weight_key or sp.leaf) if sp.leaf else None
         wsq = None
         if isinstance(wq, QArray):
             if sp.weight_perm is not None:

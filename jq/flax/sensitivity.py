@@ -99,7 +99,7 @@ class QuantEval:
         if names in self._fns:
             return self._fns[names]
         chosen = {n: c for n, c in self.chosen.items() if n in names}
-        specs = leaf_specs(chosen)
+        specs = leaf_specs(chosen, self.finder)
         adapter, kwargs = self.adapter, self.kwargs
         act_qps = {k: v for k, v in self._act_qps.items() if k.site in chosen}
 
