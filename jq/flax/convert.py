@@ -145,9 +145,7 @@ def convert(
         None if qat_state is None else qat_weight_qparams(qat_state, specs[li.index][1].site.name)
         for li in quantized
     ]
-    wqps += [
-        None if qat_state is None else qat_weight_qparams(qat_state, name) for name in per_use
-    ]
+    wqps += [None if qat_state is None else qat_weight_qparams(qat_state, name) for name in per_use]
     copy_keys = {name: f"{c.site.leaf.path}@{name}" for name, (_, c) in per_use.items()}
     acts, ranges, act_specs = {}, {}, {}
     for c in chosen.values():

@@ -10,11 +10,13 @@ are static), so ``jax.jit(lambda qm, x: qm.apply(x))`` takes it too.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
 
+from jq.flax.adapter import ModelAdapter, hf_function, model_kind
 from jq.flax.apply import apply
 from jq.flax.calibrate import calibrate
 from jq.flax.checkpoint import restore, restore_safetensors, save, save_safetensors
@@ -149,10 +151,10 @@ class QuantizedModel:
         """
         check_forwarded("QuantizedModel.report", kwargs)
         fv = self._bound.float_variables if float_variables is None else float_variables
-        if fv is None and _is_linen(self.model):
+        if fv is None and _needs_variables(self.model):
             raise ValueError(
                 "QuantizedModel.report compares with the float model: pass float_variables= "
-                "(the linen variables this model was converted from)"
+                "(the linen variables, or the function's params, this model was converted from)"
             )
         kw = {**self._bound.model_kwargs, **kwargs}
         rows = report(self.model, fv, self.variables, *args, method=self.method, **kw)
@@ -189,10 +191,11 @@ def _model_name(model) -> str:
     return type(model).__name__
 
 
-def _is_linen(model) -> bool:
-    import flax.linen as nn
-
-    return isinstance(model, nn.Module)
+def _needs_variables(model) -> bool:
+    """A linen model or a function: its float variables live outside it (not a Hugging Face
+    model, which carries its params, nor an nnx module)."""
+    kind = model_kind(model, "jq.QuantizedModel")
+    return kind == "linen" or (kind == "fn" and hf_function(model) is None)
 
 
 def plot_report(rows: list[dict], path: str | os.PathLike | None = None):
@@ -285,9 +288,47 @@ def quantize_model(
     )
 
 
-def load_model(path: str | os.PathLike, model, *, method=None) -> QuantizedModel:
+def load_model(path: str | os.PathLike, model, *, method=None, params_like=None) -> QuantizedModel:
     """A `QuantizedModel` from a checkpoint written by `QuantizedModel.save` (an orbax
-    directory or a ``.safetensors`` file) and the model it was converted from."""
+    directory or a ``.safetensors`` file) and the model it was converted from.
+
+    A function cannot be saved: pass it again as `model` (a Hugging Face model:
+    the model object). A checkpoint stores a function's parameters by key path
+    and `apply` rebuilds them as nested dicts, the form of Hugging Face, Haiku
+    and most hand-written parameters; for any other pytree (lists, tuples,
+    dataclasses, an Equinox model's params) pass `params_like`: the float
+    params, or any pytree of the same structure (``jax.eval_shape`` of the
+    init), whose structure is used.
+
+    Raises:
+      ValueError: `params_like` names other parameters or shapes than the checkpoint.
+    """
     path = os.fspath(path)
     qv = restore(path) if os.path.isdir(path) else restore_safetensors(path)
+    if params_like is not None:
+        qv = _with_structure(qv, model, params_like, method)
     return QuantizedModel(model, qv, method=method)
+
+
+def _with_structure(qv: QuantizedVariables, model, params_like, method) -> QuantizedVariables:
+    """`qv` whose plan rebuilds a function's params in the structure of `params_like`."""
+    if model_kind(model, "jq.load_model") != "fn" or qv.plan.model_kind != "fn":
+        raise ValueError(
+            "jq.load_model: params_like= is for function models; a linen or nnx model rebuilds "
+            "its own variables"
+        )
+    ad = ModelAdapter(model, params_like, method)
+    want = dict(qv.plan.signature)
+    got = {li.path: li.shape for li in ad.leaves}
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or [p for p in want if tuple(want[p]) != got[p]]
+        raise ValueError(
+            f"jq.load_model: params_like does not match the checkpoint's parameters (names or "
+            f"shapes differ at {diff[:4]})"
+        )
+    plan = dataclasses.replace(
+        qv.plan,
+        signature=tuple((li.path, tuple(want[li.path])) for li in ad.leaves),
+        treedef=ad.treedef,
+    )
+    return dataclasses.replace(qv, plan=plan)

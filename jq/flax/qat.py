@@ -185,12 +185,15 @@ class QAT:
 
     # -- variables <-> adapter ------------------------------------------------------------
     def _adapter(self, params, state):
-        if model_kind(self.model, "jq.qat") == "linen":
+        kind = model_kind(self.model, "jq.qat")
+        if kind == "linen":
             return ModelAdapter(self.model, {"params": params, **state["variables"]}, self.method)
+        if kind == "fn":  # a function's whole pytree is its params
+            return ModelAdapter(self.model, params, self.method)
         return ModelAdapter(self.model, None, self.method)
 
     def _leaves(self, adapter, params, state):
-        if adapter.kind == "linen":
+        if adapter.kind in ("linen", "fn"):
             return list(adapter.values)
         return list(adapter.override({**state["variables"], **params}).values)
 
@@ -203,7 +206,13 @@ class QAT:
         example batch's min-max; LSQ scales start from those ranges.
         """
         check_forwarded("qat.init", kwargs)
-        if model_kind(self.model, "jq.qat.init") == "linen":
+        kind = model_kind(self.model, "jq.qat.init")
+        if kind == "fn":
+            if variables is None:
+                adapter = ModelAdapter(self.model, None, self.method)  # a Hugging Face model
+                variables = jax.tree_util.tree_unflatten(adapter.treedef, adapter.values)
+            params, rest = variables, {}
+        elif kind == "linen":
             if variables is None:
                 raise ValueError("jq.qat.init: a linen model needs its trained variables")
             from flax.core import unfreeze
@@ -452,8 +461,11 @@ def is_qat_vars(v) -> bool:
 
 
 def qat_model_variables(model, qat_vars):
-    if model_kind(model, "jq.convert") == "linen":
+    kind = model_kind(model, "jq.convert")
+    if kind == "linen":
         return {"params": qat_vars["params"], **qat_vars["state"]["variables"]}
+    if kind == "fn":
+        return qat_vars["params"]
     return None
 
 
