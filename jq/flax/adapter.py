@@ -23,6 +23,7 @@ array arguments, and finds its sites (`SiteFinder`).
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any
 
 import jax
@@ -267,13 +268,24 @@ class ModelAdapter:
         return out, new_leaves
 
 
+_CALLS = threading.local()  # the module paths of the linen calls being traced, innermost last
+
+
 def _label(next_fun, a, kw, context):
     m = context.module
-    # a named submodule applied on its own (Hugging Face's ``self.lm_head.apply({"params":
-    # {"kernel": wte.T}}, h)``) has an empty path: it is known by its name
-    path = ":".join(m.path) if m.path or not isinstance(m.name, str) else m.name
-    with jax.named_scope(SCOPE_PREFIX + path):
-        return next_fun(*a, **kw)
+    stack = _CALLS.__dict__.setdefault("paths", [])
+    path = ":".join(m.path)
+    if not m.path and isinstance(m.name, str):
+        # a named submodule applied on its own (Hugging Face's ``self.lm_head.apply({"params":
+        # {"kernel": wte.T}}, h)``) has an empty path: it is known by its name, under the
+        # module that applies it
+        path = f"{stack[-1]}:{m.name}" if stack and stack[-1] else m.name
+    stack.append(path)
+    try:
+        with jax.named_scope(SCOPE_PREFIX + path):
+            return next_fun(*a, **kw)
+    finally:
+        stack.pop()
 
 
 def _function_and_params(model, variables, method):

@@ -329,8 +329,9 @@ def _adapter_for(model, qvars: QuantizedVariables, method):
         return v
 
     paths = [path for path, _ in qvars.plan.signature]  # not the per-use copies ("<leaf>@<site>")
-    if kind == "fn" and qvars.plan.treedef is not None:
-        tree = jax.tree_util.tree_unflatten(qvars.plan.treedef, [stand_in(p) for p in paths])
+    if kind == "fn" and qvars.plan.params_tree is not None:
+        td = qvars.plan.params_tree.treedef
+        tree = jax.tree_util.tree_unflatten(td, [stand_in(p) for p in paths])
         return ModelAdapter(model, tree, method)
     nested: dict = {}
     for path in paths:

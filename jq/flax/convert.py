@@ -22,6 +22,7 @@ from jq.flax.qat import (
 )
 from jq.flax.qvars import (
     CalibrationStats,
+    ParamsTree,
     Plan,
     QuantizedVariables,
     SitePlan,
@@ -222,7 +223,7 @@ def convert(
         adapter.signature(),
         tuple(plans),
         tuple(float_leaves),
-        adapter.treedef if adapter.kind == "fn" else None,
+        ParamsTree(adapter.treedef) if adapter.kind == "fn" else None,
     )
     qvars = QuantizedVariables(new_vars, acts, plan)
     # a dry run surfaces every spec that does not fit its op (e.g. a scale on a contracting axis)

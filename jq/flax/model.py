@@ -22,7 +22,7 @@ from jq.flax.calibrate import calibrate
 from jq.flax.checkpoint import restore, restore_safetensors, save, save_safetensors
 from jq.flax.convert import convert
 from jq.flax.export import export
-from jq.flax.qvars import QuantizedVariables
+from jq.flax.qvars import ParamsTree, QuantizedVariables
 from jq.flax.report import format_table, report
 from jq.flax.rules import Rule, check_rules
 from jq.flax.stream import (
@@ -329,6 +329,6 @@ def _with_structure(qv: QuantizedVariables, model, params_like, method) -> Quant
     plan = dataclasses.replace(
         qv.plan,
         signature=tuple((li.path, tuple(want[li.path])) for li in ad.leaves),
-        treedef=ad.treedef,
+        params_tree=ParamsTree(ad.treedef),
     )
     return dataclasses.replace(qv, plan=plan)

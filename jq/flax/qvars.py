@@ -27,6 +27,7 @@ from jq.quantize import QArray
 
 __all__ = [
     "CalibrationStats",
+    "ParamsTree",
     "Plan",
     "QuantizedVariables",
     "SitePlan",
@@ -102,6 +103,14 @@ class SitePlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParamsTree:
+    """The `jax.tree_util` structure of a function model's parameter pytree, comparable with
+    anything (a bare ``PyTreeDef == None`` raises)."""
+
+    treedef: Any
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """Static part of `QuantizedVariables`: the model kind, its variables' signature and its sites."""
 
@@ -109,9 +118,9 @@ class Plan:
     signature: tuple  # ((path, shape), ...) of the float model's variables
     sites: tuple[SitePlan, ...]
     float_leaves: tuple  # ((path, shape, dtype name), ...) of the quantized parameters
-    # a function model ("fn"): the `jax.tree_util` structure of its parameter pytree (leaves
-    # in `signature` order); not saved in checkpoints (`jq.load_model(..., params_like=)`)
-    treedef: Any = None
+    # a function model ("fn"): the structure of its parameter pytree (leaves in `signature`
+    # order); not saved in checkpoints (`jq.load_model(..., params_like=)`)
+    params_tree: ParamsTree | None = None
 
 
 @functools.partial(
