@@ -91,7 +91,7 @@ def hf_function(model):
     if not (
         isinstance(getattr(model, "module", None), nn.Module)
         and hasattr(model, "config")
-        and hasattr(model, "params")
+        and hasattr(type(model), "params")  # (the property raises for `_do_init=False`)
         and callable(model)
     ):
         return None
@@ -99,7 +99,11 @@ def hf_function(model):
     def fn(params, *args, **kwargs):
         return model(*args, params=params, **kwargs)
 
-    return fn, model.params
+    try:
+        params = model.params
+    except ValueError:  # made with `_do_init=False`: the user keeps the params
+        params = None
+    return fn, params
 
 
 def _is_param_leaf(leaf) -> bool:
@@ -301,6 +305,11 @@ def _function_and_params(model, variables, method):
                     f"(e.g. 'encode'), got {method!r}"
                 )
             fn = lambda params, *a, **kw: m(*a, params=params, **kw)  # noqa: E731
+        if variables is None and default is None:
+            raise ValueError(
+                f"jq: this {type(model).__name__} holds no params (made with _do_init=False): "
+                "pass them as `variables`"
+            )
         return fn, default if variables is None else _unfreeze(variables)
     if method is not None:
         raise ValueError(

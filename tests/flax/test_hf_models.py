@@ -28,9 +28,29 @@ PRESETS = ["w8a8_static", "w8a8_dynamic", "w8_weight_only", "w4_weight_only", "f
 BOUND = {"w4_weight_only": 0.25, "fp8": 0.15}
 
 
+def _random_init(cls, cfg, shape, seed):
+    """The model with HF's own initialisation drawn by numpy (N(0, 0.02) weights, zero biases,
+    unit LayerNorm scales): HF's eager init costs seconds of CPU per model, this one nothing."""
+    m = cls(cfg, input_shape=shape, _do_init=False)
+    shapes = jax.eval_shape(lambda k: m.init_weights(k, shape), jax.random.key(0))
+    rng = np.random.RandomState(seed)
+
+    def draw(path, a):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            return jnp.ones(a.shape, a.dtype)
+        if name == "bias":
+            return jnp.zeros(a.shape, a.dtype)
+        return jnp.asarray(rng.normal(0, 0.02, a.shape), a.dtype)
+
+    # (`m.params = ...` is refused for a model made with _do_init=False)
+    m._params, m._is_initialized = jax.tree_util.tree_map_with_path(draw, shapes), True
+    return m
+
+
 def _gpt2():
     cfg = transformers.GPT2Config(vocab_size=100, n_positions=16, n_embd=128, n_layer=2, n_head=2)
-    m = transformers.FlaxGPT2LMHeadModel(cfg, seed=0)
+    m = _random_init(transformers.FlaxGPT2LMHeadModel, cfg, (1, 8), 0)
     return m, jnp.asarray(np.random.RandomState(0).randint(0, 100, (2, 8)), jnp.int32)
 
 
@@ -43,7 +63,7 @@ def _bert():
         intermediate_size=256,
         max_position_embeddings=16,
     )
-    m = transformers.FlaxBertForMaskedLM(cfg, seed=0)
+    m = _random_init(transformers.FlaxBertForMaskedLM, cfg, (1, 8), 1)
     return m, jnp.asarray(np.random.RandomState(1).randint(0, 100, (2, 8)), jnp.int32)
 
 
@@ -57,7 +77,7 @@ def _vit():
         intermediate_size=256,
         num_labels=5,
     )
-    m = transformers.FlaxViTForImageClassification(cfg, seed=0)
+    m = _random_init(transformers.FlaxViTForImageClassification, cfg, (1, 16, 16, 3), 2)
     return m, jax.random.normal(jax.random.key(2), (2, 3, 16, 16))
 
 
@@ -66,18 +86,19 @@ _MODELS: dict = {}
 
 
 def model(name):
+    """``(hf model, input, float output)``, made once per test session."""
     if name not in _MODELS:
-        _MODELS[name] = MAKERS[name]()
+        hf, x = MAKERS[name]()
+        _MODELS[name] = hf, x, hf(x)
     return _MODELS[name]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("name", ["gpt2", "bert", "vit"])
 def test_every_preset_runs_as_shipped(name, preset):
-    hf, x = model(name)
+    hf, x, ref = model(name)
     qm = jq.quantize_model(hf, None, [x], getattr(presets, preset)(), progress=False)
     out = qm(x)
-    ref = hf(x)
     assert type(out) is type(ref)  # the model's own ModelOutput
     err = float(jnp.max(jnp.abs(out.logits - ref.logits)) / jnp.max(jnp.abs(ref.logits)))
     assert err < BOUND.get(preset, 0.1), err
@@ -89,7 +110,7 @@ def test_tied_heads_are_named_and_skipped():
     """GPT-2's ``wte.T`` head is ``lm_head``; BERT's ``word_embeddings.T`` decoder is
     ``cls/predictions/decoder``; ``skip=`` keeps either float."""
     for name, head in (("gpt2", "lm_head"), ("bert", "cls/predictions/decoder")):
-        hf, x = model(name)
+        hf, x, _ = model(name)
         rows = jq.sites(hf, None, presets.w8_weight_only(skip=(head,)), x)
         tied = [r for r in rows if r["module"] == head]
         assert [(r["kind"], r["mode"], r["weight"]) for r in tied] == [("dot", "float", (100, 128))]
@@ -98,7 +119,7 @@ def test_tied_heads_are_named_and_skipped():
 def test_hf_model_one_liner_save_load_export(tmp_path):
     """An HF model passed directly: quantize_model, save, load_model (the model object given
     again) and export, whose artifact returns the ModelOutput as a dict of its fields."""
-    hf, ids = model("bert")
+    hf, ids, _ = model("bert")
     qm = jq.quantize_model(hf, None, [ids], presets.w8a8_dynamic(), progress=False)
     y = qm(ids)
     table = qm.variables.variables["bert/embeddings/word_embeddings/embedding"]
@@ -114,7 +135,7 @@ def test_hf_model_one_liner_save_load_export(tmp_path):
 
 def test_hf_through_its_own_wrapper_as_a_function():
     """``lambda p, ids: hf(ids, params=p)`` is the same model as `hf` itself."""
-    hf, ids = model("vit")
+    hf, ids, _ = model("vit")
     fn = lambda p, x: hf(x, params=p)  # noqa: E731
     rules = presets.w8_weight_only()
     a = jq.convert(fn, hf.params, rules, args=(ids,))
