@@ -51,7 +51,8 @@ def apply(
     output head, or a method name for nnx). Wrap it in `jax.jit` for speed.
 
     Args:
-      model: the model the variables were converted from (linen or nnx; never mutated).
+      model: the model the variables were converted from (linen, nnx, a function or a
+        Hugging Face model; never mutated).
       qvars: `QuantizedVariables` from `convert`.
       *args, **kwargs: the model's inputs.
       rules: optional; checked against the specs carried by `qvars`.

@@ -76,7 +76,8 @@ def convert(
     `jq.apply` that checks every spec against its op).
 
     Args:
-      model: a linen Module, or an nnx Module (the module is never mutated).
+      model: a linen Module, an nnx Module (never mutated), a function
+        ``fn(params, *args, **kwargs)`` or a Hugging Face Flax model.
       variables: linen variables; None for nnx; or the variables returned by
         `QAT.init` / trained with `QAT.apply` (then the QAT ranges and learned
         scales are used and `stats` is not needed).

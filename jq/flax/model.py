@@ -250,7 +250,9 @@ def quantize_model(
     other order is accepted too (rules are recognised by their type).
 
     Args:
-      model, variables: a linen Module and its variables, or an nnx Module and None.
+      model, variables: a linen Module and its variables, an nnx Module and None, a
+        function ``fn(params, *args, **kwargs)`` and its params, or a Hugging Face Flax
+        model and None (its own params) (`jq.flax.adapter`).
       batches: calibration batches (an iterable; a bare array is rejected).
       preset_or_rules: a `jq.presets` list or any `jq.Rule` list.
       inputs, model_kwargs, method, progress: as in `jq.calibrate`;

@@ -99,7 +99,8 @@ class QAT:
     `jq.apply` output matches this forward pass.
 
     Args:
-      model: linen or nnx Module.
+      model: linen or nnx Module, or a function ``fn(params, *args, **kwargs)`` (its
+        whole params pytree is trained).
       rules: the `jq.Rule` list. Static activation specs track or learn their
         range; dynamic ones use each batch's own range; weight-only rules
         fake-quantize weights only.

@@ -180,7 +180,9 @@ def sensitivity(
     several sites (a tied embedding) is quantized wherever it is used.
 
     Args:
-      model, variables: a linen Module and its variables, or an nnx Module and None.
+      model, variables: a linen Module and its variables, an nnx Module and None, a
+        function ``fn(params, *args, **kwargs)`` and its params, or a Hugging Face Flax
+        model and None (its own params) (`jq.flax.adapter`).
       rules: the `jq.Rule` list; static rules are calibrated once on `batches`
         unless `stats` is given.
       batches: a sequence of batches (iterated several times).

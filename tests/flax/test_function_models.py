@@ -316,9 +316,7 @@ def test_tied_skip_by_head_name(tied):
     assert names == ["wte/embedding", "Dense_0/kernel"]
     # the head reads the float table, the gather its own int8 copy
     assert not isinstance(qm.variables.variables["params/wte/embedding"], QArray)
-    assert [k for k in qm.variables.variables if "@" in k] == [
-        "params/wte/embedding@wte/embedding"
-    ]
+    assert [k for k in qm.variables.variables if "@" in k] == ["params/wte/embedding@wte/embedding"]
     _, e = qm(ids)
     table = np.asarray(v["params"]["wte"]["embedding"], np.float64)
     np.testing.assert_allclose(np.asarray(e), _rows_q8(table)[np.asarray(ids)], rtol=1e-6)
@@ -334,7 +332,9 @@ def test_tied_checkpoint_keeps_per_use_copies(tied, tmp_path):
     # before: the float model; after: the float table (kept for the gather), its fp8 copy
     # for the head (one byte a value, one float32 scale a row) and the fp8 Dense
     assert b["total_before"] == 4 * (300 * 128 + 128 * 128 + 128)
-    assert b["total_after"] == 4 * 300 * 128 + (300 * 128 + 4 * 300) + (128 * 128 + 4 * 128) + 4 * 128
+    assert (
+        b["total_after"] == 4 * 300 * 128 + (300 * 128 + 4 * 300) + (128 * 128 + 4 * 128) + 4 * 128
+    )
 
 
 def test_pure_function_tied_head_name():
