@@ -63,6 +63,7 @@ __all__ = [
     "export_function",
     "load_exported",
     "pack_artifact",
+    "plain_tree",
     "read_artifact",
 ]
 
@@ -299,6 +300,33 @@ def _aval_json(a) -> dict:
     return {"shape": _shape_json(a.shape), "dtype": np.dtype(a.dtype).name}
 
 
+def plain_tree(tree):
+    """`tree` with every node `jax.export` cannot serialize turned into a dict of its children.
+
+    ``None``, tuples, lists and dicts stay; any other pytree node (a dataclass
+    or ``flax.struct`` output such as Hugging Face's ``ModelOutput``, a
+    namedtuple, an ``OrderedDict``) becomes a ``dict`` keyed by its
+    children's key names (``{"logits": ..., "past_key_values": None}``), so
+    that an artifact loads in a process without the output's class.
+    """
+    if tree is None:
+        return None
+    t = type(tree)
+    if t in (tuple, list):
+        return t(plain_tree(c) for c in tree)
+    if t is dict:
+        return {k: plain_tree(v) for k, v in tree.items()}
+    children, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda y: y is not tree)
+    if treedef.num_nodes == 1 and treedef.num_leaves == 1 and children[0][0] == ():
+        return tree  # an array
+    out = {}
+    for path, c in children:
+        k = path[0]
+        name = next((getattr(k, a) for a in ("name", "key", "idx") if hasattr(k, a)), k)
+        out[name if isinstance(name, (str, int)) else str(name)] = plain_tree(c)
+    return out
+
+
 def _without_checks(fn: Callable) -> Callable:
     """`fn` with its `checkify` debug checks discharged and dropped.
 
@@ -310,7 +338,7 @@ def _without_checks(fn: Callable) -> Callable:
 
     def run(*args):
         _, out = checkify.checkify(fn, errors=checkify.user_checks)(*args)
-        return out
+        return plain_tree(out)
 
     return run
 

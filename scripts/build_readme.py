@@ -122,6 +122,7 @@ def main():
             + "Machine:"
             + between(read(R, "first_run.md"), "\n\nMachine:").rstrip(),
         ),
+        read(D, "byom.md"),
         read(D, "checks.md"),
         demote(section_until(read(R, "calibration.md"), "### Agreement"), 0).strip()
         + "\n\n"

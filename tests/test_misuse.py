@@ -375,9 +375,15 @@ def test_empty_batch_mixed_with_data_is_ignored(linen):
 WRONG_CALLS = {
     "float_variables": (lambda m, v, qv, x: jq.apply(m, v, x), TypeError, "QuantizedVariables"),
     "not_a_module": (
-        lambda m, v, qv, x: jq.apply(lambda x: x, qv, x),
+        lambda m, v, qv, x: jq.apply(42, qv, x),
         TypeError,
         r"flax\.linen\.Module",
+    ),
+    # a function is a model too, but not the one these (linen) variables come from
+    "function_for_linen_variables": (
+        lambda m, v, qv, x: jq.apply(lambda p, x: x, qv, x),
+        ValueError,
+        "come from a linen model",
     ),
     "nnx_model_linen_vars": (
         lambda m, v, qv, x: jq.apply(NnxMLP(nnx.Rngs(0), hidden=16, out=4), qv, x),

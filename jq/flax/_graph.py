@@ -85,6 +85,8 @@ class Site:
     scans: tuple[int, ...]  # ids of the enclosing scan equations (outermost first)
     stack: tuple[int, ...]  # scan lengths the parameter is stacked over
     in_avals: tuple[Any, ...]
+    chain_eqns: tuple[Any, ...] = ()  # the equations of `chain`, in order
+    scope: str = ""  # the module the equation runs in (named scopes; '' outside linen)
 
     @property
     def act_operands(self) -> tuple[int, ...]:
@@ -113,6 +115,21 @@ class _Origin:
     leaf: LeafInfo
     chain: tuple[str, ...]
     stack: tuple[int, ...]
+    eqns: tuple[Any, ...] = ()
+
+
+def tied_module(table_module: str, table_name: str, scope: str) -> str:
+    """The module path of a dot that reads an embedding table also gathered from (a tied head).
+
+    The module the dot runs in, when that is not the table's own module or one
+    of its ancestors (Hugging Face's ``lm_head``, which applies a Dense to
+    ``wte.T``); otherwise ``"<table module>.attend"`` (linen's ``Embed.attend``,
+    ``x @ table.T`` in a parent module or a plain function).
+    """
+    t = table_module
+    if scope and t != scope and not t.startswith(scope + "/"):
+        return scope
+    return (t or table_name) + ".attend"
 
 
 class SiteFinder:
@@ -141,11 +158,22 @@ class SiteFinder:
         return base if k == 0 else f"{base}[{k}]"
 
     def _add(self, site: Site):
+        # `site.name` holds its base name until `_finish` numbers repeated ones
         self.sites.append(site)
         self.by_eqn[id(site.eqn)] = site
-        self.by_name[site.name] = site
         for s in site.scans:
             self.scan_sites.setdefault(s, []).append(site)
+
+    def _finish(self):
+        """Names the sites: a tied head by its own module (`tied_module`), repeats numbered."""
+        tables = {s.leaf.index for s in self.sites if s.kind == "embed"}
+        for s in self.sites:
+            if s.kind == "dot" and s.leaf is not None and s.leaf.index in tables:
+                s.module_path = tied_module(s.leaf.module_path, s.leaf.name, s.scope)
+                s.name = s.module_path + "/" + s.leaf.name
+        for s in self.sites:
+            s.name = self._name(s.name)
+            self.by_name[s.name] = s
 
     def run(self, jaxpr, n_leaves: int):
         view = self.view = JaxprView(jaxpr)
@@ -172,15 +200,19 @@ class SiteFinder:
                     for r_out, r_in in zip(body.node.ins[start:], body.body_in[start:]):
                         o = origin(r_out, body.node.context)
                         if o is not None:
-                            o = _Origin(o.leaf, o.chain, o.stack + (body.length,))
+                            o = _Origin(o.leaf, o.chain, o.stack + (body.length,), o.eqns)
                             origins[r_in] = (o, body.node.path)
             self._visit(node, [origin(r, node.context) for r in node.ins], origins)
+        self._finish()
 
     def _visit(self, node, ins: list, origins: dict):
         eqn, prim = node.eqn, node.prim
         if prim in _LAYOUT_OPS and ins and ins[0] is not None and len(node.outs) == 1:
             o = ins[0]
-            origins[node.outs[0]] = (_Origin(o.leaf, o.chain + (prim,), o.stack), node.context)
+            origins[node.outs[0]] = (
+                _Origin(o.leaf, o.chain + (prim,), o.stack, o.eqns + (eqn,)),
+                node.context,
+            )
             return
         avals = tuple(v.aval for v in eqn.invars)
         if prim in ("dot_general", "conv_general_dilated", "gather"):
@@ -196,7 +228,7 @@ class SiteFinder:
                 base = (mp + "/" if mp else "") + o.leaf.name
                 self._add(
                     Site(
-                        self._name(base),
+                        base,
                         kind,
                         mp,
                         eqn,
@@ -206,6 +238,8 @@ class SiteFinder:
                         node.scans,
                         o.stack,
                         avals,
+                        o.eqns,
+                        node.module,
                     )
                 )
                 return
@@ -213,7 +247,7 @@ class SiteFinder:
                 base = (node.module + "/" if node.module else "") + "act_dot"
                 self._add(
                     Site(
-                        self._name(base),
+                        base,
                         "act_dot",
                         node.module,
                         eqn,
@@ -223,6 +257,8 @@ class SiteFinder:
                         node.scans,
                         (),
                         avals,
+                        (),
+                        node.module,
                     )
                 )
                 return
@@ -294,6 +330,15 @@ def qarray_layout_op(prim: str, q: QArray, eqn) -> QArray | None:
         r = lambda a: None if a is None else a.reshape(pshape)  # noqa: E731
         return QArray(q.value.reshape(new), r(q.scale), r(zp), q.format, new, None)
     return None
+
+
+def through_chain(q: QArray, site: Site):
+    """`q` (a quantized copy of the site's parameter) taken through the layout ops between the
+    parameter and the site (`Site.chain_eqns`), as the interpreter takes the parameter."""
+    for eqn in site.chain_eqns:
+        r = qarray_layout_op(eqn.primitive.name, q, eqn) if isinstance(q, QArray) else None
+        q = r if r is not None else bind_eqn(eqn, [q])[0]
+    return q
 
 
 def bind_eqn(eqn, invals, **overrides) -> list:

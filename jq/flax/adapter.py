@@ -1,15 +1,29 @@
-"""A linen or nnx model as one function of its variables, and its trace to a jaxpr.
+"""A model as one function of its variables, and its trace to a jaxpr.
 
-`ModelAdapter` puts linen (``model.apply(variables, ...)``) and nnx (the
-module's split state) behind one signature, ``fn(leaves, *args, **kwargs)``,
-with every variable leaf named (`LeafInfo`). `trace` turns that function into
-a jaxpr whose inputs are the leaves and the array arguments, and finds its
-sites (`SiteFinder`).
+`ModelAdapter` puts three kinds of model behind one signature,
+``fn(leaves, *args, **kwargs)``, with every variable leaf named (`LeafInfo`):
+
+* ``"linen"``: ``model.apply(variables, ...)``;
+* ``"nnx"``: the module's split state;
+* ``"fn"``: any JAX function ``fn(params, *args, **kwargs)`` of a parameter
+  pytree (hand-written JAX, Haiku's ``apply``, an Equinox model partitioned
+  into params and static, a Hugging Face Flax model through its own wrapper).
+  Leaves are named by their key paths in `params` (``"h/0/attn/kernel"``,
+  ``"layers/1/weight"``; the last key is the parameter's name, the rest its
+  module path), and every floating-point leaf is a parameter. A Hugging Face
+  ``FlaxPreTrainedModel`` passed as the model is recognised by duck typing
+  (`hf_function`: a linen ``module``, ``params``, ``config`` and ``__call__``;
+  jq never imports transformers) and run as ``model(*args, params=p,
+  **kwargs)``, so that the model's wrapper builds its masks and positions.
+
+`trace` turns that function into a jaxpr whose inputs are the leaves and the
+array arguments, and finds its sites (`SiteFinder`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any
 
 import jax
@@ -25,6 +39,7 @@ __all__ = [
     "model_kind",
     "Traced",
     "fmt_paths",
+    "hf_function",
     "is_dynamic",
     "leaf_aval",
     "state_changes",
@@ -40,9 +55,10 @@ def _key_name(k) -> str:
 
 
 def model_kind(model, caller: str = "jq") -> str:
-    """``"linen"`` for a `flax.linen.Module`, ``"nnx"`` for a `flax.nnx.Module`.
+    """``"linen"`` for a `flax.linen.Module`, ``"nnx"`` for a `flax.nnx.Module`, ``"fn"`` for a
+    Hugging Face Flax model (`hf_function`) or any other callable ``fn(params, *args, **kwargs)``.
 
-    The one place jq tells the two kinds apart; anything else raises a TypeError
+    The one place jq tells the kinds apart; anything else raises a TypeError
     naming `caller`, the public function the user called.
     """
     import flax.linen as nn
@@ -52,13 +68,56 @@ def model_kind(model, caller: str = "jq") -> str:
         return "linen"
     if isinstance(model, nnx.Module):
         return "nnx"
+    if callable(model):
+        return "fn"
     raise TypeError(
-        f"{caller}: model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
+        f"{caller}: model must be a flax.linen.Module, a flax.nnx.Module, a Hugging Face Flax "
+        "model, or a function fn(params, *args, **kwargs) of a parameter pytree; got "
+        f"{type(model).__name__}"
     )
 
 
+def hf_function(model):
+    """``(fn, default params)`` for a Hugging Face ``FlaxPreTrainedModel``, or None for anything else.
+
+    Recognised by duck typing (no transformers import): a linen ``module``, a
+    ``params`` pytree, a ``config`` and a ``__call__`` taking ``params=``. The
+    function is the model's own wrapper, ``model(*args, params=p, **kwargs)``,
+    which builds the attention mask and position ids from ``input_ids`` as a
+    plain call does.
+    """
+    import flax.linen as nn
+
+    if not (
+        isinstance(getattr(model, "module", None), nn.Module)
+        and hasattr(model, "config")
+        and hasattr(type(model), "params")  # (the property raises for `_do_init=False`)
+        and callable(model)
+    ):
+        return None
+
+    def fn(params, *args, **kwargs):
+        return model(*args, params=params, **kwargs)
+
+    try:
+        params = model.params
+    except ValueError:  # made with `_do_init=False`: the user keeps the params
+        params = None
+    return fn, params
+
+
+def _is_param_leaf(leaf) -> bool:
+    dt = getattr(leaf, "dtype", None)
+    if dt is None:
+        return False
+    try:
+        return bool(jnp.issubdtype(dt, jnp.floating))
+    except TypeError:  # extended dtypes (PRNG keys)
+        return False
+
+
 class ModelAdapter:
-    """A linen or nnx model as ``fn(leaves, *args, **kwargs)`` with named leaves."""
+    """A linen, nnx or function model as ``fn(leaves, *args, **kwargs)`` with named leaves."""
 
     def __init__(self, model, variables, method=None):
         import flax.linen as nn
@@ -67,7 +126,33 @@ class ModelAdapter:
         self.model = model
         self.method = method
         self.kind = model_kind(model)
-        if self.kind == "linen":
+        if self.kind == "fn":
+            self.func, variables = _function_and_params(model, variables, method)
+            flat, self.treedef = jax.tree_util.tree_flatten_with_path(variables)
+            infos = []
+            for i, (path, leaf) in enumerate(flat):
+                keys = [_key_name(k) for k in path] or ["params"]
+                infos.append(
+                    LeafInfo(
+                        i,
+                        "/".join(keys),
+                        "/".join(keys[:-1]),
+                        keys[-1],
+                        _is_param_leaf(leaf),
+                        tuple(np.shape(leaf)),
+                        jnp.result_type(leaf) if hasattr(leaf, "dtype") else None,
+                    )
+                )
+            self.values = [leaf for _, leaf in flat]
+            paths = [li.path for li in infos]
+            if len(set(paths)) != len(paths):
+                dup = sorted({p for p in paths if paths.count(p) > 1})
+                raise ValueError(
+                    f"jq: the parameter pytree names two leaves alike ({fmt_paths(dup)}): jq names "
+                    "a function's parameters by their key paths joined with '/'; use keys "
+                    "without '/'"
+                )
+        elif self.kind == "linen":
             if variables is None:
                 raise ValueError(
                     "jq: a linen model needs its `variables` (the dict from model.init)"
@@ -132,7 +217,7 @@ class ModelAdapter:
     def rebuilt(self, leaves: list):
         """``(model, variables)`` with `leaves`: linen's variables, or a new nnx module (and None)."""
         tree = jax.tree_util.tree_unflatten(self.treedef, leaves)
-        if self.kind == "linen":
+        if self.kind in ("linen", "fn"):
             return self.model, tree
         from flax import nnx
 
@@ -142,6 +227,14 @@ class ModelAdapter:
         return tuple((li.path, li.shape) for li in self.leaves)
 
     def fn(self, leaves, *args, **kwargs):
+        if self.kind == "fn":
+            import flax.linen as nn
+
+            params = jax.tree_util.tree_unflatten(self.treedef, leaves)
+            # linen modules called inside the function (a Hugging Face model's) label their
+            # operations with their module path, as for a linen model
+            with nn.intercept_methods(_label):
+                return self.func(params, *args, **kwargs)
         if self.kind == "linen":
             import flax.linen as nn
 
@@ -177,6 +270,62 @@ class ModelAdapter:
                 "whose state keeps its structure from call to call (create variables in __init__)"
             )
         return out, new_leaves
+
+
+_CALLS = threading.local()  # the module paths of the linen calls being traced, innermost last
+
+
+def _label(next_fun, a, kw, context):
+    m = context.module
+    stack = _CALLS.__dict__.setdefault("paths", [])
+    path = ":".join(m.path)
+    if not m.path and isinstance(m.name, str):
+        # a named submodule applied on its own (Hugging Face's ``self.lm_head.apply({"params":
+        # {"kernel": wte.T}}, h)``) has an empty path: it is known by its name, under the
+        # module that applies it
+        path = f"{stack[-1]}:{m.name}" if stack and stack[-1] else m.name
+    stack.append(path)
+    try:
+        with jax.named_scope(SCOPE_PREFIX + path):
+            return next_fun(*a, **kw)
+    finally:
+        stack.pop()
+
+
+def _function_and_params(model, variables, method):
+    """``(fn(params, *args, **kwargs), params)`` of a function model or a Hugging Face model."""
+    hf = hf_function(model)
+    if hf is not None:
+        fn, default = hf
+        if method is not None:
+            m = getattr(model, method) if isinstance(method, str) else None
+            if m is None:
+                raise ValueError(
+                    "jq: for a Hugging Face model, method= names one of its methods "
+                    f"(e.g. 'encode'), got {method!r}"
+                )
+            fn = lambda params, *a, **kw: m(*a, params=params, **kw)  # noqa: E731
+        if variables is None and default is None:
+            raise ValueError(
+                f"jq: this {type(model).__name__} holds no params (made with _do_init=False): "
+                "pass them as `variables`"
+            )
+        return fn, default if variables is None else _unfreeze(variables)
+    if method is not None:
+        raise ValueError(
+            "jq: method= selects a method of a linen or nnx model; a function model is the "
+            "function itself (pass another function instead)"
+        )
+    if variables is None:
+        raise ValueError(
+            f"jq: a function model needs its parameter pytree: pass it as `variables` "
+            f"(fn(params, *args, **kwargs) is called with it), got None for {_fn_name(model)}"
+        )
+    return model, _unfreeze(variables)
+
+
+def _fn_name(f) -> str:
+    return getattr(f, "__qualname__", None) or type(f).__name__
 
 
 def _unfreeze(v):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq import ops
-from jq.flax._graph import Interpreter, Site, bind_eqn, keyed_by_site
+from jq.flax._graph import Interpreter, Site, bind_eqn, keyed_by_site, through_chain
 from jq.flax.adapter import ModelAdapter, fmt_paths, leaf_aval, model_kind, state_changes, trace
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule, check_rules
@@ -51,7 +51,8 @@ def apply(
     output head, or a method name for nnx). Wrap it in `jax.jit` for speed.
 
     Args:
-      model: the model the variables were converted from (linen or nnx; never mutated).
+      model: the model the variables were converted from (linen, nnx, a function or a
+        Hugging Face model; never mutated).
       qvars: `QuantizedVariables` from `convert`.
       *args, **kwargs: the model's inputs. Keyword arguments default to the ones the
         variables were converted with (``qvars.plan.model_kwargs``, for the same `method`).
@@ -133,6 +134,9 @@ def run_quantized(
     def handler(site, eqn, invals, sts):
         sp = plan.get(site.name)
         mode = None if sp is None else sp.mode
+        if sp is not None and sp.weight_key is not None:  # this use's own quantized copy
+            invals = list(invals)
+            invals[site.operand] = through_chain(qvars.variables[sp.weight_key], site)
         qps = (
             {op: sts[site.key("qparams", op)] for op in site.act_operands}
             if mode == "static"
@@ -314,21 +318,31 @@ def _adapter_for(model, qvars: QuantizedVariables, method):
         )
     if kind == "nnx":
         return ModelAdapter(model, None, method)
-    nested: dict = {}
     # a QArray stands for its float kernel: the kernel's shape ((K, N) also when stored (N, K))
     # and dtype (a bfloat16 model keeps computing in bfloat16 between its quantized sites)
     shapes = dict(qvars.plan.signature)
     dtypes = {path: dt for path, _, dt in qvars.plan.float_leaves}
-    for path, v in qvars.variables.items():
-        node = nested
-        keys = path.split("/")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
+
+    def stand_in(path):
+        v = qvars.variables[path]
         if isinstance(v, QArray):
             v = jax.ShapeDtypeStruct(
                 tuple(shapes.get(path, v.shape)), jnp.dtype(dtypes.get(path, "float32"))
             )
-        node[keys[-1]] = v
+        return v
+
+    paths = [path for path, _ in qvars.plan.signature]  # not the per-use copies ("<leaf>@<site>")
+    if kind == "fn" and qvars.plan.params_tree is not None:
+        td = qvars.plan.params_tree.treedef
+        tree = jax.tree_util.tree_unflatten(td, [stand_in(p) for p in paths])
+        return ModelAdapter(model, tree, method)
+    nested: dict = {}
+    for path in paths:
+        node = nested
+        keys = path.split("/")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = stand_in(path)
     return ModelAdapter(model, nested, method)
 
 

@@ -158,7 +158,9 @@ def auto_quantize(
     ``units * (candidates - 1)`` single-unit runs plus as many joint runs.
 
     Args:
-      model, variables: a linen Module and its variables, or an nnx Module and None.
+      model, variables: a linen Module and its variables, an nnx Module and None, a
+        function ``fn(params, *args, **kwargs)`` and its params, or a Hugging Face Flax
+        model and None (its own params) (`jq.flax.adapter`).
       batches: a sequence of batches (iterated many times).
       metric_fn: ``metric_fn(outputs, batch) -> scalar``, higher is better
         (accuracy; pass ``-loss`` for a loss), averaged over batches.

@@ -130,7 +130,9 @@ def awq(
     held-out bpc on the char-LM (+1.06% against +0.99%, GPTQ alone +0.96%).
 
     Args:
-      model, variables: a linen Module and its variables, or an nnx Module and None.
+      model, variables: a linen Module and its variables, an nnx Module and None, a
+        function ``fn(params, *args, **kwargs)`` and its params, or a Hugging Face Flax
+        model and None (its own params) (`jq.flax.adapter`).
       rules: the `jq.Rule` list; weight specs must be integer formats, activations
         weight-only or dynamic.
       batches: calibration batches.

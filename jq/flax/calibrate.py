@@ -50,7 +50,9 @@ def calibrate(
     an equal model and rules).
 
     Args:
-      model, variables: a linen Module and its variables, or an nnx Module and None.
+      model, variables: a linen Module and its variables, an nnx Module and None, a
+        function ``fn(params, *args, **kwargs)`` and its params, or a Hugging Face Flax
+        model and None (its own params) (`jq.flax.adapter`).
       rules: the `jq.Rule` list (or a `jq.presets` list).
       batches: an iterable of batches (a list, a generator, a data loader); a
         bare array is rejected (wrap it in a list: ``[x]``).

@@ -405,7 +405,8 @@ def cast(
     named in the report.
 
     Args:
-      model: a linen Module (with `variables`) or an nnx Module (``variables=None``).
+      model: a linen Module (with `variables`), an nnx Module (``variables=None``), a
+        function ``fn(params, *args, **kwargs)`` (with its params) or a Hugging Face model.
       variables: linen variables, or None for nnx.
       dtype: ``"float16"`` or ``"bfloat16"`` (aliases ``"fp16"``, ``"bf16"``, ...).
       batches: optional calibration batches (an iterable; see `jq.calibrate`).

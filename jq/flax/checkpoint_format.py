@@ -156,7 +156,9 @@ def encode(qvars: QuantizedVariables, names: bool = False) -> tuple[dict, dict]:
             f"jq.flax.checkpoint.save: expected QuantizedVariables, got {type(qvars).__name__}"
         )
     p = qvars.plan
-    perms = {s.leaf: s.weight_perm for s in p.sites if s.weight_perm is not None}
+    perms = {
+        s.weight_key or s.leaf: s.weight_perm for s in p.sites if s.weight_perm is not None
+    }
     float_leaves = {a: (a, b, c) for a, b, c in p.float_leaves}
     arrays, tensors = {}, {}
 
@@ -211,6 +213,7 @@ def encode(qvars: QuantizedVariables, names: bool = False) -> tuple[dict, dict]:
                 "activation": _spec_to_json(s.activation),
                 "rule_index": s.rule_index,
                 "weight_perm": None if s.weight_perm is None else list(s.weight_perm),
+                "weight_key": s.weight_key,
             }
             for s in p.sites
         ],
@@ -389,6 +392,7 @@ def _rebuild(meta, tensors, arrays) -> QuantizedVariables:
                 _spec_from_json(s["activation"]),
                 s["rule_index"],
                 None if s.get("weight_perm") is None else tuple(s["weight_perm"]),
+                s.get("weight_key"),
             )
             for s in meta["sites"]
         ),

@@ -22,6 +22,7 @@ from jq.flax.qat import (
 )
 from jq.flax.qvars import (
     CalibrationStats,
+    ParamsTree,
     Plan,
     QuantizedVariables,
     SitePlan,
@@ -36,8 +37,8 @@ from jq.flax.select import (
     activation_spec,
     choose,
     direct_weight_sites,
-    leaf_specs,
     scan_lengths,
+    weight_storage,
 )
 from jq.flax.stream import model_kwargs_arg
 from jq.hosteval import host_eval
@@ -77,7 +78,8 @@ def convert(
     `jq.apply` that checks every spec against its op).
 
     Args:
-      model: a linen Module, or an nnx Module (the module is never mutated).
+      model: a linen Module, an nnx Module (never mutated), a function
+        ``fn(params, *args, **kwargs)`` or a Hugging Face Flax model.
       variables: linen variables; None for nnx; or the variables returned by
         `QAT.init` / trained with `QAT.apply` (then the QAT ranges and learned
         scales are used and `stats` is not needed).
@@ -141,14 +143,17 @@ def convert(
     t = trace(adapter, adapter.values, args, kwargs)
     chosen = choose(t.finder, rules)
 
-    # weights: one QArray per parameter leaf; static activations: QParams from their ranges
-    specs = leaf_specs(chosen)
+    # weights: one QArray per parameter leaf (or per use of a parameter whose uses differ:
+    # `weight_storage`); static activations: QParams from their ranges
+    specs, per_use = weight_storage(chosen, t.finder)
     quantized = [li for li in adapter.leaves if li.index in specs]
     values = dict(zip((li.index for li in adapter.leaves), adapter.values))
     wqps = [
         None if qat_state is None else qat_weight_qparams(qat_state, specs[li.index][1].site.name)
         for li in quantized
     ]
+    wqps += [None if qat_state is None else qat_weight_qparams(qat_state, name) for name in per_use]
+    copy_keys = {name: f"{c.site.leaf.path}@{name}" for name, (_, c) in per_use.items()}
     acts, ranges, act_specs = {}, {}, {}
     for c in chosen.values():
         if c.mode == "dynamic":
@@ -174,13 +179,16 @@ def convert(
             warn_zero_width(key, lo, hi)
             ranges[key], act_specs[key] = (lo, hi), spec
     qs, finite, act_qps = quantize_leaves(
-        tuple(specs[li.index][0] for li in quantized),
+        tuple(specs[li.index][0] for li in quantized) + tuple(sp for sp, _ in per_use.values()),
         tuple(act_specs.values()),
-        [values[li.index] for li in quantized],
+        [values[li.index] for li in quantized]
+        + [values[c.site.leaf.index] for _, c in per_use.values()],
         wqps,
         list(ranges.values()),
     )
-    bad = [li.path for li, ok in zip(quantized, np.asarray(finite)) if not ok]
+    qs, copies = qs[: len(quantized)], qs[len(quantized) :]
+    read = [li.path for li in quantized] + [c.site.leaf.path for _, c in per_use.values()]
+    bad = sorted({p for p, ok in zip(read, np.asarray(finite)) if not ok})
     if bad:
         raise ValueError(f"jq.convert: parameters {bad} hold NaN or inf; they cannot be quantized")
     acts.update(zip(ranges, act_qps))
@@ -194,6 +202,10 @@ def convert(
             placed = permute_qarray(q, perm)
             perms[site_name] = perm
         new_vars[li.path] = placed
+    for name, q in zip(per_use, copies):
+        if copy_keys[name] in new_vars:
+            raise ValueError(f"jq.convert: variable name {copy_keys[name]!r} is taken")
+        new_vars[copy_keys[name]] = _keep_sharding(q, values[per_use[name][1].site.leaf.index])
     float_leaves = [(li.path, li.shape, np.dtype(li.dtype).name) for li in quantized]
 
     plans = []
@@ -209,6 +221,7 @@ def convert(
                 act if c.mode != "weight_only" else None,
                 c.rule_index,
                 perms.get(name),
+                copy_keys.get(name),
             )
         )
     plan = Plan(
@@ -218,6 +231,7 @@ def convert(
         tuple(float_leaves),
         record_kwargs(kwargs),
         method_name(method),
+        ParamsTree(adapter.treedef) if adapter.kind == "fn" else None,
     )
     qvars = QuantizedVariables(new_vars, acts, plan)
     # a dry run surfaces every spec that does not fit its op (e.g. a scale on a contracting axis)

@@ -76,7 +76,10 @@ def export(
     header, a format version and a SHA-256 of its payload.
 
     Args:
-      model: the linen or nnx model `qvars` was converted from.
+      model: the model `qvars` was converted from (linen, nnx, a function or a Hugging
+        Face model). Its outputs may be any pytree; in the artifact, dataclasses and
+        namedtuples (HF's ``ModelOutput``) become dicts of their fields (`jq.deploy.plain_tree`),
+        so that `jq.load_exported` needs no output class.
       qvars: `QuantizedVariables` from `jq.convert`.
       example_inputs: the model's positional input (an array) or a tuple of
         inputs; only shapes and dtypes matter.

@@ -217,7 +217,9 @@ def gptq(
     GPTQ still compensates the rounding error.
 
     Args:
-      model, variables: a linen Module and its variables, or an nnx Module and None.
+      model, variables: a linen Module and its variables, an nnx Module and None, a
+        function ``fn(params, *args, **kwargs)`` and its params, or a Hugging Face Flax
+        model and None (its own params) (`jq.flax.adapter`).
       batches: calibration inputs (each one positional argument or a tuple of
         them); they are run once per stage, so a list is kept.
       rules: the `jq.Rule` list (weight specs must be integer formats).
@@ -262,7 +264,7 @@ def gptq(
         static_groups=static_groups,
         bits=bits,
     )
-    specs = leaf_specs(chosen)
+    specs = leaf_specs(chosen, t.finder)
     uses: dict[int, list[Site]] = {}
     for s in t.finder.sites:
         if s.leaf is not None:

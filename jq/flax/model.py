@@ -10,17 +10,19 @@ are static), so ``jax.jit(lambda qm, x: qm.apply(x))`` takes it too.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
 
+from jq.flax.adapter import ModelAdapter, hf_function, model_kind
 from jq.flax.apply import apply
 from jq.flax.calibrate import calibrate
 from jq.flax.checkpoint import restore, restore_safetensors, save, save_safetensors
 from jq.flax.convert import convert
 from jq.flax.export import export
-from jq.flax.qvars import QuantizedVariables
+from jq.flax.qvars import ParamsTree, QuantizedVariables
 from jq.flax.report import format_table, report
 from jq.flax.rules import Rule, check_rules
 from jq.flax.stream import (
@@ -128,7 +130,7 @@ class QuantizedModel:
         """Sizes (`QuantizedVariables.summary`) and one table row per quantized site."""
         rows = []
         for s in self.variables.plan.sites:
-            w = self.variables.variables.get(s.leaf) if s.leaf else None
+            w = self.variables.variables.get(s.weight_key or s.leaf) if s.leaf else None
             rows.append(
                 {
                     "site": s.name,
@@ -138,8 +140,7 @@ class QuantizedModel:
                     "activation": None if s.activation is None else s.activation.format,
                 }
             )
-        name = type(self.model).__name__
-        return f"QuantizedModel({name}): {self.variables.summary()}\n{format_table(rows)}"
+        return f"QuantizedModel({_model_name(self.model)}): {self.variables.summary()}\n{format_table(rows)}"
 
     def report(self, *args, plot=None, float_variables=None, **kwargs):
         """`jq.report` on one batch: per-site weight / activation SQNR (dB) and clipping.
@@ -157,10 +158,10 @@ class QuantizedModel:
         """
         check_forwarded("QuantizedModel.report", kwargs)
         fv = self._bound.float_variables if float_variables is None else float_variables
-        if fv is None and _is_linen(self.model):
+        if fv is None and _needs_variables(self.model):
             raise ValueError(
                 "QuantizedModel.report compares with the float model: pass float_variables= "
-                "(the linen variables this model was converted from)"
+                "(the linen variables, or the function's params, this model was converted from)"
             )
         kw = {**self._bound.model_kwargs, **kwargs}
         rows = report(self.model, fv, self.variables, *args, method=self.method, **kw)
@@ -187,13 +188,21 @@ class QuantizedModel:
         return export(self.model, self.variables, example_inputs, method=self.method, **kw)
 
     def __repr__(self):
-        return f"QuantizedModel({type(self.model).__name__}, {self.variables.summary()})"
+        return f"QuantizedModel({_model_name(self.model)}, {self.variables.summary()})"
 
 
-def _is_linen(model) -> bool:
-    import flax.linen as nn
+def _model_name(model) -> str:
+    """The class name of a model; a plain function's own name."""
+    if type(model).__name__ == "function":
+        return getattr(model, "__qualname__", "function")
+    return type(model).__name__
 
-    return isinstance(model, nn.Module)
+
+def _needs_variables(model) -> bool:
+    """A linen model or a function: its float variables live outside it (not a Hugging Face
+    model, which carries its params, nor an nnx module)."""
+    kind = model_kind(model, "jq.QuantizedModel")
+    return kind == "linen" or (kind == "fn" and hf_function(model) is None)
 
 
 def plot_report(rows: list[dict], path: str | os.PathLike | None = None):
@@ -248,7 +257,9 @@ def quantize_model(
     other order is accepted too (rules are recognised by their type).
 
     Args:
-      model, variables: a linen Module and its variables, or an nnx Module and None.
+      model, variables: a linen Module and its variables, an nnx Module and None, a
+        function ``fn(params, *args, **kwargs)`` and its params, or a Hugging Face Flax
+        model and None (its own params) (`jq.flax.adapter`).
       batches: calibration batches (an iterable; a bare array is rejected).
       preset_or_rules: a `jq.presets` list or any `jq.Rule` list.
       inputs, model_kwargs, method, progress: as in `jq.calibrate`;
@@ -287,7 +298,7 @@ def quantize_model(
     )
 
 
-def load_model(path: str | os.PathLike, model, *, method=None) -> QuantizedModel:
+def load_model(path: str | os.PathLike, model, *, method=None, params_like=None) -> QuantizedModel:
     """A `QuantizedModel` from a checkpoint written by `QuantizedModel.save` (an orbax
     directory or a ``.safetensors`` file) and the model it was converted from.
 
@@ -296,13 +307,48 @@ def load_model(path: str | os.PathLike, model, *, method=None) -> QuantizedModel
     description. The keyword arguments the model was converted with come back as the
     defaults of ``qm.apply`` / ``qm.export``.
 
+    A function cannot be saved: pass it again as `model` (a Hugging Face model:
+    the model object). A checkpoint stores a function's parameters by key path
+    and `apply` rebuilds them as nested dicts, the form of Hugging Face, Haiku
+    and most hand-written parameters; for any other pytree (lists, tuples,
+    dataclasses, an Equinox model's params) pass `params_like`: the float
+    params, or any pytree of the same structure (``jax.eval_shape`` of the
+    init), whose structure is used.
+
     Raises:
       ValueError: a damaged, edited or mixed-up checkpoint, naming the tensor (or the
-        metadata) that does not match.
+        metadata) that does not match; `params_like` naming other parameters or shapes
+        than the checkpoint.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         qv = restore(path, caller="jq.load_model")
     else:
         qv = restore_safetensors(path, caller="jq.load_model")
+    if params_like is not None:
+        qv = _with_structure(qv, model, params_like, method)
     return QuantizedModel(model, qv, method=method)
+
+
+def _with_structure(qv: QuantizedVariables, model, params_like, method) -> QuantizedVariables:
+    """`qv` whose plan rebuilds a function's params in the structure of `params_like`."""
+    if model_kind(model, "jq.load_model") != "fn" or qv.plan.model_kind != "fn":
+        raise ValueError(
+            "jq.load_model: params_like= is for function models; a linen or nnx model rebuilds "
+            "its own variables"
+        )
+    ad = ModelAdapter(model, params_like, method)
+    want = dict(qv.plan.signature)
+    got = {li.path: li.shape for li in ad.leaves}
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or [p for p in want if tuple(want[p]) != got[p]]
+        raise ValueError(
+            f"jq.load_model: params_like does not match the checkpoint's parameters (names or "
+            f"shapes differ at {diff[:4]})"
+        )
+    plan = dataclasses.replace(
+        qv.plan,
+        signature=tuple((li.path, tuple(want[li.path])) for li in ad.leaves),
+        params_tree=ParamsTree(ad.treedef),
+    )
+    return dataclasses.replace(qv, plan=plan)

@@ -99,7 +99,8 @@ class QAT:
     `jq.apply` output matches this forward pass.
 
     Args:
-      model: linen or nnx Module.
+      model: linen or nnx Module, or a function ``fn(params, *args, **kwargs)`` (its
+        whole params pytree is trained).
       rules: the `jq.Rule` list. Static activation specs track or learn their
         range; dynamic ones use each batch's own range; weight-only rules
         fake-quantize weights only.
@@ -185,12 +186,15 @@ class QAT:
 
     # -- variables <-> adapter ------------------------------------------------------------
     def _adapter(self, params, state):
-        if model_kind(self.model, "jq.qat") == "linen":
+        kind = model_kind(self.model, "jq.qat")
+        if kind == "linen":
             return ModelAdapter(self.model, {"params": params, **state["variables"]}, self.method)
+        if kind == "fn":  # a function's whole pytree is its params
+            return ModelAdapter(self.model, params, self.method)
         return ModelAdapter(self.model, None, self.method)
 
     def _leaves(self, adapter, params, state):
-        if adapter.kind == "linen":
+        if adapter.kind in ("linen", "fn"):
             return list(adapter.values)
         return list(adapter.override({**state["variables"], **params}).values)
 
@@ -203,7 +207,13 @@ class QAT:
         example batch's min-max; LSQ scales start from those ranges.
         """
         check_forwarded("qat.init", kwargs)
-        if model_kind(self.model, "jq.qat.init") == "linen":
+        kind = model_kind(self.model, "jq.qat.init")
+        if kind == "fn":
+            if variables is None:
+                adapter = ModelAdapter(self.model, None, self.method)  # a Hugging Face model
+                variables = jax.tree_util.tree_unflatten(adapter.treedef, adapter.values)
+            params, rest = variables, {}
+        elif kind == "linen":
             if variables is None:
                 raise ValueError("jq.qat.init: a linen model needs its trained variables")
             from flax.core import unfreeze
@@ -277,7 +287,7 @@ class QAT:
                 }
         if self.weights == "lsq":
             all_leaves = self._leaves(adapter, params, state)
-            for idx, (spec, c) in leaf_specs(chosen).items():
+            for idx, (spec, c) in leaf_specs(chosen, t.finder).items():
                 if not jnp.issubdtype(spec.fmt.dtype, jnp.integer):
                     continue
                 qp = _minmax_qp(all_leaves[idx], spec)
@@ -332,7 +342,7 @@ class QAT:
         # weights: fake-quantized once per step at the parameter, in its stored layout (the
         # sites with a real low-precision forward quantize theirs inside the op)
         real = self._real_forward_sites(t.finder, chosen)
-        for idx, (spec, c) in leaf_specs(chosen).items():
+        for idx, (spec, c) in leaf_specs(chosen, t.finder).items():
             name = c.site.name
             w = leaves[idx]
             if name in real:
@@ -461,8 +471,11 @@ def is_qat_vars(v) -> bool:
 
 
 def qat_model_variables(model, qat_vars):
-    if model_kind(model, "jq.convert") == "linen":
+    kind = model_kind(model, "jq.convert")
+    if kind == "linen":
         return {"params": qat_vars["params"], **qat_vars["state"]["variables"]}
+    if kind == "fn":
+        return qat_vars["params"]
     return None
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from jq.quantize import QArray
 
 __all__ = [
     "CalibrationStats",
+    "ParamsTree",
     "Plan",
     "QuantizedVariables",
     "SitePlan",
@@ -96,6 +98,18 @@ class SitePlan:
     # contracting axes ((K, N) -> (N, K)), the operand layout of GPU / TPU integer and fp8
     # GEMMs (`convert(target=)`); None: as the model stores it
     weight_perm: tuple[int, ...] | None = None
+    # the key in `QuantizedVariables.variables` of this site's own quantized copy of its
+    # parameter (``"<leaf>@<site>"``), for a parameter whose uses are quantized differently
+    # (a tied embedding: its gather and its head); None: the parameter's own entry
+    weight_key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamsTree:
+    """The `jax.tree_util` structure of a function model's parameter pytree, comparable with
+    anything (a bare ``PyTreeDef == None`` raises)."""
+
+    treedef: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +124,9 @@ class Plan:
     # converted with; `jq.apply` passes them by default when called with the same `method`
     model_kwargs: tuple = ()
     method: str | None = None  # `method_name` of the converted method; None: ``__call__``
+    # a function model ("fn"): the structure of its parameter pytree (leaves in `signature`
+    # order); not saved in checkpoints (`jq.load_model(..., params_like=)`)
+    params_tree: ParamsTree | None = None
 
     def call_kwargs(self, method=None) -> dict:
         """The recorded `model_kwargs` when `method` is the converted one, else ``{}``."""
@@ -150,6 +167,14 @@ class QuantizedVariables:
         "quantized": bytes of their QArrays (values + scales + zero points),
         "total_before", "total_after", "ratio"}``."""
         fl = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in self.plan.float_leaves)
+        # a per-use copy (`SitePlan.weight_key`) counts its float source among the quantized
+        # weights' originals, once, and not again among the other variables
+        dup = 0
+        for src in {s.leaf for s in self.plan.sites if s.weight_key is not None}:
+            v = self.variables.get(src)
+            if not isinstance(v, QArray) and hasattr(v, "dtype"):
+                dup += int(np.size(v)) * np.dtype(v.dtype).itemsize
+        fl += dup
         q = sum(v.nbytes for v in self.variables.values() if isinstance(v, QArray))
         other = sum(
             int(np.size(v)) * np.dtype(v.dtype).itemsize
@@ -166,7 +191,7 @@ class QuantizedVariables:
             "float": fl,
             "quantized": q,
             "ratio": q / fl if fl else 1.0,
-            "total_before": fl + other,
+            "total_before": fl + other - dup,
             "total_after": q + other + acts,
         }
 

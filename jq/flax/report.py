@@ -27,7 +27,8 @@ def sites(model, variables, rules: Sequence[Rule], *args, method=None, **kwargs)
     """Lists every quantizable site of the model and the rule that selects it.
 
     Args:
-      model: a linen Module (with `variables`) or an nnx Module (``variables=None``).
+      model: a linen Module (with `variables`), an nnx Module (``variables=None``), a
+        function ``fn(params, *args, **kwargs)`` (with its params) or a Hugging Face model.
       variables: linen variables, or None for nnx.
       rules: the `jq.Rule` list.
       *args, **kwargs: an example input (shapes matter, values do not).
@@ -137,7 +138,7 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
     rows = []
     by_path = {li.path: v for li, v in zip(adapter.leaves, adapter.values)}
     for sp in qvars.plan.sites:
-        wq = qvars.variables.get(sp.leaf) if sp.leaf else None
+        wq = qvars.variables.get(sp.weight_key or sp.leaf) if sp.leaf else None
         wsq = None
         if isinstance(wq, QArray):
             if sp.weight_perm is not None:

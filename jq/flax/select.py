@@ -8,6 +8,10 @@ Every verb (`calibrate`, `convert`, `apply`, `qat`, `report`, `cast`,
 * `leaf_specs` gives every quantized parameter leaf one weight spec, in the
   stored layout (scan-stacked axes added by `weight_spec`), and checks that
   all sites reading the leaf agree;
+* `weight_storage` decides how `convert` stores them: one `QArray` in place of
+  the parameter when every use of it is selected with one spec, else one
+  quantized copy per selected use (a tied embedding whose gather and head are
+  quantized differently, or one of them not at all);
 * `activation_spec` checks a rule's activation spec against the operand it
   quantizes;
 * `scan_lengths` / `stack_tree` stack per-site state over the scans around a
@@ -36,11 +40,13 @@ __all__ = [
     "choose",
     "direct_weight_sites",
     "dot_geometry",
+    "gathered_leaves",
     "leaf_specs",
     "scan_lengths",
     "site_positions",
     "stack_tree",
     "weight_spec",
+    "weight_storage",
 ]
 
 
@@ -152,13 +158,18 @@ def weight_spec(choice: Choice, leaf_ndim: int, row_wise: bool = False) -> Quant
     """The rule's weight spec in the stored parameter's layout (stacked axes added).
 
     A table that is also gathered from (an Embed, possibly tied as the output
-    head through ``attend``) keeps one scale per row, so that each gathered row
-    carries its own scale and the tied dot keeps its scale on a free axis.
+    head through ``attend`` or ``table.T``) keeps one scale per row, so that
+    each gathered row carries its own scale and the tied dot keeps its scale on
+    a free axis (the head's output channels are the table's rows); blocks of a
+    2-D table run along its rows (the head's contraction).
     """
     spec = choice.rule.weight
     s = choice.site
-    if row_wise and spec.axis is not None:
-        spec = spec.replace(axis=(0,))
+    if row_wise and spec.axis is not None and not s.stack:
+        kw = {"axis": (0,)}
+        if spec.block_axis is not None and len(s.leaf.shape) == 2:
+            kw["block_axis"] = 1
+        spec = spec.replace(**kw)
     depth = len(s.stack)
     if depth == 0:
         return spec
@@ -228,20 +239,82 @@ def scan_lengths(site: Site, finder: SiteFinder) -> tuple[int, ...]:
     return tuple(finder.scan_length[s] for s in site.scans)
 
 
+def gathered_leaves(finder: SiteFinder) -> set[int]:
+    """Indices of the parameter leaves some gather reads (embedding tables, tied or not)."""
+    return {s.leaf.index for s in finder.sites if s.kind == "embed"}
+
+
 def _row_wise_leaves(chosen: dict[str, Choice]) -> set[int]:
     return {c.site.leaf.index for c in chosen.values() if c.site.kind == "embed"}
 
 
-def leaf_specs(chosen: dict[str, Choice]) -> dict[int, tuple[QuantSpec, Choice]]:
-    """One weight spec per quantized parameter leaf; all its sites must agree."""
-    rows = _row_wise_leaves(chosen)
+def site_weight_spec(c: Choice, rows: set[int]) -> QuantSpec:
+    """The weight spec of one chosen site in its parameter's stored layout, checked to fit."""
+    s = c.site
+    spec = weight_spec(c, len(s.leaf.shape), s.leaf.index in rows)
+    check_weight_fit(c, spec, s.leaf.shape)
+    return spec
+
+
+def weight_storage(
+    chosen: dict[str, Choice], finder: SiteFinder
+) -> tuple[dict[int, tuple[QuantSpec, Choice]], dict[str, tuple[QuantSpec, Choice]]]:
+    """``(shared, per_use)``: how `convert` stores the quantized weights.
+
+    A parameter every one of whose sites is selected is replaced by one
+    `QArray` with its first site's spec (``shared[leaf index]``); a site whose
+    spec differs from that one (a tied table whose gather is int8 and whose
+    head is int4) gets its own quantized copy (``per_use[site name]``). A
+    parameter some site does not select (a tied table whose head a rule
+    quantizes but whose gather it leaves float) stays float, and each selected
+    site reading it gets a copy. Every use is thus quantized exactly as its
+    rule says, and a use no rule selects reads the float table.
+
+    Raises:
+      ValueError: a spec does not fit its site; a per-use copy is needed inside a
+        scan (give the parameter's sites one rule).
+    """
+    rows = gathered_leaves(finder)
+    readers: dict[int, list[Site]] = {}
+    for s in finder.sites:
+        if s.leaf is not None:
+            readers.setdefault(s.leaf.index, []).append(s)
+    specs: dict[int, list[tuple[QuantSpec, Choice]]] = {}
+    for c in chosen.values():
+        if c.site.leaf is not None:
+            specs.setdefault(c.site.leaf.index, []).append((site_weight_spec(c, rows), c))
+    shared, per_use = {}, {}
+    for idx, got in specs.items():
+        if len(got) == len(readers[idx]):  # every use selected: the first use's spec in place
+            shared[idx] = got[0]
+            got = [(sp, c) for sp, c in got if sp != got[0][0]]
+        for sp, c in got:
+            if c.site.scans or c.site.stack:
+                raise ValueError(
+                    f"jq: parameter {c.site.leaf.path!r} is read by several sites that the rules "
+                    f"quantize differently (or not at all), and site {c.site.name!r} lies in a "
+                    "scan, where jq keeps one quantization per parameter; give all its sites "
+                    "one rule"
+                )
+            per_use[c.site.name] = (sp, c)
+    return shared, per_use
+
+
+def leaf_specs(
+    chosen: dict[str, Choice], finder: SiteFinder | None = None
+) -> dict[int, tuple[QuantSpec, Choice]]:
+    """One weight spec per quantized parameter leaf; all its sites must agree.
+
+    With `finder`, a table gathered by any site (selected or not) is quantized
+    per row at its dot sites too (`weight_spec`'s ``row_wise``).
+    """
+    rows = _row_wise_leaves(chosen) if finder is None else gathered_leaves(finder)
     out: dict[int, tuple[QuantSpec, Choice]] = {}
     for c in chosen.values():
         s = c.site
         if s.leaf is None:
             continue
-        spec = weight_spec(c, len(s.leaf.shape), s.leaf.index in rows)
-        check_weight_fit(c, spec, s.leaf.shape)
+        spec = site_weight_spec(c, rows)
         prev = out.get(s.leaf.index)
         if prev is not None and prev[0] != spec:
             raise ValueError(

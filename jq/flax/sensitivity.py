@@ -99,7 +99,7 @@ class QuantEval:
         if names in self._fns:
             return self._fns[names]
         chosen = {n: c for n, c in self.chosen.items() if n in names}
-        specs = leaf_specs(chosen)
+        specs = leaf_specs(chosen, self.finder)
         adapter, kwargs = self.adapter, self.kwargs
         act_qps = {k: v for k, v in self._act_qps.items() if k.site in chosen}
 
@@ -180,7 +180,9 @@ def sensitivity(
     several sites (a tied embedding) is quantized wherever it is used.
 
     Args:
-      model, variables: a linen Module and its variables, or an nnx Module and None.
+      model, variables: a linen Module and its variables, an nnx Module and None, a
+        function ``fn(params, *args, **kwargs)`` and its params, or a Hugging Face Flax
+        model and None (its own params) (`jq.flax.adapter`).
       rules: the `jq.Rule` list; static rules are calibrated once on `batches`
         unless `stats` is given.
       batches: a sequence of batches (iterated several times).

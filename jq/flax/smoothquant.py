@@ -300,7 +300,9 @@ def smoothquant(
     smoothed one up to float rounding.
 
     Args:
-      model, variables: a linen Module and its variables, or an nnx Module and None.
+      model, variables: a linen Module and its variables, an nnx Module and None, a
+        function ``fn(params, *args, **kwargs)`` and its params, or a Hugging Face Flax
+        model and None (its own params) (`jq.flax.adapter`).
       batches: calibration inputs (each one positional argument or a tuple).
       rules: the `jq.Rule` list; sites whose rule quantizes activations are smoothed.
       alpha: migration strength in [0, 1] (0.5 in the paper for most models).

@@ -27,3 +27,10 @@ def outlier():
     f = jax.jit(m.apply)
     batches = [(x, jnp.argmax(f(v, x), -1)) for x in xs]
     return m, v, batches
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "hf: Hugging Face Flax models (the `hf` extra, transformers<5); select with -m hf",
+    )

@@ -84,7 +84,7 @@ def test_sensitivity_tied_embedding_is_one_row():
     res = jq.sensitivity(m, v, [jq.Rule(".*", weight=jq.QuantSpec("int4", axis=-1))], [ids])
     assert sorted(r["site"] for r in res.rows) == [
         "Dense_0/kernel",
-        "Embed_0/embedding + Embed_0/embedding[1]",
+        "Embed_0/embedding + Embed_0.attend/embedding",
     ]
 
 
