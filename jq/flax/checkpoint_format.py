@@ -156,9 +156,7 @@ def encode(qvars: QuantizedVariables, names: bool = False) -> tuple[dict, dict]:
             f"jq.flax.checkpoint.save: expected QuantizedVariables, got {type(qvars).__name__}"
         )
     p = qvars.plan
-    perms = {
-        s.weight_key or s.leaf: s.weight_perm for s in p.sites if s.weight_perm is not None
-    }
+    perms = {s.weight_key or s.leaf: s.weight_perm for s in p.sites if s.weight_perm is not None}
     float_leaves = {a: (a, b, c) for a, b, c in p.float_leaves}
     arrays, tensors = {}, {}
 
