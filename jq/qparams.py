@@ -16,6 +16,14 @@ more axes (``axis=1``, ``axis=-1``, ``axis=(0, 2)``), or per block: ``block_size
 consecutive elements along ``block_axis`` share one scale (combinable with
 per-channel axes, e.g. GPTQ-style group scales of a ``(K, N)`` kernel are
 ``axis=-1, block_axis=0, block_size=128``).
+
+A weight spec may instead name axes by what they are to the weight's dot:
+``axis="out"`` gives one scale per output channel, varying over every axis
+of the weight that the dot does not contract (heads included), and
+``group_size=128`` adds blocks of 128 along the contraction. The model verbs
+(`jq.calibrate`, `jq.convert`, ...) resolve such a spec against each site's
+dataflow (`jq.flax.weight_axes`); a bare array has no dot, so the array-level
+functions here need integer axes.
 """
 
 from __future__ import annotations
@@ -42,16 +50,29 @@ __all__ = [
 Scheme = Literal["symmetric", "affine"]
 
 
-def _as_axes(axis) -> tuple[int, ...] | None:
+#: ``QuantSpec(axis=OUT)``: one scale per output channel of the weight's dot
+OUT = "out"
+
+
+def _as_axes(axis) -> tuple[int, ...] | str | None:
     if axis is None:
         return None
+    if isinstance(axis, str):
+        if axis != OUT:
+            raise ValueError(
+                f"QuantSpec.axis={axis!r}: the only named axis is 'out' (per output channel of "
+                "the weight's dot); otherwise pass None, an int or a tuple of ints"
+            )
+        return OUT
     if isinstance(axis, (int, np.integer)):
         return (int(axis),)
     if isinstance(axis, (tuple, list)) and all(isinstance(a, (int, np.integer)) for a in axis):
         if len(set(axis)) != len(axis):
             raise ValueError(f"QuantSpec.axis={tuple(axis)} repeats an axis")
         return tuple(int(a) for a in axis)
-    raise TypeError(f"QuantSpec.axis must be None, an int or a tuple of ints, got {axis!r}")
+    raise TypeError(
+        f"QuantSpec.axis must be None, 'out', an int or a tuple of ints, got {axis!r}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +87,15 @@ class QuantSpec:
       axis: channel axis or axes that keep their own parameters (negative axes
         allowed); None means per tensor. For dynamic activation quantization,
         ``axis=0`` on a ``(tokens, features)`` input is per token / per row.
+        ``"out"`` (weights in rules only): per output channel of the weight's
+        dot, i.e. every stored axis the dot does not contract, whatever the
+        model's layout (a ``(D, H, Dh)`` query kernel gets ``H * Dh`` scales,
+        HF GPT-2's ``(out, in)`` Conv1D kernel one per row).
+      group_size: with ``axis="out"``: blocks of `group_size` elements along
+        the dot's contraction share one scale (GPTQ / AWQ groups). When it does
+        not divide the contraction, the largest divisor not above it is used,
+        or one scale per output channel when that divisor is below a quarter
+        of it; `QuantizedVariables.summary` says which.
       block_size: if set, ``block_size`` consecutive elements along `block_axis`
         share one scale.
       block_axis: the axis cut into blocks (required with `block_size`).
@@ -84,6 +114,7 @@ class QuantSpec:
     block_axis: int | None = None
     narrow_range: bool | None = None
     calibration: Any = None
+    group_size: int | None = None
 
     def __post_init__(self):
         fmt = numerics.get_format(self.format)
@@ -98,8 +129,31 @@ class QuantSpec:
                 "float formats are symmetric"
             )
         object.__setattr__(self, "axis", None if self.axis is None else _as_axes(self.axis))
-        if self.axis is not None and len(self.axis) == 1:
-            object.__setattr__(self, "axis", self.axis)
+        if self.group_size is not None:
+            if (
+                isinstance(self.group_size, bool)
+                or not isinstance(self.group_size, (int, np.integer))
+                or self.group_size < 1
+            ):
+                raise ValueError(
+                    f"QuantSpec.group_size must be a positive int, got {self.group_size!r}"
+                )
+            if self.axis != OUT:
+                raise ValueError(
+                    "QuantSpec.group_size goes with axis='out' (groups along the dot's contraction, "
+                    "one scale per output channel and group); with integer axes use "
+                    "block_axis / block_size"
+                )
+            if not fmt.scaled:
+                raise ValueError(
+                    f"QuantSpec: format {fmt.name!r} is a plain cast and has no groups"
+                )
+            object.__setattr__(self, "group_size", int(self.group_size))
+        if self.axis == OUT and self.block_size is not None:
+            raise ValueError(
+                "QuantSpec: axis='out' takes group_size= for blocks along the contraction, "
+                f"not block_axis / block_size (got block_axis={self.block_axis!r})"
+            )
         if (self.block_size is None) != (self.block_axis is None):
             raise ValueError(
                 "QuantSpec: block_size and block_axis go together, got "
@@ -152,11 +206,26 @@ class QuantSpec:
     def per_tensor(self) -> bool:
         return self.axis is None and self.block_size is None
 
+    @property
+    def semantic(self) -> bool:
+        """True for ``axis="out"``: the axes are named by the weight's dot, resolved per site."""
+        return self.axis == OUT
+
+    def _check_concrete(self, name: str) -> None:
+        if self.semantic:
+            raise ValueError(
+                f"QuantSpec(axis='out'{'' if self.group_size is None else f', group_size={self.group_size}'}) "
+                f"names axes by a weight's dot, which `{name}` does not have: the model verbs "
+                "(jq.convert, jq.calibrate, jq.quantize_model, ...) resolve it per site; for a bare "
+                "array pass integer axes (axis=..., block_axis=..., block_size=...)"
+            )
+
     def replace(self, **kw) -> QuantSpec:
         return dataclasses.replace(self, **kw)
 
     def channel_axes(self, ndim: int, name: str = "x") -> tuple[int, ...]:
         """Channel axes made non-negative for a rank-`ndim` tensor; checks the range."""
+        self._check_concrete(name)
         if self.axis is None:
             return ()
         out = []

@@ -141,6 +141,7 @@ def encode(qvars: QuantizedVariables, names: bool = False) -> tuple[dict, dict]:
                 "activation": _spec_to_json(s.activation),
                 "rule_index": s.rule_index,
                 "weight_perm": None if s.weight_perm is None else list(s.weight_perm),
+                "note": s.note,
             }
             for s in p.sites
         ],
@@ -222,6 +223,7 @@ def decode(meta: dict, arrays: dict) -> QuantizedVariables:
                 _spec_from_json(s["activation"]),
                 s["rule_index"],
                 None if s.get("weight_perm") is None else tuple(s["weight_perm"]),
+                s.get("note"),
             )
             for s in meta["sites"]
         ),

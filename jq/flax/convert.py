@@ -204,6 +204,7 @@ def convert(
                 act if c.mode != "weight_only" else None,
                 c.rule_index,
                 perms.get(name),
+                c.note,
             )
         )
     plan = Plan(adapter.kind, adapter.signature(), tuple(plans), tuple(float_leaves))

@@ -4,7 +4,10 @@ Every verb (`calibrate`, `convert`, `apply`, `qat`, `report`, `cast`,
 `sensitivity`, `auto_quantize`, `gptq`, `smoothquant`) decides the same way:
 
 * `choose` matches each site of the traced model against the rules (first
-  match wins) and keeps the sites whose rule quantizes something there;
+  match wins) and keeps the sites whose rule quantizes something there, with
+  the rule's weight spec resolved for the site (``axis="out"`` becomes the
+  stored axes the dot does not contract; integer axes are checked:
+  `jq.flax.weight_axes`);
 * `leaf_specs` gives every quantized parameter leaf one weight spec, in the
   stored layout (scan-stacked axes added by `weight_spec`), and checks that
   all sites reading the leaf agree;
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 
 from jq.flax._graph import Site, SiteFinder
 from jq.flax.rules import Rule, match_rule
+from jq.flax.weight_axes import resolve_weight_spec
 from jq.qparams import QuantSpec
 
 __all__ = [
@@ -50,7 +54,8 @@ class Choice:
 
     site: Site
     rule_index: int
-    rule: Rule
+    rule: Rule  # its weight spec resolved for this site (`weight_axes.resolve_weight_spec`)
+    note: str | None = None  # how a semantic weight spec was adapted here (a group size)
 
     @property
     def mode(self) -> str:
@@ -81,7 +86,12 @@ def choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> di
             continue
         if s.kind != "act_dot" and r.weight is None:
             continue
-        chosen[s.name] = Choice(s, i, r)
+        note = None
+        if s.kind != "act_dot" and s.leaf is not None:
+            spec, note = resolve_weight_spec(s, r.weight, i)
+            if spec != r.weight:
+                r = dataclasses.replace(r, weight=spec)
+        chosen[s.name] = Choice(s, i, r, note)
         used.add(i)
     if warn:
         for i, r in enumerate(rules):
