@@ -94,7 +94,9 @@ def w8a8_dynamic(
     """
     act = QuantSpec("int8", axis=0) if per_token else QuantSpec("int8")
     ops = ("dot",) if per_token else ("dot", "conv", "embed")
-    return _rule(skip, keep_first_last, ops=ops, weight=QuantSpec("int8", axis="out"), activation=act)
+    return _rule(
+        skip, keep_first_last, ops=ops, weight=QuantSpec("int8", axis="out"), activation=act
+    )
 
 
 def w8_weight_only(*, skip: Sequence[str] = (), keep_first_last: bool = False) -> list[Rule]:

@@ -70,9 +70,7 @@ def _as_axes(axis) -> tuple[int, ...] | str | None:
         if len(set(axis)) != len(axis):
             raise ValueError(f"QuantSpec.axis={tuple(axis)} repeats an axis")
         return tuple(int(a) for a in axis)
-    raise TypeError(
-        f"QuantSpec.axis must be None, 'out', an int or a tuple of ints, got {axis!r}"
-    )
+    raise TypeError(f"QuantSpec.axis must be None, 'out', an int or a tuple of ints, got {axis!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -203,9 +203,10 @@ def gptq(
     DenseGeneral, Einsum, ``x @ w``) is quantized with its rule's weight spec
     by `jq.gptq_core.gptq_quantize`, from the Hessian ``H = 2 X X^T / n`` of the
     site's inputs over all `batches`, accumulated in float32 inside one jitted
-    step per batch. Group scales are the spec's blocks along the input rows:
-    ``jq.QuantSpec("int4", axis=-1, block_axis=0, block_size=128)`` on a
-    ``(K, N)`` kernel.
+    step per batch. Group scales are the spec's blocks along the contraction:
+    ``jq.QuantSpec("int4", axis="out", group_size=128)`` in any layout (on a
+    Dense ``(K, N)`` kernel the same as ``axis=-1, block_axis=0,
+    block_size=128``).
 
     Sequential processing (the paper's setting): sites are processed in stages
     of the model's dataflow. A site's Hessian is collected with every GPTQ'd

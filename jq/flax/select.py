@@ -81,6 +81,7 @@ def choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> di
     chosen: dict[str, Choice] = {}
     used = set()
     positions = site_positions(finder)
+    gathered = {s.leaf.index for s in finder.sites if s.kind == "embed"}
     for s in finder.sites:
         # a site of the root module (module path '') is matched by its own name, e.g. "w"
         path = s.module_path or s.name
@@ -94,7 +95,8 @@ def choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> di
             continue
         note = None
         if s.kind != "act_dot" and s.leaf is not None:
-            spec, note = resolve_weight_spec(s, r.weight, i)
+            # a table that is also gathered from keeps one scale per row (`weight_spec`)
+            spec, note = resolve_weight_spec(s, r.weight, i, check=s.leaf.index not in gathered)
             if spec != r.weight:
                 r = dataclasses.replace(r, weight=spec)
         chosen[s.name] = Choice(s, i, r, note)

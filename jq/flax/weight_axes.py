@@ -116,14 +116,16 @@ def _group(spec: QuantSpec, roles, shape, depth) -> tuple[dict, str | None]:
     )
 
 
-def resolve_weight_spec(site, spec: QuantSpec, rule_index: int) -> tuple[QuantSpec, str | None]:
+def resolve_weight_spec(
+    site, spec: QuantSpec, rule_index: int, check: bool = True
+) -> tuple[QuantSpec, str | None]:
     """The rule's weight spec in the parameter's per-layer stored axes, and a note on it.
 
     ``axis="out"`` becomes the stored axes that the op does not contract (for
     a gathered table: its rows) and ``group_size`` a block along the largest
     contracting axis (see the module docstring). An integer spec is returned
-    unchanged after checking that no per-channel scale lies on an axis the op
-    contracts.
+    unchanged after checking (with `check`) that no per-channel scale lies on an
+    axis the op contracts.
 
     Raises:
       ValueError: an integer spec puts a channel scale on a contracting axis;
@@ -141,7 +143,8 @@ def resolve_weight_spec(site, spec: QuantSpec, rule_index: int) -> tuple[QuantSp
     depth = len(site.stack)
     shape = tuple(site.leaf.shape)
     if not spec.semantic:
-        _check_explicit(site, spec, roles, depth, rule_index)
+        if check:
+            _check_explicit(site, spec, roles, depth, rule_index)
         return spec, None
     channel = _fitting_axes(roles, depth)
     kw = {"axis": channel or None, "group_size": None}

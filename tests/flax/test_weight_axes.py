@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 import jq
-from jq.calibration import MinMax
 
 
 class Conv1D(nn.Module):
@@ -104,7 +103,9 @@ def test_static_int8_on_out_in_weights_is_one_u8s8_dot_with_no_transpose(pair):
     types = dict(re.findall(r"(%[\w.-]+) = (\w+)\[", hlo))
     assert {(types[a], types[b]) for _, a, b in dots} == {("u8", "s8")}  # no s32 x s32 dot
     # the exported cuda module: i8 x i8 dots that read the (N, K) argument directly
-    nk = jq.convert(conv, vc, rules, jq.calibrate(conv, vc, rules, [x], progress=False), target="gpu")
+    nk = jq.convert(
+        conv, vc, rules, jq.calibrate(conv, vc, rules, [x], progress=False), target="gpu"
+    )
     text = jax.export.export(f, platforms=("cuda",))(nk, x).mlir_module()
     lines = re.findall(r"stablehlo\.dot_general[^\n]*", text)
     int_dots = [ln for ln in lines if "xi8>, tensor<" in ln]
@@ -184,7 +185,9 @@ def test_einsum_weights_get_a_scale_per_output_channel_heads_included(decoder):
         "wd": (1, 16),
     }
     wq = np.asarray(v["params"]["wq"])
-    np.testing.assert_allclose(qv.variables["params/wq"].scale[0], np.abs(wq).max(0) / 127, rtol=1e-6)
+    np.testing.assert_allclose(
+        qv.variables["params/wq"].scale[0], np.abs(wq).max(0) / 127, rtol=1e-6
+    )
 
 
 def test_w4_groups_run_along_the_contraction_and_adapt_to_its_size(decoder):
@@ -196,7 +199,9 @@ def test_w4_groups_run_along_the_contraction_and_adapt_to_its_size(decoder):
     assert qv.variables["params/wkv"].scale.shape == (2, 1, 2, 4)
     assert qv.variables["params/wd"].scale.shape == (2, 16)
     notes = {s.name: s.note for s in qv.plan.sites if s.note}
-    assert notes["wd"] == "group_size=16 -> 12: 16 does not divide the contraction (axis 0, size 24)"
+    assert (
+        notes["wd"] == "group_size=16 -> 12: 16 does not divide the contraction (axis 0, size 24)"
+    )
     assert "wd: group_size=16 -> 12" in qm.summary()
     assert "one scale per output channel" in notes["wo"]  # contraction (H, Dh): groups of Dh = 4
     y = m.apply(v, x)
