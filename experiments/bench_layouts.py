@@ -7,29 +7,35 @@ stores them, ``(N, K)`` read through ``dot_general(x, kernel.T)``. Both are quan
 the Conv1D kernel), and ``jq.convert`` stores both kernels in the layout of this CPU's fast
 integer dot (`jq.lowering.weight_layout`). The ``conv1d int8, model layout`` row keeps the
 Conv1D kernels ``(N, K)`` as the model stores them (jq before the layout change) for
-comparison. Every case is timed interleaved (`_common.interleaved_latency`), and each int8
-ratio is over the float32 model of the same layout, from medians of the same run.
+comparison. Every case is timed interleaved (`_common.interleaved_latency`); each int8
+ratio is over the float32 model of the same layout (XLA's float32 dot on a transposed
+kernel is itself slower at one row), and over the Dense float32 model, from medians of the
+same run.
 
 Usage::
 
-    python experiments/bench_layouts.py [--d 768] [--batches 1 32] [--repeats 15]
+    python experiments/bench_layouts.py [--d 768] [--batches 1 32] [--repeats 15] [--hf]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
 
 import jq  # noqa: E402
-import jq.flax.convert as _convert  # noqa: E402
+
+# the module (jq.flax.convert is also the name of the function it exports)
+_convert = importlib.import_module("jq.flax.convert")
 
 
 class Conv1D(nn.Module):
@@ -108,8 +114,47 @@ def run(d: int, batches, repeats: int, progress: bool = True) -> list[dict]:
                     "f32_ms": med[f32] * 1e3,
                     "int8_ms": med[i8] * 1e3,
                     "speedup": med[f32] / med[i8],
+                    "vs_dense": med["dense f32"] / med[i8],
                 }
             )
+    return rows
+
+
+def run_hf(batches, repeats: int, seq: int = 64, progress: bool = True) -> list[dict]:
+    """Rows for a random-init HF Flax GPT-2 (n_embd 256, 2 layers, transformers < 5), passed as
+    ``hf.module`` with ``{"params": hf.params}``; the tied head ``transformer/wte`` is skipped."""
+    from transformers import FlaxGPT2LMHeadModel, GPT2Config
+
+    cfg = GPT2Config(vocab_size=256, n_positions=seq, n_embd=256, n_layer=2, n_head=4)
+    hf = FlaxGPT2LMHeadModel(cfg, seed=0)
+    m, v = hf.module, {"params": hf.params}
+
+    def inputs(b, key):
+        ids = jax.random.randint(jax.random.key(key), (b, seq), 0, cfg.vocab_size)
+        pos = jnp.broadcast_to(jnp.arange(seq), (b, seq))
+        return ids, jnp.ones((b, seq), jnp.int32), pos
+
+    rules = jq.presets.w8a8_static(skip=("transformer/wte",))
+    stats = jq.calibrate(m, v, rules, [inputs(4, i) for i in range(2)], progress=False)
+    q = jq.convert(m, v, rules, stats)
+    rows = []
+    for b in batches:
+        args = inputs(b, 9)
+        cases = {
+            "f32": (jax.jit(lambda v, *a: m.apply(v, *a)[0]), (v, *args)),
+            "int8": (jax.jit(lambda q, *a: jq.apply(m, q, *a)[0]), (q, *args)),
+        }
+        t = _common.interleaved_latency(cases, repeats, desc=f"gpt2 batch {b}", progress=progress)
+        f32, i8 = t["f32"]["median"], t["int8"]["median"]
+        rows.append(
+            {
+                "layout": f"HF GPT-2 (Conv1D), {seq} tokens",
+                "batch": b,
+                "f32_ms": f32 * 1e3,
+                "int8_ms": i8 * 1e3,
+                "speedup": f32 / i8,
+            }
+        )
     return rows
 
 
@@ -120,8 +165,11 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default=_common.RESULTS_DIR)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--hf", action="store_true", help="add HF Flax GPT-2 rows (transformers<5)")
     a = ap.parse_args(argv)
     rows = run(a.d, a.batches, a.repeats, progress=not a.no_progress)
+    if a.hf:
+        rows += run_hf(a.batches, a.repeats, progress=not a.no_progress)
     info = _common.machine_info()
     table = _common.markdown_table(
         rows,
@@ -131,6 +179,7 @@ def main(argv=None) -> None:
             ("f32_ms", "float32 ms", ".3f"),
             ("int8_ms", "static int8 ms", ".3f"),
             ("speedup", "int8 / float32 speed", ".2f"),
+            ("vs_dense", "int8 / Dense float32 speed", ".2f"),
         ],
     )
     md = (
