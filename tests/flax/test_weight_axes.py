@@ -46,7 +46,7 @@ class Net(nn.Module):
 def _pair():
     x = jax.random.normal(jax.random.key(0), (16, 24)) * jnp.linspace(0.2, 3.0, 24)
     dense = Net()
-    vd = dense.init(jax.random.key(1), x)
+    vd = jax.jit(dense.init)(jax.random.key(1), x)  # jitted: eager init dispatches op by op
     vc = jax.tree.map(lambda a: a, vd)  # the same weights, stored (out, in)
     for n in ("fc", "proj"):
         vc["params"][n]["kernel"] = vd["params"][n]["kernel"].T
@@ -166,7 +166,7 @@ class Decoder(nn.Module):
 def decoder():
     x = jax.random.normal(jax.random.key(2), (2, 3, 16))
     m = Decoder()
-    return m, m.init(jax.random.key(3), x), x
+    return m, jax.jit(m.init)(jax.random.key(3), x), x
 
 
 def test_einsum_weights_get_a_scale_per_output_channel_heads_included(decoder):
@@ -239,3 +239,14 @@ def test_semantic_specs_need_a_dot():
         jq.QuantSpec("int8", axis="in")
     with pytest.raises(ValueError, match="Rule.activation: axis='out'"):
         jq.Rule(".*", activation=jq.QuantSpec("int8", axis="out"))
+
+
+def test_weight_layout_names_the_fast_dot_operand_per_target():
+    assert [jq.lowering.weight_layout(t) for t in (None, "cpu", "gpu", "tpu")] == [
+        "kn",
+        "kn",
+        "nk",
+        "nk",
+    ]
+    with pytest.raises(ValueError, match="target must be one of"):
+        jq.lowering.weight_layout("h200")
