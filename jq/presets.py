@@ -15,8 +15,10 @@ options are common to all of them:
   model input directly. Which sites those are is decided when the rules meet
   the model (`jq.flax.select.choose`), so the list stays model-independent.
 
-Weights are quantized per output channel (``axis=-1``, the last axis of Dense
-and Conv kernels) unless a preset says otherwise; symmetric int8 uses
+Weights are quantized per output channel of their dot (``axis="out"``: every
+stored axis the dot does not contract, whatever the model's layout, e.g. the
+rows of HF GPT-2's ``(out, in)`` Conv1D kernels and the heads of an einsum
+``(D, H, Dh)`` query) unless a preset says otherwise; symmetric int8 uses
 ``[-127, 127]``.
 """
 
@@ -71,7 +73,7 @@ def w8a8_static(
     return _rule(
         skip,
         keep_first_last,
-        weight=QuantSpec("int8", axis=-1),
+        weight=QuantSpec("int8", axis="out"),
         activation=QuantSpec("int8", calibration=obs),
     )
 
@@ -92,27 +94,34 @@ def w8a8_dynamic(
     """
     act = QuantSpec("int8", axis="rows") if per_token else QuantSpec("int8")
     ops = ("dot",) if per_token else ("dot", "conv", "embed")
-    return _rule(skip, keep_first_last, ops=ops, weight=QuantSpec("int8", axis=-1), activation=act)
+    return _rule(
+        skip, keep_first_last, ops=ops, weight=QuantSpec("int8", axis="out"), activation=act
+    )
 
 
 def w8_weight_only(*, skip: Sequence[str] = (), keep_first_last: bool = False) -> list[Rule]:
     """int8 weights (per output channel), float activations: ``x @ (S * W_q)``."""
-    return _rule(skip, keep_first_last, weight=QuantSpec("int8", axis=-1))
+    return _rule(skip, keep_first_last, weight=QuantSpec("int8", axis="out"))
 
 
 def w4_weight_only(
     group_size: int | None = 128, *, skip: Sequence[str] = (), keep_first_last: bool = False
 ) -> list[Rule]:
-    """int4 weights in groups of `group_size` input rows (packed two per byte), float activations.
+    """int4 weights in groups of `group_size` along the contraction (packed two per byte),
+    float activations.
 
-    Applies to ``"dot"`` sites (Dense kernels ``(K, N)``: one scale per
-    ``group_size`` rows of K and per output column); ``group_size=None`` gives
-    one scale per output column. K must be a multiple of `group_size`.
+    Applies to ``"dot"`` sites: ``QuantSpec("int4", axis="out", group_size=128)``,
+    one scale per output channel and per `group_size` elements of the dot's
+    contraction, in any layout (Dense ``(K, N)``, Conv1D ``(N, K)``, einsum
+    ``(D, H, Dh)``). Where `group_size` does not divide the contraction, the
+    largest divisor not above it is used, or one scale per output channel;
+    `QuantizedModel.summary` names those sites. ``group_size=None`` gives one
+    scale per output channel.
     """
     spec = (
-        QuantSpec("int4", axis=-1)
+        QuantSpec("int4", axis="out")
         if group_size is None
-        else QuantSpec("int4", axis=-1, block_axis=0, block_size=int(group_size))
+        else QuantSpec("int4", axis="out", group_size=int(group_size))
     )
     return _rule(skip, keep_first_last, ops=("dot",), weight=spec)
 
@@ -127,6 +136,6 @@ def fp8(
         skip,
         keep_first_last,
         ops=("dot", "conv"),
-        weight=QuantSpec("float8_e4m3fn", axis=-1),
+        weight=QuantSpec("float8_e4m3fn", axis="out"),
         activation=act,
     )

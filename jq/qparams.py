@@ -19,6 +19,14 @@ resolves it, `QuantSpec.for_operand`), or per block: ``block_size``
 consecutive elements along ``block_axis`` share one scale (combinable with
 per-channel axes, e.g. GPTQ-style group scales of a ``(K, N)`` kernel are
 ``axis=-1, block_axis=0, block_size=128``).
+
+A weight spec may instead name axes by what they are to the weight's dot:
+``axis="out"`` gives one scale per output channel, varying over every axis
+of the weight that the dot does not contract (heads included), and
+``group_size=128`` adds blocks of 128 along the contraction. The model verbs
+(`jq.calibrate`, `jq.convert`, ...) resolve such a spec against each site's
+dataflow (`jq.flax.weight_axes`); a bare array has no dot, so the array-level
+functions here need integer axes.
 """
 
 from __future__ import annotations
@@ -48,12 +56,23 @@ Scheme = Literal["symmetric", "affine"]
 #: axis that the op reading it does not contract (stored as ``axis=("rows",)``).
 ROWS = "rows"
 
+#: ``QuantSpec(axis=OUT)``: one scale per output channel of the weight's dot
+OUT = "out"
 
-def _as_axes(axis) -> tuple[int, ...] | tuple[str] | None:
+
+def _as_axes(axis) -> tuple[int, ...] | tuple[str] | str | None:
     if axis is None:
         return None
     if axis == ROWS or (isinstance(axis, (tuple, list)) and tuple(axis) == (ROWS,)):
         return (ROWS,)
+    if isinstance(axis, str):
+        if axis != OUT:
+            raise ValueError(
+                f"QuantSpec.axis={axis!r}: the named axes are 'out' (weights: per output channel "
+                "of the weight's dot) and 'rows' (dynamic activations: per row / token); "
+                "otherwise pass None, an int or a tuple of ints"
+            )
+        return OUT
     if isinstance(axis, (int, np.integer)):
         return (int(axis),)
     if isinstance(axis, (tuple, list)) and all(isinstance(a, (int, np.integer)) for a in axis):
@@ -61,7 +80,7 @@ def _as_axes(axis) -> tuple[int, ...] | tuple[str] | None:
             raise ValueError(f"QuantSpec.axis={tuple(axis)} repeats an axis")
         return tuple(int(a) for a in axis)
     raise TypeError(
-        f"QuantSpec.axis must be None, an int, a tuple of ints or {ROWS!r}, got {axis!r}"
+        f"QuantSpec.axis must be None, 'out', {ROWS!r}, an int or a tuple of ints, got {axis!r}"
     )
 
 
@@ -81,6 +100,15 @@ class QuantSpec:
         ``(batch, tokens, features)`` inputs of a Dense (any rank), per example
         for a convolution (its window contracts the spatial axes). The op
         resolves it (`for_operand`); ``axis=0`` is per position of axis 0 only.
+        ``"out"`` (weights in rules only): per output channel of the weight's
+        dot, i.e. every stored axis the dot does not contract, whatever the
+        model's layout (a ``(D, H, Dh)`` query kernel gets ``H * Dh`` scales,
+        HF GPT-2's ``(out, in)`` Conv1D kernel one per row).
+      group_size: with ``axis="out"``: blocks of `group_size` elements along
+        the dot's contraction share one scale (GPTQ / AWQ groups). When it does
+        not divide the contraction, the largest divisor not above it is used,
+        or one scale per output channel when that divisor is below a quarter
+        of it; `QuantizedVariables.summary` says which.
       block_size: if set, ``block_size`` consecutive elements along `block_axis`
         share one scale.
       block_axis: the axis cut into blocks (required with `block_size`).
@@ -99,6 +127,7 @@ class QuantSpec:
     block_axis: int | None = None
     narrow_range: bool | None = None
     calibration: Any = None
+    group_size: int | None = None
 
     def __post_init__(self):
         fmt = numerics.get_format(self.format)
@@ -119,6 +148,31 @@ class QuantSpec:
             raise ValueError(
                 "QuantSpec(axis='rows') is for dynamic activations (each call's rows); it takes "
                 "no calibration observer and no blocks"
+            )
+        if self.group_size is not None:
+            if (
+                isinstance(self.group_size, bool)
+                or not isinstance(self.group_size, (int, np.integer))
+                or self.group_size < 1
+            ):
+                raise ValueError(
+                    f"QuantSpec.group_size must be a positive int, got {self.group_size!r}"
+                )
+            if self.axis != OUT:
+                raise ValueError(
+                    "QuantSpec.group_size goes with axis='out' (groups along the dot's contraction, "
+                    "one scale per output channel and group); with integer axes use "
+                    "block_axis / block_size"
+                )
+            if not fmt.scaled:
+                raise ValueError(
+                    f"QuantSpec: format {fmt.name!r} is a plain cast and has no groups"
+                )
+            object.__setattr__(self, "group_size", int(self.group_size))
+        if self.axis == OUT and self.block_size is not None:
+            raise ValueError(
+                "QuantSpec: axis='out' takes group_size= for blocks along the contraction, "
+                f"not block_axis / block_size (got block_axis={self.block_axis!r})"
             )
         if (self.block_size is None) != (self.block_axis is None):
             raise ValueError(
@@ -189,11 +243,26 @@ class QuantSpec:
         free = tuple(a for a in range(ndim) if a not in contract)
         return self.replace(axis=free or None)
 
+    @property
+    def semantic(self) -> bool:
+        """True for ``axis="out"``: the axes are named by the weight's dot, resolved per site."""
+        return self.axis == OUT
+
+    def _check_concrete(self, name: str) -> None:
+        if self.semantic:
+            raise ValueError(
+                f"QuantSpec(axis='out'{'' if self.group_size is None else f', group_size={self.group_size}'}) "
+                f"names axes by a weight's dot, which `{name}` does not have: the model verbs "
+                "(jq.convert, jq.calibrate, jq.quantize_model, ...) resolve it per site; for a bare "
+                "array pass integer axes (axis=..., block_axis=..., block_size=...)"
+            )
+
     def replace(self, **kw) -> QuantSpec:
         return dataclasses.replace(self, **kw)
 
     def channel_axes(self, ndim: int, name: str = "x") -> tuple[int, ...]:
         """Channel axes made non-negative for a rank-`ndim` tensor; checks the range."""
+        self._check_concrete(name)
         if self.axis is None:
             return ()
         if self.per_row:

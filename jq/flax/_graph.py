@@ -42,6 +42,8 @@ _LAYOUT_OPS = {
     "expand_dims",
     "copy",
     "copy_p",
+    "slice",
+    "broadcast_in_dim",
 }
 
 
@@ -87,6 +89,9 @@ class Site:
     in_avals: tuple[Any, ...]
     chain_eqns: tuple[Any, ...] = ()  # the equations of `chain`, in order
     scope: str = ""  # the module the equation runs in (named scopes; '' outside linen)
+    # for each axis of the parameter operand, the stored axes of the leaf it comes from
+    # (through transposes, reshapes, slices, ...; () for an axis of size 1 or a new one)
+    axes: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def act_operands(self) -> tuple[int, ...]:
@@ -115,7 +120,8 @@ class _Origin:
     leaf: LeafInfo
     chain: tuple[str, ...]
     stack: tuple[int, ...]
-    eqns: tuple[Any, ...] = ()
+    axes: tuple[tuple[int, ...], ...]  # per axis of the value: the stored axes it comes from
+    eqns: tuple[Any, ...] = ()  # the equations of `chain`, in order
 
 
 def tied_module(table_module: str, table_name: str, scope: str) -> str:
@@ -130,6 +136,35 @@ def tied_module(table_module: str, table_name: str, scope: str) -> str:
     if scope and t != scope and not t.startswith(scope + "/"):
         return scope
     return (t or table_name) + ".attend"
+
+
+def _follow_axes(prim: str, axes, eqn) -> tuple[tuple[int, ...], ...]:
+    """The stored axes behind each output axis of a layout op, from those of its input.
+
+    An output axis of size 1 comes from no stored axis: a slice that keeps one
+    element of a stacked weight (``w[0]``) selects along that axis, it does not
+    make it part of the dot.
+    """
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    in_shape = tuple(eqn.invars[0].aval.shape)
+    if prim == "transpose":
+        new = [axes[p] for p in eqn.params["permutation"]]
+    elif prim in ("reshape", "squeeze", "expand_dims"):
+        groups = _reshape_groups(in_shape, out_shape) or [
+            (list(range(len(in_shape))), list(range(len(out_shape))))
+        ]
+        new = [()] * len(out_shape)
+        for gi, gj in groups:
+            src = tuple(sorted({a for i in gi for a in axes[i]}))
+            for j in gj:
+                new[j] = src
+    elif prim == "broadcast_in_dim":
+        new = [()] * len(out_shape)
+        for i, j in enumerate(eqn.params["broadcast_dimensions"]):
+            new[j] = axes[i]
+    else:  # casts, copies and slices keep the axes
+        new = list(axes)
+    return tuple(() if d == 1 else a for a, d in zip(new, out_shape))
 
 
 class SiteFinder:
@@ -179,7 +214,15 @@ class SiteFinder:
         view = self.view = JaxprView(jaxpr)
         # ref -> (origin, context where it is visible)
         origins = {
-            r: (_Origin(self.leaves[i], (), ()), ())
+            r: (
+                _Origin(
+                    self.leaves[i],
+                    (),
+                    (),
+                    tuple(() if d == 1 else (a,) for a, d in enumerate(self.leaves[i].shape)),
+                ),
+                (),
+            )
             for i, r in enumerate(view.input_refs[:n_leaves])
         }
 
@@ -200,7 +243,9 @@ class SiteFinder:
                     for r_out, r_in in zip(body.node.ins[start:], body.body_in[start:]):
                         o = origin(r_out, body.node.context)
                         if o is not None:
-                            o = _Origin(o.leaf, o.chain, o.stack + (body.length,), o.eqns)
+                            o = _Origin(
+                                o.leaf, o.chain, o.stack + (body.length,), o.axes[1:], o.eqns
+                            )
                             origins[r_in] = (o, body.node.path)
             self._visit(node, [origin(r, node.context) for r in node.ins], origins)
         self._finish()
@@ -209,8 +254,9 @@ class SiteFinder:
         eqn, prim = node.eqn, node.prim
         if prim in _LAYOUT_OPS and ins and ins[0] is not None and len(node.outs) == 1:
             o = ins[0]
+            axes = _follow_axes(prim, o.axes, eqn)
             origins[node.outs[0]] = (
-                _Origin(o.leaf, o.chain + (prim,), o.stack, o.eqns + (eqn,)),
+                _Origin(o.leaf, o.chain + (prim,), o.stack, axes, o.eqns + (eqn,)),
                 node.context,
             )
             return
@@ -240,6 +286,7 @@ class SiteFinder:
                         avals,
                         o.eqns,
                         node.module,
+                        o.axes,
                     )
                 )
                 return
@@ -329,6 +376,39 @@ def qarray_layout_op(prim: str, q: QArray, eqn) -> QArray | None:
             pshape[gj[0]] = new[gj[0]]
         r = lambda a: None if a is None else a.reshape(pshape)  # noqa: E731
         return QArray(q.value.reshape(new), r(q.scale), r(zp), q.format, new, None)
+    if prim == "slice":  # a part of a fused or stacked weight: its scales come along
+        p = eqn.params
+        if p["strides"] is not None and any(st != 1 for st in p["strides"]):
+            return None
+        starts, limits = p["start_indices"], p["limit_indices"]
+        pstart, plimit = [], []
+        for a, (n, ps) in enumerate(zip(q.shape, q.scale.shape)):
+            if ps == 1:
+                pstart.append(0)
+                plimit.append(1)
+                continue
+            bs = n // ps
+            if starts[a] % bs or limits[a] % bs:
+                return None  # the slice cuts a block of scales
+            pstart.append(starts[a] // bs)
+            plimit.append(limits[a] // bs)
+        sl = lambda a: None if a is None else jax.lax.slice(a, pstart, plimit)  # noqa: E731
+        val = jax.lax.slice(q.value, starts, limits)
+        return QArray(val, sl(q.scale), sl(zp), q.format, tuple(val.shape), None)
+    if prim == "broadcast_in_dim":
+        p = eqn.params
+        shape = tuple(p["shape"])
+        bdims = p["broadcast_dimensions"]
+        pshape = [1] * len(shape)
+        for i, j in enumerate(bdims):
+            if q.shape[i] == shape[j]:
+                pshape[j] = q.scale.shape[i]
+            elif q.scale.shape[i] != 1:
+                return None
+
+        b = lambda a: None if a is None else jax.lax.broadcast_in_dim(a, tuple(pshape), bdims)  # noqa: E731
+        val = jax.lax.broadcast_in_dim(q.value, shape, bdims)
+        return QArray(val, b(q.scale), b(zp), q.format, shape, None)
     return None
 
 

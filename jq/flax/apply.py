@@ -21,6 +21,7 @@ from jq.flax._graph import Interpreter, Site, bind_eqn, keyed_by_site, through_c
 from jq.flax.adapter import ModelAdapter, fmt_paths, leaf_aval, model_kind, state_changes, trace
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule, check_rules
+from jq.flax.select import operand_perm
 from jq.flax.stream import check_forwarded
 from jq.qparams import QuantSpec
 from jq.quantize import QArray, dequantize
@@ -134,9 +135,18 @@ def run_quantized(
     def handler(site, eqn, invals, sts):
         sp = plan.get(site.name)
         mode = None if sp is None else sp.mode
-        if sp is not None and sp.weight_key is not None:  # this use's own quantized copy
+        if sp is not None and (
+            sp.weight_key is not None or (sp.weight_perm is not None and site.chain)
+        ):
+            # a use's own quantized copy (`weight_key`: a tied table's head), and/or a weight
+            # stored in the dot's layout: the dot reads the stored weight, not the model's
+            # transposes of it (left unused, so jit drops them)
             invals = list(invals)
-            invals[site.operand] = through_chain(qvars.variables[sp.weight_key], site)
+            if sp.weight_key is not None:
+                w = qvars.variables[sp.weight_key]
+                invals[site.operand] = w if sp.weight_perm is not None else through_chain(w, site)
+            else:
+                invals[site.operand] = leaves[site.leaf.index]
         qps = (
             {op: sts[site.key("qparams", op)] for op in site.act_operands}
             if mode == "static"
@@ -215,15 +225,19 @@ def run_dot_like(
 
     `smooth`: SmoothQuant factors; the activation operand becomes ``x * (1 / s)``.
     `check_finite`: a checkify check for NaN / inf in the activation (`jq.ops.dot_general`).
-    `weight_perm`: the rhs kernel is stored transposed by it (free axes, then contracting
-    axes); the dot names the stored axes instead (no transpose is emitted, and the output
-    layout is the same, since the free axes keep their order).
+    `weight_perm`: the rhs kernel is stored as ``transpose(model's kernel, weight_perm)``
+    (`jq.lowering.weight_layout`), and arrives so, also where the model transposes it on
+    the way (`select.operand_perm`); the dot names the stored axes instead (no transpose is
+    emitted, and the output layout is the same, since the free axes keep their order).
     """
     out_aval = eqn.outvars[0].aval
     p = dict(eqn.params)
     if weight_perm is not None:
         (lc, rc), (lb, rb) = p["dimension_numbers"]
-        moved = lambda axes: tuple(weight_perm.index(a) for a in axes)  # noqa: E731
+        # operand axis a is stored axis src[a], which the stored-as array holds at
+        # weight_perm.index(src[a])
+        src = operand_perm(site) or tuple(range(len(weight_perm)))
+        moved = lambda axes: tuple(weight_perm.index(src[a]) for a in axes)  # noqa: E731
         p["dimension_numbers"] = ((lc, moved(rc)), (lb, moved(rb)))
     pet = p.get("preferred_element_type") or out_aval.dtype
     if not jnp.issubdtype(pet, jnp.floating):

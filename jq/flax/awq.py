@@ -31,7 +31,7 @@ from jq.flax.convert import convert
 from jq.flax.gptq import gptq
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule
-from jq.flax.select import activation_matrix, dot_geometry
+from jq.flax.select import activation_matrix, dot_geometry, from_view, spec_to_view, to_view
 from jq.flax.smoothquant import act_smooth, fold_groups
 from jq.flax.stream import Stream, model_kwargs_arg, prepare, rules_then_batches, site_body
 from jq.qparams import QuantSpec, qparams_from_array
@@ -44,11 +44,12 @@ class _Target(NamedTuple):
     """A weight AWQ scales (field names shared with `fold_groups`'s records)."""
 
     leaf: int  # index of the parameter leaf
-    w_contract: tuple[int, ...]  # the weight's contracting dims: its leading axes
+    w_contract: tuple[int, ...]  # the view's contracting dims: its leading axes
     x_contract: tuple[int, ...]  # the activation's contracting dims
-    per_layer: tuple[int, ...]  # the weight's shape
+    per_layer: tuple[int, ...]  # the shape of the weight's dot view (`select.dot_geometry`)
     site: Site
-    spec: QuantSpec  # the rule's weight spec
+    spec: QuantSpec  # the rule's weight spec, on the view
+    perm: tuple[int, ...]  # stored axes -> view (`select.to_view`)
 
     @property
     def k(self) -> int:
@@ -200,12 +201,14 @@ def awq(
         if reason is not None:
             warnings.warn(f"{fn}: site {name!r} is not scaled ({reason})", stacklevel=2)
             continue
-        wc, ac = geo
+        perm, wc, ac = geo
         try:
             c.rule.weight.param_shape(s.leaf.shape, name)
         except ValueError as e:
             raise ValueError(f"{fn}: rules[{c.rule_index}] does not fit site {name!r}: {e}") from e
-        targets[name] = _Target(s.leaf.index, wc, ac, s.leaf.shape, s, c.rule.weight)
+        view = tuple(s.leaf.shape[p] for p in perm)
+        spec = spec_to_view(c.rule.weight, perm)
+        targets[name] = _Target(s.leaf.index, wc, ac, view, s, spec, perm)
 
     # groups: sites fed by one norm share s; the rest are searched alone
     folded = []
@@ -253,7 +256,10 @@ def awq(
         n = jnp.maximum(st["n"], 1.0)
         gram, mean = st["gram"] / n, st["abs"] / n
         tgs = [targets[nm] for nm in names]
-        ws = [jnp.asarray(leaves[tg.leaf], jnp.float32).reshape(tg.k, -1) for tg in tgs]
+        ws = [
+            to_view(jnp.asarray(leaves[tg.leaf], jnp.float32), tg.perm).reshape(tg.k, -1)
+            for tg in tgs
+        ]
         w_mean = awq_weight_mean(ws, [_clip_group(tg) for tg in tgs]) if duo else None
         res = awq_search(
             gram, mean, ws, [_quantizer(tg) for tg in tgs], n_grid=n_grid, weight_mean=w_mean
@@ -272,7 +278,7 @@ def awq(
                     max_shrink=max_shrink,
                 )
             old = jnp.asarray(leaves[tg.leaf])
-            leaves[tg.leaf] = ws_.reshape(old.shape).astype(old.dtype)
+            leaves[tg.leaf] = from_view(ws_.reshape(tg.per_layer), tg.perm).astype(old.dtype)
         if g_leaf is not None:
             for leaf in (g_leaf, b_leaf):
                 if leaf is not None:

@@ -212,6 +212,7 @@ def encode(qvars: QuantizedVariables, names: bool = False) -> tuple[dict, dict]:
                 "rule_index": s.rule_index,
                 "weight_perm": None if s.weight_perm is None else list(s.weight_perm),
                 "weight_key": s.weight_key,
+                "note": s.note,
             }
             for s in p.sites
         ],
@@ -391,6 +392,7 @@ def _rebuild(meta, tensors, arrays) -> QuantizedVariables:
                 s["rule_index"],
                 None if s.get("weight_perm") is None else tuple(s["weight_perm"]),
                 s.get("weight_key"),
+                s.get("note"),
             )
             for s in meta["sites"]
         ),

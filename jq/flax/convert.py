@@ -36,12 +36,13 @@ from jq.flax.rules import Rule, check_rules
 from jq.flax.select import (
     activation_spec,
     choose,
-    direct_weight_sites,
+    movable_weight_sites,
     scan_lengths,
     weight_storage,
 )
 from jq.flax.stream import model_kwargs_arg
 from jq.hosteval import host_eval
+from jq.lowering import TARGETS, weight_layout
 from jq.qparams import QuantSpec, qparams_from_range
 from jq.quantize import QArray, quantize
 
@@ -95,16 +96,19 @@ def convert(
       method: the model method (default ``__call__``).
       verbose: print the size report.
       kwargs: deprecated name of `model_kwargs`.
-      target: the hardware the variables are for: None or ``"cpu"`` keeps every
-        weight in the model's layout (measured on an AVX-512 VNNI CPU, (N, K)
-        is no faster there); ``"gpu"`` or ``"tpu"`` stores each kernel of a dot
-        site with its contracting axes last, contiguous ((K, N) -> (N, K); a
-        DenseGeneral (K, H, D) -> (H, D, K)), the operand layout of integer
-        (IMMA) and fp8 GEMMs, so that no call transposes a weight. Recorded per
-        site (``SitePlan.weight_perm``); `apply`, exports, `report`, checkpoints
-        and `jq.sharding` read it. Kernels shared by several sites, used
-        outside them, packed (int4), stacked by a scan or sharded keep their
-        layout.
+      target: the hardware the variables are for (None: this CPU, ``"cpu"``,
+        ``"gpu"``, ``"tpu"``). Each kernel of a dot site is stored in the layout
+        `jq.lowering.weight_layout(target)` names, whatever the model's own:
+        on CPU contracting axes first ((N, K) -> (K, N): an HF GPT-2 Conv1D
+        kernel read through ``kernel.T``), on GPU / TPU contracting axes last,
+        contiguous ((K, N) -> (N, K); a DenseGeneral (K, H, D) -> (H, D, K)),
+        the operand layout of integer (IMMA) and fp8 GEMMs; so no call
+        transposes an int8 weight. Recorded per site
+        (``SitePlan.weight_perm``: stored = ``transpose(model's kernel,
+        perm)``); `apply`, exports, `report`, checkpoints and `jq.sharding`
+        read it. Kernels shared by several sites, used outside them, reaching
+        the dot through a reshape, packed (int4), stacked by a scan or sharded
+        keep their layout.
 
     Returns:
       `QuantizedVariables`; ``qvars.nbytes()`` gives the sizes before and after.
@@ -115,10 +119,11 @@ def convert(
     """
     rules = check_rules(rules)
     kwargs = model_kwargs_arg("convert", model_kwargs, kwargs) if kwargs or model_kwargs else None
-    if target not in _TARGETS:
+    if target not in TARGETS:
         raise ValueError(
-            f"jq.convert: target must be one of {', '.join(map(repr, _TARGETS))}, got {target!r}"
+            f"jq.convert: target must be one of {', '.join(map(repr, TARGETS))}, got {target!r}"
         )
+    layout = weight_layout(target)
     qat_state = None
     if is_qat_vars(variables):
         qat_state = variables
@@ -193,12 +198,12 @@ def convert(
         raise ValueError(f"jq.convert: parameters {bad} hold NaN or inf; they cannot be quantized")
     acts.update(zip(ranges, act_qps))
     new_vars = {li.path: v for li, v in zip(adapter.leaves, adapter.values)}
-    nk = _nk_candidates(t.finder, chosen) if _TARGETS[target] == "nk" else {}
+    moves = _storage_perms(t.finder, chosen, layout)
     perms = {}  # site name -> the permutation its weight is stored in
     for li, q in zip(quantized, qs):
         placed = _keep_sharding(q, values[li.index])
-        if li.index in nk and placed is q and q.pack_axis is None:
-            site_name, perm = nk[li.index]
+        if li.index in moves and placed is q and q.pack_axis is None:
+            site_name, perm = moves[li.index]
             placed = permute_qarray(q, perm)
             perms[site_name] = perm
         new_vars[li.path] = placed
@@ -222,6 +227,7 @@ def convert(
                 c.rule_index,
                 perms.get(name),
                 copy_keys.get(name),
+                c.note,
             )
         )
     plan = Plan(
@@ -299,23 +305,28 @@ def quantize_leaves_jit(
     return qs, finite, act_qps
 
 
-_TARGETS = {None: None, "cpu": None, "gpu": "nk", "tpu": "nk"}
+def _storage_perms(finder, chosen, layout: str) -> dict[int, tuple[str, tuple[int, ...]]]:
+    """``{leaf index: (site name, perm)}``: weights to store transposed by ``perm``.
 
-
-def _nk_candidates(finder, chosen) -> dict[int, tuple[str, tuple[int, ...]]]:
-    """``{leaf index: (site name, perm)}``: kernels to store with the contraction last.
-
-    A kernel its dot site reads directly (`direct_weight_sites`), with no batch
-    axes and some contracting axis before a free one; ``perm`` = its free axes,
-    then its contracting axes, each in order.
+    A weight that one dot site reads as its rhs (`select.movable_weight_sites`:
+    directly or through transposes) is stored as ``transpose(w, perm)`` with
+    the dot's contracting axes first (``layout="kn"``) or last (``"nk"``), each
+    group in the dot's order; no perm when that is already the stored layout.
     """
     out = {}
-    for idx, name in direct_weight_sites(finder, chosen, ("dot",)).items():
+    for idx, name in movable_weight_sites(finder, chosen, ("dot",)).items():
         s = chosen[name].site
         (_, rc), (_, rb) = s.eqn.params["dimension_numbers"]
-        free = tuple(a for a in range(len(s.leaf.shape)) if a not in rc)
-        perm = free + tuple(rc)
-        if not tuple(rb) and free and perm != tuple(range(len(perm))):
+        if tuple(rb):
+            continue
+        src = tuple(a[0] for a in s.axes)  # operand axis i is stored axis src[i]
+        free = tuple(src[a] for a in range(len(src)) if a not in rc)
+        con = tuple(src[a] for a in rc)
+        if not free:
+            continue
+        perm = con + free if layout == "kn" else free + con
+        if perm != tuple(range(len(perm))) or s.chain:
+            # (an identity perm behind a transpose: the dot reads the stored weight as it is)
             out[idx] = (name, perm)
     return out
 

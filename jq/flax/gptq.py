@@ -29,7 +29,16 @@ from jq.flax.calibrate import calibrate
 from jq.flax.convert import convert
 from jq.flax.qvars import CalibrationStats, QuantizedVariables
 from jq.flax.rules import Rule
-from jq.flax.select import activation_matrix, dot_geometry, leaf_specs, scan_lengths, stack_tree
+from jq.flax.select import (
+    activation_matrix,
+    dot_geometry,
+    from_view,
+    leaf_specs,
+    scan_lengths,
+    spec_to_view,
+    stack_tree,
+    to_view,
+)
 from jq.flax.stream import Stream, model_kwargs_arg, prepare, rules_then_batches, site_body
 from jq.gptq_core import gptq_quantize, gptq_with_params
 from jq.qparams import QParams, QuantSpec, qparams_from_array
@@ -42,10 +51,11 @@ class _Target(NamedTuple):
     """A weight GPTQ processes: its leaf, the rule's per-layer spec and the dot's geometry."""
 
     leaf: int  # index of the parameter leaf
-    spec: QuantSpec  # the rule's weight spec for one layer (no scan-stacked axes)
-    w_contract: tuple[int, ...]  # the weight's contracting dims: its leading axes
+    spec: QuantSpec  # the rule's weight spec for one layer, on the dot's view
+    w_contract: tuple[int, ...]  # the view's contracting dims: its leading axes
     x_contract: tuple[int, ...]  # the activation's contracting dims
-    per_layer: tuple[int, ...]  # the weight's shape without scan-stacked axes
+    per_layer: tuple[int, ...]  # the view's shape (one layer: no scan-stacked axes)
+    perm: tuple[int, ...]  # per-layer stored axes -> view (`select.to_view`)
 
     @property
     def k(self) -> int:
@@ -193,9 +203,10 @@ def gptq(
     DenseGeneral, Einsum, ``x @ w``) is quantized with its rule's weight spec
     by `jq.gptq_core.gptq_quantize`, from the Hessian ``H = 2 X X^T / n`` of the
     site's inputs over all `batches`, accumulated in float32 inside one jitted
-    step per batch. Group scales are the spec's blocks along the input rows:
-    ``jq.QuantSpec("int4", axis=-1, block_axis=0, block_size=128)`` on a
-    ``(K, N)`` kernel.
+    step per batch. Group scales are the spec's blocks along the contraction:
+    ``jq.QuantSpec("int4", axis="out", group_size=128)`` in any layout (on a
+    Dense ``(K, N)`` kernel the same as ``axis=-1, block_axis=0,
+    block_size=128``).
 
     Sequential processing (the paper's setting): sites are processed in stages
     of the model's dataflow. A site's Hessian is collected with every GPTQ'd
@@ -288,7 +299,7 @@ def gptq(
             elif s.stack and scan_lengths(s, t.finder) != s.stack:
                 reason = "stacked weight outside a matching scan"
             else:
-                wc, ac = geo
+                perm, wc, ac = geo
                 per_layer = s.leaf.shape[len(s.stack) :]
                 lspec = c.rule.weight
                 try:
@@ -297,7 +308,8 @@ def gptq(
                     raise ValueError(
                         f"jq.gptq: rules[{c.rule_index}] does not fit site {s.name!r}: {e}"
                     ) from e
-                targets[s.name] = _Target(idx, lspec, wc, ac, per_layer)
+                view = tuple(per_layer[p] for p in perm)
+                targets[s.name] = _Target(idx, spec_to_view(lspec, perm), wc, ac, view, perm)
         if reason is not None:
             warnings.warn(
                 f"jq.gptq: site {s.name!r} is quantized by round-to-nearest ({reason})",
@@ -376,16 +388,21 @@ def gptq(
             t0 = time.perf_counter()
             w = jnp.asarray(adapter.values[tg.leaf])
             stack = w.shape[: w.ndim - len(tg.per_layer)]
+            wv = to_view(w, tg.perm)  # GPTQ runs on the dot's (K, N) view, mapped back below
             outs, scales, zps = [], [], []
             for li in np.ndindex(*stack):
                 h = hs[name]["h"][li] / jnp.maximum(hs[name]["n"][li], 1.0)
-                wq, qp = _gptq_layer(w[li], h, tg.spec, len(tg.w_contract), opts)
+                wq, qp = _gptq_layer(wv[li], h, tg.spec, len(tg.w_contract), opts)
                 outs.append(wq)
                 scales.append(qp.scale)
                 zps.append(qp.zero_point)
-            wq = jnp.stack(outs).reshape(w.shape)
-            scale = jnp.stack(scales).reshape(stack + scales[0].shape)
-            zp = None if zps[0] is None else jnp.stack(zps).reshape(stack + zps[0].shape)
+            wq = from_view(jnp.stack(outs).reshape(wv.shape), tg.perm)
+            scale = from_view(jnp.stack(scales).reshape(stack + scales[0].shape), tg.perm)
+            zp = (
+                None
+                if zps[0] is None
+                else from_view(jnp.stack(zps).reshape(stack + zps[0].shape), tg.perm)
+            )
             jax.block_until_ready(wq)
             leaves[tg.leaf] = wq.astype(w.dtype)
             results[name] = _Result(wq, QParams(scale, zp))

@@ -27,7 +27,7 @@ with its own values for quantized leaves.
 
 Example::
 
-    rules = [jq.Rule(".*", ops=("dot",), weight=jq.QuantSpec("int8", axis=-1)),
+    rules = [jq.Rule(".*", ops=("dot",), weight=jq.QuantSpec("int8", axis="out")),
              jq.Rule(".*", ops=("kv_cache",), weight=None, activation=jq.QuantSpec("int8"))]
     qvars = jq.convert(model, variables, rules, args=(tok,), model_kwargs={"mutable": ["cache"]})
     qvars = jq.kv_cache(model, qvars, rules)           # cached_key / cached_value -> int8

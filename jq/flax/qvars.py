@@ -102,6 +102,9 @@ class SitePlan:
     # parameter (``"<leaf>@<site>"``), for a parameter whose uses are quantized differently
     # (a tied embedding: its gather and its head); None: the parameter's own entry
     weight_key: str | None = None
+    # how the rule's semantic weight spec was adapted to this site (a group size that does
+    # not divide the contraction), shown by `summary`; None: as written
+    note: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,10 +204,11 @@ class QuantizedVariables:
         for s in self.plan.sites:
             modes[s.mode] = modes.get(s.mode, 0) + 1
         ms = ", ".join(f"{v} {k}" for k, v in sorted(modes.items()))
+        notes = "".join(f"\n  {s.name}: {s.note}" for s in self.plan.sites if s.note)
         return (
             f"{len(self.plan.sites)} quantized sites ({ms}); quantized weights "
             f"{b['float']:,} -> {b['quantized']:,} bytes ({b['ratio']:.3f}x); "
-            f"model {b['total_before']:,} -> {b['total_after']:,} bytes"
+            f"model {b['total_before']:,} -> {b['total_after']:,} bytes" + notes
         )
 
 

@@ -13,6 +13,7 @@ from jq.flax.qvars import QuantizedVariables, inverse_perm, permute_qarray
 from jq.flax.rules import Rule, check_rules
 from jq.flax.select import choose, scan_lengths, stack_tree
 from jq.flax.stream import check_forwarded
+from jq.flax.weight_axes import axis_roles
 from jq.qparams import broadcast_qparams
 from jq.quantize import QArray, dequantize, quantize
 
@@ -36,7 +37,9 @@ def sites(model, variables, rules: Sequence[Rule], *args, method=None, **kwargs)
     Returns:
       One dict per site: ``site``, ``kind``, ``module``, ``rule`` (index or None),
       ``mode`` (``static`` / ``dynamic`` / ``weight_only`` / ``float``), ``weight``
-      (parameter shape) and ``inputs`` (operand shapes). Prints nothing; use
+      (parameter shape), ``axes`` (what each stored axis of the parameter is to
+      its op: ``"output"``, ``"contracting"``, ... see `jq.flax.weight_axes`)
+      and ``inputs`` (operand shapes). Prints nothing; use
       `format_table` to show it.
     """
     rules = check_rules(rules)
@@ -47,6 +50,7 @@ def sites(model, variables, rules: Sequence[Rule], *args, method=None, **kwargs)
     rows = []
     for s in t.finder.sites:
         c = chosen.get(s.name)
+        roles = axis_roles(s)
         rows.append(
             {
                 "site": s.name,
@@ -55,6 +59,7 @@ def sites(model, variables, rules: Sequence[Rule], *args, method=None, **kwargs)
                 "rule": None if c is None else c.rule_index,
                 "mode": "float" if c is None else c.mode,
                 "weight": None if s.leaf is None else s.leaf.shape,
+                "axes": None if roles is None else roles,
                 "inputs": tuple(tuple(a.shape) for a in s.in_avals[:2]),
             }
         )
@@ -91,7 +96,8 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
     Returns:
       One dict per site: ``site``, ``kind``, ``mode``, ``weight_sqnr_db``,
       ``act_sqnr_db``, ``act_clip_frac`` (fraction of activation values outside
-      the representable range; 0 for dynamic sites).
+      the representable range; 0 for dynamic sites), ``note`` (how a semantic
+      weight spec was adapted at the site, e.g. a group size; None otherwise).
     """
     check_forwarded("report", kwargs)
     kwargs = {**qvars.plan.call_kwargs(method), **kwargs}  # as `jq.apply` calls the model
@@ -155,6 +161,7 @@ def report(model, variables, qvars: QuantizedVariables, *args, method=None, **kw
                 "weight_sqnr_db": wsq,
                 "act_sqnr_db": min(asq) if asq else None,
                 "act_clip_frac": max(acl) if acl else None,
+                "note": sp.note,
             }
         )
     return rows

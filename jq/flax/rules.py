@@ -38,10 +38,14 @@ class Rule:
         (a parameter created by the model's own ``self.param``, module path
         ``''``) is matched by its site name instead, e.g. ``"w"``.
       ops: site kinds the rule applies to (see `OP_KINDS`).
-      weight: spec for the parameter operand (its ``axis`` is an axis of the
-        parameter as stored; ``-1`` is the output features of Dense and Conv
-        kernels). None leaves weights in float (only meaningful for
-        ``"act_dot"``).
+      weight: spec for the parameter operand. ``QuantSpec("int8", axis="out")``
+        (the default) is one scale per output channel of the weight's dot, and
+        ``QuantSpec("int4", axis="out", group_size=128)`` adds groups of 128
+        along its contraction, whatever the model's layout: jq follows each
+        parameter to its dot (`jq.flax.weight_axes`). An integer ``axis`` is
+        an axis of the parameter as stored, checked against the site (a scale
+        on an axis the dot contracts is an error naming the site). None leaves
+        weights in float (only meaningful for ``"act_dot"``).
       activation: spec for the activation operand. One that names a
         ``calibration`` observer is *static*; one without is *dynamic*; None is
         *weight-only*.
@@ -62,7 +66,7 @@ class Rule:
 
     path_regex: str = ".*"
     ops: tuple[str, ...] = ("dot", "conv", "embed")
-    weight: QuantSpec | None = QuantSpec("int8", axis=-1)
+    weight: QuantSpec | None = QuantSpec("int8", axis="out")
     activation: QuantSpec | None = None
     skip_positions: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
@@ -107,6 +111,11 @@ class Rule:
         if self.weight is not None and self.weight.calibration is not None:
             raise ValueError(
                 "Rule.weight: weights are quantized from their own values; drop `calibration`"
+            )
+        if self.activation is not None and self.activation.semantic:
+            raise ValueError(
+                "Rule.activation: axis='out' names a weight's output channels; an activation "
+                "spec takes None (per tensor) or integer axes (axis=0: per token / row)"
             )
         if self.weight is None and self.activation is None:
             raise ValueError(

@@ -4,7 +4,10 @@ Every verb (`calibrate`, `convert`, `apply`, `qat`, `report`, `cast`,
 `sensitivity`, `auto_quantize`, `gptq`, `smoothquant`) decides the same way:
 
 * `choose` matches each site of the traced model against the rules (first
-  match wins) and keeps the sites whose rule quantizes something there;
+  match wins) and keeps the sites whose rule quantizes something there, with
+  the rule's weight spec resolved for the site (``axis="out"`` becomes the
+  stored axes the dot does not contract; integer axes are checked:
+  `jq.flax.weight_axes`);
 * `leaf_specs` gives every quantized parameter leaf one weight spec, in the
   stored layout (scan-stacked axes added by `weight_spec`), and checks that
   all sites reading the leaf agree;
@@ -27,9 +30,11 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jq.flax._graph import _LAYOUT_OPS, Site, SiteFinder
 from jq.flax.rules import Rule, match_rule, skip_matches
+from jq.flax.weight_axes import resolve_weight_spec
 from jq.qparams import QuantSpec
 
 __all__ = [
@@ -39,8 +44,13 @@ __all__ = [
     "check_weight_fit",
     "choose",
     "direct_weight_sites",
+    "movable_weight_sites",
+    "operand_perm",
     "dot_geometry",
     "gathered_leaves",
+    "from_view",
+    "spec_to_view",
+    "to_view",
     "leaf_specs",
     "scan_lengths",
     "site_positions",
@@ -56,7 +66,8 @@ class Choice:
 
     site: Site
     rule_index: int
-    rule: Rule
+    rule: Rule  # its weight spec resolved for this site (`weight_axes.resolve_weight_spec`)
+    note: str | None = None  # how a semantic weight spec was adapted here (a group size)
 
     @property
     def mode(self) -> str:
@@ -76,6 +87,7 @@ def choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> di
     chosen: dict[str, Choice] = {}
     used = set()
     positions = site_positions(finder)
+    gathered = {s.leaf.index for s in finder.sites if s.kind == "embed"}
     for s in finder.sites:
         # a site of the root module (module path '') is matched by its own name, e.g. "w"
         path = s.module_path or s.name
@@ -87,7 +99,13 @@ def choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> di
             continue
         if s.kind != "act_dot" and r.weight is None:
             continue
-        chosen[s.name] = Choice(s, i, r)
+        note = None
+        if s.kind != "act_dot" and s.leaf is not None:
+            # a table that is also gathered from keeps one scale per row (`weight_spec`)
+            spec, note = resolve_weight_spec(s, r.weight, i, check=s.leaf.index not in gathered)
+            if spec != r.weight:
+                r = dataclasses.replace(r, weight=spec)
+        chosen[s.name] = Choice(s, i, r, note)
         used.add(i)
     if warn:
         paths = {s.module_path or s.name for s in finder.sites}
@@ -350,26 +368,99 @@ def direct_weight_sites(finder, chosen: dict[str, Choice], kinds) -> dict[int, s
     return out
 
 
+#: layout ops that only permute a weight's axes (or change its dtype) on the way to its dot
+PERMUTING_OPS = frozenset({"transpose", "convert_element_type", "copy", "copy_p"})
+
+
+def operand_perm(site: Site) -> tuple[int, ...] | None:
+    """``p`` with ``operand = transpose(stored parameter, p)``, when the parameter reaches the
+    site through transposes and casts only (None otherwise)."""
+    if site.axes is None or any(op not in PERMUTING_OPS for op in site.chain):
+        return None
+    n = len(site.leaf.shape)  # (a size-1 axis maps to no stored axis: not followed here)
+    if len(site.axes) != n or any(len(a) != 1 for a in site.axes):
+        return None
+    p = tuple(a[0] for a in site.axes)
+    return p if sorted(p) == list(range(n)) else None
+
+
+def movable_weight_sites(finder, chosen: dict[str, Choice], kinds) -> dict[int, str]:
+    """``{leaf index: site name}``: parameters one chosen site reads, directly or through
+    transposes, as its only use (`direct_weight_sites` with transposes allowed): `convert`
+    may store them in the layout of the target's fast dot (`jq.lowering.weight_layout`)."""
+    reads: dict[int, int] = {}
+    for s in finder.sites:
+        if s.leaf is not None:
+            reads[s.leaf.index] = reads.get(s.leaf.index, 0) + 1
+    out = {}
+    for name, c in chosen.items():
+        s = c.site
+        if s.kind not in kinds or s.leaf is None or s.operand != 1:
+            continue
+        if s.scans or s.stack or operand_perm(s) is None:
+            continue
+        if reads[s.leaf.index] == 1 and not finder.float_uses.get(s.leaf.index):
+            out[s.leaf.index] = name
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # the (K, N) view of a parameter dot (GPTQ, SmoothQuant)
 # ---------------------------------------------------------------------------------------
-# primitives a weight may pass through on its way to a dot and keep its (K, N) view
-_PASSTHROUGH = {"convert_element_type", "copy", "copy_p"}
-
-
 def dot_geometry(site: Site):
-    """``(weight contracting dims, activation contracting dims)`` of a parameter dot, or a reason."""
+    """The dot's ``(K, N)`` view of a parameter, or a reason why there is none.
+
+    Returns ``(perm, w_contract, x_contract)``: the weight's view is
+    ``to_view(w, perm)`` (the per-layer stored axes transposed so that the
+    dot's contracting axes come first, in the dot's order, then its free axes
+    in the output's order), whose leading ``len(w_contract)`` axes are
+    contracted with the activation's axes `x_contract`, pair by pair. The
+    parameter may reach the dot through transposes and casts (HF GPT-2's
+    ``dot_general(x, kernel.T)``); GPTQ, AWQ and SmoothQuant work on the view
+    and map their results back with `from_view`.
+    """
     if site.kind != "dot":
         return f"{site.kind} site"
-    if any(op not in _PASSTHROUGH for op in site.chain):
+    if site.axes is None or any(op not in PERMUTING_OPS for op in site.chain):
         return f"weight reaches the dot through {site.chain}"
     (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
     if lb or rb:
         return "dot with batch dimensions on the weight"
     wc, ac = (tuple(rc), tuple(lc)) if site.operand == 1 else (tuple(lc), tuple(rc))
-    if wc != tuple(range(len(wc))):
-        return f"weight contracting dims {wc} are not its leading axes"
-    return wc, ac
+    depth = len(site.stack)
+    n = len(site.leaf.shape) - depth
+    if len(site.axes) != n or any(len(a) != 1 for a in site.axes):
+        return "weight axes the dot view cannot follow (a size-1 axis)"
+    src = tuple(a[0] - depth for a in site.axes)  # operand axis i is per-layer axis src[i]
+    if sorted(src) != list(range(n)):
+        return "weight axes the dot view cannot follow"
+    free = tuple(src[a] for a in range(n) if a not in wc)
+    perm = tuple(src[a] for a in wc) + free
+    return perm, tuple(range(len(wc))), ac
+
+
+def to_view(w, perm: tuple[int, ...]):
+    """`w` (per-layer stored axes last, scan-stacked axes first) in the dot's view (`dot_geometry`)."""
+    depth = w.ndim - len(perm)
+    return jnp.transpose(w, tuple(range(depth)) + tuple(depth + p for p in perm))
+
+
+def from_view(wv, perm: tuple[int, ...]):
+    """The inverse of `to_view`: the stored layout again."""
+    depth = wv.ndim - len(perm)
+    inv = tuple(int(i) for i in np.argsort(perm))
+    return jnp.transpose(wv, tuple(range(depth)) + tuple(depth + p for p in inv))
+
+
+def spec_to_view(spec: QuantSpec, perm: tuple[int, ...]) -> QuantSpec:
+    """A per-layer weight spec (integer axes) on the dot's view of the weight."""
+    n = len(perm)
+    axes = spec.channel_axes(n)
+    ba = spec.canonical_block_axis(n)
+    return spec.replace(
+        axis=tuple(perm.index(a) for a in axes) or None,
+        block_axis=None if ba is None else perm.index(ba),
+    )
 
 
 def activation_matrix(x, ac, k):

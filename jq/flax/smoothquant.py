@@ -26,7 +26,14 @@ from jq.flax.convert import convert
 from jq.flax.dataflow import JaxprView
 from jq.flax.qvars import QuantizedVariables
 from jq.flax.rules import Rule
-from jq.flax.select import activation_matrix, dot_geometry, scan_lengths, stack_tree
+from jq.flax.select import (
+    activation_matrix,
+    dot_geometry,
+    from_view,
+    scan_lengths,
+    stack_tree,
+    to_view,
+)
 from jq.flax.stream import (
     Stream,
     abstract,
@@ -47,10 +54,11 @@ class _Target(NamedTuple):
     """A site SmoothQuant smooths: its weight leaf and the geometry of its dot."""
 
     leaf: int  # index of the parameter leaf
-    w_contract: tuple[int, ...]  # the weight's contracting dims: its leading axes
+    w_contract: tuple[int, ...]  # the view's contracting dims: its leading axes
     x_contract: tuple[int, ...]  # the activation's contracting dims
-    per_layer: tuple[int, ...]  # the weight's shape without scan-stacked axes
+    per_layer: tuple[int, ...]  # the shape of the weight's dot view, without scan-stacked axes
     site: Site
+    perm: tuple[int, ...] = ()  # per-layer stored axes -> view (`select.to_view`)
 
     @property
     def k(self) -> int:
@@ -188,7 +196,8 @@ class _Dataflow:
 def _weight_rowmax(w, target: _Target) -> jax.Array:
     """``max |W_j|`` over each input row of an unstacked weight, float32 ``(K,)``."""
     k = int(target.per_layer[0])  # folded sites contract one axis
-    return jnp.max(jnp.abs(jnp.asarray(w).reshape(k, -1).astype(jnp.float32)), axis=-1)
+    w = to_view(jnp.asarray(w), target.perm)
+    return jnp.max(jnp.abs(w.reshape(k, -1).astype(jnp.float32)), axis=-1)
 
 
 def fold_groups(t, targets: dict[str, _Target]) -> list[tuple[list[str], int, int | None]]:
@@ -352,8 +361,9 @@ def smoothquant(
                 stacklevel=2,
             )
             continue
-        wc, ac = geo
-        targets[name] = _Target(s.leaf.index, wc, ac, s.leaf.shape[len(s.stack) :], s)
+        perm, wc, ac = geo
+        per_layer = s.leaf.shape[len(s.stack) :]
+        targets[name] = _Target(s.leaf.index, wc, ac, tuple(per_layer[p] for p in perm), s, perm)
 
     # pass 1: per-channel max |X_j|
     def absmax_fn(site, eqn, invals, sts, enabled):
@@ -389,18 +399,23 @@ def smoothquant(
         group_s.update((n, s) for n in sites)
     smooth = {}
     for name, tg in targets.items():
-        idx, wc, ac, per_layer, site = tg
+        idx, wc, ac, per_layer, site, perm = tg
         w = jnp.asarray(leaves[idx])
         stack = w.shape[: w.ndim - len(per_layer)]
         k = tg.k
-        wm = w.reshape(stack + (k, -1)).astype(jnp.float32)
+        # the dot's (K, N) view of the weight; scaled there and mapped back to the stored layout
+        wm = to_view(w, perm).reshape(stack + (k, -1)).astype(jnp.float32)
+
+        def stored(wm_, w=w, stack=stack, perm=perm, per_layer=per_layer):
+            return from_view(wm_.reshape(stack + tuple(per_layer)), perm).astype(w.dtype)
+
         if name in group_s:
-            leaves[idx] = (wm * group_s[name][:, None]).reshape(w.shape).astype(w.dtype)
+            leaves[idx] = stored(wm * group_s[name][:, None])
             continue
         s = smoothing_factors_stacked(
             amax[name], jnp.max(jnp.abs(wm), axis=-1), alpha, power_of_two
         )
-        leaves[idx] = (wm * s[..., None]).reshape(w.shape).astype(w.dtype)
+        leaves[idx] = stored(wm * s[..., None])
         x_ndim = len(site.in_avals[1 - site.operand].shape)
         kshape = per_layer[: len(wc)]
         flat_s = s.reshape((-1, k))

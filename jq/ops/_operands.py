@@ -62,10 +62,13 @@ def check_scales(q: QArray, contract: tuple[int, ...], name: str):
     channel, baxis, bsize = param_layout(q, name)
     for a in channel:
         if a in contract and q.shape[a] > 1:
+            free = tuple(b for b in range(q.ndim) if b not in contract)
             raise ValueError(
                 f"`{name}`: a per-channel scale lies on axis {a}, which is a contracting axis of "
-                "this dot; per-channel scales must be on non-contracting axes (use per-block "
-                "scales, block_axis/block_size, to vary the scale along the contraction)"
+                f"this dot (`{name}` has shape {tuple(q.shape)}, contracting axes {tuple(contract)}); "
+                f"per-channel scales must be on non-contracting axes {free} (per-block scales, "
+                "block_axis/block_size, vary the scale along the contraction; model rules take "
+                "QuantSpec(axis='out'), which finds those axes)"
             )
     return baxis, bsize
 

@@ -78,7 +78,12 @@ def test_keep_first_last_on_an_nnx_transformer_and_the_quantized_output():
 
 def test_w4_groups_and_static_calibration_names(cnn):
     (r,) = presets.w4_weight_only(group_size=32)
-    assert (r.weight.format, r.weight.block_size, r.ops) == ("int4", 32, ("dot",))
+    assert (r.weight.format, r.weight.axis, r.weight.group_size, r.ops) == (
+        "int4",
+        "out",
+        32,
+        ("dot",),
+    )
     (r,) = presets.w8a8_static("percentile")
     assert isinstance(r.activation.calibration, jq.calibration.Histogram)
     with pytest.raises(ValueError, match="jq.presets.w8a8_static: calibration='bogus'"):
