@@ -235,7 +235,7 @@ def test_semantic_specs_need_a_dot():
         jq.quantize(jnp.ones((4, 4)), None, spec)
     with pytest.raises(ValueError, match="group_size goes with axis='out'"):
         jq.QuantSpec("int4", axis=-1, group_size=32)
-    with pytest.raises(ValueError, match="only named axis is 'out'"):
+    with pytest.raises(ValueError, match="the named axes are 'out'"):
         jq.QuantSpec("int8", axis="in")
     with pytest.raises(ValueError, match="Rule.activation: axis='out'"):
         jq.Rule(".*", activation=jq.QuantSpec("int8", axis="out"))
