@@ -42,6 +42,16 @@ if os.environ.get("JQ_TEST_XLA_CACHE"):
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(params=["jit", "eager"])
+def variant(request):
+    """A function transform: `jax.jit`, or the identity (the function runs op by op).
+
+    A test that takes `variant` runs twice and checks both that jit traces the function
+    and that the eager path (no tracers) agrees.
+    """
+    return jax.jit if request.param == "jit" else (lambda f: f)
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
