@@ -21,9 +21,12 @@ import jax
 import pytest
 
 # Few examples, no deadline (the first call of a jax function compiles), and no
-# randomness across runs, so that the suite is fast and reproducible on 2 cores.
+# randomness across runs, so that the suite is fast and reproducible on 2 cores. Most
+# examples draw a new shape, and a new shape is a new XLA compilation (about 0.1-0.5 s of
+# CPU each): 10 examples per property, a test asks for more with @settings where its
+# search space needs them.
 hypothesis.settings.register_profile(
-    "jq", max_examples=25, deadline=None, derandomize=True, print_blob=True
+    "jq", max_examples=10, deadline=None, derandomize=True, print_blob=True
 )
 hypothesis.settings.load_profile("jq")
 

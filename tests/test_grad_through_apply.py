@@ -196,6 +196,14 @@ def _setup(model_name: str, mode: str):
     return model, v, qv, x, c
 
 
+@functools.cache
+def _float_input_grad(model_name: str):
+    """The float model's input gradient (jitted: the CNN's eager grad takes ~25 s on 2 cores),
+    one per model: every mode compares against the same float reference."""
+    m, v, _, x, c = _setup(model_name, "dynamic")
+    return jax.jit(jax.grad(lambda x: jnp.sum(m.apply(v, x) * c)))(x)
+
+
 class TestApplyGrad:
     @pytest.mark.parametrize("model", ("mlp", "cnn"))
     @pytest.mark.parametrize("mode", ("static", "dynamic", "weight_only"))
@@ -205,10 +213,7 @@ class TestApplyGrad:
         def quant_loss(x):
             return jnp.sum(jq.apply(m, qv, x) * c)
 
-        def float_loss(x):
-            return jnp.sum(m.apply(v, x) * c)
-
-        gf = jax.grad(float_loss)(x)
+        gf = _float_input_grad(model)
         gj = jax.jit(jax.grad(quant_loss))(x)
         assert _cos(gj, gf) > 0.99
         if model == "mlp":  # eager grad dispatches op by op: the CNN's takes ~25 s on 2 cores
