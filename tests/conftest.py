@@ -21,9 +21,12 @@ import jax
 import pytest
 
 # Few examples, no deadline (the first call of a jax function compiles), and no
-# randomness across runs, so that the suite is fast and reproducible on 2 cores.
+# randomness across runs, so that the suite is fast and reproducible on 2 cores. Most
+# examples draw a new shape, and a new shape is a new XLA compilation (about 0.1-0.5 s of
+# CPU each): 10 examples per property, a test asks for more with @settings where its
+# search space needs them.
 hypothesis.settings.register_profile(
-    "jq", max_examples=25, deadline=None, derandomize=True, print_blob=True
+    "jq", max_examples=10, deadline=None, derandomize=True, print_blob=True
 )
 hypothesis.settings.load_profile("jq")
 
@@ -40,6 +43,16 @@ if os.environ.get("JQ_TEST_XLA_CACHE"):
 # Setting a config value does not initialise a backend (tests/sharded still sets
 # its device count first).
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(params=["jit", "eager"])
+def variant(request):
+    """A function transform: `jax.jit`, or the identity (the function runs op by op).
+
+    A test that takes `variant` runs twice and checks both that jit traces the function
+    and that the eager path (no tracers) agrees.
+    """
+    return jax.jit if request.param == "jit" else (lambda f: f)
 
 
 def pytest_configure(config):

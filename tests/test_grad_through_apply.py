@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
+import pytest
 from models import MLP
 
 import jq
@@ -54,43 +54,40 @@ def _np_fake_quant(x, scale, spec):
 # ---------------------------------------------------------------------------------------
 # jq.ops: the straight-through rule against hand-computed expectations
 # ---------------------------------------------------------------------------------------
-class OpsGradTest(chex.TestCase):
-    def setUp(self):
-        super().setUp()
+class TestOpsGrad:
+    def setup_method(self):
         self.x = _normal(0, (6, 16), 1.5)  # static range [-2, 2] below: some values clip
         self.w = _normal(1, (16, 5))
         self.qw = jq.quantize(self.w, None, W8)
         self.c = _normal(2, (6, 5))  # cotangent
         self.qp = jq.qparams_from_range(-2.0, 2.0, I8)
 
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_dot_static_input_gradient_is_masked_float_gradient(self):
+    def test_dot_static_input_gradient_is_masked_float_gradient(self, variant):
         def loss(x):
             y = ops.dot_general(x, self.qw, DENSE, lhs_spec=I8, lhs_qparams=self.qp)
             return jnp.sum(y * self.c)
 
-        g = self.variant(jax.grad(loss))(self.x)
+        g = variant(jax.grad(loss))(self.x)
         _, inside = _np_fake_quant(self.x, self.qp.scale, I8)
-        self.assertGreater((~inside).sum(), 3)  # the test covers clipped values
-        self.assertGreater(inside.sum(), 60)
+        assert (~inside).sum() > 3  # the test covers clipped values
+        assert inside.sum() > 60
         want = np.where(inside, np.asarray(self.c, np.float64) @ _deq(self.qw).T, 0.0)
         np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
 
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_dot_dynamic_per_token_gradient_and_weight_scale_gradient(self):
+    def test_dot_dynamic_per_token_gradient_and_weight_scale_gradient(self, variant):
         spec = jq.QuantSpec("int8", axis=0)  # one scale per row: nothing clips
 
         def loss(x, scale):
             qw = jq.QArray(self.qw.value, scale, None, "int8", self.qw.shape)
             return jnp.sum(ops.dot_general(x, qw, DENSE, lhs_spec=spec) * self.c)
 
-        gx, gs = self.variant(jax.grad(loss, argnums=(0, 1)))(self.x, self.qw.scale)
+        gx, gs = variant(jax.grad(loss, argnums=(0, 1)))(self.x, self.qw.scale)
         c = np.asarray(self.c, np.float64)
         np.testing.assert_allclose(gx, c @ _deq(self.qw).T, rtol=1e-5, atol=1e-5)
         # d/dS_n sum_mn c[m,n] sum_k fq(x)[m,k] v[k,n] S_n = sum_m c[m,n] (fq(x) @ v)[m,n]
         amax = np.abs(np.asarray(self.x)).max(axis=1, keepdims=True)
         fqx, inside = _np_fake_quant(self.x, amax.astype(np.float32) / np.float32(127), spec)
-        self.assertTrue(inside.all())
+        assert inside.all()
         want_s = np.sum(c * (fqx @ np.asarray(self.qw.int_value(), np.float64)), axis=0)
         np.testing.assert_allclose(np.ravel(gs), want_s, rtol=1e-4, atol=1e-4)
 
@@ -108,7 +105,7 @@ class OpsGradTest(chex.TestCase):
         amax = np.float32(np.abs(np.asarray(x)).max())
         fqx, inx = _np_fake_quant(x, amax / np.float32(127), I8)
         fqr, inr = _np_fake_quant(r, qpr.scale, I8)
-        self.assertGreater((~inr).sum(), 0)
+        assert (~inr).sum() > 0
         c = np.asarray(c, np.float64)
         np.testing.assert_allclose(gx, np.where(inx, c @ fqr.T, 0.0), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(gr, np.where(inr, fqx.T @ c, 0.0), rtol=1e-5, atol=1e-5)
@@ -129,7 +126,9 @@ class OpsGradTest(chex.TestCase):
         qx = jq.quantize(self.x, self.qp, I8)
         np.testing.assert_array_equal(y, ops.einsum("mk,kn->mn", qx, self.qw))
 
-    @parameterized.named_parameters(("static", True), ("dynamic", False))
+    @pytest.mark.parametrize(
+        "static", [pytest.param(True, id="static"), pytest.param(False, id="dynamic")]
+    )
     def test_conv_gradient_is_masked_float_conv_vjp(self, static):
         x = _normal(7, (2, 6, 6, 3), 1.5)
         w = _normal(8, (3, 3, 3, 4))
@@ -197,26 +196,33 @@ def _setup(model_name: str, mode: str):
     return model, v, qv, x, c
 
 
-class ApplyGradTest(parameterized.TestCase):
-    @parameterized.product(model=("mlp", "cnn"), mode=("static", "dynamic", "weight_only"))
+@functools.cache
+def _float_input_grad(model_name: str):
+    """The float model's input gradient (jitted: the CNN's eager grad takes ~25 s on 2 cores),
+    one per model: every mode compares against the same float reference."""
+    m, v, _, x, c = _setup(model_name, "dynamic")
+    return jax.jit(jax.grad(lambda x: jnp.sum(m.apply(v, x) * c)))(x)
+
+
+class TestApplyGrad:
+    @pytest.mark.parametrize("model", ("mlp", "cnn"))
+    @pytest.mark.parametrize("mode", ("static", "dynamic", "weight_only"))
     def test_input_gradient_matches_float_model(self, model, mode):
         m, v, qv, x, c = _setup(model, mode)
 
         def quant_loss(x):
             return jnp.sum(jq.apply(m, qv, x) * c)
 
-        def float_loss(x):
-            return jnp.sum(m.apply(v, x) * c)
-
-        gf = jax.grad(float_loss)(x)
+        gf = _float_input_grad(model)
         gj = jax.jit(jax.grad(quant_loss))(x)
-        self.assertGreater(_cos(gj, gf), 0.99)
+        assert _cos(gj, gf) > 0.99
         if model == "mlp":  # eager grad dispatches op by op: the CNN's takes ~25 s on 2 cores
             g = jax.grad(quant_loss)(x)
-            self.assertGreater(_cos(g, gf), 0.99)
+            assert _cos(g, gf) > 0.99
             np.testing.assert_allclose(gj, g, rtol=1e-4, atol=1e-5 * float(jnp.abs(g).max()))
 
-    @parameterized.product(model=("mlp", "cnn"), mode=("static", "dynamic"))
+    @pytest.mark.parametrize("model", ("mlp", "cnn"))
+    @pytest.mark.parametrize("mode", ("static", "dynamic"))
     def test_per_example_gradients_under_jit_and_vmap(self, model, mode):
         m, v, qv, x, c = _setup(model, mode)
 
@@ -229,16 +235,12 @@ class ApplyGradTest(parameterized.TestCase):
         g = per_example(lambda xi: jq.apply(m, qv, xi))
         gf = per_example(lambda xi: m.apply(v, xi))
         chex.assert_shape(g, x.shape)
-        self.assertGreater(_cos(g, gf), 0.99)
+        assert _cos(g, gf) > 0.99
         # no example is left with a zero or unrelated gradient (the bound is loose: one MLP
         # example whose quantization error flips one relu measured 0.90)
         for i in range(x.shape[0]):
-            self.assertGreater(_cos(g[i], gf[i]), 0.8, msg=f"example {i}")
+            assert _cos(g[i], gf[i]) > 0.8, f"example {i}"
         # vmap gives what each example gives alone
         one = jax.jit(jax.grad(lambda xi, ci: jnp.sum(jq.apply(m, qv, xi[None])[0] * ci)))
         for i in (0, x.shape[0] - 1):
             np.testing.assert_allclose(g[i], one(x[i], c[i]), rtol=1e-5, atol=1e-6)
-
-
-if __name__ == "__main__":
-    absltest.main()

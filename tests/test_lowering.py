@@ -12,12 +12,10 @@ import re
 from types import SimpleNamespace
 from unittest import mock
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import absltest, parameterized
 from hloparse import platform_views
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -80,9 +78,10 @@ def _dot_case(draw):
     return ashape, bshape, ((lc, rc), (lb, rb))
 
 
-class EveryFormIsExactTest(parameterized.TestCase):
-    @parameterized.product(form=FORMS, lhs=("int8", "uint8"))
-    @settings(max_examples=25, deadline=None)
+class TestEveryFormIsExact:
+    @pytest.mark.parametrize("form", FORMS)
+    @pytest.mark.parametrize("lhs", ("int8", "uint8"))
+    @settings(max_examples=10, deadline=None)  # x 6 (form, lhs): 60 random dots
     @given(case=_dot_case(), seed=st.integers(0, 2**31 - 1), sums=st.booleans())
     def test_primitive_matches_int64(self, form, lhs, case, seed, sums):
         ashape, bshape, dn = case
@@ -92,7 +91,7 @@ class EveryFormIsExactTest(parameterized.TestCase):
             res = jax.jit(lambda a, b: int8_dot.int8_dot_general(a, b, dn, rhs_sums=sums))(a, b)
         out = res[0] if sums else res
         np.testing.assert_array_equal(np.asarray(out), _np_dot(a, b, dn))
-        self.assertEqual(out.dtype, jnp.int32)
+        assert out.dtype == jnp.int32
         if sums:
             (_, rc), (_, rb) = dn
             kept = [i for i in range(b.ndim) if i not in rc]
@@ -100,7 +99,10 @@ class EveryFormIsExactTest(parameterized.TestCase):
             order = [kept.index(i) for i in rb] + [kept.index(i) for i in kept if i not in rb]
             np.testing.assert_array_equal(np.asarray(res[1]), np.transpose(ref, order))
 
-    @parameterized.product(form=FORMS, k=(1, 2, 3, 5), m=(1, 2, 12), layout=("kn", "nk"))
+    @pytest.mark.parametrize("form", FORMS)
+    @pytest.mark.parametrize("k", (1, 2, 3, 5))
+    @pytest.mark.parametrize("m", (1, 2, 12))
+    @pytest.mark.parametrize("layout", ("kn", "nk"))
     def test_small_contractions_and_extremes(self, form, k, m, layout):
         """K in {1, 2, 3, 5} (K = 3 is wrong in XLA:GPU's plain s8 dot), extreme values."""
         rng = np.random.default_rng(k * 100 + m)
@@ -113,7 +115,7 @@ class EveryFormIsExactTest(parameterized.TestCase):
             out = int8_dot.int8_dot_general(a, b, dn)
         np.testing.assert_array_equal(np.asarray(out), a.astype(np.int64) @ w.astype(np.int64))
 
-    @parameterized.parameters(*FORMS)
+    @pytest.mark.parametrize("form", FORMS)
     def test_vmap(self, form):
         rng = np.random.default_rng(0)
         a, b = _ints(rng, (4, 3, 5), np.uint8), _ints(rng, (4, 5, 2), np.int8)
@@ -123,7 +125,7 @@ class EveryFormIsExactTest(parameterized.TestCase):
             np.asarray(out), np.einsum("bmk,bkn->bmn", a.astype(np.int64), b.astype(np.int64))
         )
 
-    @parameterized.parameters(*FORMS)
+    @pytest.mark.parametrize("form", FORMS)
     def test_export_with_symbolic_batch(self, form):
         """A shape-polymorphic export (batch symbolic, possibly 1 at run time) stays exact.
 
@@ -163,12 +165,13 @@ def _int_ref(ql, qr, subscripts):
     return acc, np.einsum(subscripts, ls, rs)
 
 
-class OpsExactInEveryFormTest(parameterized.TestCase):
+class TestOpsExactInEveryForm:
     """jq.ops integer paths give the same result in every form (int64 reference)."""
 
-    @parameterized.product(
-        form=FORMS,
-        case=(
+    @pytest.mark.parametrize("form", FORMS)
+    @pytest.mark.parametrize(
+        "case",
+        (
             "int8_per_channel",
             "uint8_affine_lhs",
             "affine_both",
@@ -217,14 +220,12 @@ class OpsExactInEveryFormTest(parameterized.TestCase):
         np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6 * np.abs(ref).max())
 
 
-class ConvInEveryFormTest(parameterized.TestCase):
-    @parameterized.product(
-        form=FORMS,
-        groups=(1, 2),
-        lhs_dilation=((1, 1), (2, 1)),
-        fmt=("int8", "uint8"),
-        per_example=(False, True),
-    )
+class TestConvInEveryForm:
+    @pytest.mark.parametrize("form", FORMS)
+    @pytest.mark.parametrize("groups", (1, 2))
+    @pytest.mark.parametrize("lhs_dilation", ((1, 1), (2, 1)))
+    @pytest.mark.parametrize("fmt", ("int8", "uint8"))
+    @pytest.mark.parametrize("per_example", (False, True))
     def test_conv_matches_int_reference(self, form, groups, lhs_dilation, fmt, per_example):
         rng = np.random.default_rng(groups * 7 + lhs_dilation[0])
         x = rng.normal(size=(2, 7, 6, 4)).astype(np.float32)
@@ -262,16 +263,14 @@ class ConvInEveryFormTest(parameterized.TestCase):
         np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6 * np.abs(ref).max())
 
 
-class ConvNonFiniteReachTest(parameterized.TestCase):
+class TestConvNonFiniteReach:
     """A NaN pixel makes exactly the outputs NaN that a float conv makes NaN."""
 
-    @parameterized.product(
-        lhs_dilation=((1, 1), (2, 1)),
-        rhs_dilation=((1, 1), (1, 2)),
-        stride=((1, 1), (2, 1)),
-        groups=(1, 2),
-        layout=(("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NHWC")),
-    )
+    @pytest.mark.parametrize("lhs_dilation", ((1, 1), (2, 1)))
+    @pytest.mark.parametrize("rhs_dilation", ((1, 1), (1, 2)))
+    @pytest.mark.parametrize("stride", ((1, 1), (2, 1)))
+    @pytest.mark.parametrize("groups", (1, 2))
+    @pytest.mark.parametrize("layout", (("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NHWC")))
     def test_nan_pattern(self, lhs_dilation, rhs_dilation, stride, groups, layout):
         rng = np.random.default_rng(3)
         x = rng.normal(size=(2, 7, 6, 4)).astype(np.float32)
@@ -300,7 +299,7 @@ class ConvNonFiniteReachTest(parameterized.TestCase):
         )
         ref = jax.lax.conv_general_dilated(jnp.asarray(x), jq.dequantize(qw), **kw)
         np.testing.assert_array_equal(np.isfinite(np.asarray(out)), np.isfinite(np.asarray(ref)))
-        self.assertTrue(np.isfinite(np.asarray(out)).any())
+        assert np.isfinite(np.asarray(out)).any()
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,18 +316,21 @@ def _feat(arch, text):
     return lowering.CpuFeatures(arch, lowering._parse_cpuinfo(text), "/proc/cpuinfo")
 
 
-class ChoiceTest(parameterized.TestCase):
-    @parameterized.named_parameters(
-        ("avx2_only", "x86_64", AVX2_ONLY, "s8s8", "x86-avx2"),
-        ("avx512_vnni", "x86_64", VNNI, "u8s8", "x86-vnni"),
-        ("avx_vnni", "x86_64", AVX_VNNI, "u8s8", "x86-avx-vnni"),
-        ("amx", "x86_64", AMX, "u8s8", "x86-avx-vnni"),
-        ("aarch64", "aarch64", ARM, "s8s8", "aarch64"),
+class TestChoice:
+    @pytest.mark.parametrize(
+        "arch,text,form,kind",
+        [
+            pytest.param("x86_64", AVX2_ONLY, "s8s8", "x86-avx2", id="avx2_only"),
+            pytest.param("x86_64", VNNI, "u8s8", "x86-vnni", id="avx512_vnni"),
+            pytest.param("x86_64", AVX_VNNI, "u8s8", "x86-avx-vnni", id="avx_vnni"),
+            pytest.param("x86_64", AMX, "u8s8", "x86-avx-vnni", id="amx"),
+            pytest.param("aarch64", ARM, "s8s8", "aarch64", id="aarch64"),
+        ],
     )
     def test_form_per_cpu(self, arch, text, form, kind):
         feat = _feat(arch, text)
-        self.assertEqual(lowering._auto_cpu_form(feat)[0], form)
-        self.assertEqual(feat.kind, kind)
+        assert lowering._auto_cpu_form(feat)[0] == form
+        assert feat.kind == kind
 
     def test_this_machine(self):
         """The automatic choice agrees with /proc/cpuinfo read independently."""
@@ -336,71 +338,71 @@ class ChoiceTest(parameterized.TestCase):
             with open("/proc/cpuinfo") as f:
                 text = f.read()
         except OSError:
-            self.skipTest("no /proc/cpuinfo on this OS")  # numpy's features are used there
+            pytest.skip("no /proc/cpuinfo on this OS")  # numpy's features are used there
         has = re.search(r"\b(avx512_vnni|avx_vnni|amx_int8)\b", text) is not None
         x86 = os.uname().machine in ("x86_64", "amd64")
         with mock.patch.dict(os.environ, {lowering.ENV_VAR: "auto"}):
             form = lowering.current().cpu_form
-        self.assertEqual(form, "u8s8" if (x86 and has) else "s8s8")
+        assert form == ("u8s8" if (x86 and has) else "s8s8")
 
     def test_precedence_override_env_auto(self):
         with mock.patch.dict(os.environ, {lowering.ENV_VAR: "s8s8_padk"}):
-            self.assertEqual(lowering.current().cpu_form, "s8s8_padk")
-            self.assertEqual(lowering.current().source, "env")
+            assert lowering.current().cpu_form == "s8s8_padk"
+            assert lowering.current().source == "env"
             with int8_lowering(cpu="s8s8"):
-                self.assertEqual(lowering.current().cpu_form, "s8s8")
+                assert lowering.current().cpu_form == "s8s8"
                 with int8_lowering(k_multiple=16):  # nests: keeps the outer form
-                    self.assertEqual(lowering.current().cpu_form, "s8s8")
-                    self.assertEqual(lowering.current().k_multiple, 16)
-                self.assertEqual(lowering.current().k_multiple, 4)
-            self.assertEqual(lowering.current().source, "env")
+                    assert lowering.current().cpu_form == "s8s8"
+                    assert lowering.current().k_multiple == 16
+                assert lowering.current().k_multiple == 4
+            assert lowering.current().source == "env"
 
     def test_bad_values_are_named(self):
-        with self.assertRaisesRegex(ValueError, "unknown integer form 'vnni'.*'u8s8'"):
+        with pytest.raises(ValueError, match="unknown integer form 'vnni'.*'u8s8'"):
             with int8_lowering(cpu="vnni"):
                 pass
-        with self.assertRaisesRegex(ValueError, "k_multiple must be a positive int"):
+        with pytest.raises(ValueError, match="k_multiple must be a positive int"):
             with int8_lowering(k_multiple=0):
                 pass
         with mock.patch.dict(os.environ, {lowering.ENV_VAR: "fast"}):
-            with self.assertRaisesRegex(ValueError, "JQ_INT8_CPU_FORM"):
+            with pytest.raises(ValueError, match="JQ_INT8_CPU_FORM"):
                 int8_dot.int8_dot_general(
                     jnp.ones((2, 3), jnp.int8), jnp.ones((3, 2), jnp.int8), DENSE
                 )
 
     def test_lowering_info(self):
         info = ops.lowering_info()
-        self.assertIn(info["cpu"]["form"], FORMS)
-        self.assertEqual(info["accelerator"]["form"], "s8s8_padk")
-        self.assertIn("float32", info["cpu"]["no_gain"])  # says where int8 does not win
-        self.assertTrue(info["cpu"]["expectation"])
+        assert info["cpu"]["form"] in FORMS
+        assert info["accelerator"]["form"] == "s8s8_padk"
+        assert "float32" in info["cpu"]["no_gain"]  # says where int8 does not win
+        assert info["cpu"]["expectation"]
         with int8_lowering(cpu="s8s8"):
-            self.assertEqual(ops.lowering_info()["cpu"]["chosen_by"], "override")
+            assert ops.lowering_info()["cpu"]["chosen_by"] == "override"
 
     def test_numpy_feature_fallback(self):
         fake = {"AVX2": True, "AVX512VNNI": True, "ASIMDDP": False, "SSE": True}
         with mock.patch("numpy._core._multiarray_umath.__cpu_features__", fake, create=True):
-            self.assertEqual(lowering._numpy_flags(), frozenset({"avx2", "avx512_vnni"}))
+            assert lowering._numpy_flags() == frozenset({"avx2", "avx512_vnni"})
 
 
-class ScanParamsTest(absltest.TestCase):
+class TestScanParams:
     def test_jax_010_names(self):
-        self.assertEqual(scan_counts({"num_consts": 2, "num_carry": 3, "length": 4}), (2, 3))
+        assert scan_counts({"num_consts": 2, "num_carry": 3, "length": 4}) == (2, 3)
 
     def test_jax_011_flat_tree(self):
         """jax 0.11 replaced num_consts / num_carry by ft_in (groups: consts, carry, xs)."""
         ft = SimpleNamespace(unpack=lambda: (("c0",), ("k0", "k1", "k2"), ("x0", "x1")))
-        self.assertEqual(scan_counts({"ft_in": ft, "length": 4}), (1, 3))
+        assert scan_counts({"ft_in": ft, "length": 4}) == (1, 3)
 
     def test_this_jax(self):
         j = jax.make_jaxpr(lambda c, w, xs: jax.lax.scan(lambda c, x: (c * w + x, c), c, xs))(
             1.0, 2.0, jnp.ones(3)
         )
         (eqn,) = [e for e in j.jaxpr.eqns if e.primitive.name == "scan"]
-        self.assertEqual(scan_counts(eqn.params), (1, 1))
+        assert scan_counts(eqn.params) == (1, 1)
 
     def test_unknown_params_are_named(self):
-        with self.assertRaisesRegex(KeyError, "unrecognised scan parameters"):
+        with pytest.raises(KeyError, match="unrecognised scan parameters"):
             scan_counts({"length": 3})
 
 
@@ -413,7 +415,7 @@ _DOT = re.compile(
 )
 
 
-class AcceleratorExportTest(chex.TestCase):
+class TestAcceleratorExport:
     def _branches(self, f, *args):
         exp = jax.export.export(jax.jit(f), platforms=("cpu", "cuda", "tpu"))(*args)
         return platform_views(exp.mlir_module(), exp.platforms)
@@ -428,12 +430,12 @@ class AcceleratorExportTest(chex.TestCase):
             (m,) = _DOT.findall(views[p])
             lhs = [int(d) for d in m[2].split("x")]
             rhs = [int(d) for d in m[4].split("x")]
-            self.assertEqual(m[3], "i8")
-            self.assertEqual(lhs, [16, 4])  # M 12 -> 16, K 3 -> 4
-            self.assertEqual(rhs, [4, 16])  # N 5 -> 16
+            assert m[3] == "i8"
+            assert lhs == [16, 4]  # M 12 -> 16, K 3 -> 4
+            assert rhs == [4, 16]  # N 5 -> 16
         (m,) = _DOT.findall(views["cpu"])
-        self.assertEqual(m[3], "ui8")  # the cpu branch keeps the VNNI form, unpadded K
-        self.assertEqual([int(d) for d in m[4].split("x")], [3, 5])
+        assert m[3] == "ui8"  # the cpu branch keeps the VNNI form, unpadded K
+        assert [int(d) for d in m[4].split("x")] == [3, 5]
 
     def test_k_multiple_override_reaches_the_cuda_branch(self):
         f = lambda a, b: int8_dot.int8_dot_general(a, b, NK)  # noqa: E731
@@ -441,8 +443,8 @@ class AcceleratorExportTest(chex.TestCase):
         with int8_lowering(k_multiple=16):
             views = self._branches(f, *args)
         (m,) = _DOT.findall(views["cuda"])
-        self.assertEqual([int(d) for d in m[2].split("x")], [32, 48])
-        self.assertEqual([int(d) for d in m[4].split("x")], [24, 48])  # (N, K) kept: no transpose
+        assert [int(d) for d in m[2].split("x")] == [32, 48]
+        assert [int(d) for d in m[4].split("x")] == [24, 48]  # (N, K) kept: no transpose
 
     def test_conv_has_no_integer_convolution_on_any_platform(self):
         qw = _q(np.ones((3, 3, 2, 8), np.float32), "int8", axis=-1)  # 2 groups of 2 inputs
@@ -463,9 +465,5 @@ class AcceleratorExportTest(chex.TestCase):
 
         views = self._branches(conv, jax.ShapeDtypeStruct((2, 6, 6, 4), jnp.float32), qw)
         for p, v in views.items():
-            self.assertIsNotNone(_DOT.search(v), p)
-            self.assertNotRegex(v, r"stablehlo\.convolution[^\n]*xi8>", p)
-
-
-if __name__ == "__main__":
-    absltest.main()
+            assert _DOT.search(v) is not None, p
+            assert not re.search(r"stablehlo\.convolution[^\n]*xi8>", v), p

@@ -9,12 +9,11 @@ keep JAX's fast dispatch path.
 
 import functools
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
+import pytest
 from jax.experimental import checkify
 from models import MLP
 
@@ -66,9 +65,8 @@ def _product(*named):
 # ---------------------------------------------------------------------------------------
 # jq.ops
 # ---------------------------------------------------------------------------------------
-class DotTest(chex.TestCase):
-    def setUp(self):
-        super().setUp()
+class TestDot:
+    def setup_method(self):
         self.x = _normal(0, (8, 32))
         self.qw = jq.quantize(_normal(1, (32, 6)), None, W8)
 
@@ -80,12 +78,18 @@ class DotTest(chex.TestCase):
             )
         )
 
-    @parameterized.named_parameters(_product([(m, m) for m in MODES], [(n, v) for n, v in BAD]))
+    @pytest.mark.parametrize(
+        "mode,value",
+        [
+            pytest.param(*c[1:], id=c[0])
+            for c in _product([(m, m) for m in MODES], [(n, v) for n, v in BAD])
+        ],
+    )
     def test_bad_row_is_nonfinite_and_other_rows_are_as_alone(self, mode, value):
         f = self._dot(mode)
         x = _poison(self.x, (2, 5), value)
         y = np.asarray(f(x))
-        self.assertFalse(np.isfinite(y[2]).any())
+        assert not np.isfinite(y[2]).any()
         clean = np.r_[0:2, 3:8]
         spec = MODES[mode][0]
         if spec is not None and spec.axis is None:  # precondition: the same per-tensor range
@@ -98,22 +102,31 @@ class DotTest(chex.TestCase):
         else:
             np.testing.assert_array_equal(y[clean], alone)
 
-    @parameterized.named_parameters(("int8", "dynamic_tensor"), ("uint8_affine", "dynamic_affine"))
+    @pytest.mark.parametrize(
+        "mode",
+        [
+            pytest.param("dynamic_tensor", id="int8"),
+            pytest.param("dynamic_affine", id="uint8_affine"),
+        ],
+    )
     def test_dynamic_range_leaves_out_the_whole_bad_row(self, mode):
         # the bad row's finite values are 10x the others: they must not set the range
         f = self._dot(mode)
         x = self.x.at[2].multiply(10.0).at[2, 5].set(np.nan)
         y = np.asarray(f(x))
         clean = np.r_[0:2, 3:8]
-        self.assertTrue(np.isnan(y[2]).all())
+        assert np.isnan(y[2]).all()
         np.testing.assert_array_equal(y[clean], np.asarray(f(self.x[clean])))
 
-    @parameterized.named_parameters(
-        ("int8_tensor", "int8", None, "symmetric"),
-        ("int8_token", "int8", 0, "symmetric"),
-        ("uint8_affine", "uint8", None, "affine"),
-        ("int16", "int16", None, "symmetric"),
-        ("e4m3", "e4m3", None, "symmetric"),
+    @pytest.mark.parametrize(
+        "fmt,axis,scheme",
+        [
+            pytest.param("int8", None, "symmetric", id="int8_tensor"),
+            pytest.param("int8", 0, "symmetric", id="int8_token"),
+            pytest.param("uint8", None, "affine", id="uint8_affine"),
+            pytest.param("int16", None, "symmetric", id="int16"),
+            pytest.param("e4m3", None, "symmetric", id="e4m3"),
+        ],
     )
     def test_finite_inputs_take_the_integer_path_unchanged(self, fmt, axis, scheme):
         # the row-wise finite range equals the plain min-max range bit for bit
@@ -126,11 +139,11 @@ class DotTest(chex.TestCase):
     def test_quantized_modes_give_nan_rows(self):
         for mode in ("static", "dynamic_tensor", "dynamic_token"):
             y = self._dot(mode)(self.x.at[4, 0].set(np.inf))
-            self.assertTrue(np.isnan(np.asarray(y[4])).all(), mode)
+            assert np.isnan(np.asarray(y[4])).all(), mode
 
     def test_all_rows_nonfinite(self):
         y = self._dot("dynamic_tensor")(jnp.full_like(self.x, np.nan))
-        self.assertTrue(np.isnan(np.asarray(y)).all())
+        assert np.isnan(np.asarray(y)).all()
 
     def test_dynamic_range_ignores_nonfinite_values(self):
         x = self.x.at[1, 1].set(np.nan).at[3, 3].set(-np.inf).at[5, 5].set(np.inf)
@@ -144,9 +157,11 @@ class DotTest(chex.TestCase):
             a = jax.jit(ops.dynamic_qparams, static_argnums=1)(x, spec)
             b = jq.qparams_from_array(finite, spec)
             np.testing.assert_array_equal(a.scale, b.scale)
-            self.assertTrue(np.isfinite(np.asarray(a.scale)).all())
+            assert np.isfinite(np.asarray(a.scale)).all()
 
-    @parameterized.named_parameters(("nan", np.nan), ("inf", np.inf))
+    @pytest.mark.parametrize(
+        "value", [pytest.param(np.nan, id="nan"), pytest.param(np.inf, id="inf")]
+    )
     def test_einsum_rows_and_activation_rhs_columns(self, value):
         # x @ W: row (b, s) of x
         x = _normal(2, (2, 4, 32))
@@ -154,7 +169,7 @@ class DotTest(chex.TestCase):
         f = jax.jit(lambda x: ops.einsum("bsd,dn->bsn", x, self.qw, lhs_spec=spec))
         xb = _poison(x, (1, 2, 7), value)
         y = np.asarray(f(xb))
-        self.assertTrue(np.isnan(y[1, 2]).all())
+        assert np.isnan(y[1, 2]).all()
         ref = np.asarray(f(xb.at[1, 2, 7].set(0.0)))  # the same row, finite
         mask = np.ones(y.shape, bool)
         mask[1, 2] = False
@@ -164,25 +179,30 @@ class DotTest(chex.TestCase):
         g = jax.jit(lambda q, k: ops.einsum("bqd,bkd->bqk", q, k, lhs_spec=spec, rhs_spec=spec))
         kb = _poison(k, (0, 3, 5), value)
         y = np.asarray(g(q, kb))
-        self.assertTrue(np.isnan(y[0, :, 3]).all())
+        assert np.isnan(y[0, :, 3]).all()
         mask = np.ones(y.shape, bool)
         mask[0, :, 3] = False
         np.testing.assert_array_equal(y[mask], np.asarray(g(q, kb.at[0, 3, 5].set(0.0)))[mask])
 
-    @parameterized.named_parameters(
-        ("static", "static"), ("dynamic", "dynamic_tensor"), ("weight_only", "weight_only")
+    @pytest.mark.parametrize(
+        "mode",
+        [
+            pytest.param("static", id="static"),
+            pytest.param("dynamic_tensor", id="dynamic"),
+            pytest.param("weight_only", id="weight_only"),
+        ],
     )
     def test_checkify_reports_nonfinite_activation(self, mode):
         checked = checkify.checkify(self._dot(mode, True), errors=checkify.user_checks)
         err, _ = checked(self.x)
-        self.assertIsNone(err.get())
+        assert err.get() is None
         err, y = checked(self.x.at[0, 0].set(np.nan))
-        self.assertIn("NaN or inf", err.get())
-        self.assertIn("lhs", err.get())
-        self.assertTrue(np.isnan(np.asarray(y[0])).all())
+        assert "NaN or inf" in err.get()
+        assert "lhs" in err.get()
+        assert np.isnan(np.asarray(y[0])).all()
         # off by default: a check costs a jitted function JAX's fast dispatch path
         on = _n_checks(jax.make_jaxpr(self._dot(mode, True))(self.x))
-        self.assertEqual(on - _n_checks(jax.make_jaxpr(self._dot(mode))(self.x)), 1)
+        assert on - _n_checks(jax.make_jaxpr(self._dot(mode))(self.x)) == 1
 
 
 def _receptive_field(bad, k, stride, pad_lo, out_size):
@@ -199,12 +219,20 @@ def _receptive_field(bad, k, stride, pad_lo, out_size):
     return out
 
 
-class ConvTest(parameterized.TestCase):
-    @parameterized.named_parameters(
-        _product(
-            [("static", "static"), ("dynamic", "dynamic_tensor"), ("weight_only", "weight_only")],
-            [("same_s1", 1, "SAME", 1, 8), ("valid_s2", 2, "VALID", 0, 3)],
-        )
+class TestConv:
+    @pytest.mark.parametrize(
+        "mode,stride,padding,pad_lo,out_size",
+        [
+            pytest.param(*c[1:], id=c[0])
+            for c in _product(
+                [
+                    ("static", "static"),
+                    ("dynamic", "dynamic_tensor"),
+                    ("weight_only", "weight_only"),
+                ],
+                [("same_s1", 1, "SAME", 1, 8), ("valid_s2", 2, "VALID", 0, 3)],
+            )
+        ],
     )
     def test_bad_pixel_reaches_its_window_only(self, mode, stride, padding, pad_lo, out_size):
         x = _normal(5, (3, 8, 8, 4))
@@ -226,10 +254,10 @@ class ConvTest(parameterized.TestCase):
         bad = np.zeros((3, 8, 8), bool)
         bad[1, 4, 2] = True
         reach = _receptive_field(bad, 3, stride, pad_lo, out_size)
-        self.assertTrue(reach.any())
+        assert reach.any()
         np.testing.assert_array_equal(~np.isfinite(y).all(axis=-1), reach)
         if mode != "weight_only":
-            self.assertTrue(np.isnan(y[reach]).all())
+            assert np.isnan(y[reach]).all()
         # other examples as alone; the bad example outside the window as with a finite pixel
         alone = np.asarray(f(xb[np.array([0, 2])]))
         same = (
@@ -241,7 +269,9 @@ class ConvTest(parameterized.TestCase):
         ref = np.asarray(f(xb.at[1, 4, 2, 0].set(0.0)))
         same(y[~reach], ref[~reach])
 
-    @parameterized.named_parameters(("default", False), ("check_finite", True))
+    @pytest.mark.parametrize(
+        "check", [pytest.param(False, id="default"), pytest.param(True, id="check_finite")]
+    )
     def test_checkify_reports_nonfinite_conv_input(self, check):
         qw = jq.quantize(_normal(6, (3, 3, 4, 5)), None, W8)
 
@@ -258,15 +288,15 @@ class ConvTest(parameterized.TestCase):
 
         x = _normal(5, (2, 8, 8, 4)).at[0, 1, 1, 1].set(np.inf)
         err, y = checkify.checkify(jax.jit(conv(check)), errors=checkify.user_checks)(x)
-        self.assertTrue(np.isnan(np.asarray(y[0, 1, 1])).all())  # propagated either way
+        assert np.isnan(np.asarray(y[0, 1, 1])).all()  # propagated either way
         if check:
-            self.assertIn("conv_general_dilated `lhs`", err.get())
-            self.assertIn("NaN or inf", err.get())
+            assert "conv_general_dilated `lhs`" in err.get()
+            assert "NaN or inf" in err.get()
         else:
-            self.assertIsNone(err.get())
+            assert err.get() is None
         # one check for the quantized operand, none by default
         on, off = (_n_checks(jax.make_jaxpr(conv(c))(x)) for c in (True, False))
-        self.assertEqual(on - off, 1)
+        assert on - off == 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,25 +327,29 @@ def _converted(model_name, mode):
     return model, qv, x
 
 
-class ApplyTest(parameterized.TestCase):
-    @parameterized.named_parameters(
-        _product(
-            [
-                ("mlp_static", "mlp", "static"),
-                ("mlp_dynamic", "mlp", "dynamic"),
-                ("mlp_weight_only", "mlp", "weight_only"),
-                ("cnn_static", "cnn", "static"),
-                ("cnn_dynamic", "cnn", "dynamic"),
-            ],
-            [("nan", np.nan), ("inf", np.inf)],
-        )
+class TestApply:
+    @pytest.mark.parametrize(
+        "model_name,mode,value",
+        [
+            pytest.param(*c[1:], id=c[0])
+            for c in _product(
+                [
+                    ("mlp_static", "mlp", "static"),
+                    ("mlp_dynamic", "mlp", "dynamic"),
+                    ("mlp_weight_only", "mlp", "weight_only"),
+                    ("cnn_static", "cnn", "static"),
+                    ("cnn_dynamic", "cnn", "dynamic"),
+                ],
+                [("nan", np.nan), ("inf", np.inf)],
+            )
+        ],
     )
     def test_bad_example_is_nonfinite_and_others_as_alone(self, model_name, mode, value):
         m, qv, x = _converted(model_name, mode)
         f = jax.jit(lambda x: jq.apply(m, qv, x))
         xb = x.at[2].set(value)  # a whole example: the per-tensor range stays that of the others
         y = np.asarray(f(xb))
-        self.assertFalse(np.isfinite(y[2]).any())
+        assert not np.isfinite(y[2]).any()
         keep = np.array([i for i in range(x.shape[0]) if i != 2])
         alone = np.asarray(f(x[keep]))
         if mode == "weight_only":
@@ -328,14 +362,10 @@ class ApplyTest(parameterized.TestCase):
         checked = checkify.checkify(
             jax.jit(lambda x: jq.apply(m, qv, x, check_finite=True)), errors=checkify.user_checks
         )
-        self.assertIsNone(checked(x)[0].get())
+        assert checked(x)[0].get() is None
         err, _ = checked(x.at[1, 3].set(np.nan))
-        self.assertIn("NaN or inf", err.get())
+        assert "NaN or inf" in err.get()
         # one check per quantized activation, none by default
         off = _n_checks(jax.make_jaxpr(lambda x: jq.apply(m, qv, x))(x))
         on = _n_checks(jax.make_jaxpr(lambda x: jq.apply(m, qv, x, check_finite=True))(x))
-        self.assertEqual(on - off, 2)
-
-
-if __name__ == "__main__":
-    absltest.main()
+        assert on - off == 2

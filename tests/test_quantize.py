@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from absl.testing import absltest, parameterized
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -35,105 +35,122 @@ def _np_quantize(x, scale, zp, qmin, qmax):
 # ---------------------------------------------------------------------------------------
 # hand-computed cases
 # ---------------------------------------------------------------------------------------
-class HandComputedTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(
-        # (format, scheme, S, Z, x, expected x_q); S are powers of 2, so x / S is exact
-        # S = 1/64: x / S = [-128 -> clip, -64, 0, 32, 64, 127.36, 192 -> clip]
-        (
-            "int8_sym",
-            "int8",
-            "symmetric",
-            1 / 64,
-            None,
-            [-2.0, -1.0, 0.0, 0.5, 1.0, 1.99, 3.0],
-            [-127, -64, 0, 32, 64, 127, 127],
-        ),
-        # + Z = 128: [-134.4 -> clip, -128, -64, 0, 32, 64, 127.36, 160 -> clip] + 128
-        (
-            "uint8_sym",
-            "uint8",
-            "symmetric",
-            1 / 64,
-            128,
-            [-2.1, -2.0, -1.0, 0.0, 0.5, 1.0, 1.99, 2.5],
-            [0, 0, 64, 128, 160, 192, 255, 255],
-        ),
-        # S = 1/32, Z = 64: x / S = [-64, -96, 0, 16, 188.8, 192, 6.4] (+ 64, clip)
-        (
-            "uint8_aff",
-            "uint8",
-            "affine",
-            1 / 32,
-            64,
-            [-2.0, -3.0, 0.0, 0.5, 5.9, 6.0, 0.2],
-            [0, 0, 64, 80, 253, 255, 70],
-        ),
-        # S = 1/4, Z = -100: x / S = [-28, 0, 4.4, 224, 240] (- 100, clip)
-        (
-            "int8_aff",
-            "int8",
-            "affine",
-            0.25,
-            -100,
-            [-7.0, 0.0, 1.1, 56.0, 60.0],
-            [-128, -100, -96, 124, 127],
-        ),
-        # S = 1/2: x / S = [-2, -1, 0, 1.5, 2.5, 7, -8 -> -7 (narrow), 0.6]
-        (
-            "int4_sym",
-            "int4",
-            "symmetric",
-            0.5,
-            None,
-            [-1.0, -0.5, 0.0, 0.75, 1.25, 3.5, -4.0, 0.3],
-            [-2, -1, 0, 2, 2, 7, -7, 1],
-        ),
-        # S = 1/8, Z = 3: x / S = [-88, -8, 0, 4, 40] (+ 3, clip to [-8, 7])
-        ("int4_aff", "int4", "affine", 0.125, 3, [-11.0, -1.0, 0.0, 0.5, 5.0], [-8, -5, 3, 7, 7]),
-        # S = 2^-13: x / S = [-32768 -> -32767, -8192, 0, 16384, 32767.9 -> clip]
-        (
-            "int16_sym",
-            "int16",
-            "symmetric",
-            2.0**-13,
-            None,
-            [-4.0, -1.0, 0.0, 2.0, 3.99999],
-            [-32767, -8192, 0, 16384, 32767],
-        ),
+class TestHandComputed:
+    @pytest.mark.parametrize(
+        "fmt,scheme,s,z,x,expected",
+        [
+            # (format, scheme, S, Z, x, expected x_q); S are powers of 2, so x / S is exact
+            # S = 1/64: x / S = [-128 -> clip, -64, 0, 32, 64, 127.36, 192 -> clip]
+            pytest.param(
+                "int8",
+                "symmetric",
+                1 / 64,
+                None,
+                [-2.0, -1.0, 0.0, 0.5, 1.0, 1.99, 3.0],
+                [-127, -64, 0, 32, 64, 127, 127],
+                id="int8_sym",
+            ),
+            # + Z = 128: [-134.4 -> clip, -128, -64, 0, 32, 64, 127.36, 160 -> clip] + 128
+            pytest.param(
+                "uint8",
+                "symmetric",
+                1 / 64,
+                128,
+                [-2.1, -2.0, -1.0, 0.0, 0.5, 1.0, 1.99, 2.5],
+                [0, 0, 64, 128, 160, 192, 255, 255],
+                id="uint8_sym",
+            ),
+            # S = 1/32, Z = 64: x / S = [-64, -96, 0, 16, 188.8, 192, 6.4] (+ 64, clip)
+            pytest.param(
+                "uint8",
+                "affine",
+                1 / 32,
+                64,
+                [-2.0, -3.0, 0.0, 0.5, 5.9, 6.0, 0.2],
+                [0, 0, 64, 80, 253, 255, 70],
+                id="uint8_aff",
+            ),
+            # S = 1/4, Z = -100: x / S = [-28, 0, 4.4, 224, 240] (- 100, clip)
+            pytest.param(
+                "int8",
+                "affine",
+                0.25,
+                -100,
+                [-7.0, 0.0, 1.1, 56.0, 60.0],
+                [-128, -100, -96, 124, 127],
+                id="int8_aff",
+            ),
+            # S = 1/2: x / S = [-2, -1, 0, 1.5, 2.5, 7, -8 -> -7 (narrow), 0.6]
+            pytest.param(
+                "int4",
+                "symmetric",
+                0.5,
+                None,
+                [-1.0, -0.5, 0.0, 0.75, 1.25, 3.5, -4.0, 0.3],
+                [-2, -1, 0, 2, 2, 7, -7, 1],
+                id="int4_sym",
+            ),
+            # S = 1/8, Z = 3: x / S = [-88, -8, 0, 4, 40] (+ 3, clip to [-8, 7])
+            pytest.param(
+                "int4",
+                "affine",
+                0.125,
+                3,
+                [-11.0, -1.0, 0.0, 0.5, 5.0],
+                [-8, -5, 3, 7, 7],
+                id="int4_aff",
+            ),
+            # S = 2^-13: x / S = [-32768 -> -32767, -8192, 0, 16384, 32767.9 -> clip]
+            pytest.param(
+                "int16",
+                "symmetric",
+                2.0**-13,
+                None,
+                [-4.0, -1.0, 0.0, 2.0, 3.99999],
+                [-32767, -8192, 0, 16384, 32767],
+                id="int16_sym",
+            ),
+        ],
     )
-    def test_values(self, fmt, scheme, s, z, x, expected):
+    def test_values(self, variant, fmt, scheme, s, z, x, expected):
         spec = jq.QuantSpec(fmt, scheme=scheme)
         qp = jq.QParams(jnp.float32(s), None if z is None else jnp.int32(z))
         x = jnp.array(x, jnp.float32)
-        q = self.variant(lambda x: jq.quantize(x, qp, spec))(x)
+        q = variant(lambda x: jq.quantize(x, qp, spec))(x)
         np.testing.assert_array_equal(q.int_value(), expected)
-        self.assertEqual(q.int_value().dtype, jq.get_format(fmt).dtype)
-        deq = self.variant(jq.dequantize)(q)
+        assert q.int_value().dtype == jq.get_format(fmt).dtype
+        deq = variant(jq.dequantize)(q)
         np.testing.assert_array_equal(deq, s * (np.array(expected) - (z or 0)))
 
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(
-        # min-max parameters from the data itself (qp=None), hand-computed
-        # amax 2: S = 2/127, x / S = [-127, -63.5 -> -64 (half to even), 0, 31.75]
-        ("int8_sym", "int8", "symmetric", [-2.0, -1.0, 0.0, 0.5], [-127, -64, 0, 32]),
-        # lo -1, hi 3: S = 4/255, Z = 64; x / S = [-63.75, 0, 31.875, 191.25]
-        ("uint8_aff", "uint8", "affine", [-1.0, 0.0, 0.5, 3.0], [0, 64, 96, 255]),
+    @pytest.mark.parametrize(
+        "fmt,scheme,x,expected",
+        [
+            # min-max parameters from the data itself (qp=None), hand-computed
+            # amax 2: S = 2/127, x / S = [-127, -63.5 -> -64 (half to even), 0, 31.75]
+            pytest.param(
+                "int8", "symmetric", [-2.0, -1.0, 0.0, 0.5], [-127, -64, 0, 32], id="int8_sym"
+            ),
+            # lo -1, hi 3: S = 4/255, Z = 64; x / S = [-63.75, 0, 31.875, 191.25]
+            pytest.param(
+                "uint8", "affine", [-1.0, 0.0, 0.5, 3.0], [0, 64, 96, 255], id="uint8_aff"
+            ),
+        ],
     )
-    def test_values_from_data(self, fmt, scheme, x, expected):
+    def test_values_from_data(self, variant, fmt, scheme, x, expected):
         spec = jq.QuantSpec(fmt, scheme=scheme)
-        q = self.variant(lambda x: jq.quantize(x, None, spec))(jnp.array(x))
+        q = variant(lambda x: jq.quantize(x, None, spec))(jnp.array(x))
         np.testing.assert_array_equal(q.int_value(), expected)
 
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(("S2", 2.0), ("S1/4", 0.25), ("S8", 8.0))
-    def test_round_half_to_even(self, s):
+    @pytest.mark.parametrize(
+        "s", [pytest.param(2.0, id="S2"), pytest.param(0.25, id="S1/4"), pytest.param(8.0, id="S8")]
+    )
+    def test_round_half_to_even(self, variant, s):
         x = jnp.array([0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, 0.49, 0.51], jnp.float32) * s
         spec = jq.QuantSpec("int8")
-        q = self.variant(lambda x: jq.quantize(x, jq.QParams(jnp.float32(s)), spec))(x)
+        q = variant(lambda x: jq.quantize(x, jq.QParams(jnp.float32(s)), spec))(x)
         np.testing.assert_array_equal(q.value, [0, 2, 2, 4, 0, -2, -2, 0, 1])
         # fake_quant rounds the same way
-        y = self.variant(lambda x: jq.fake_quant(x, jq.QParams(jnp.float32(s)), spec))(x)
+        y = variant(lambda x: jq.fake_quant(x, jq.QParams(jnp.float32(s)), spec))(x)
         np.testing.assert_array_equal(y, np.array([0, 2, 2, 4, 0, -2, -2, 0, 1]) * s)
 
     def test_round_half_to_even_with_zero_point(self):
@@ -163,74 +180,73 @@ class HandComputedTest(chex.TestCase):
 # ---------------------------------------------------------------------------------------
 # every format
 # ---------------------------------------------------------------------------------------
-class FormatsTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(("e4m3", "float8_e4m3fn"), ("e5m2", "float8_e5m2"))
-    def test_fp8_matches_a_cast_and_saturates(self, fmt):
+class TestFormats:
+    @pytest.mark.parametrize(
+        "fmt", [pytest.param("float8_e4m3fn", id="e4m3"), pytest.param("float8_e5m2", id="e5m2")]
+    )
+    def test_fp8_matches_a_cast_and_saturates(self, variant, fmt):
         dtype, fmax = FP8[fmt], float(ml_dtypes.finfo(FP8[fmt]).max)
         x = jax.random.normal(jax.random.key(0), (64,)) * 3.0
         qp = jq.QParams(jnp.float32(0.01))
-        q = self.variant(lambda x: jq.quantize(x, qp, jq.QuantSpec(fmt)))(x)
-        self.assertEqual(q.value.dtype, dtype)
+        q = variant(lambda x: jq.quantize(x, qp, jq.QuantSpec(fmt)))(x)
+        assert q.value.dtype == dtype
         ref = np.clip(np.asarray(x) / np.float32(0.01), -fmax, fmax).astype(dtype)
         np.testing.assert_array_equal(
             np.asarray(q.value).astype(np.float32), ref.astype(np.float32)
         )
         # far outside: saturates to +-max, never inf or NaN
         big = jnp.array([1e6, -1e6, jnp.inf, -jnp.inf], jnp.float32)
-        q = self.variant(lambda x: jq.quantize(x, jq.QParams(jnp.float32(1.0)), jq.QuantSpec(fmt)))(
-            big
-        )
+        q = variant(lambda x: jq.quantize(x, jq.QParams(jnp.float32(1.0)), jq.QuantSpec(fmt)))(big)
         np.testing.assert_array_equal(np.asarray(q.value, np.float32), [fmax, -fmax, fmax, -fmax])
 
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_fp8_per_tensor_scale_fills_range(self):
+    def test_fp8_per_tensor_scale_fills_range(self, variant):
         x = jnp.array([-3.0, 0.5, 1.5], jnp.float32)
-        q = self.variant(lambda x: jq.quantize(x, None, jq.QuantSpec("e4m3")))(x)
+        q = variant(lambda x: jq.quantize(x, None, jq.QuantSpec("e4m3")))(x)
         np.testing.assert_allclose(q.scale, 3.0 / 448)
-        self.assertEqual(float(q.value[0].astype(jnp.float32)), -448.0)
+        assert float(q.value[0].astype(jnp.float32)) == -448.0
         np.testing.assert_allclose(jq.dequantize(q), x, rtol=2.0**-4)
 
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(("fp16", "float16"), ("bf16", "bfloat16"))
-    def test_saturating_casts(self, fmt):
+    @pytest.mark.parametrize(
+        "fmt", [pytest.param("float16", id="fp16"), pytest.param("bfloat16", id="bf16")]
+    )
+    def test_saturating_casts(self, variant, fmt):
         dtype = CASTS[fmt]
         fmax = float(ml_dtypes.finfo(dtype).max)
         x = jnp.array([1.0, -2.5, 1e-3, 3.0e38, -3.0e38, jnp.inf, -jnp.inf, 70000.0], jnp.float32)
-        q = self.variant(lambda x: jq.quantize(x, None, jq.QuantSpec(fmt)))(x)
-        self.assertEqual(q.value.dtype, dtype)
+        q = variant(lambda x: jq.quantize(x, None, jq.QuantSpec(fmt)))(x)
+        assert q.value.dtype == dtype
         np.testing.assert_array_equal(q.scale, 1.0)
         got = np.asarray(q.value).astype(np.float32)
         ref = np.clip(np.asarray(x), -fmax, fmax).astype(dtype).astype(np.float32)
         np.testing.assert_array_equal(got, ref)
-        self.assertTrue(np.all(np.isfinite(got)))
-        self.assertEqual(got[5], fmax)
-        self.assertEqual(got[6], -fmax)
+        assert np.all(np.isfinite(got))
+        assert got[5] == fmax
+        assert got[6] == -fmax
 
     def test_int16(self):
         x = jnp.linspace(-1.0, 1.0, 1001)
         q = jq.quantize(x, None, jq.QuantSpec("int16"))
-        self.assertEqual(q.value.dtype, jnp.int16)
+        assert q.value.dtype == jnp.int16
         np.testing.assert_allclose(jq.dequantize(q), x, atol=0.5 / 32767 + 1e-7)
 
 
-class Int4PackingTest(chex.TestCase):
+class TestInt4Packing:
     def test_nibble_layout(self):
         # element 2i -> low nibble, 2i + 1 -> high nibble, two's complement
         packed = jq.pack_int4(jnp.array([1, -1, -8, 7, 0, 3], jnp.int8))
         np.testing.assert_array_equal(packed, [0xF1, 0x78, 0x30])
-        self.assertEqual(packed.dtype, jnp.uint8)
+        assert packed.dtype == jnp.uint8
 
-    @parameterized.parameters((1,), (2,), (5,), (8,), (13,))
+    @pytest.mark.parametrize("n", [1, 2, 5, 8, 13])
     def test_round_trip_all_values(self, n):
         rng = np.random.default_rng(n)
         v = rng.integers(-8, 8, size=(3, n)).astype(np.int8)
         v[0, 0] = -8
         packed = jq.pack_int4(v)
-        self.assertEqual(packed.shape, (3, (n + 1) // 2))
+        assert packed.shape == (3, (n + 1) // 2)
         np.testing.assert_array_equal(jq.unpack_int4(packed, n), v)
 
-    @parameterized.parameters((0,), (1,), (-2,))
+    @pytest.mark.parametrize("axis", [0, 1, -2])
     def test_round_trip_other_axes(self, axis):
         v = np.random.default_rng(0).integers(-8, 8, size=(5, 3, 7)).astype(np.int32)
         packed = jq.pack_int4(v, axis=axis)
@@ -240,84 +256,81 @@ class Int4PackingTest(chex.TestCase):
         x = jax.random.normal(jax.random.key(1), (16, 32))
         q8 = jq.quantize(x, None, jq.QuantSpec("int8"))
         q4 = jq.quantize(x, None, jq.QuantSpec("int4"))
-        self.assertEqual(q4.value.nbytes * 2, q8.value.nbytes)
-        self.assertEqual(q4.value.dtype, jnp.uint8)
-        self.assertEqual(q4.value.shape, (16, 16))
-        self.assertEqual(q4.shape, (16, 32))
-        self.assertLess(q4.nbytes, q8.nbytes)
+        assert q4.value.nbytes * 2 == q8.value.nbytes
+        assert q4.value.dtype == jnp.uint8
+        assert q4.value.shape == (16, 16)
+        assert q4.shape == (16, 32)
+        assert q4.nbytes < q8.nbytes
 
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_odd_length_qarray(self):
+    def test_odd_length_qarray(self, variant):
         x = jnp.array([[-1.0, 0.3, 1.0], [0.5, -0.25, 0.0]])
         spec = jq.QuantSpec("int4", axis=0)
-        q = self.variant(lambda x: jq.quantize(x, None, spec))(x)
-        self.assertEqual(q.value.shape, (2, 2))
+        q = variant(lambda x: jq.quantize(x, None, spec))(x)
+        assert q.value.shape == (2, 2)
         ref = _np_quantize(x, np.asarray(q.scale), 0, -7, 7)
         np.testing.assert_array_equal(q.int_value(), ref)
         np.testing.assert_allclose(jq.dequantize(q), ref * np.asarray(q.scale), rtol=1e-6)
 
     def test_out_of_range_raises(self):
         for bad in ([0, 8], [-9, 0]):
-            with self.assertRaisesRegex(
-                ValueError, r"pack_int4: `values` must lie in the int4 range"
-            ):
+            with pytest.raises(ValueError, match=r"pack_int4: `values` must lie in the int4 range"):
                 jq.pack_int4(jnp.array(bad, jnp.int8))
 
     def test_out_of_range_under_jit_via_checkify(self):
         with jq.value_checks():
             f = checkify.checkify(jax.jit(jq.pack_int4), errors=checkify.user_checks)
             err, _ = f(jnp.array([0, 9], jnp.int8))
-            self.assertIn("outside the int4 range", err.get())
+            assert "outside the int4 range" in err.get()
             err, _ = f(jnp.array([0, 7], jnp.int8))
-            self.assertIsNone(err.get())
+            assert err.get() is None
 
     def test_non_integer_raises(self):
-        with self.assertRaisesRegex(TypeError, "pack_int4: `values` must be an integer array"):
+        with pytest.raises(TypeError, match="pack_int4: `values` must be an integer array"):
             jq.pack_int4(jnp.array([0.5]))
-        with self.assertRaisesRegex(TypeError, "unpack_int4: `packed` must be uint8"):
+        with pytest.raises(TypeError, match="unpack_int4: `packed` must be uint8"):
             jq.unpack_int4(jnp.array([1], jnp.int8), 2)
 
 
 # ---------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------
-class BadInputTest(absltest.TestCase):
+class TestBadInput:
     def test_non_float_input(self):
         for fn in (jq.quantize, jq.fake_quant):
-            with self.assertRaisesRegex(
-                TypeError, r"`x` must be a floating-point array, got dtype int32"
+            with pytest.raises(
+                TypeError, match=r"`x` must be a floating-point array, got dtype int32"
             ):
                 fn(jnp.arange(4), None, jq.QuantSpec("int8"))
-        with self.assertRaisesRegex(TypeError, "lsq_fake_quant: `x` must be a floating-point"):
+        with pytest.raises(TypeError, match="lsq_fake_quant: `x` must be a floating-point"):
             jq.lsq_fake_quant(jnp.arange(4), jq.QParams(jnp.float32(1.0)), jq.QuantSpec("int8"))
 
     def test_axis_out_of_range(self):
-        with self.assertRaisesRegex(
-            ValueError, r"QuantSpec.axis=-3 is out of range for `x` of rank 2"
+        with pytest.raises(
+            ValueError, match=r"QuantSpec.axis=-3 is out of range for `x` of rank 2"
         ):
             jq.quantize(jnp.ones((2, 3)), None, jq.QuantSpec("int8", axis=-3))
 
     def test_block_does_not_divide(self):
-        with self.assertRaisesRegex(ValueError, "block_size=4 does not divide"):
+        with pytest.raises(ValueError, match="block_size=4 does not divide"):
             jq.fake_quant(jnp.ones((6,)), None, jq.QuantSpec("int8", block_axis=0, block_size=4))
 
     def test_dequantize_needs_qarray(self):
-        with self.assertRaisesRegex(TypeError, "dequantize: expected a QArray"):
+        with pytest.raises(TypeError, match="dequantize: expected a QArray"):
             jq.dequantize(jnp.ones(3))
 
     def test_lsq_needs_integer_format(self):
-        with self.assertRaisesRegex(ValueError, "lsq_fake_quant: needs an integer format"):
+        with pytest.raises(ValueError, match="lsq_fake_quant: needs an integer format"):
             jq.lsq_fake_quant(jnp.ones(3), jq.QParams(jnp.float32(1.0)), jq.QuantSpec("e4m3"))
 
     def test_bad_range_through_quantize(self):
-        with self.assertRaisesRegex(ValueError, "lo/hi must be finite"):
+        with pytest.raises(ValueError, match="lo/hi must be finite"):
             jq.quantize(jnp.array([1.0, jnp.nan]), None, jq.QuantSpec("int8"))
 
     def test_nan_with_given_qparams_raises(self):
         """NaN has no integer code: with given QParams it would silently become 0."""
         spec = jq.QuantSpec("int8")
         qp = jq.qparams_from_range(-1.0, 1.0, spec)
-        with self.assertRaisesRegex(ValueError, "1 NaN value.*no integer code"):
+        with pytest.raises(ValueError, match="1 NaN value.*no integer code"):
             jq.quantize(jnp.array([0.5, jnp.nan, 0.25]), qp, spec)
         # +-inf saturates to the ends of the grid (as ONNX QuantizeLinear does)
         q = jq.quantize(jnp.array([jnp.inf, -jnp.inf]), qp, spec)
@@ -329,36 +342,34 @@ class BadInputTest(absltest.TestCase):
         dn = (((1,), (0,)), ((), ()))
         for spec in (jq.QuantSpec("int8"), jq.QuantSpec("uint8", scheme="affine")):
             out = jq.ops.dot_general(jnp.zeros((0, 4)), w, dn, lhs_spec=spec)
-            self.assertEqual(out.shape, (0, 3))
+            assert out.shape == (0, 3)
 
 
 # ---------------------------------------------------------------------------------------
 # fake quant and LSQ
 # ---------------------------------------------------------------------------------------
-class FakeQuantTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(*[(f, f) for f in ALL_FORMATS])
-    def test_forward_equals_quantize_dequantize(self, fmt):
+class TestFakeQuant:
+    @pytest.mark.parametrize("fmt", ALL_FORMATS)
+    def test_forward_equals_quantize_dequantize(self, variant, fmt):
         x = jax.random.normal(jax.random.key(2), (4, 6)) * 2.0
         for axis in (None, -1):
             spec = jq.QuantSpec(fmt, axis=axis)
             qp = jq.qparams_from_array(x * 0.7, spec)  # some values get clipped
-            y = self.variant(lambda x, qp=qp, spec=spec: jq.fake_quant(x, qp, spec))(x)
+            y = variant(lambda x, qp=qp, spec=spec: jq.fake_quant(x, qp, spec))(x)
             np.testing.assert_array_equal(y, jq.dequantize(jq.quantize(x, qp, spec)))
 
     def test_forward_keeps_dtype(self):
         x = jnp.linspace(-1, 1, 9, dtype=jnp.bfloat16)
-        self.assertEqual(jq.fake_quant(x, None, jq.QuantSpec("int8")).dtype, jnp.bfloat16)
+        assert jq.fake_quant(x, None, jq.QuantSpec("int8")).dtype == jnp.bfloat16
 
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_ste_gradient(self):
+    def test_ste_gradient(self, variant):
         # S = 0.1, int8 symmetric grid [-127, 127] -> clipping range [-12.7, 12.7] (+- S/2
         # before rounding): round(x / S) in [-127, 127] gives 1, else 0.
         spec = jq.QuantSpec("int8")
         qp = jq.QParams(jnp.float32(0.1))
         x = jnp.array([0.0, 1.23, -5.0, 12.7, 12.74, 12.76, -12.74, -12.76, 100.0, -100.0])
         expected = [1, 1, 1, 1, 1, 0, 1, 0, 0, 0]
-        g = self.variant(jax.grad(lambda x: jq.fake_quant(x, qp, spec).sum()))(x)
+        g = variant(jax.grad(lambda x: jq.fake_quant(x, qp, spec).sum()))(x)
         np.testing.assert_array_equal(g, expected)
         # upstream cotangent passes straight through inside
         ct = jnp.arange(10.0)
@@ -384,7 +395,7 @@ class FakeQuantTest(chex.TestCase):
         def f(scale):
             return jq.fake_quant(x, jq.QParams(scale, jnp.int32(64)), spec).sum()
 
-        self.assertEqual(float(jax.grad(f)(jnp.float32(4 / 255))), 0.0)
+        assert float(jax.grad(f)(jnp.float32(4 / 255))) == 0.0
 
     def test_dynamic_range_gradient_is_one(self):
         # qp=None: min-max of x itself, so nothing is clipped and the gradient is 1
@@ -393,7 +404,7 @@ class FakeQuantTest(chex.TestCase):
         np.testing.assert_array_equal(g, 1.0)
 
 
-class LsqTest(chex.TestCase):
+class TestLsq:
     def _reference(self, x, s, z, qmin, qmax, g):
         """LSQ / LSQ+ gradients from the formulas in lsq_fake_quant's docstring (float64)."""
         x = np.asarray(x, np.float64)
@@ -408,14 +419,16 @@ class LsqTest(chex.TestCase):
         dz = np.where(inside, 0.0, -s).sum() * g
         return y, dx, ds, dz
 
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(
-        ("int8_sym", "int8", "symmetric", 0.05, None),
-        ("uint8_aff", "uint8", "affine", 0.03, 100.0),
-        ("int4_aff", "int4", "affine", 0.4, -2.0),
-        ("int4_sym", "int4", "symmetric", 0.3, None),
+    @pytest.mark.parametrize(
+        "fmt,scheme,s,z",
+        [
+            pytest.param("int8", "symmetric", 0.05, None, id="int8_sym"),
+            pytest.param("uint8", "affine", 0.03, 100.0, id="uint8_aff"),
+            pytest.param("int4", "affine", 0.4, -2.0, id="int4_aff"),
+            pytest.param("int4", "symmetric", 0.3, None, id="int4_sym"),
+        ],
     )
-    def test_gradients_match_formulas(self, fmt, scheme, s, z):
+    def test_gradients_match_formulas(self, variant, fmt, scheme, s, z):
         spec = jq.QuantSpec(fmt, scheme=scheme)
         x = jax.random.normal(jax.random.key(4), (8, 16)) * 2.0
         x = x.at[0, :4].set(jnp.array([s * spec.qmax, s * (spec.qmin - (z or 0)), 1e3, -1e3]))
@@ -426,8 +439,8 @@ class LsqTest(chex.TestCase):
 
         zp = None if z is None else jnp.float32(z)
         argnums = (0, 1) if z is None else (0, 1, 2)
-        y = self.variant(lambda x: jq.lsq_fake_quant(x, jq.QParams(jnp.float32(s), zp), spec))(x)
-        grads = self.variant(jax.grad(loss, argnums=argnums))(x, jnp.float32(s), zp)
+        y = variant(lambda x: jq.lsq_fake_quant(x, jq.QParams(jnp.float32(s), zp), spec))(x)
+        grads = variant(jax.grad(loss, argnums=argnums))(x, jnp.float32(s), zp)
         g = 1.0 / math.sqrt(x.size * spec.qmax)
         y_ref, dx, ds, dz = self._reference(x, s, 0.0 if z is None else z, spec.qmin, spec.qmax, g)
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
@@ -465,8 +478,8 @@ class LsqTest(chex.TestCase):
 # ---------------------------------------------------------------------------------------
 # transformations and pytrees
 # ---------------------------------------------------------------------------------------
-class TransformTest(chex.TestCase):
-    @parameterized.named_parameters(*[(f, f) for f in ALL_FORMATS])
+class TestTransform:
+    @pytest.mark.parametrize("fmt", ALL_FORMATS)
     def test_jit_equals_eager(self, fmt):
         x = jax.random.normal(jax.random.key(6), (4, 9))
         spec = jq.QuantSpec(fmt, axis=0)
@@ -475,7 +488,14 @@ class TransformTest(chex.TestCase):
         chex.assert_trees_all_equal(eager, jitted)
         np.testing.assert_array_equal(jax.jit(jq.dequantize)(eager), jq.dequantize(eager))
 
-    @parameterized.named_parameters(("int8", "int8"), ("int4", "int4"), ("uint8", "uint8"))
+    @pytest.mark.parametrize(
+        "fmt",
+        [
+            pytest.param("int8", id="int8"),
+            pytest.param("int4", id="int4"),
+            pytest.param("uint8", id="uint8"),
+        ],
+    )
     def test_vmap(self, fmt):
         # jitted: one compile per function instead of one per primitive (fast tests);
         # the eager paths are covered by the without_jit variants above
@@ -506,18 +526,23 @@ class TransformTest(chex.TestCase):
         )(jnp.float32(0.1))
         np.testing.assert_allclose(gs, float(np.asarray(q.value, np.float64).sum()))
 
-    @parameterized.named_parameters(("int8", "int8"), ("int4", "int4"), ("uint8", "uint8"))
+    @pytest.mark.parametrize(
+        "fmt",
+        [
+            pytest.param("int8", id="int8"),
+            pytest.param("int4", id="int4"),
+            pytest.param("uint8", id="uint8"),
+        ],
+    )
     def test_qarray_pytree(self, fmt):
         x = jax.random.normal(jax.random.key(8), (4, 6))
         q = jq.quantize(x, None, jq.QuantSpec(fmt, scheme="affine", axis=0))
         leaves, tree = jax.tree_util.tree_flatten(q)
-        self.assertLen(leaves, 3)
+        assert len(leaves) == 3
         back = jax.tree_util.tree_unflatten(tree, leaves)
-        self.assertIsInstance(back, jq.QArray)
+        assert isinstance(back, jq.QArray)
         chex.assert_trees_all_equal(back, q)
-        self.assertEqual(
-            (back.format, back.shape, back.pack_axis), (q.format, q.shape, q.pack_axis)
-        )
+        assert (back.format, back.shape, back.pack_axis) == (q.format, q.shape, q.pack_axis)
         # through jit as an argument and a result
         out = jax.jit(lambda q: q)(q)
         chex.assert_trees_all_equal(out, q)
@@ -552,7 +577,7 @@ class TransformTest(chex.TestCase):
             # per channel == per tensor, bit for bit
             for i in range(4):
                 one = jq.qparams_from_range(lo[i], hi[i], spec)
-                self.assertEqual(float(one.scale), float(eager.scale[i]))
+                assert float(one.scale) == float(eager.scale[i])
 
     def test_no_retrace_for_new_values(self):
         spec = jq.QuantSpec("int8", axis=-1)
@@ -733,7 +758,3 @@ def test_quantize_matches_numpy_reference(case):
     # so ties and near-ties agree exactly
     ref = np.clip(np.round(x * inv) + _zp(q), spec.qmin, spec.qmax)
     np.testing.assert_array_equal(np.asarray(q.int_value(), np.float64), ref)
-
-
-if __name__ == "__main__":
-    absltest.main()

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 
 import jq
 import jq.calibration as cal
@@ -37,15 +36,21 @@ def _feed(obs, xs, jit=True):
     return state
 
 
-class MinMaxTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(("tensor", None, ()), ("channel", 1, (4,)), ("neg", -1, (4,)))
-    def test_range_is_exact(self, axis, stat_shape):
+class TestMinMax:
+    @pytest.mark.parametrize(
+        "axis,stat_shape",
+        [
+            pytest.param(None, (), id="tensor"),
+            pytest.param(1, (4,), id="channel"),
+            pytest.param(-1, (4,), id="neg"),
+        ],
+    )
+    def test_range_is_exact(self, variant, axis, stat_shape):
         xs = [np.random.default_rng(i).standard_normal((8, 4)).astype(np.float32) for i in range(3)]
         obs = cal.MinMax(axis=axis)
         state = obs.init(xs[0])
         for x in xs:
-            state = self.variant(obs.update)(state, x)
+            state = variant(obs.update)(state, x)
         lo, hi = obs.range(state)
         chex.assert_shape([lo, hi], stat_shape)
         allx = np.concatenate(xs)
@@ -69,7 +74,7 @@ class MinMaxTest(chex.TestCase):
             np.testing.assert_array_equal(got, want)
 
 
-class MovingAverageTest(chex.TestCase):
+class TestMovingAverage:
     def test_hand_computed(self):
         obs = cal.MovingAverageMinMax(averaging_constant=0.5)
         xs = [jnp.array([-1.0, 2.0]), jnp.array([-3.0, 4.0]), jnp.array([1.0, 1.0])]
@@ -103,7 +108,7 @@ class MovingAverageTest(chex.TestCase):
             cal.MovingAverageMinMax(averaging_constant=0.0)
 
 
-class HistogramStreamingTest(chex.TestCase):
+class TestHistogramStreaming:
     @hypothesis.settings(max_examples=12, deadline=None)
     @hypothesis.given(
         st.lists(
@@ -191,8 +196,8 @@ class HistogramStreamingTest(chex.TestCase):
         np.testing.assert_array_equal(np.asarray(state.counts).ravel(), np.histogram(x, edges)[0])
 
 
-class HistogramMethodsTest(chex.TestCase):
-    @parameterized.parameters(99.0, 99.9, 90.0)
+class TestHistogramMethods:
+    @pytest.mark.parametrize("p", [99.0, 99.9, 90.0])
     def test_percentile_matches_numpy(self, p):
         x = np.random.default_rng(0).standard_t(3.0, 20000).astype(np.float32)
         obs = cal.Histogram(num_bins=2048, method="percentile", percentile=p)
@@ -216,7 +221,9 @@ class HistogramMethodsTest(chex.TestCase):
         a, b = bracket(p / 100, np.sort(np.abs(x)))
         assert float(lo) == -float(hi) and a <= float(hi) <= b
 
-    @parameterized.parameters(("int8", True), ("uint8", False), ("int4", True), ("int8", False))
+    @pytest.mark.parametrize(
+        "dtype,symmetric", [("int8", True), ("uint8", False), ("int4", True), ("int8", False)]
+    )
     def test_mse_minimises_simulated_error(self, dtype, symmetric):
         # the error of the chosen range, measured by really quantizing the data,
         # is within 1% of the best range found by a fine brute-force scan
@@ -246,7 +253,7 @@ class HistogramMethodsTest(chex.TestCase):
         # the two outliers are clipped; the bulk (|x| < 4.5) is kept
         assert 3.0 < float(hi) < 20.0 and -20.0 < float(lo) < -3.0
 
-    @parameterized.parameters("entropy", "mse", "percentile")
+    @pytest.mark.parametrize("method", ["entropy", "mse", "percentile"])
     def test_per_channel_equals_per_tensor_per_channel(self, method):
         rng = np.random.default_rng(4)
         xs = [
@@ -269,15 +276,15 @@ class HistogramMethodsTest(chex.TestCase):
         assert float(lo) == float(x.min()) and 2.0 < float(hi) <= float(x.max())
 
 
-class BadInputTest(chex.TestCase):
-    @parameterized.named_parameters(*[(k, k) for k in OBSERVERS])
+class TestBadInput:
+    @pytest.mark.parametrize("name", OBSERVERS)
     def test_nan_raises_eagerly(self, name):
         obs = OBSERVERS[name]()
         x = jnp.array([1.0, jnp.nan, 2.0])
         with pytest.raises(ValueError, match="1 non-finite"):
             obs.update(obs.init(x), x)
 
-    @parameterized.named_parameters(*[(k, k) for k in OBSERVERS])
+    @pytest.mark.parametrize("name", OBSERVERS)
     def test_nonfinite_under_jit_is_counted_then_raises(self, name):
         obs = OBSERVERS[name]()
         x = jnp.array([1.0, jnp.inf, -jnp.inf, 2.0])
@@ -286,7 +293,7 @@ class BadInputTest(chex.TestCase):
         with pytest.raises(ValueError, match="2 non-finite"):
             obs.range(state)
 
-    @parameterized.named_parameters(*[(k, k) for k in OBSERVERS])
+    @pytest.mark.parametrize("name", OBSERVERS)
     def test_ignore_drops_counts_and_warns(self, name):
         obs = OBSERVERS[name](nonfinite="ignore")
         x = jnp.array([1.0, jnp.nan, -2.0, 2.0])
@@ -295,7 +302,7 @@ class BadInputTest(chex.TestCase):
             lo, hi = obs.range(state)
         assert np.isfinite(lo) and np.isfinite(hi) and -2.0 <= float(lo) <= float(hi) <= 2.0
 
-    @parameterized.named_parameters(*[(k, k) for k in OBSERVERS])
+    @pytest.mark.parametrize("name", OBSERVERS)
     def test_integer_input_raises(self, name):
         obs = OBSERVERS[name]()
         with pytest.raises(TypeError, match="`x` must be a floating-point"):
@@ -304,7 +311,7 @@ class BadInputTest(chex.TestCase):
         with pytest.raises(TypeError, match="`x` must be a floating-point"):
             obs.update(state, jnp.arange(4))
 
-    @parameterized.named_parameters(*[(k, k) for k in OBSERVERS])
+    @pytest.mark.parametrize("name", OBSERVERS)
     def test_shape_mismatch_raises(self, name):
         obs = OBSERVERS[name](axis=1)
         state = obs.init(jnp.zeros((2, 3)))
@@ -314,13 +321,13 @@ class BadInputTest(chex.TestCase):
             obs.update(state, jnp.zeros((2, 3, 1)))
         obs.update(state, jnp.zeros((5, 3)))  # another batch size is fine
 
-    @parameterized.named_parameters(*[(k, k) for k in OBSERVERS])
+    @pytest.mark.parametrize("name", OBSERVERS)
     def test_range_before_update_raises(self, name):
         obs = OBSERVERS[name]()
         with pytest.raises(ValueError, match="no statistics yet"):
             obs.range(obs.init(jnp.zeros(3)))
 
-    @parameterized.named_parameters(*[(k, k) for k in OBSERVERS])
+    @pytest.mark.parametrize("name", OBSERVERS)
     def test_constant_and_zero_input_give_usable_range(self, name):
         for value in (0.0, 3.0, -2.5):
             obs = OBSERVERS[name]()

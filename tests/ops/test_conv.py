@@ -2,11 +2,10 @@
 
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
+import pytest
 from opsref import (
     SPECS,
     dequantize_f64,
@@ -21,22 +20,43 @@ from jq import ops
 # ---------------------------------------------------------------------------------------
 # convolution
 # ---------------------------------------------------------------------------------------
-class ConvTest(chex.TestCase):
-    @parameterized.named_parameters(
-        ("nhwc_same", ("NHWC", "HWIO", "NHWC"), "SAME", (1, 1), None, None, 1),
-        ("nchw_pad_stride", ("NCHW", "OIHW", "NCHW"), ((2, 1), (0, 2)), (2, 1), None, None, 1),
-        ("lhs_dilation", ("NHWC", "HWIO", "NHWC"), ((1, 1), (1, 1)), (1, 1), (2, 2), None, 1),
-        ("rhs_dilation_groups", ("NHWC", "HWIO", "NHWC"), "SAME", (1, 1), None, (2, 1), 2),
-        (
-            "rhs_dilation_stride",
-            ("NHWC", "HWIO", "NHWC"),
-            ((1, 2), (0, 1)),
-            (2, 2),
-            None,
-            (2, 1),
-            1,
-        ),
-        ("valid_ncw_1d", ("NCH", "OIH", "NCH"), "VALID", (1,), None, None, 1),
+class TestConv:
+    @pytest.mark.parametrize(
+        "cdn,padding,strides,ld,rd,groups",
+        [
+            pytest.param(("NHWC", "HWIO", "NHWC"), "SAME", (1, 1), None, None, 1, id="nhwc_same"),
+            pytest.param(
+                ("NCHW", "OIHW", "NCHW"),
+                ((2, 1), (0, 2)),
+                (2, 1),
+                None,
+                None,
+                1,
+                id="nchw_pad_stride",
+            ),
+            pytest.param(
+                ("NHWC", "HWIO", "NHWC"),
+                ((1, 1), (1, 1)),
+                (1, 1),
+                (2, 2),
+                None,
+                1,
+                id="lhs_dilation",
+            ),
+            pytest.param(
+                ("NHWC", "HWIO", "NHWC"), "SAME", (1, 1), None, (2, 1), 2, id="rhs_dilation_groups"
+            ),
+            pytest.param(
+                ("NHWC", "HWIO", "NHWC"),
+                ((1, 2), (0, 1)),
+                (2, 2),
+                None,
+                (2, 1),
+                1,
+                id="rhs_dilation_stride",
+            ),
+            pytest.param(("NCH", "OIH", "NCH"), "VALID", (1,), None, None, 1, id="valid_ncw_1d"),
+        ],
     )
     def test_matches_float_conv_on_dequantized(self, cdn, padding, strides, ld, rd, groups):
         x = normal(30, (2, 7, 7, 4))
@@ -85,7 +105,7 @@ class ConvTest(chex.TestCase):
                 rhs_spec=SPECS["i8_col"],
             )
         )(x, w)
-        self.assertLess(float(jnp.abs(y - ref).max()), 0.05 * float(jnp.abs(ref).max()))
+        assert float(jnp.abs(y - ref).max()) < 0.05 * float(jnp.abs(ref).max())
         qr = quantize_jit(w, None, SPECS["i8_col"])
         y = ops.conv_general_dilated(x, qr, (1, 1), "SAME", dimension_numbers=cdn)
         ref = jax.lax.conv_general_dilated(
@@ -100,7 +120,7 @@ class ConvTest(chex.TestCase):
 
     def test_scale_on_input_features_is_rejected(self):
         qr = quantize_jit(normal(34, (3, 3, 4, 5)), None, jq.QuantSpec("int8", axis=2))
-        with self.assertRaisesRegex(ValueError, "axis 2"):
+        with pytest.raises(ValueError, match="axis 2"):
             ops.conv_general_dilated(
                 normal(35, (1, 5, 5, 4)),
                 qr,
@@ -109,7 +129,3 @@ class ConvTest(chex.TestCase):
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 lhs_spec=SPECS["i8"],
             )
-
-
-if __name__ == "__main__":
-    absltest.main()

@@ -1,11 +1,10 @@
 """Tests for `jq.ops.dot_general`: the integer path, all modes, overflow, errors."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from absl.testing import absltest, parameterized
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opsref import (
@@ -26,21 +25,24 @@ from jq import ops
 # ---------------------------------------------------------------------------------------
 # the integer path against the dequantized reference
 # ---------------------------------------------------------------------------------------
-class IntegerPathTest(chex.TestCase):
-    @parameterized.named_parameters(
-        ("i8_i8col", "i8", "i8_col"),
-        ("u8aff_i8col", "u8_aff", "i8_col"),
-        ("i8aff_i8affcol", "i8_aff", "i8_aff_col"),
-        ("u8sym_u8col", "u8_sym", "u8_col"),
-        ("i8row_i4col", "i8_row", "i4_col"),
-        ("u8row_i8affcol", "u8_row", "i8_aff_col"),
-        ("i16_i8col", "i16", "i8_col"),
-        ("i16aff_i16col", "i16_aff", "i16_col"),
-        ("i8_i8blk", "i8", "i8_blk"),
-        ("u8aff_i4blk", "u8_aff", "i4_blk"),
-        ("i8aff_u8blk", "i8_aff", "u8_blk"),
-        ("i8lblk_i8col", "i8_lblk", "i8_col"),
-        ("i8lblk_i8blk", "i8_lblk", "i8_blk"),
+class TestIntegerPath:
+    @pytest.mark.parametrize(
+        "lname,rname",
+        [
+            pytest.param("i8", "i8_col", id="i8_i8col"),
+            pytest.param("u8_aff", "i8_col", id="u8aff_i8col"),
+            pytest.param("i8_aff", "i8_aff_col", id="i8aff_i8affcol"),
+            pytest.param("u8_sym", "u8_col", id="u8sym_u8col"),
+            pytest.param("i8_row", "i4_col", id="i8row_i4col"),
+            pytest.param("u8_row", "i8_aff_col", id="u8row_i8affcol"),
+            pytest.param("i16", "i8_col", id="i16_i8col"),
+            pytest.param("i16_aff", "i16_col", id="i16aff_i16col"),
+            pytest.param("i8", "i8_blk", id="i8_i8blk"),
+            pytest.param("u8_aff", "i4_blk", id="u8aff_i4blk"),
+            pytest.param("i8_aff", "u8_blk", id="i8aff_u8blk"),
+            pytest.param("i8_lblk", "i8_col", id="i8lblk_i8col"),
+            pytest.param("i8_lblk", "i8_blk", id="i8lblk_i8blk"),
+        ],
     )
     def test_matches_dequantized_reference(self, lname, rname):
         x = normal(0, (6, 32)) + 0.3
@@ -50,8 +52,8 @@ class IntegerPathTest(chex.TestCase):
         ref = np_dot_general(dequantize_f64(ql), dequantize_f64(qr), DENSE)
         tol = rounding_tol(dequantize_f64(ql), dequantize_f64(qr), DENSE)
         y = jax.jit(ops.dot_general, static_argnums=2)(ql, qr, DENSE)
-        self.assertEqual(y.dtype, jnp.float32)
-        self.assertEqual(y.shape, (6, 5))
+        assert y.dtype == jnp.float32
+        assert y.shape == (6, 5)
         np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), tol)
 
     @settings(max_examples=5, deadline=None)
@@ -111,24 +113,22 @@ def _quant_bound(x, w, sx, sw):
     return 0.5 * (sx @ np.abs(w) + (np.abs(x) + sx) @ sw) + 1e-4
 
 
-class ModesTest(chex.TestCase):
-    def setUp(self):
-        super().setUp()
+class TestModes:
+    def setup_method(self):
         self.x = normal(10, (4, 48))
         self.w = normal(11, (48, 8), 0.2)
         self.ref = np.asarray(self.x, np.float64) @ np.asarray(self.w, np.float64)
 
     def _check(self, y, sx, sw):
-        self.assertEqual(y.shape, (4, 8))
+        assert y.shape == (4, 8)
         np.testing.assert_array_less(
             np.abs(np.asarray(y, np.float64) - self.ref), _quant_bound(self.x, self.w, sx, sw)
         )
 
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_static(self):
+    def test_static(self, variant):
         spec = jq.QuantSpec("int8")
         qp = jq.qparams_from_range(-4.0, 4.0, spec)
-        y = self.variant(
+        y = variant(
             lambda x, w: ops.dot_general(
                 x, w, DENSE, lhs_spec=spec, lhs_qparams=qp, rhs_spec=SPECS["i8_col"]
             )
@@ -140,9 +140,8 @@ class ModesTest(chex.TestCase):
         qr = quantize_jit(self.w, None, SPECS["i8_col"])
         np.testing.assert_allclose(y, ops.dot_general(ql, qr, DENSE), rtol=1e-6, atol=1e-6)
 
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_dynamic_per_tensor(self):
-        y = self.variant(
+    def test_dynamic_per_tensor(self, variant):
+        y = variant(
             lambda x, w: ops.dot_general(
                 x, w, DENSE, lhs_spec=SPECS["u8_aff"], rhs_spec=SPECS["i8_col"]
             )
@@ -152,11 +151,10 @@ class ModesTest(chex.TestCase):
         sw = np.abs(np.asarray(self.w)).max(0, keepdims=True) / 127
         self._check(y, sx, sw)
 
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_dynamic_per_row(self):
+    def test_dynamic_per_row(self, variant):
         x = self.x * jnp.asarray([[0.01], [1.0], [10.0], [100.0]])
         self.ref = np.asarray(x, np.float64) @ np.asarray(self.w, np.float64)
-        y = self.variant(
+        y = variant(
             lambda x, w: ops.dot_general(
                 x, w, DENSE, lhs_spec=SPECS["i8_row"], rhs_spec=SPECS["i8_col"]
             )
@@ -170,26 +168,36 @@ class ModesTest(chex.TestCase):
         y_tensor = ops.dot_general(x, self.w, DENSE, lhs_spec=SPECS["i8"], rhs_spec=SPECS["i8_col"])
         err_row = np.abs(np.asarray(y) - self.ref)[0].max()
         err_tensor = np.abs(np.asarray(y_tensor) - self.ref)[0].max()
-        self.assertLess(err_row * 100, err_tensor)
+        assert err_row * 100 < err_tensor
 
-    @parameterized.named_parameters(
-        ("int8_tensor", "i8"),
-        ("int8_row", "i8_row"),
-        ("uint8_affine", "u8_aff"),
-        ("uint8_row", "u8_row"),
-        ("uint8_sym", "u8_sym"),
-        ("int16", "i16"),
+    @pytest.mark.parametrize(
+        "name",
+        [
+            pytest.param("i8", id="int8_tensor"),
+            pytest.param("i8_row", id="int8_row"),
+            pytest.param("u8_aff", id="uint8_affine"),
+            pytest.param("u8_row", id="uint8_row"),
+            pytest.param("u8_sym", id="uint8_sym"),
+            pytest.param("i16", id="int16"),
+        ],
     )
     def test_dynamic_qparams_equal_min_max_qparams(self, name):
         x = self.x.at[1, 3].set(-7.5).at[2, 0].set(0.0)
         a = jax.jit(ops.dynamic_qparams, static_argnums=1)(x, SPECS[name])
         b = jq.qparams_from_array(x, SPECS[name])
         np.testing.assert_array_equal(a.scale, b.scale)
-        self.assertEqual(a.zero_point is None, b.zero_point is None)
+        assert (a.zero_point is None) == (b.zero_point is None)
         if a.zero_point is not None:
             np.testing.assert_array_equal(a.zero_point, b.zero_point)
 
-    @parameterized.named_parameters(("int8", "i8_col"), ("int4", "i4_col"), ("uint8", "u8_col"))
+    @pytest.mark.parametrize(
+        "rname",
+        [
+            pytest.param("i8_col", id="int8"),
+            pytest.param("i4_col", id="int4"),
+            pytest.param("u8_col", id="uint8"),
+        ],
+    )
     def test_weight_only(self, rname):
         qr = quantize_jit(self.w, None, SPECS[rname])
         y = ops.dot_general(self.x, qr, DENSE)
@@ -206,14 +214,16 @@ class ModesTest(chex.TestCase):
         qr = quantize_jit(self.w, None, SPECS["i8_col"])
         xb = self.x.astype(jnp.bfloat16)
         y = ops.dot_general(xb, qr, DENSE, preferred_element_type=jnp.bfloat16)
-        self.assertEqual(y.dtype, jnp.bfloat16)
+        assert y.dtype == jnp.bfloat16
         ref = np.asarray(xb.astype(jnp.float32), np.float64) @ dequantize_f64(qr)
         np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2e-2, atol=2e-2)
 
-    @parameterized.named_parameters(("int4", "i4_blk"), ("int8", "i8_blk"))
+    @pytest.mark.parametrize(
+        "rname", [pytest.param("i4_blk", id="int4"), pytest.param("i8_blk", id="int8")]
+    )
     def test_block_scaled_weight_only_and_integer(self, rname):
         qr = quantize_jit(self.w, None, SPECS[rname])
-        self.assertEqual(qr.scale.shape, (6, 8))
+        assert qr.scale.shape == (6, 8)
         ref = np.asarray(self.x, np.float64) @ dequantize_f64(qr)
         np.testing.assert_allclose(ops.dot_general(self.x, qr, DENSE), ref, rtol=1e-5, atol=1e-5)
         ql = quantize_jit(self.x, None, SPECS["u8_aff"])
@@ -227,7 +237,7 @@ class ModesTest(chex.TestCase):
         """Blocks along the output axis are a coarse per-channel scale: no split needed."""
         spec = jq.QuantSpec("int8", scheme="affine", block_axis=1, block_size=4)
         qr = quantize_jit(self.w, None, spec)
-        self.assertEqual(qr.scale.shape, (1, 2))
+        assert qr.scale.shape == (1, 2)
         ql = quantize_jit(self.x, None, SPECS["u8_aff"])
         ref = dequantize_f64(ql) @ dequantize_f64(qr)
         y = jax.jit(ops.dot_general, static_argnums=2)(ql, qr, DENSE)
@@ -238,8 +248,12 @@ class ModesTest(chex.TestCase):
         ref = np.asarray(self.x, np.float64) @ dequantize_f64(qr)
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
-    @parameterized.named_parameters(
-        ("bf16", "bfloat16", ml_dtypes.bfloat16), ("fp16", "float16", np.float16)
+    @pytest.mark.parametrize(
+        "fmt,dt",
+        [
+            pytest.param("bfloat16", ml_dtypes.bfloat16, id="bf16"),
+            pytest.param("float16", np.float16, id="fp16"),
+        ],
     )
     def test_half_formats_accumulate_in_float32(self, fmt, dt):
         spec = jq.QuantSpec(fmt)
@@ -247,13 +261,13 @@ class ModesTest(chex.TestCase):
         xc = np.asarray(self.x).astype(dt).astype(np.float64)
         wc = np.asarray(self.w).astype(dt).astype(np.float64)
         np.testing.assert_allclose(y, xc @ wc, rtol=1e-5, atol=1e-5)
-        self.assertEqual(y.dtype, jnp.float32)
+        assert y.dtype == jnp.float32
 
     def test_fp8_e4m3(self):
         spec = jq.QuantSpec("e4m3")
         ql = quantize_jit(self.x, None, spec)
         qr = quantize_jit(self.w, None, jq.QuantSpec("e4m3", axis=-1))
-        self.assertEqual(ql.value.dtype, jnp.float8_e4m3fn)
+        assert ql.value.dtype == jnp.float8_e4m3fn
         y = ops.dot_general(ql, qr, DENSE)
         ref = _deq_float(ql) @ _deq_float(qr)
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
@@ -266,11 +280,11 @@ class ModesTest(chex.TestCase):
         y = ops.dot_general(
             self.x, qr, DENSE, preferred_element_type=jnp.bfloat16, lhs_spec=SPECS["i8"]
         )
-        self.assertEqual(y.dtype, jnp.bfloat16)
+        assert y.dtype == jnp.bfloat16
         y = ops.dot_general(
             self.x, qr, DENSE, preferred_element_type=jnp.int32, lhs_spec=SPECS["i8"]
         )
-        self.assertEqual(y.dtype, jnp.float32)
+        assert y.dtype == jnp.float32
         # plain float operands: exactly jax.lax.dot_general
         np.testing.assert_array_equal(
             ops.dot_general(self.x, self.w, DENSE), jax.lax.dot_general(self.x, self.w, DENSE)
@@ -284,19 +298,21 @@ def _deq_float(q):
 # ---------------------------------------------------------------------------------------
 # accumulator overflow
 # ---------------------------------------------------------------------------------------
-class OverflowTest(chex.TestCase):
+class TestOverflow:
     def test_bounds_are_hand_computed(self):
         # floor((2^31 - 1) / (255 * 128)) = 65793; / (128 * 128) = 131071; / (32768 * 128) = 511
-        self.assertEqual(ops.max_safe_contraction(np.uint8, np.int8), 65793)
-        self.assertEqual(ops.max_safe_contraction(np.int8, np.int8), 131071)
-        self.assertEqual(ops.max_safe_contraction(np.int16, np.int8), 511)
+        assert ops.max_safe_contraction(np.uint8, np.int8) == 65793
+        assert ops.max_safe_contraction(np.int8, np.int8) == 131071
+        assert ops.max_safe_contraction(np.int16, np.int8) == 511
 
     def _extreme(self, k):
         ql = jq.QArray(jnp.full((2, k), 255, jnp.uint8), jnp.ones((1, 1)), None, "uint8", (2, k))
         qr = jq.QArray(jnp.full((k, 3), -128, jnp.int8), jnp.ones((1, 1)), None, "int8", (k, 3))
         return ql, qr
 
-    @parameterized.named_parameters(("at_bound", 65793), ("past_bound", 70000))
+    @pytest.mark.parametrize(
+        "k", [pytest.param(65793, id="at_bound"), pytest.param(70000, id="past_bound")]
+    )
     def test_uint8_int8_never_wraps(self, k):
         ql, qr = self._extreme(k)
         y = jax.jit(ops.dot_general, static_argnums=2)(ql, qr, DENSE)
@@ -307,7 +323,7 @@ class OverflowTest(chex.TestCase):
         # that do not compile)
         if k > 65793 and jax.default_backend() == "cpu":
             naive = jax.lax.dot_general(ql.value, qr.value, DENSE, preferred_element_type=jnp.int32)
-            self.assertNotEqual(int(naive[0, 0]), exact)
+            assert int(naive[0, 0]) != exact
 
     def test_int16_int8_long_contraction_is_exact(self):
         k = 600  # > 511: int16 x int8 in one int32 accumulator could overflow
@@ -337,18 +353,18 @@ class OverflowTest(chex.TestCase):
 # ---------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------
-class ErrorsTest(chex.TestCase):
+class TestErrors:
     def test_mismatched_contracting_dims(self):
-        with self.assertRaisesRegex(ValueError, "contracting dimensions do not match"):
+        with pytest.raises(ValueError, match="contracting dimensions do not match"):
             ops.dot_general(jnp.ones((2, 3)), jnp.ones((4, 5)), DENSE, rhs_spec=SPECS["i8"])
 
     def test_per_channel_scale_on_contracting_axis(self):
         qr = quantize_jit(normal(40, (8, 4)), None, jq.QuantSpec("int8", axis=0))
-        with self.assertRaisesRegex(ValueError, "axis 0, which is a contracting axis"):
+        with pytest.raises(ValueError, match="axis 0, which is a contracting axis"):
             ops.dot_general(normal(41, (2, 8)), qr, DENSE, lhs_spec=SPECS["i8"])
-        with self.assertRaisesRegex(ValueError, "axis 0, which is a contracting axis"):
+        with pytest.raises(ValueError, match="axis 0, which is a contracting axis"):
             ops.dot_general(normal(41, (2, 8)), qr, DENSE)  # weight-only too
-        with self.assertRaisesRegex(ValueError, "lhs axis 1, a contracting axis"):
+        with pytest.raises(ValueError, match="lhs axis 1, a contracting axis"):
             ops.dot_general(
                 normal(41, (2, 8)),
                 normal(40, (8, 4)),
@@ -361,13 +377,13 @@ class ErrorsTest(chex.TestCase):
         # quantized per output channel for (K, N), but used as an (N, K) weight
         qr = quantize_jit(normal(42, (8, 8)), None, jq.QuantSpec("int8", axis=1))
         dn_nk = (((1,), (1,)), ((), ()))
-        with self.assertRaisesRegex(ValueError, "rhs.*axis 1"):
+        with pytest.raises(ValueError, match="rhs.*axis 1"):
             ops.dot_general(normal(43, (2, 8)), qr, dn_nk, lhs_spec=SPECS["i8"])
 
     def test_formats_that_cannot_combine(self):
         ql = quantize_jit(normal(44, (2, 8)), None, jq.QuantSpec("e4m3"))
         qr = quantize_jit(normal(45, (8, 3)), None, SPECS["i8_col"])
-        with self.assertRaisesRegex(ValueError, "cannot combine"):
+        with pytest.raises(ValueError, match="cannot combine"):
             ops.dot_general(ql, qr, DENSE)
 
     def test_misaligned_blocks(self):
@@ -375,26 +391,22 @@ class ErrorsTest(chex.TestCase):
             normal(46, (2, 32)), None, jq.QuantSpec("int8", block_axis=1, block_size=16)
         )
         qr = quantize_jit(normal(47, (32, 3)), None, SPECS["i8_blk"])
-        with self.assertRaisesRegex(ValueError, "do not line up"):
+        with pytest.raises(ValueError, match="do not line up"):
             ops.dot_general(ql, qr, DENSE)
 
     def test_bad_operands_and_arguments(self):
-        with self.assertRaisesRegex(TypeError, "`lhs` must be a float array"):
+        with pytest.raises(TypeError, match="`lhs` must be a float array"):
             ops.dot_general(jnp.ones((2, 3), jnp.int32), jnp.ones((3, 2)), DENSE)
-        with self.assertRaisesRegex(ValueError, "lhs_qparams was given without lhs_spec"):
+        with pytest.raises(ValueError, match="lhs_qparams was given without lhs_spec"):
             ops.dot_general(
                 jnp.ones((2, 3)),
                 jnp.ones((3, 2)),
                 DENSE,
                 lhs_qparams=jq.qparams_from_range(-1.0, 1.0, SPECS["i8"]),
             )
-        with self.assertRaisesRegex(ValueError, "dimension_numbers"):
+        with pytest.raises(ValueError, match="dimension_numbers"):
             ops.dot_general(jnp.ones((2, 3)), jnp.ones((3, 2)), (((1,), (0, 1)), ((), ())))
-        with self.assertRaisesRegex(ValueError, "out of range"):
+        with pytest.raises(ValueError, match="out of range"):
             ops.dot_general(jnp.ones((2, 3)), jnp.ones((3, 2)), (((2,), (0,)), ((), ())))
-        with self.assertRaisesRegex(TypeError, "rhs_spec must be a jq.QuantSpec"):
+        with pytest.raises(TypeError, match="rhs_spec must be a jq.QuantSpec"):
             ops.dot_general(jnp.ones((2, 3)), jnp.ones((3, 2)), DENSE, rhs_spec="int8")
-
-
-if __name__ == "__main__":
-    absltest.main()

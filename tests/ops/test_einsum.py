@@ -1,10 +1,9 @@
 """Tests for `jq.ops.einsum`."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
+import pytest
 from opsref import SPECS, dequantize_f64, normal, quantize_jit
 
 import jq
@@ -14,21 +13,24 @@ from jq import ops
 # ---------------------------------------------------------------------------------------
 # einsum
 # ---------------------------------------------------------------------------------------
-class EinsumTest(chex.TestCase):
-    @parameterized.named_parameters(
-        ("matmul", "ij,jk->ik", (3, 8), (8, 4)),
-        ("implicit", "ij,kj", (3, 8), (5, 8)),
-        ("batched", "bij,bjk->bik", (2, 3, 8), (2, 8, 4)),
-        ("ellipsis", "...d,df->...f", (2, 3, 8), (8, 4)),
-        ("attention_qk", "bqhd,bkhd->bhqk", (2, 3, 2, 8), (2, 5, 2, 8)),
-        ("outer_order", "ik,jk->ji", (3, 8), (4, 8)),
+class TestEinsum:
+    @pytest.mark.parametrize(
+        "subscripts,lshape,rshape",
+        [
+            pytest.param("ij,jk->ik", (3, 8), (8, 4), id="matmul"),
+            pytest.param("ij,kj", (3, 8), (5, 8), id="implicit"),
+            pytest.param("bij,bjk->bik", (2, 3, 8), (2, 8, 4), id="batched"),
+            pytest.param("...d,df->...f", (2, 3, 8), (8, 4), id="ellipsis"),
+            pytest.param("bqhd,bkhd->bhqk", (2, 3, 2, 8), (2, 5, 2, 8), id="attention_qk"),
+            pytest.param("ik,jk->ji", (3, 8), (4, 8), id="outer_order"),
+        ],
     )
     def test_matches_float_einsum_on_dequantized(self, subscripts, lshape, rshape):
         ql = quantize_jit(normal(20, lshape), None, jq.QuantSpec("int8"))
         qr = quantize_jit(normal(21, rshape), None, jq.QuantSpec("uint8", scheme="affine"))
         y = jax.jit(ops.einsum, static_argnums=0)(subscripts, ql, qr)
         ref = np.einsum(subscripts, dequantize_f64(ql), dequantize_f64(qr))
-        self.assertEqual(y.shape, ref.shape)
+        assert y.shape == ref.shape
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
 
     def test_attention_scales_on_batch_axes(self):
@@ -48,18 +50,17 @@ class EinsumTest(chex.TestCase):
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
         fref = np.einsum("bhqd,bhkd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64))
         rel = np.abs(np.asarray(y) - fref).max(axis=(0, 2, 3)) / np.abs(fref).max(axis=(0, 2, 3))
-        self.assertLess(rel.max(), 0.05)
+        assert rel.max() < 0.05
 
-    @parameterized.named_parameters(
-        ("one_operand", "ij->ji"),
-        ("summed_in_one", "ij,jk->k"),
-        ("trace", "ii,ij->j"),
-        ("unknown_out", "ij,jk->iz"),
+    @pytest.mark.parametrize(
+        "subscripts",
+        [
+            pytest.param("ij->ji", id="one_operand"),
+            pytest.param("ij,jk->k", id="summed_in_one"),
+            pytest.param("ii,ij->j", id="trace"),
+            pytest.param("ij,jk->iz", id="unknown_out"),
+        ],
     )
     def test_bad_subscripts(self, subscripts):
-        with self.assertRaises(ValueError):
+        with pytest.raises(ValueError):
             ops.einsum(subscripts, jnp.ones((3, 3)), jnp.ones((3, 3)), rhs_spec=SPECS["i8"])
-
-
-if __name__ == "__main__":
-    absltest.main()

@@ -3,12 +3,10 @@
 import re
 import warnings
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import absltest, parameterized
 from hloparse import platform_views
 
 import jq
@@ -65,48 +63,55 @@ def _static_conv():
     return conv, (jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32), qw)
 
 
-class ExportTest(chex.TestCase):
-    @parameterized.named_parameters(
-        ("dense", _static_dense, {"cpu": INT_DOT, "cuda": INT_DOT, "tpu": INT_DOT}),
-        # a conv is patches x weight through the integer dot on every platform
-        # (XLA:GPU raises UNIMPLEMENTED for integer convolutions)
-        ("conv", _static_conv, {"cpu": INT_DOT, "cuda": INT_DOT, "tpu": INT_DOT}),
+class TestExport:
+    @pytest.mark.parametrize(
+        "make,patterns",
+        [
+            pytest.param(
+                _static_dense, {"cpu": INT_DOT, "cuda": INT_DOT, "tpu": INT_DOT}, id="dense"
+            ),
+            # a conv is patches x weight through the integer dot on every platform
+            # (XLA:GPU raises UNIMPLEMENTED for integer convolutions)
+            pytest.param(
+                _static_conv, {"cpu": INT_DOT, "cuda": INT_DOT, "tpu": INT_DOT}, id="conv"
+            ),
+        ],
     )
     def test_each_platform_branch_has_an_integer_op(self, make, patterns):
         f, args = make()
         module, platforms = _export(f, *args)
-        self.assertEqual(tuple(platforms), PLATFORMS)
-        self.assertIn('"stablehlo.case"', module)  # one module, a case over platforms
+        assert tuple(platforms) == PLATFORMS
+        assert '"stablehlo.case"' in module  # one module, a case over platforms
         views = platform_views(module, platforms)
         for platform in PLATFORMS:
-            with self.subTest(platform=platform):
-                self.assertRegex(views[platform], patterns[platform])
-                self.assertIsNone(FLOAT_DOT.search(views[platform]))
+            assert re.search(patterns[platform], views[platform]), platform
+            assert FLOAT_DOT.search(views[platform]) is None, platform
         # and nowhere in the module a float dot (no dequantize-then-float-dot), nor an
         # integer convolution
-        self.assertIsNone(FLOAT_DOT.search(module))
-        self.assertIsNone(INT_CONV.search(module))
+        assert FLOAT_DOT.search(module) is None
+        assert INT_CONV.search(module) is None
 
-    @parameterized.named_parameters(("u8s8", "u8s8", "ui8"), ("s8s8", "s8s8", "i8"))
+    @pytest.mark.parametrize(
+        "form,cpu_t",
+        [pytest.param("u8s8", "ui8", id="u8s8"), pytest.param("s8s8", "i8", id="s8s8")],
+    )
     def test_cpu_branch_follows_the_form_and_others_signed(self, form, cpu_t):
         f, args = _static_dense()
         with int8_lowering(cpu=form):
             views = platform_views(*_export(f, *args))
-        self.assertEqual(INT_DOT.search(views["cpu"]).group(1), cpu_t)
+        assert INT_DOT.search(views["cpu"]).group(1) == cpu_t
         for platform in ("cuda", "tpu"):
-            self.assertEqual(INT_DOT.search(views[platform]).group(1), "i8")
-            self.assertNotIn("xui8>, tensor", views[platform])
+            assert INT_DOT.search(views[platform]).group(1) == "i8"
+            assert "xui8>, tensor" not in views[platform]
 
     def test_parser_sees_branches_separately(self):
         """The view of one platform must not contain another platform's branch."""
         f, args = _static_dense()
         module, platforms = _export(f, *args)
         views = platform_views(module, platforms)
-        self.assertGreater(
-            module.count("stablehlo.dot_general"), views["cpu"].count("stablehlo.dot_general")
-        )
-        self.assertEqual(views["cpu"].count("stablehlo.dot_general"), 1)
-        self.assertEqual(views["cuda"].count("stablehlo.dot_general"), 1)
+        assert module.count("stablehlo.dot_general") > views["cpu"].count("stablehlo.dot_general")
+        assert views["cpu"].count("stablehlo.dot_general") == 1
+        assert views["cuda"].count("stablehlo.dot_general") == 1
 
     def test_float_reference_is_detected(self):
         """The checker flags a dequantize-then-float dot (so a pass is meaningful)."""
@@ -114,8 +119,8 @@ class ExportTest(chex.TestCase):
         module, platforms = _export(
             lambda x, qw: x @ jq.dequantize(qw), jax.ShapeDtypeStruct((4, 64), jnp.float32), qw
         )
-        self.assertIsNotNone(FLOAT_DOT.search(module))
-        self.assertIsNone(INT_DOT.search(platform_views(module, platforms)["cpu"]))
+        assert FLOAT_DOT.search(module) is not None
+        assert INT_DOT.search(platform_views(module, platforms)["cpu"]) is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -132,13 +137,16 @@ def _hlo_dots(hlo: str):
 
 
 @pytest.mark.cpu_only  # the optimized HLO of XLA:CPU (jit compiles for the default backend)
-class CompiledCpuTest(chex.TestCase):
-    @parameterized.named_parameters(
-        # (M, rows of the main dot): a small lhs gets the row of ones appended (M + 1);
-        # M = 32 > N = 16 takes the weight sums from a reduction over the weight
-        ("matrix_vector", 1, 2),
-        ("small_batch", 8, 9),
-        ("large_batch", 32, 32),
+class TestCompiledCpu:
+    @pytest.mark.parametrize(
+        "m,rows",
+        [
+            # (M, rows of the main dot): a small lhs gets the row of ones appended (M + 1);
+            # M = 32 > N = 16 takes the weight sums from a reduction over the weight
+            pytest.param(1, 2, id="matrix_vector"),
+            pytest.param(8, 9, id="small_batch"),
+            pytest.param(32, 32, id="large_batch"),
+        ],
     )
     def test_cpu_keeps_the_mixed_dot(self, m, rows):
         f, _ = _static_dense()
@@ -146,12 +154,12 @@ class CompiledCpuTest(chex.TestCase):
         with int8_lowering(cpu="u8s8"):
             hlo = jax.jit(f).lower(jnp.ones((m, 64)), w).compile().as_text()
         dots = _hlo_dots(hlo)
-        self.assertTrue(dots)
-        self.assertTrue(all(d == ("u8", "s8", "s32") for d in dots), dots)
+        assert dots
+        assert all(d == ("u8", "s8", "s32") for d in dots), dots
         if rows > m:  # the int8 weight is never widened to s32 (the sums come from the dot)
-            self.assertNotRegex(hlo, r"s32\[64,16\]")
+            assert not re.search(r"s32\[64,16\]", hlo)
         # M = 1 is padded to 2 rows (never an M = 1 integer dot)
-        self.assertRegex(hlo, rf"u8\[{rows},64\]")
+        assert re.search(rf"u8\[{rows},64\]", hlo)
 
     def test_plain_lax_mixed_dot_is_widened(self):
         """The trap the primitive avoids: lax converts u8 x s8 to s32 x s32."""
@@ -159,7 +167,7 @@ class CompiledCpuTest(chex.TestCase):
         hlo = (
             f.lower(jnp.ones((4, 64), jnp.uint8), jnp.ones((64, 16), jnp.int8)).compile().as_text()
         )
-        self.assertNotIn(("u8", "s8", "s32"), _hlo_dots(hlo))
+        assert ("u8", "s8", "s32") not in _hlo_dots(hlo)
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,34 +188,41 @@ def _np_dot(a, b, dn):
     )
 
 
-class PrimitiveTest(chex.TestCase):
-    def setUp(self):
-        super().setUp()
-        self.assertTrue(int8_dot.AVAILABLE, "the lowering API should import on the tested JAX")
+class TestPrimitive:
+    def setup_method(self):
+        assert int8_dot.AVAILABLE, "the lowering API should import on the tested JAX"
 
-    @parameterized.named_parameters(("u8", np.uint8), ("s8", np.int8))
+    @pytest.mark.parametrize(
+        "dt", [pytest.param(np.uint8, id="u8"), pytest.param(np.int8, id="s8")]
+    )
     def test_abstract_eval(self, dt):
         a = jax.ShapeDtypeStruct((2, 5, 7), dt)
         b = jax.ShapeDtypeStruct((2, 3, 7), jnp.int8)
         dn = (((2,), (2,)), ((0,), (0,)))
         out = jax.eval_shape(lambda a, b: int8_dot.int8_dot_general(a, b, dn, rhs_sums=True), a, b)
-        self.assertEqual((out[0].shape, out[0].dtype), ((2, 5, 3), jnp.int32))
-        self.assertEqual((out[1].shape, out[1].dtype), ((2, 3), jnp.int32))
+        assert (out[0].shape, out[0].dtype) == ((2, 5, 3), jnp.int32)
+        assert (out[1].shape, out[1].dtype) == ((2, 3), jnp.int32)
 
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(
-        ("u8_dense", np.uint8, (3, 9), (9, 4), DENSE),
-        ("s8_dense", np.int8, (3, 9), (9, 4), DENSE),
-        ("s8_vector", np.int8, (9,), (9, 4), (((0,), (0,)), ((), ()))),
-        ("u8_nk", np.uint8, (1, 9), (4, 9), (((1,), (1,)), ((), ()))),
-        ("s8_batch_multi", np.int8, (2, 3, 4, 5), (5, 2, 4, 6), (((2, 3), (2, 0)), ((0,), (1,)))),
+    @pytest.mark.parametrize(
+        "dt,ashape,bshape,dn",
+        [
+            pytest.param(np.uint8, (3, 9), (9, 4), DENSE, id="u8_dense"),
+            pytest.param(np.int8, (3, 9), (9, 4), DENSE, id="s8_dense"),
+            pytest.param(np.int8, (9,), (9, 4), (((0,), (0,)), ((), ())), id="s8_vector"),
+            pytest.param(np.uint8, (1, 9), (4, 9), (((1,), (1,)), ((), ())), id="u8_nk"),
+            pytest.param(
+                np.int8,
+                (2, 3, 4, 5),
+                (5, 2, 4, 6),
+                (((2, 3), (2, 0)), ((0,), (1,))),
+                id="s8_batch_multi",
+            ),
+        ],
     )
-    def test_impl_is_exact(self, dt, ashape, bshape, dn):
+    def test_impl_is_exact(self, variant, dt, ashape, bshape, dn):
         # extreme values included: -128 * -128 and 255 * -128 products
         a, b = _ints(0, ashape, dt), _ints(1, bshape, np.int8)
-        out, sums = self.variant(lambda a, b: int8_dot.int8_dot_general(a, b, dn, rhs_sums=True))(
-            a, b
-        )
+        out, sums = variant(lambda a, b: int8_dot.int8_dot_general(a, b, dn, rhs_sums=True))(a, b)
         np.testing.assert_array_equal(out, _np_dot(a, b, dn))
         (_, rc), (_, rb) = dn
         ref_sums = _np_dot(
@@ -216,10 +231,16 @@ class PrimitiveTest(chex.TestCase):
             ((tuple(range(len(rb), len(rb) + len(rc))), rc), (tuple(range(len(rb))), rb)),
         )
         np.testing.assert_array_equal(sums, ref_sums)
-        self.assertEqual(out.dtype, jnp.int32)
+        assert out.dtype == jnp.int32
 
-    @parameterized.named_parameters(
-        ("lhs", (0, None)), ("rhs", (None, 0)), ("both", (0, 0)), ("inner_axes", (1, 2))
+    @pytest.mark.parametrize(
+        "in_axes",
+        [
+            pytest.param((0, None), id="lhs"),
+            pytest.param((None, 0), id="rhs"),
+            pytest.param((0, 0), id="both"),
+            pytest.param((1, 2), id="inner_axes"),
+        ],
     )
     def test_batching_rule(self, in_axes):
         dn = (((1,), (0,)), ((), ()))
@@ -246,16 +267,16 @@ class PrimitiveTest(chex.TestCase):
             args = (jax.ShapeDtypeStruct((4, 8), dt), jax.ShapeDtypeStruct((8, 3), jnp.int8))
             with int8_lowering(cpu="u8s8"):
                 views = platform_views(*_export(f, *args))
-            self.assertEqual(INT_DOT.search(views["cpu"]).group(1), cpu_t)
-            self.assertEqual(INT_DOT.search(views["cuda"]).group(1), "i8")
-            self.assertEqual(INT_DOT.search(views["tpu"]).group(1), "i8")
+            assert INT_DOT.search(views["cpu"]).group(1) == cpu_t
+            assert INT_DOT.search(views["cuda"]).group(1) == "i8"
+            assert INT_DOT.search(views["tpu"]).group(1) == "i8"
 
     def test_bad_dtypes(self):
-        with self.assertRaisesRegex(TypeError, "int8/uint8 lhs and an int8 rhs"):
+        with pytest.raises(TypeError, match="int8/uint8 lhs and an int8 rhs"):
             int8_dot.int8_dot_general(
                 jnp.ones((2, 3), jnp.int16), jnp.ones((3, 2), jnp.int8), DENSE
             )
-        with self.assertRaisesRegex(TypeError, "int8/uint8 lhs and an int8 rhs"):
+        with pytest.raises(TypeError, match="int8/uint8 lhs and an int8 rhs"):
             int8_dot.int8_dot_general(
                 jnp.ones((2, 3), jnp.int8), jnp.ones((3, 2), jnp.uint8), DENSE
             )
@@ -276,11 +297,8 @@ class PrimitiveTest(chex.TestCase):
                 )
         finally:
             int8_dot.AVAILABLE, int8_dot._warned = saved
-        self.assertTrue(
-            any(
-                issubclass(w.category, RuntimeWarning) and "0.10.2" in str(w.message)
-                for w in caught
-            )
+        assert any(
+            issubclass(w.category, RuntimeWarning) and "0.10.2" in str(w.message) for w in caught
         )
         ref = a.astype(np.int64) @ b.astype(np.int64)
         np.testing.assert_array_equal(out, ref)
@@ -298,15 +316,11 @@ class PrimitiveTest(chex.TestCase):
             deps = tomllib.load(f)["project"]["dependencies"]
         lo_op, lo, hi_op, hi = int8_dot.SUPPORTED_JAX
         pin = f"jax{lo_op}{'.'.join(map(str, lo))},{hi_op}{'.'.join(map(str, hi))}"
-        self.assertIn(pin, [d.replace(" ", "") for d in deps])
+        assert pin in [d.replace(" ", "") for d in deps]
 
         def inside(v):
             t = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)\.(\d+)", v).groups())
             return lo <= t < hi
 
-        self.assertTrue(inside(jax.__version__), jax.__version__)
-        self.assertTrue(all(inside(v) for v in int8_dot.TESTED_JAX_VERSIONS))
-
-
-if __name__ == "__main__":
-    absltest.main()
+        assert inside(jax.__version__), jax.__version__
+        assert all(inside(v) for v in int8_dot.TESTED_JAX_VERSIONS)

@@ -170,8 +170,9 @@ def test_qat_low_precision_forward_keeps_the_fake_quant_gradients(fmt):
         y = jnp.dot(jq.fake_quant(x, lqp, lspec), jq.fake_quant(w, None, wspec))
         return jnp.sum(y * g), y
 
-    (_, y), grads = jax.value_and_grad(real, argnums=(0, 1), has_aux=True)(x, w)
-    (_, y_ref), grads_ref = jax.value_and_grad(fake, argnums=(0, 1), has_aux=True)(x, w)
+    # jitted: an eager grad compiles each primitive on its own (~30 s on 2 cores)
+    (_, y), grads = jax.jit(jax.value_and_grad(real, argnums=(0, 1), has_aux=True))(x, w)
+    (_, y_ref), grads_ref = jax.jit(jax.value_and_grad(fake, argnums=(0, 1), has_aux=True))(x, w)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, grads_ref, strict=True):  # equal on CPU; a GPU may sum in another order
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

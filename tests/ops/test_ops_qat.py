@@ -1,11 +1,10 @@
 """Tests for the QAT ops `jq.ops.qat_dot_general / qat_einsum / qat_conv_general_dilated`."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl.testing import absltest, parameterized
+import pytest
 from opsref import DENSE, SPECS, normal, quantize_jit
 
 import jq
@@ -15,9 +14,8 @@ from jq import ops
 # ---------------------------------------------------------------------------------------
 # QAT
 # ---------------------------------------------------------------------------------------
-class QatTest(chex.TestCase):
-    def setUp(self):
-        super().setUp()
+class TestQat:
+    def setup_method(self):
         self.x = normal(50, (6, 16)) * 1.5
         self.w = normal(51, (16, 3))
         self.aspec = jq.QuantSpec("int8")
@@ -38,10 +36,14 @@ class QatTest(chex.TestCase):
         xq = jq.dequantize(quantize_jit(self.x, self.qp, self.aspec))
         wq = jq.dequantize(quantize_jit(self.w, None, SPECS["i8_col"]))
         ref = np.asarray(xq, np.float64) @ np.asarray(wq, np.float64)
-        np.testing.assert_allclose(self._f(False)(self.x, self.w), ref, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(self._f(True)(self.x, self.w), ref, rtol=1e-5, atol=1e-5)
+        # jitted: eagerly, each of the op's primitives compiles on its own (~25 s on 2 cores)
+        for int_forward in (False, True):
+            y = jax.jit(self._f(int_forward))(self.x, self.w)
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
-    @parameterized.named_parameters(("fake", False), ("int_forward", True))
+    @pytest.mark.parametrize(
+        "int_forward", [pytest.param(False, id="fake"), pytest.param(True, id="int_forward")]
+    )
     def test_gradients_match_ste_formula(self, int_forward):
         g = normal(52, (6, 3))
         loss = lambda x, w: jnp.sum(self._f(int_forward)(x, w) * g)  # noqa: E731
@@ -49,7 +51,7 @@ class QatTest(chex.TestCase):
         x, w = np.asarray(self.x, np.float64), np.asarray(self.w, np.float64)
         s = float(self.qp.scale)
         mask_x = np.abs(np.round(x / s)) <= 127
-        self.assertTrue(0 < mask_x.mean() < 1)  # the clip is exercised
+        assert 0 < mask_x.mean() < 1  # the clip is exercised
         xq = np.clip(np.round(x / s), -127, 127) * s
         sw = np.abs(w).max(0, keepdims=True) / 127
         wq = np.round(w / sw) * sw
@@ -65,7 +67,9 @@ class QatTest(chex.TestCase):
         g = jax.grad(f)(x)
         np.testing.assert_allclose(g, w.T, rtol=1e-6)
 
-    @parameterized.named_parameters(("fake", False), ("int_forward", True))
+    @pytest.mark.parametrize(
+        "int_forward", [pytest.param(False, id="fake"), pytest.param(True, id="int_forward")]
+    )
     def test_trains_with_optax_under_jit(self, int_forward):
         x = normal(53, (128, 16))
         w_true = normal(54, (16, 3))
@@ -95,7 +99,7 @@ class QatTest(chex.TestCase):
         for _ in range(150):
             w, state, val = step(w, state)
             first = float(val) if first is None else first
-        self.assertLess(float(val), 0.02 * first)
+        assert float(val) < 0.02 * first
 
     def test_qat_einsum_and_conv(self):
         q, k = normal(55, (2, 3, 8)), normal(56, (2, 4, 8))
@@ -139,7 +143,3 @@ class QatTest(chex.TestCase):
         # same VJP from the float residuals; the cotangent cos(y) - y sin(y) differs
         # only through the forward values, which agree to float32 rounding
         np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
-
-
-if __name__ == "__main__":
-    absltest.main()
