@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jq import lowering
 from jq.flax.adapter import ModelAdapter, trace
 from jq.flax.apply import run_quantized
 from jq.flax.qat import (
@@ -88,13 +89,14 @@ def convert(
       method: the model method (default ``__call__``).
       verbose: print the size report.
       kwargs: deprecated name of `model_kwargs`.
-      target: the hardware the variables are for: None or ``"cpu"`` keeps every
-        weight in the model's layout (measured on an AVX-512 VNNI CPU, (N, K)
-        is no faster there); ``"gpu"`` or ``"tpu"`` stores each kernel of a dot
-        site with its contracting axes last, contiguous ((K, N) -> (N, K); a
-        DenseGeneral (K, H, D) -> (H, D, K)), the operand layout of integer
-        (IMMA) and fp8 GEMMs, so that no call transposes a weight. Recorded per
-        site (``SitePlan.weight_perm``); `apply`, exports, `report`, checkpoints
+      target: the hardware the variables are for: None keeps every weight in the
+        model's layout; ``"cpu"``, ``"gpu"`` or ``"tpu"`` store each kernel of a dot
+        site in the layout `jq.lowering.weight_layout` names for that target (on
+        CPUs, per CPU class of this host): ``"nk"`` stores it with its contracting
+        axes last, contiguous ((K, N) -> (N, K); a DenseGeneral (K, H, D) -> (H, D,
+        K)), the operand layout of integer GEMMs and of XLA:CPU's fast int8
+        matrix-vector products (LLM decoding), so that no call transposes a weight.
+        Recorded per site (``SitePlan.weight_perm``); `apply`, exports, `report`, checkpoints
         and `jq.sharding` read it. Kernels shared by several sites, used
         outside them, packed (int4), stacked by a scan or sharded keep their
         layout.
@@ -180,7 +182,7 @@ def convert(
         raise ValueError(f"jq.convert: parameters {bad} hold NaN or inf; they cannot be quantized")
     acts.update(zip(ranges, act_qps))
     new_vars = {li.path: v for li, v in zip(adapter.leaves, adapter.values)}
-    nk = _nk_candidates(t.finder, chosen) if _TARGETS[target] == "nk" else {}
+    nk = _nk_candidates(t.finder, chosen) if _layout(target) == "nk" else {}
     perms = {}  # site name -> the permutation its weight is stored in
     for li, q in zip(quantized, qs):
         placed = _keep_sharding(q, values[li.index])
@@ -273,7 +275,12 @@ def quantize_leaves_jit(
     return qs, finite, act_qps
 
 
-_TARGETS = {None: None, "cpu": None, "gpu": "nk", "tpu": "nk"}
+_TARGETS = (None, "cpu", "gpu", "tpu")
+
+
+def _layout(target) -> str:
+    """``None`` keeps the model's layout; a named target takes `jq.lowering.weight_layout`'s."""
+    return "kn" if target is None else lowering.weight_layout(target)
 
 
 def _nk_candidates(finder, chosen) -> dict[int, tuple[str, tuple[int, ...]]]:

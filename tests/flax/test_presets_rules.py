@@ -1,5 +1,7 @@
 """`jq.presets`: plain rule lists; `skip=` and `keep_first_last=` resolved on a real model."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -29,7 +31,7 @@ ALL = ["Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel"]
     [
         (presets.w8a8_static, "static"),
         (presets.w8a8_dynamic, "dynamic"),
-        (presets.w8_weight_only, "weight_only"),
+        (functools.partial(presets.w8_weight_only, activations="float"), "weight_only"),
         (presets.fp8, "dynamic"),
     ],
 )
@@ -47,6 +49,18 @@ def test_presets_are_rule_lists_and_skip_first_last(cnn, make, mode):
     # a prefix skips the subtree; a name is matched whole (Conv_ alone skips nothing)
     assert _selected(m, v, make(skip=("Conv_.",)), x) == {"Dense_0/kernel": mode}
     assert _selected(m, v, make(skip=("Conv_",)), x) == dict.fromkeys(ALL, mode)
+
+
+def test_weight_only_default_runs_dots_with_int8_activations_convs_float(cnn):
+    m, v, x = cnn
+    assert _selected(m, v, presets.w8_weight_only(), x) == {
+        "Conv_0/kernel": "weight_only",
+        "Conv_1/kernel": "weight_only",
+        "Dense_0/kernel": "dynamic",
+    }
+    for make in (presets.w8_weight_only, presets.w4_weight_only):
+        with pytest.raises(ValueError, match="activations='int16'; expected 'int8'"):
+            make(activations="int16")
 
 
 def test_keep_first_last_on_an_nnx_transformer_and_the_quantized_output():
