@@ -443,14 +443,23 @@ def parse_args(argv=None) -> Config:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
-    res = run(cfg)
-    text = render_markdown(res)
-    print(text)
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, f"{cfg.name}.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(cfg.out, f"{cfg.name}.json"), "w") as f:
-        json.dump(res, f, indent=1, default=str)
+    res = None
+    for b in cfg.batches:  # the files are rewritten after each batch size
+        part = run(dataclasses.replace(cfg, batches=(b,)))
+        if res is None:
+            res = part
+        else:
+            res["rows"] += part["rows"]
+            res["wall_s"] += part["wall_s"]
+            res["machine"] = part["machine"]
+        res["config"]["batches"] = cfg.batches
+        text = render_markdown(res)
+        with open(os.path.join(cfg.out, f"{cfg.name}.md"), "w") as f:
+            f.write(text)
+        with open(os.path.join(cfg.out, f"{cfg.name}.json"), "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    print(text)
 
 
 if __name__ == "__main__":

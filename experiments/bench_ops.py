@@ -336,8 +336,18 @@ Notes:
 - Static and dynamic modes differ only in how the activation scale is found
   (given, or one abs-max reduction at run time); affine uint8 activations
   need a min and a max (one variadic reduction) and zero-point terms.
-- Weight-only int8 converts the weights to float32 inside every call on CPU,
-  so it saves memory, not time; use static or dynamic int8 for speed.
+- "jq weight-only int8 (float32 activations)" is `jq.ops.dot_general` with a
+  float activation and an int8 weight: XLA:CPU converts the weights to float32
+  inside every call, so it saves memory, not time. The presets'
+  `w8_weight_only()` / `w4_weight_only()` do not run this by default: their
+  dots quantize each token's activation to int8 (`activations="int8"`), the
+  "jq dynamic int8" rows' execution with one scale per row.
+- "hand-written" rows: the same static int8 math written directly against one
+  raw 8-bit dot (`u8 x s8` with the weight sums `128 * sum_k w` computed once,
+  offline, or `s8 x s8`), the weight stored (N, K), M padded to 2, one float
+  epilogue and no NaN-row bookkeeping: the limit that jq's glue is measured
+  against. Compare it with "jq static int8, weights stored (N, K)", the layout
+  `jq.convert(..., target="cpu")` stores on x86 (`jq.lowering.weight_layout`).
 - Dynamic affine uint8 activations were markedly slower than symmetric int8 at
   batch 1 in the previous release: their range went through checks staged
   under jit (`checkify`), which take a jitted function off JAX's fast dispatch

@@ -84,3 +84,22 @@ def test_nan_row_stays_in_its_row(model):
     y0 = np.asarray(jax.jit(lambda q, x: jq.apply(m, q, x))(q, x))
     assert np.isnan(y[1]).all()
     np.testing.assert_array_equal(y[[0, 2]], y0[[0, 2]])
+
+
+@pytest.mark.parametrize("lhs_shape, scale_axes", [((2, 3, 64), (0,)), ((1, 64), (0,))])
+def test_rhs_blocks_as_rows_match_int64_reference(lhs_shape, scale_axes):
+    """int8 activations x int4 weights in groups of 16 along K: block-masked rows, one dot."""
+    rs = np.random.RandomState(3)
+    w = rs.randn(64, 24).astype(np.float32)
+    x = rs.randn(*lhs_shape).astype(np.float32)
+    qw = jq.quantize(w, None, jq.QuantSpec("int4", axis=-1, block_axis=0, block_size=16))
+    qx = jq.quantize(x, None, jq.QuantSpec("int8", axis=scale_axes))
+    dn = (((x.ndim - 1,), (0,)), ((), ()))
+    y = np.asarray(jax.jit(jq.ops.dot_general, static_argnums=2)(qx, qw, dn))
+    vx = np.asarray(qx.int_value(), np.int64).reshape(-1, 64)
+    vw = np.asarray(qw.int_value(), np.int64)
+    sw = np.asarray(qw.scale, np.float64)  # (4, 24)
+    sx = np.broadcast_to(np.asarray(qx.scale, np.float64), x.shape[:-1] + (1,)).reshape(-1, 1)
+    ref = sum((vx[:, g * 16 : (g + 1) * 16] @ vw[g * 16 : (g + 1) * 16]) * sw[g] for g in range(4))
+    ref = (ref * sx).reshape(x.shape[:-1] + (24,))
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
