@@ -143,7 +143,8 @@ def _tok(batch):
 
 def build(model, params, rules, kv: str, batch: int):
     """``(state, step)`` with ``step(state, tok, pos) -> (logits, state)``."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), _tok(batch), _tok(batch))["cache"]
+    full = jnp.zeros((batch, model.ctx), jnp.int32)  # linen sizes the cache from init's input
+    shapes = jax.eval_shape(model.init, jax.random.key(0), full, full)["cache"]
     cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)  # linen's fresh cache
     kv_rules = [jq.kv_cache_rule("int8")] if kv == "int8" else []
     if rules is None and not kv_rules:
