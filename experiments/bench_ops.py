@@ -205,6 +205,49 @@ def mlp_cases(rng, batch):
                 x = jax.nn.relu(x)
         return x
 
+    # the same math written by hand, the limit jq's glue is measured against: int8 codes from
+    # the static scale, one raw 8-bit dot with the weight (N, K) and M padded to 2, one float
+    # epilogue (scales, bias, ReLU); u8 x s8 (VNNI) uses weight sums computed once, offline.
+    # No NaN-row bookkeeping.
+    hand_params = []
+    for (q, b), a in zip(qparams, act_qp, strict=True):
+        w = jnp.asarray(np.asarray(q.value).T.copy())  # (N, K) int8
+        wsum = jnp.asarray(128 * np.asarray(q.value, np.int32).sum(axis=0))
+        s = jnp.asarray(np.asarray(q.scale).reshape(-1) * float(np.asarray(a.scale).reshape(())))
+        hand_params.append(
+            (w, wsum, s, b, jnp.float32(1.0 / float(np.asarray(a.scale).reshape(()))))
+        )
+
+    def hand_written(form):
+        def run(params, x):
+            for i, (w, wsum, s, b, inv) in enumerate(params):
+                xq = jnp.clip(jnp.round(x * inv), -127, 127)
+                m = xq.shape[0]
+                if m == 1:  # XLA:CPU's M = 1 integer dot is a slow loop
+                    xq = jnp.pad(xq, ((0, 1), (0, 0)))
+                if form == "u8s8":  # the mixed dot that jax.lax.dot_general cannot express
+                    acc = int8_dot._raw_dot((xq + 128).astype(jnp.uint8), w, NK)[:m] - wsum
+                else:
+                    acc = jax.lax.dot_general(
+                        xq.astype(jnp.int8), w, NK, preferred_element_type=jnp.int32
+                    )[:m]
+                x = acc.astype(jnp.float32) * s + b
+                if i < len(params) - 1:
+                    x = jax.nn.relu(x)
+            return x
+
+        return run
+
+    auto = lowering.current().cpu_form
+    hand_rows = {
+        f"hand-written int8 {form}, weight (N, K), M padded to 2"
+        f"{' [auto]' if form == auto else ''}": (
+            jax.jit(hand_written(form)),
+            (hand_params, x),
+        )
+        for form in ("u8s8", "s8s8")
+    }
+
     def weight_only(params, x):
         for i, (w, b) in enumerate(params):
             x = ops.dot_general(x, w, DENSE) + b
@@ -224,6 +267,7 @@ def mlp_cases(rng, batch):
             _compiled(static_nk, (qparams_nk, x)),
             (qparams_nk, x),
         ),
+        **hand_rows,
         **_form_cases(
             "jq dynamic int8 (symmetric, per tensor)",
             lambda p, x: quantized(p, x, aspec, False),
@@ -292,8 +336,18 @@ Notes:
 - Static and dynamic modes differ only in how the activation scale is found
   (given, or one abs-max reduction at run time); affine uint8 activations
   need a min and a max (one variadic reduction) and zero-point terms.
-- Weight-only int8 converts the weights to float32 inside every call on CPU,
-  so it saves memory, not time; use static or dynamic int8 for speed.
+- "jq weight-only int8 (float32 activations)" is `jq.ops.dot_general` with a
+  float activation and an int8 weight: XLA:CPU converts the weights to float32
+  inside every call, so it saves memory, not time. The presets'
+  `w8_weight_only()` / `w4_weight_only()` do not run this by default: their
+  dots quantize each token's activation to int8 (`activations="int8"`), the
+  "jq dynamic int8" rows' execution with one scale per row.
+- "hand-written" rows: the same static int8 math written directly against one
+  raw 8-bit dot (`u8 x s8` with the weight sums `128 * sum_k w` computed once,
+  offline, or `s8 x s8`), the weight stored (N, K), M padded to 2, one float
+  epilogue and no NaN-row bookkeeping: the limit that jq's glue is measured
+  against. Compare it with "jq static int8, weights stored (N, K)", the layout
+  `jq.convert(..., target="cpu")` stores on x86 (`jq.lowering.weight_layout`).
 - Dynamic affine uint8 activations were markedly slower than symmetric int8 at
   batch 1 in the previous release: their range went through checks staged
   under jit (`checkify`), which take a jitted function off JAX's fast dispatch

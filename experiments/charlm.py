@@ -307,6 +307,17 @@ def _rules(weight, act):
     return tuple(rs)
 
 
+def _wo_int8_act(fmt):
+    """Weight-only at dots with per-token int8 activations (every (batch, token) row its own
+    scale), embeddings weight-only: the rows of `_rules(_w(fmt), None)` run as jq's presets run
+    them on CPU."""
+    per_token = jq.QuantSpec("int8", axis=(0, 1))  # activations are (batch, tokens, features)
+    return (
+        jq.Rule(".*", ops=("dot",), weight=_w(fmt), activation=per_token),
+        jq.Rule(".*", ops=("embed",), weight=_w(fmt)),
+    )
+
+
 def methods() -> list[Method]:
     a8 = lambda obs=None: jq.QuantSpec("int8", calibration=obs)
     out = [
@@ -339,6 +350,15 @@ def methods() -> list[Method]:
         ),
         Method("weight-only int8", "weight_only", _rules(_w("int8"), None), "weight-only"),
         Method("weight-only int4", "weight_only", _rules(_w("int4"), None), "weight-only"),
+        # the presets' default execution on CPU (`jq.presets.w8_weight_only()`): the same
+        # weights, each token's activation quantized to int8 at run time (integer dots); the
+        # rows above keep float activations (``activations="float"``)
+        Method(
+            "weight-only int8, int8 activations", "dynamic", _wo_int8_act("int8"), "weight-only"
+        ),
+        Method(
+            "weight-only int4, int8 activations", "dynamic", _wo_int8_act("int4"), "weight-only"
+        ),
         Method("QAT int8", "qat", _rules(_w("int8"), a8(cal.MinMax())), "qat"),
         Method("QAT int4 weights", "qat", _rules(_w("int4"), a8(cal.MinMax())), "qat"),
     ]

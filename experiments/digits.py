@@ -261,6 +261,25 @@ def methods() -> list[Method]:
     out.append(
         Method("weight-only int4", "weight_only", (R(".*", weight=w_spec("int4")),), "weight-only")
     )
+    # the presets' default execution on CPU: the same weights, each row's activation quantized
+    # to int8 at run time at dots (integer dots); convolutions keep float activations
+    for fmt in ("int8", "int4"):
+        out.append(
+            Method(
+                f"weight-only {fmt}, int8 activations",
+                "dynamic",
+                (
+                    R(
+                        ".*",
+                        ops=("dot",),
+                        weight=w_spec(fmt),
+                        activation=jq.QuantSpec("int8", axis=0),
+                    ),
+                    R(".*", ops=("conv", "embed"), weight=w_spec(fmt)),
+                ),
+                "weight-only",
+            )
+        )
     out.append(
         Method(
             "QAT int8",

@@ -111,9 +111,11 @@ _EXPECT = {
 }
 
 _NO_GAIN = (
-    "weight-only int8 on CPU converts the weights to float in every call: it saves memory, "
-    "not time (0.4-1.0x float32); the uint8 affine dynamic form is slower than symmetric int8 "
-    "at batch 1"
+    "weight-only int8 / int4 with float activations (presets' activations='float') converts "
+    "the weights to float in every call on CPU: it saves memory, not time (about 0.1x float32 "
+    "when decoding); the default activations='int8' quantizes each token's activation and runs "
+    "the integer dot instead. The uint8 affine dynamic form is slower than symmetric int8 at "
+    "batch 1"
 )
 
 
@@ -318,6 +320,25 @@ def lowering_info() -> dict:
 #: `weight_layout` targets: None is the CPU jq runs on.
 TARGETS = (None, "cpu", "gpu", "tpu")
 
+# The layout of a 2-D quantized weight that the fast 8-bit dot wants, per CPU class, and what
+# it rests on (jq.ops.int8_dot's CPU forms, weight (N, K) = free axis first, K contiguous).
+_CPU_LAYOUT = {
+    "x86-vnni": (
+        "nk",
+        "measured (2-core AVX-512 VNNI EPYC, jax 0.10.2, u8s8): the matrix-vector products of "
+        "decoding run 1.2-1.5x faster with (N, K) at GPT-2-small widths (768 x 768 to 3072), "
+        "1.7x at 4096^2; at M = 256 the layouts tie",
+    ),
+    "x86-avx2": (
+        "nk",
+        "measured (AVX2-only x86, jax 0.10.2, s8s8; experiments/results/ops_avx2.md): the "
+        "hand-written s8 x s8 MLP with (N, K) and M padded to 2 is the fastest int8 program",
+    ),
+    "x86-avx-vnni": ("nk", "unmeasured: assumed like AVX-512 VNNI (same u8s8 kernels)"),
+    "aarch64": ("kn", "unmeasured: the model's layout until someone runs bench_ops there"),
+    "other": ("kn", "unmeasured"),
+}
+
 
 def weight_layout(target: str | None = None) -> str:
     """The layout a quantized 2-D weight is stored in for `target`'s fast 8-bit dot.
@@ -328,19 +349,24 @@ def weight_layout(target: str | None = None) -> str:
     ``Conv1D`` kernel is ``(N, K)``, a Flax Dense ``(K, N)``), so that no call
     transposes an int8 weight.
 
-    * CPU (``None`` / ``"cpu"``, every CPU class today): ``"kn"``. XLA:CPU's
-      ``u8 x s8`` kernels take the weight ``(K, N)``; read as ``(N, K)`` the
-      dot fell back to ``s32 x s32`` (0.26-0.32x float32 on an AVX-512 VNNI
-      EPYC, HF GPT-2 layout).
+    * ``None`` / ``"cpu"``: per CPU class of this host (`cpu_features`): ``"nk"`` on
+      x86 with AVX-512 VNNI (measured: an int8 matrix-vector product, the shape of
+      LLM decoding, is 1.2-1.7x faster read as (N, K); large batches tie), on
+      AVX2-only x86 (measured: the fastest hand-written s8 x s8 program stores
+      (N, K)) and on AVX-VNNI / AMX (assumed like AVX-512 VNNI: unmeasured);
+      ``"kn"`` on aarch64 and other CPUs (unmeasured). The reasons are in
+      ``_CPU_LAYOUT``; `lowering_info` reports the one in force.
     * ``"gpu"`` / ``"tpu"``: ``"nk"``, the K-contiguous operand of integer
-      (IMMA) and fp8 GEMMs (cuBLASLt int8 1.02-1.24x bf16 with (N, K) weights
-      against 0.48-0.91x with (K, N) on an H200).
+      (IMMA) and fp8 GEMMs.
 
     Raises:
       ValueError: an unknown target.
     """
     if target not in TARGETS:
         raise ValueError(
-            f"jq.lowering.weight_layout: target must be one of {', '.join(map(repr, TARGETS))}, got {target!r}"
+            f"jq.lowering.weight_layout: target must be one of "
+            f"{', '.join(map(repr, TARGETS))}, got {target!r}"
         )
-    return "nk" if target in ("gpu", "tpu") else "kn"
+    if target in ("gpu", "tpu"):
+        return "nk"
+    return _CPU_LAYOUT[cpu_features().kind][0]

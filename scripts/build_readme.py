@@ -5,6 +5,7 @@ The README quotes tables that experiments write; rebuilding after a rerun keeps 
 Hand-written text lives in docs/readme/*.md; result sections are cut from experiments/results.
 """
 
+import json
 import os
 import re
 
@@ -96,6 +97,34 @@ def expect_table(ops_md: str, ops_avx2_md: str) -> str:
     return "\n".join(rows)
 
 
+def decode_table(decode_json: str) -> str:
+    """Decoding rows of the "What to expect" section: tokens/s over float32 (float KV cache)."""
+    res = json.loads(decode_json)
+    rows = [r for r in res["rows"] if "error" not in r and r["row"].endswith("float KV cache")]
+    batches = sorted({r["batch"] for r in rows})
+    by = {(r["row"].split(",")[0], r["batch"]): r["vs_float32"] for r in rows}
+    names = list(dict.fromkeys(r["row"].split(",")[0] for r in rows))
+    torch = [r for r in res["rows"] if r["row"].startswith("PyTorch") and "error" not in r]
+    for r in torch:
+        by[(r["row"], r["batch"])] = r["vs_float32"]
+    names += list(dict.fromkeys(r["row"] for r in torch))
+    cfg, mi = res["config"], res["machine"]
+    head = " / ".join(f"batch {b}" for b in batches)
+    out = [
+        f"| mode (decoder {cfg['layers']} x {cfg['width']}, {cfg['tokens']} greedy tokens) "
+        f"| tokens/s over jq float32, {head} |",
+        "|---|---|",
+    ]
+    for n in names:
+        vals = " / ".join(f"{by[(n, b)]:.2f}x" if (n, b) in by else "-" for b in batches)
+        out.append(f"| {n} | {vals} |")
+    out.append(
+        f"\n{mi['cpu']}, {mi['cpu_count']} cores, jax {mi['jax']}, torch {mi.get('torch')} "
+        f"(`experiments/results/decode.md`, load average {mi['load_avg_1m']})."
+    )
+    return "\n".join(out)
+
+
 def main():
     digits = read(R, "digits.md")
     charlm = read(R, "charlm.md")
@@ -138,9 +167,9 @@ def main():
         "`amax/127.5`; the exact entropy variant; streaming re-binning) are listed in "
         "[experiments/results/calibration.md](experiments/results/calibration.md).\n\n### Speed\n"
         + between(read(R, "calibration.md"), "<!-- bench:start -->", "<!-- bench:end -->"),
-        read(D, "hardware.md").replace(
-            "{expect_table}", expect_table(read(R, "ops.md"), read(R, "ops_avx2.md"))
-        )
+        read(D, "hardware.md")
+        .replace("{expect_table}", expect_table(read(R, "ops.md"), read(R, "ops_avx2.md")))
+        .replace("{decode_table}", decode_table(read(R, "decode.json")))
         + "\n\n### Benchmark\n\n"
         "`python experiments/bench_ops.py` (targets for static int8 on the MLP with the form jq "
         "chooses: on a VNNI CPU at least 3.5x over float32 at batch 32 and 256 and 1.4x at "
@@ -169,7 +198,10 @@ def main():
         + demote(read(R, "gptq.md").split("\n", 1)[1].split("Warm `")[0], 1).strip(),
         read(D, "llm.md").strip() + "\n\n### Decoding the character-level transformer\n\n"
         "`python experiments/charlm_decode.py` (training cached in /tmp after the first run).\n\n"
-        + demote(read(R, "charlm_decode.md").split("\n", 1)[1], 2).strip(),
+        + demote(read(R, "charlm_decode.md").split("\n", 1)[1], 2).strip()
+        + "\n\n### Decoding speed: a GPT-2-small-shaped decoder\n\n"
+        "`python experiments/bench_decode.py` (a few minutes on an idle machine; `--quick` for a "
+        "smoke run).\n\n" + demote(read(R, "decode.md").split("\n", 1)[1], 2).strip(),
         between(
             read(R, "deploy.md"),
             "---8<--- README section starts here",

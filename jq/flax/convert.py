@@ -99,11 +99,12 @@ def convert(
       target: the hardware the variables are for (None: this CPU, ``"cpu"``,
         ``"gpu"``, ``"tpu"``). Each kernel of a dot site is stored in the layout
         `jq.lowering.weight_layout(target)` names, whatever the model's own:
-        on CPU contracting axes first ((N, K) -> (K, N): an HF GPT-2 Conv1D
-        kernel read through ``kernel.T``), on GPU / TPU contracting axes last,
-        contiguous ((K, N) -> (N, K); a DenseGeneral (K, H, D) -> (H, D, K)),
-        the operand layout of integer (IMMA) and fp8 GEMMs; so no call
-        transposes an int8 weight. Recorded per site
+        ``"nk"`` (contracting axes last, contiguous: (K, N) -> (N, K), a
+        DenseGeneral (K, H, D) -> (H, D, K)) on GPU / TPU (the operand layout of
+        integer and fp8 GEMMs) and on x86 CPUs (XLA:CPU's fast int8
+        matrix-vector products, LLM decoding), ``"kn"`` (contracting axes first)
+        on other CPUs; so no call transposes an int8 weight (an HF GPT-2 Conv1D
+        kernel read through ``kernel.T`` is read as stored). Recorded per site
         (``SitePlan.weight_perm``: stored = ``transpose(model's kernel,
         perm)``); `apply`, exports, `report`, checkpoints and `jq.sharding`
         read it. Kernels shared by several sites, used outside them, reaching

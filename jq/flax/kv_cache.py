@@ -124,6 +124,7 @@ def kv_cache(model, qvars: QuantizedVariables, rules: Sequence[Rule]) -> Quantiz
     rules = check_rules(rules)
     kind = qvars.plan.model_kind
     new = dict(qvars.variables)
+    dtypes = {leaf[0]: leaf for leaf in qvars.plan.float_leaves}
     selected = []
     for path, v in qvars.variables.items():
         mod = _cache_module(path, kind)
@@ -136,6 +137,8 @@ def kv_cache(model, qvars: QuantizedVariables, rules: Sequence[Rule]) -> Quantiz
         _check_fresh(qvars.variables, path, mod, fn)
         if isinstance(v, QArray):
             v = dequantize(v, np.float32)
+        else:  # the cache's float dtype: `apply` traces the model with it (a bf16 model's cache)
+            dtypes[path] = (path, tuple(v.shape), jnp.dtype(v.dtype).name)
         new[path] = quantize_kv(jnp.asarray(v, jnp.float32), spec)  # zeros: unit scales
         selected.append(path)
     if not selected:
@@ -144,7 +147,8 @@ def kv_cache(model, qvars: QuantizedVariables, rules: Sequence[Rule]) -> Quantiz
             "must be in decode mode (linen: decode=True and variables from init; nnx: call "
             "init_cache before jq.convert)"
         )
-    return dataclasses.replace(qvars, variables=new)
+    plan = dataclasses.replace(qvars.plan, float_leaves=tuple(dtypes.values()))
+    return dataclasses.replace(qvars, variables=new, plan=plan)
 
 
 def with_cache(qvars: QuantizedVariables, updates: Mapping) -> QuantizedVariables:

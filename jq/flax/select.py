@@ -118,8 +118,12 @@ def choose(finder: SiteFinder, rules: tuple[Rule, ...], warn: bool = True) -> di
                         f"paths with sites: {sorted(paths)[:6]})",
                         stacklevel=3,
                     )
+        # a rule list that splits one pattern by op kind (a preset's dot rule and its conv /
+        # embed rule) warns only when no rule of that pattern selects anything
+        used_patterns = {rules[i].path_regex for i in used}
         for i, r in enumerate(rules):
-            if i not in used and set(r.ops) != {"kv_cache"}:  # caches are not sites
+            unused = i not in used and r.path_regex not in used_patterns
+            if unused and set(r.ops) != {"kv_cache"}:  # caches are not sites
                 warnings.warn(
                     f"jq: rules[{i}] (path_regex={r.path_regex!r}, ops={r.ops}) matches no site of the model",
                     stacklevel=3,

@@ -1,5 +1,6 @@
 """`jq.presets`: plain rule lists; `skip=` and `keep_first_last=` resolved on a real model."""
 
+import functools
 import warnings
 
 import flax.linen as nn
@@ -32,7 +33,7 @@ ALL = ["Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel"]
     [
         (presets.w8a8_static, "static"),
         (presets.w8a8_dynamic, "dynamic"),
-        (presets.w8_weight_only, "weight_only"),
+        (functools.partial(presets.w8_weight_only, activations="float"), "weight_only"),
         (presets.fp8, "dynamic"),
     ],
 )
@@ -60,6 +61,18 @@ def test_skip_patterns_matching_nothing_warn_and_matching_ones_do_not(cnn):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jq.sites(m, v, presets.w8a8_dynamic(skip=("Conv_0", "Dense_.*")), x)
+
+
+def test_weight_only_default_runs_dots_with_int8_activations_convs_float(cnn):
+    m, v, x = cnn
+    assert _selected(m, v, presets.w8_weight_only(), x) == {
+        "Conv_0/kernel": "weight_only",
+        "Conv_1/kernel": "weight_only",
+        "Dense_0/kernel": "dynamic",
+    }
+    for make in (presets.w8_weight_only, presets.w4_weight_only):
+        with pytest.raises(ValueError, match="activations='int16'; expected 'int8'"):
+            make(activations="int16")
 
 
 def test_keep_first_last_on_an_nnx_transformer_and_the_quantized_output():
