@@ -39,9 +39,13 @@ def test_convert_target_cpu_stores_the_policy_layout_and_computes_the_same():
     x = np.random.RandomState(0).randn(2, 16).astype(np.float32)
     v = m.init(jax.random.key(0), x)
     rules = jq.presets.w8_weight_only()
-    q0 = jq.convert(m, v, rules, args=(x,))
+    q0 = jq.convert(m, v, rules, args=(x,))  # target None: this CPU, as "cpu"
     qc = jq.convert(m, v, rules, args=(x,), target="cpu")
+    qg = jq.convert(m, v, rules, args=(x,), target="gpu")  # (N, K) on every host
     want = (6, 16) if lowering.weight_layout("cpu") == "nk" else (16, 6)
-    assert q0.variables["params/kernel"].value.shape == (16, 6)
+    assert q0.variables["params/kernel"].value.shape == want
     assert qc.variables["params/kernel"].value.shape == want
-    np.testing.assert_allclose(jq.apply(m, qc, x), jq.apply(m, q0, x), rtol=1e-6, atol=1e-6)
+    assert qg.variables["params/kernel"].value.shape == (6, 16)
+    for q in (q0, qc, qg):  # the model's orientation back
+        assert q.weight("params/kernel").shape == (16, 6)
+    np.testing.assert_allclose(jq.apply(m, qc, x), jq.apply(m, qg, x), rtol=1e-6, atol=1e-6)

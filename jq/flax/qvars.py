@@ -198,6 +198,25 @@ class QuantizedVariables:
             "total_after": q + other + acts,
         }
 
+    def weight(self, path: str) -> QArray:
+        """The quantized parameter `path` in the model's own orientation.
+
+        `jq.convert` may store a kernel transposed, in the layout its target's fast
+        dot reads (`SitePlan.weight_perm`, `jq.lowering.weight_layout`); this undoes
+        that permutation, so ``jq.dequantize(qv.weight(p))`` has the float
+        parameter's shape and axes. Raises ``KeyError`` for a path that is not a
+        quantized parameter.
+        """
+        q = self.variables.get(path)
+        if not isinstance(q, QArray):
+            raise KeyError(f"QuantizedVariables.weight: {path!r} is not a quantized parameter")
+        perms = {s.weight_perm for s in self.plan.sites if s.leaf == path and s.weight_key is None}
+        perms.discard(None)
+        if not perms:
+            return q
+        (perm,) = perms
+        return permute_qarray(q, inverse_perm(perm))
+
     def summary(self) -> str:
         b = self.nbytes()
         modes = {}

@@ -54,9 +54,9 @@ def test_int8_activations_match_reference_and_stay_within_the_rounding_bound(mod
     m, v, x = model
     q_int = jq.convert(m, v, make(), args=(x,))
     q_flt = jq.convert(m, v, make(activations="float"), args=(x,))
-    wa = _dequant(q_int.variables["params/a/kernel"])
-    wb = _dequant(q_int.variables["params/b/kernel"])
-    np.testing.assert_array_equal(wa, _dequant(q_flt.variables["params/a/kernel"]))
+    wa = _dequant(q_int.weight("params/a/kernel"))  # (K, N), the model's orientation
+    wb = _dequant(q_int.weight("params/b/kernel"))
+    np.testing.assert_array_equal(wa, _dequant(q_flt.weight("params/a/kernel")))
     f = jax.jit(lambda q, x: jq.apply(m, q, x))
     y_int, y_flt = np.asarray(f(q_int, x)), np.asarray(f(q_flt, x))
     x64 = x.astype(np.float64)
