@@ -29,10 +29,9 @@ def test_quick_run_bytes_and_report(tmp_path):
     per_layer = [(d, d)] * 4 + [(d, 4 * d), (4 * d, d)]  # q, k, v, out, fc, proj
     shapes = per_layer * n_layers + [(d, vocab)]
     n_w = sum(k * n for k, n in shapes)
-    # scales: one per entry of the kernel's last axis (axis=-1): q, k, v kernels are
-    # (width, heads, head_dim), so head_dim (64) scales each; the others one per output
-    hd = d // 2
-    n_out = n_layers * (3 * hd + d + 4 * d + d) + vocab
+    # scales: one per output channel (axis="out": every axis the dot does not contract), so
+    # the (width, heads, head_dim) q, k, v kernels get heads * head_dim = width scales each
+    n_out = n_layers * (3 * d + d + 4 * d + d) + vocab
     assert f32["weight_bytes"] == 4 * n_w
     assert w8["weight_bytes"] == n_w + 4 * n_out
     # KV cache per token: keys and values of every layer, float32 against int8 codes plus

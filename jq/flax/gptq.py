@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from jq.flax._graph import Site, SiteFinder, StateKey
 from jq.flax.calibrate import calibrate
 from jq.flax.convert import convert
-from jq.flax.qvars import CalibrationStats, QuantizedVariables
+from jq.flax.qvars import CalibrationStats, QuantizedVariables, permute_qarray
 from jq.flax.rules import Rule
 from jq.flax.select import (
     activation_matrix,
@@ -435,8 +435,13 @@ def gptq(
         new_model, new_vars, rules, stats, args=args, model_kwargs=kwargs, method=method
     )
     variables_q = dict(qvars.variables)
+    # convert may store a kernel in its dot's layout (`SitePlan.weight_perm`): GPTQ's codes follow
+    perms = {sp.leaf: sp.weight_perm for sp in qvars.plan.sites if sp.weight_perm is not None}
     for name, res in results.items():
-        idx = targets[name].leaf
-        variables_q[adapter.leaves[idx].path] = quantize(res.weight, res.qparams, specs[idx][0])
+        path = adapter.leaves[targets[name].leaf].path
+        q = quantize(res.weight, res.qparams, specs[targets[name].leaf][0])
+        if path in perms:
+            q = permute_qarray(q, perms[path])
+        variables_q[path] = q
     qvars = QuantizedVariables(variables_q, qvars.activations, qvars.plan)
     return (qvars, info) if return_info else qvars

@@ -112,13 +112,15 @@ def test_static_int8_keeps_integer_dot_in_every_platform_branch(blobs, weights):
         # a VNNI / AMX x86, as recorded in the manifest), cuda / tpu the s8 x s8 form
         cpu_form = "u8xs8" if art.manifest["int8_cpu_form"] == "u8s8" else "s8xs8"
         assert forms == {cpu_form, "s8xs8"}
-    # where the int8 kernel (32, 8) lives: a module constant, or an argument of the function
-    const = re.search(r"stablehlo\.constant dense<[^>]*> : tensor<8x32xi8>", text)
+    # where the int8 kernel lives, stored in this CPU's dot layout (jq.lowering.weight_layout):
+    # a module constant, or an argument of the function
+    t = "tensor<32x8xi8>" if jq.lowering.weight_layout() == "nk" else "tensor<8x32xi8>"
+    const = re.search(r"stablehlo\.constant dense<[^>]*> : " + re.escape(t), text)
     main_args = re.search(r"func\.func public @main\((.*?)\)\s*->", text, re.S).group(1)
     if weights == "embedded":
-        assert const and "tensor<8x32xi8>" not in main_args
+        assert const and t not in main_args
     else:
-        assert not const and "tensor<8x32xi8>" in main_args
+        assert not const and t in main_args
 
 
 # ----------------------------------------------------------------------------- bit-identical, any batch

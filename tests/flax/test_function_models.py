@@ -70,7 +70,9 @@ def test_function_sites_are_named_by_key_paths(mlp_data):
 def test_function_weight_only_matches_numpy_reference(mlp_data):
     """w8 weight-only on a function: each kernel per output column, by an int64 numpy reference."""
     p, xs = mlp_data
-    qm = jq.quantize_model(mlp, p, [xs[0]], presets.w8_weight_only(), progress=False)
+    qm = jq.quantize_model(
+        mlp, p, [xs[0]], presets.w8_weight_only(activations="float"), progress=False
+    )
 
     def q8(w):
         w = np.asarray(w, np.float64)
@@ -156,12 +158,14 @@ def test_haiku_style_apply_with_slashed_module_names():
 
     x = jax.random.normal(KEY, (2, 8))
     fn = lambda p, x: apply(p, None, x)  # noqa: E731
-    rows = jq.sites(fn, params, presets.w8_weight_only(skip=("mlp/~/linear_1",)), x)
+    rows = jq.sites(
+        fn, params, presets.w8_weight_only(activations="float", skip=("mlp/~/linear_1",)), x
+    )
     assert [(r["site"], r["mode"]) for r in rows] == [
         ("mlp/~/linear_0/w", "weight_only"),
         ("mlp/~/linear_1/w", "float"),
     ]
-    qv = jq.convert(fn, params, presets.w8_weight_only(), args=(x,))
+    qv = jq.convert(fn, params, presets.w8_weight_only(activations="float"), args=(x,))
     np.testing.assert_allclose(
         np.asarray(jq.apply(fn, qv, x)), np.asarray(fn(params, x)), atol=0.02
     )

@@ -322,7 +322,7 @@ def test_flax_gptq_stages_fallbacks_static_activations_and_nnx():
         "out/kernel": "gptq",
     }
     # (16, 2, 8) kernel with axis=-1: one scale per last axis, shared by the 2 heads
-    assert qv.variables["params/heads/kernel"].scale.shape == (1, 1, 8)
+    assert qv.weight("params/heads/kernel").scale.shape == (1, 1, 8)
     assert set(qv.activations) >= {"q/kernel", "heads/kernel", "out/kernel"}
     y, yq = m.apply(v, batches[0]), jq.apply(m, qv, batches[0])
     assert float(jnp.linalg.norm(yq - y) / jnp.linalg.norm(y)) < 0.05

@@ -71,7 +71,7 @@ def test_root_module_parameter_is_selected_by_its_name():
     qv = jq.convert(m, v, [jq.Rule("w", weight=spec)], args=(x,))
     assert [s.name for s in qv.plan.sites] == ["w"]
     w = np.asarray(v["params"]["w"], np.float64)
-    q = qv.variables["params/w"]
+    q = qv.weight("params/w")  # the model's orientation (stored in the dot's layout)
     scale = np.abs(w).max(axis=0) / 127.0  # symmetric narrow int8 per output column
     np.testing.assert_array_equal(np.asarray(q.value), np.round(w / scale).astype(np.int8))
     assert isinstance(qv.variables["params/Dense_0/kernel"], jnp.ndarray)  # not selected

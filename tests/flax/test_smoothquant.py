@@ -143,7 +143,7 @@ def test_flax_smoothquant_beats_plain_static_int8(outlier_model, tmp_path):
         sq.smooth["Dense_0/kernel"]
     ).reshape(-1, 1)
     np.testing.assert_allclose(
-        np.asarray(jq.dequantize(sq.variables["params/Dense_0/kernel"])),
+        np.asarray(jq.dequantize(sq.weight("params/Dense_0/kernel"))),
         w0,
         atol=float(np.abs(w0).max()) / 127,
     )
@@ -243,7 +243,7 @@ def test_fold_qkv_shares_one_factor_vector():
             rtol=1e-5,
         )
     for n in "qkv":
-        q = folded.variables[f"params/{n}/kernel"]
+        q = folded.weight(f"params/{n}/kernel")  # the model's (K, N) orientation
         want = np.asarray(v["params"][n]["kernel"]) * s[:, None]
         # within half a quantization step of diag(s) W, column by column
         err = np.abs(np.asarray(jq.dequantize(q)) - want)
