@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,hf]"
 # lint: the same ruff checks and formatting everywhere
 .venv/bin/ruff check jq tests experiments scripts
 .venv/bin/ruff format --check jq tests experiments scripts

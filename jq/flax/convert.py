@@ -202,11 +202,13 @@ def convert(
     moves = _storage_perms(t.finder, chosen, layout)
     perms = {}  # site name -> the permutation its weight is stored in
     for li, q in zip(quantized, qs):
-        placed = _keep_sharding(q, values[li.index])
-        if li.index in moves and placed is q and q.pack_axis is None:
+        if li.index in moves and q.pack_axis is None:
+            # stored in the dot's layout; a float weight on a mesh lends its sharding, permuted
             site_name, perm = moves[li.index]
-            placed = permute_qarray(q, perm)
+            placed = _keep_sharding(permute_qarray(q, perm), values[li.index], perm)
             perms[site_name] = perm
+        else:
+            placed = _keep_sharding(q, values[li.index])
         new_vars[li.path] = placed
     for name, q in zip(per_use, copies):
         if copy_keys[name] in new_vars:
@@ -332,9 +334,10 @@ def _storage_perms(finder, chosen, layout: str) -> dict[int, tuple[str, tuple[in
     return out
 
 
-def _keep_sharding(q: QArray, value):
-    """`q` laid out like its float weight when that one lives on a mesh (see `jq.sharding`)."""
-    from jax.sharding import NamedSharding
+def _keep_sharding(q: QArray, value, perm: tuple[int, ...] | None = None):
+    """`q` laid out like its float weight when that one lives on a mesh (see `jq.sharding`);
+    `perm`: `q` is the weight transposed by it, and so is the sharding's spec."""
+    from jax.sharding import NamedSharding, PartitionSpec
 
     s = getattr(value, "sharding", None)
     if (
@@ -343,6 +346,9 @@ def _keep_sharding(q: QArray, value):
         or not isinstance(s, NamedSharding)
     ):
         return q
+    if perm is not None:
+        spec = tuple(s.spec) + (None,) * (len(perm) - len(s.spec))
+        s = NamedSharding(s.mesh, PartitionSpec(*(spec[p] for p in perm)))
     from jq.sharding import qarray_shardings
 
     try:

@@ -251,11 +251,17 @@ def test_convert_keeps_float_shardings(linen, wfmt):
     fv = place_float(v, "megatron")
     stats = jq.calibrate(m, fv, rules(wfmt), [X], progress=False)
     qv = jq.convert(m, fv, rules(wfmt), stats)
+    perms = {sp.leaf: sp.weight_perm for sp in qv.plan.sites if sp.weight_perm}
     for path, want in LAYOUTS["megatron"].items():
         got = qv.variables[path]
         if isinstance(got, jq.QArray):
+            # a kernel stored in its dot's layout (jq.lowering.weight_layout) has its spec
+            # permuted alike; a scale is split where it has more than one entry
+            if path in perms:
+                want = P(*(tuple(want)[p] for p in perms[path]))
             assert got.value.sharding.spec == want, path
-            assert got.scale.sharding.spec == (want if want[-1] == "model" else P(None, None)), path
+            scale_spec = P(*(a if n > 1 else None for a, n in zip(want, got.scale.shape)))
+            assert got.scale.sharding.spec == scale_spec, path
         else:
             assert got.sharding.spec == want, path
     # shard_qvars from the float arrays themselves gives the same layout
@@ -320,10 +326,13 @@ def test_apply_on_mesh_equals_one_device(linen, layout, wfmt):
         a, rows = ("u8", 9) if jq.ops.lowering_info()["cpu"]["form"] == "u8s8" else ("s8", 8)
         k1, n1 = 32, 64 if layout == "dp" else 16
         k2, n2 = {"dp": (64, 16), "column": (64, 4), "megatron": (16, 16)}[layout]
+        # the int8 kernel as convert stored it: (N, K) or (K, N) (jq.lowering.weight_layout)
+        nk = qv.plan.sites[0].weight_perm is not None
+        w = lambda k, n: f"s8[{n},{k}]" if nk else f"s8[{k},{n}]"
         assert sorted(dots) == sorted(
             [
-                (f"{a}[{rows},{k1}]", f"s8[{k1},{n1}]", f"s32[{rows},{n1}]"),
-                (f"{a}[{rows},{k2}]", f"s8[{k2},{n2}]", f"s32[{rows},{n2}]"),
+                (f"{a}[{rows},{k1}]", w(k1, n1), f"s32[{rows},{n1}]"),
+                (f"{a}[{rows},{k2}]", w(k2, n2), f"s32[{rows},{n2}]"),
             ]
         ), dots
 
@@ -611,11 +620,14 @@ def test_exported_tpu_and_cuda_modules_keep_sharded_int8_dots(linen):
         txt = exp.mlir_module()
         assert exp.nr_devices == 8
         assert len(jq.hlo.integer_ops(txt)) == 2 and jq.hlo.float_ops(txt) == [], platform
-        # the (32, 64) int8 kernel argument is split on "model" along its output features
+        # the (32, 64) int8 kernel argument is split on "model" along its output features,
+        # stored (K, N) or (N, K) as convert chose for this CPU (jq.lowering.weight_layout)
+        nk = qv.plan.sites[0].weight_perm is not None
+        t, spec = ("64x32", '{"model"}, {}') if nk else ("32x64", '{}, {"model"}')
         arg = re.search(
-            r"tensor<32x64xi8> \{sdy\.sharding = #sdy\.sharding<@mesh, \[([^\]]*)\]", txt
+            rf"tensor<{t}xi8> \{{sdy\.sharding = #sdy\.sharding<@mesh, \[([^\]]*)\]", txt
         )
-        assert arg is not None and arg.group(1) == '{}, {"model"}', platform
+        assert arg is not None and arg.group(1) == spec, platform
 
 
 def test_merge_stats_of_independent_calibrations(linen):
