@@ -150,6 +150,17 @@ def _describe(key, **fields):
     return edit
 
 
+def _flip_perm(key):
+    """The tensor's recorded layout changed: (K, N) read as (N, K) or the other way round."""
+
+    def edit(meta, _):
+        d = meta["tensors"][key]
+        d["perm"] = [0, 1] if d.get("perm") == [1, 0] else [1, 0]
+        return meta
+
+    return edit
+
+
 def _truncate(n, file=None):
     def damage(p, _):
         f = p if file is None else _data_file(p)
@@ -262,8 +273,8 @@ ST_CASES = {
         _st_resave(edit_meta=_describe(K0, format="int4")),
         rf"description of tensor '{K0}'.*SHA-256",
     ),
-    "metadata: a kernel's layout perm added": (
-        _st_resave(edit_meta=_describe(K1, perm=[1, 0])),
+    "metadata: a kernel's layout perm changed": (
+        _st_resave(edit_meta=_flip_perm(K1)),
         rf"description of tensor '{K1}'",
     ),
     "metadata: model_kwargs edited": (

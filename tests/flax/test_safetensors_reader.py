@@ -50,7 +50,9 @@ class Chain(nn.Module):
 
 
 def _with_path(rules: list, i: int) -> jq.Rule:
-    (r,) = rules  # every preset is one rule
+    # a preset's first rule is its dot rule (weight-only presets add one for convs / embeddings)
+    r = rules[0]
+    assert "dot" in r.ops
     return dataclasses.replace(r, path_regex=f"Dense_{i}")
 
 
