@@ -104,7 +104,11 @@ def run(d: int, batches, repeats: int, progress: bool = True) -> list[dict]:
         med = {k: v["median"] for k, v in t.items()}
         for layout, f32, i8 in [
             ("Dense (in, out)", "dense f32", "dense int8"),
-            ("Conv1D (out, in), stored (K, N)", "conv1d f32", "conv1d int8"),
+            (
+                f"Conv1D (out, in), stored {jq.lowering.weight_layout().upper()} (weight_layout)",
+                "conv1d f32",
+                "conv1d int8",
+            ),
             ("Conv1D (out, in), model layout (before)", "conv1d f32", "conv1d int8 old"),
         ]:
             rows.append(
