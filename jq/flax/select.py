@@ -356,20 +356,7 @@ def direct_weight_sites(finder, chosen: dict[str, Choice], kinds) -> dict[int, s
     layout (`convert(target=)`) or handed to a real low-precision op
     (``jq.qat(forward=)``) without affecting anything else.
     """
-    reads: dict[int, int] = {}
-    for s in finder.sites:
-        if s.leaf is not None:
-            reads[s.leaf.index] = reads.get(s.leaf.index, 0) + 1
-    out = {}
-    for name, c in chosen.items():
-        s = c.site
-        if s.kind not in kinds or s.leaf is None or s.operand != 1:
-            continue
-        if s.chain or s.scans or s.stack:
-            continue
-        if reads[s.leaf.index] == 1 and not finder.float_uses.get(s.leaf.index):
-            out[s.leaf.index] = name
-    return out
+    return _sole_rhs_sites(finder, chosen, kinds, lambda s: not s.chain)
 
 
 #: layout ops that only permute a weight's axes (or change its dtype) on the way to its dot
@@ -392,6 +379,13 @@ def movable_weight_sites(finder, chosen: dict[str, Choice], kinds) -> dict[int, 
     """``{leaf index: site name}``: parameters one chosen site reads, directly or through
     transposes, as its only use (`direct_weight_sites` with transposes allowed): `convert`
     may store them in the layout of the target's fast dot (`jq.lowering.weight_layout`)."""
+    return _sole_rhs_sites(finder, chosen, kinds, lambda s: operand_perm(s) is not None)
+
+
+def _sole_rhs_sites(finder, chosen: dict[str, Choice], kinds, reach) -> dict[int, str]:
+    """``{leaf index: site name}``: chosen sites of `kinds` that read a parameter as their
+    rhs, outside any scan, as its only use (no other site, no float use), and whose path
+    from the parameter `reach(site)` accepts."""
     reads: dict[int, int] = {}
     for s in finder.sites:
         if s.leaf is not None:
@@ -401,7 +395,7 @@ def movable_weight_sites(finder, chosen: dict[str, Choice], kinds) -> dict[int, 
         s = c.site
         if s.kind not in kinds or s.leaf is None or s.operand != 1:
             continue
-        if s.scans or s.stack or operand_perm(s) is None:
+        if s.scans or s.stack or not reach(s):
             continue
         if reads[s.leaf.index] == 1 and not finder.float_uses.get(s.leaf.index):
             out[s.leaf.index] = name
